@@ -1,0 +1,59 @@
+"""Streaming weighted sum of client deltas: memory does not grow with the number of updates."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from edge_agent import codecs
+from edge_agent.errors import CodecError
+from edge_agent.protocol import EncodedTensor
+
+
+class WeightedAccumulator:
+    """Holds sum_k n_k * delta_k and sum_k n_k; the mean is their ratio."""
+
+    def __init__(self, size: int) -> None:
+        self.total = np.zeros(size, dtype=np.float32)
+        self.weight = 0.0
+        self.count = 0
+
+    def add_encoded(self, tensor: EncodedTensor, weight: float) -> None:
+        """Decode straight into the running sum, all-or-nothing.
+
+        A payload is decoded into scratch space first when it could fail half-way (a
+        non-finite value), so a rejected update never leaves a trace in the aggregate.
+        """
+        scratch = np.zeros_like(self.total)
+        codecs.decode_into(tensor, scratch, 1.0)
+        if not np.isfinite(scratch).all():
+            raise CodecError("update contains NaN or Inf values", reason="non_finite")
+        self.add(scratch, weight)
+
+    def add(self, delta: np.ndarray, weight: float) -> None:
+        if delta.shape != self.total.shape:
+            raise CodecError(
+                f"delta has shape {delta.shape}, model needs {self.total.shape}", reason="bad_shape"
+            )
+        if not weight > 0:
+            raise ValueError(f"weight must be > 0, got {weight}")
+        self.total += np.float32(weight) * delta
+        self.weight += weight
+        self.count += 1
+
+    def mean(self) -> np.ndarray:
+        if self.weight <= 0:
+            raise ValueError("no updates accumulated: a mean over nothing is undefined")
+        return (self.total / self.weight).astype(np.float32)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"total": self.total.copy(), "weight": self.weight, "count": self.count}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        total = np.asarray(state["total"], dtype=np.float32)
+        if total.shape != self.total.shape:
+            raise ValueError(f"saved aggregate has shape {total.shape}, need {self.total.shape}")
+        self.total = total.copy()
+        self.weight = float(state["weight"])
+        self.count = int(state["count"])

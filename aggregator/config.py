@@ -1,0 +1,73 @@
+"""The aggregator service's configuration (TOML file + flags, see deploy/aggregator.toml)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from edge_agent.config import BrokerConfig, option
+from edge_agent.data import task_spec
+from edge_agent.errors import ConfigError, ProtocolError
+from edge_agent.protocol import TaskConfig
+
+from .optimizers import ServerOptConfig
+from .rounds import RoundPolicy
+
+
+@dataclass(frozen=True, kw_only=True)
+class AggregatorConfig(BrokerConfig):
+    client_id: str = option("fedmq-aggregator", "the aggregator's MQTT client id")
+    task: str = option("digits", "task: sets the model's input/output sizes and the test set")
+    model: str = option("mlp", "model architecture: mlp or logreg")
+    hidden: int = option(64, "hidden units of the mlp")
+    seed: int = option(0, "seed of the initial model and of the held-out split")
+    evaluate: bool = option(True, "evaluate each new model on the task's held-out test split")
+    rounds: int = option(0, "stop after this many aggregated rounds (0: run until stopped)")
+    min_updates: int = option(2, "a round closes as soon as this many updates arrived")
+    deadline_s: float = option(60.0, "seconds a round waits for min_updates")
+    on_insufficient: str = option("extend", "too few updates at the deadline: extend or rerun")
+    epochs: int = option(2, "local epochs per round on each device")
+    batch_size: int = option(32, "local mini-batch size")
+    lr: float = option(0.1, "local learning rate")
+    optimizer: str = option("fedavg", "server optimizer: fedavg fedavgm fedadam fedyogi fedadagrad")
+    server_lr: float = option(0.0, "server learning rate (0: the optimizer's default)")
+    momentum: float = option(0.9, "FedAvgM momentum")
+    beta1: float = option(0.9, "FedAdam/FedYogi/FedAdagrad first-moment decay")
+    beta2: float = option(0.99, "FedAdam/FedYogi second-moment decay")
+    tau: float = option(1e-3, "adaptivity of FedAdam/FedYogi/FedAdagrad")
+    model_codec: str = option("float32", "codec of the model broadcast")
+    max_payload: int = option(128 * 1024, "largest MQTT payload in bytes; bigger ones are chunked")
+    checkpoint: str = option("fedmq-aggregator.ckpt", "state file, rewritten after every round")
+    metrics: str = option("", "append one JSON line per round to this file")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        task_spec(self.task)
+        if self.rounds < 0:
+            raise ConfigError("rounds must be >= 0")
+        if self.max_payload < 4096:
+            raise ConfigError("max_payload must be at least 4096 bytes")
+        self.policy()  # validate now, not at the first round
+        try:
+            self.task_config()
+        except ProtocolError as exc:
+            raise ConfigError(f"bad local training settings: {exc}") from None
+
+    def model_config(self) -> dict[str, int]:
+        spec = task_spec(self.task)
+        config = {"inputs": spec.inputs, "classes": spec.classes}
+        if self.model == "mlp":
+            config["hidden"] = self.hidden
+        return config
+
+    def policy(self) -> RoundPolicy:
+        return RoundPolicy(min_updates=self.min_updates, deadline_s=self.deadline_s,
+                           on_insufficient=self.on_insufficient)
+
+    def task_config(self) -> TaskConfig:
+        return TaskConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
+                          deadline_s=self.deadline_s)
+
+    def optimizer_config(self) -> ServerOptConfig:
+        return ServerOptConfig(name=self.optimizer, lr=self.server_lr or None,
+                               momentum=self.momentum, beta1=self.beta1, beta2=self.beta2,
+                               tau=self.tau)

@@ -1,0 +1,235 @@
+"""The aggregator service: the round machine wired to MQTT, a checkpoint file and metrics.
+
+paho's thread only enqueues; one loop thread owns the round machine, so the math never
+races with the network and a slow aggregation never stalls keep-alives.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from edge_agent import persist
+from edge_agent.data import Dataset, split_task
+from edge_agent.errors import ConfigError, FedmqError, ProtocolError
+from edge_agent.models import build_model
+from edge_agent.mqtt import MqttLink, Will
+from edge_agent.protocol import AggregatorStatus, FleetTopics, ModelAnnouncement, Update
+from edge_agent.transfer import encode_model
+
+from .config import AggregatorConfig
+from .optimizers import create_optimizer
+from .rounds import Action, RoundMachine, RoundResult
+
+log = logging.getLogger(__name__)
+
+# How often the loop looks at the clock when no update arrives: deadlines are in seconds,
+# so a fifth of a second is precise enough and costs nothing.
+TICK_S = 0.2
+_REPUBLISH = object()
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    """One line of the metrics file."""
+
+    round: int
+    version: int
+    accuracy: float | None
+    test_loss: float | None
+    train_loss: float
+    participants: int
+    samples: int
+    bytes_up: int
+    model_bytes: int
+    wall_s: float
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+
+class AggregatorService:
+    def __init__(
+        self, config: AggregatorConfig, *, test_data: Dataset | None = None,
+        on_round: Callable[[RoundRecord], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.topics = FleetTopics(config.fleet)
+        self.clock = clock
+        self.on_round = on_round
+        self.test_data = test_data
+        if test_data is None and config.evaluate:
+            _, self.test_data = split_task(config.task, seed=config.seed)
+        self.model = build_model(config.model, config.model_config(), seed=config.seed)
+        self.machine = RoundMachine(
+            params=self.model.get_flat(), optimizer=create_optimizer(config.optimizer_config()),
+            policy=config.policy(), layout_hash=self.model.layout.hash, now=clock(),
+        )
+        self.history: list[RoundRecord] = []
+        self.accepted = 0
+        self.rejected: Counter[str] = Counter()
+        self.finished = threading.Event()
+        self.model_bytes = 0
+        self._restore()
+        self._round_started = time.monotonic()
+        self._inbox: queue.Queue = queue.Queue()
+        self._stop = threading.Event()
+        self._loop: threading.Thread | None = None
+        self.link = MqttLink(
+            client_id=config.client_id, broker=config.broker, username=config.username,
+            password=config.password, on_connect=lambda _sp: self._inbox.put(_REPUBLISH),
+            will=Will(self.topics.aggregator_status, AggregatorStatus(online=False).to_payload()),
+        )
+        self.link.route(self.topics.update_filter,
+                        lambda m: self._inbox.put((m.topic, m.payload)), qos=1)
+
+    # -- state ---------------------------------------------------------------------------
+    def _restore(self) -> None:
+        try:
+            state = persist.load_state(self.config.checkpoint)
+        except persist.StateError as exc:
+            raise ConfigError(f"checkpoint {self.config.checkpoint}: {exc}; move it away to "
+                              "start fresh") from None
+        if state is None:
+            return
+        self.machine.load_state_dict(state["machine"], now=self.clock())
+        self.history = [RoundRecord(**r) for r in state.get("history", [])]
+        log.info("resumed from %s at round %d (model v%d)", self.config.checkpoint,
+                 self.machine.round, self.machine.version)
+        if self._done():
+            self.finished.set()
+
+    def _checkpoint(self) -> None:
+        persist.save_state(self.config.checkpoint, {
+            "machine": self.machine.state_dict(),
+            "history": [asdict(r) for r in self.history],
+        })
+
+    def _done(self) -> bool:
+        return self.config.rounds > 0 and self.machine.version >= self.config.rounds
+
+    # -- publishing ----------------------------------------------------------------------
+    def _announce(self) -> None:
+        """Publish the current model (chunks first, then the retained announcement)."""
+        m, c = self.machine, self.config
+        info, chunks = encode_model(m.params, codec=c.model_codec, version=m.version,
+                                    max_payload=c.max_payload)
+        announcement = ModelAnnouncement(
+            fleet=c.fleet, version=m.version, round=m.round, model=c.model,
+            model_config=c.model_config(), layout=self.model.layout.to_wire(),
+            layout_hash=m.layout_hash, task=c.task_config(), payload=info, issued_at=time.time(),
+        )
+        total = 0
+        for chunk in chunks:
+            payload = chunk.to_payload()
+            total += len(payload)
+            self.link.publish(self.topics.model_payload_chunk(chunk.index), payload, retain=True)
+        payload = announcement.to_payload()
+        self.link.publish(self.topics.model_current, payload, retain=True)
+        self.model_bytes = total + len(payload)
+        status = AggregatorStatus(online=True, round=m.round, version=m.version, ts=time.time())
+        self.link.publish(self.topics.aggregator_status, status.to_payload(), retain=True)
+        log.info("announced model v%d for round %d (%d bytes in %d chunks)", m.version, m.round,
+                 self.model_bytes, len(chunks))
+
+    # -- the loop ------------------------------------------------------------------------
+    def _handle_update(self, topic: str, payload: bytes) -> None:
+        try:
+            update = Update.from_payload(payload)
+            claimed = self.topics.device_from_update_topic(topic)
+            if claimed != update.device_id:
+                raise ProtocolError(f"update for {update.device_id} arrived on {topic}",
+                                    reason="wrong_topic")
+            self.machine.offer(update, payload_bytes=len(payload))
+        except ProtocolError as exc:
+            self.rejected[exc.reason] += 1
+            log.warning("rejected update on %s (%s): %s", topic, exc.reason, exc)
+            return
+        self.accepted += 1
+        log.debug("accepted update %s from %s for round %d", update.update_id, update.device_id,
+                  update.round)
+
+    def _tick(self) -> None:
+        if self.finished.is_set():
+            return
+        now = self.clock()
+        action = self.machine.due(now)
+        if action is Action.CLOSE:
+            self._close_round(now)
+        elif action is Action.EXTEND:
+            log.warning("round %d: only %d of %d updates by the deadline; extending",
+                        self.machine.round, len(self.machine.open.devices),
+                        self.config.min_updates)
+            self.machine.extend(now)
+        elif action is Action.RERUN:
+            dropped = self.machine.rerun(now)
+            log.warning("round %d had only %d of %d updates by the deadline; dropped them and "
+                        "re-announced the model as round %d", self.machine.round - 1, dropped,
+                        self.config.min_updates, self.machine.round)
+            self._announce()
+
+    def _close_round(self, now: float) -> None:
+        result: RoundResult = self.machine.close(now)
+        accuracy = test_loss = None
+        if self.test_data is not None:
+            self.model.set_flat(self.machine.params)
+            ev = self.model.evaluate(self.test_data.x, self.test_data.y)
+            accuracy, test_loss = ev.accuracy, ev.loss
+        record = RoundRecord(
+            round=result.round, version=result.version, accuracy=accuracy, test_loss=test_loss,
+            train_loss=result.train_loss, participants=result.participants,
+            samples=result.samples, bytes_up=result.bytes_up, model_bytes=self.model_bytes,
+            wall_s=time.monotonic() - self._round_started,
+        )
+        self.history.append(record)
+        self._checkpoint()
+        if self.config.metrics:
+            with open(self.config.metrics, "a") as fh:
+                fh.write(record.to_json() + "\n")
+        log.info("round %d closed: %d updates, %d samples, train loss %.4f%s", result.round,
+                 result.participants, result.samples, result.train_loss,
+                 f", test accuracy {accuracy:.4f}" if accuracy is not None else "")
+        self._round_started = time.monotonic()
+        self._announce()
+        if self._done():
+            self.finished.set()
+        if self.on_round is not None:
+            self.on_round(record)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                item = self._inbox.get(timeout=TICK_S)
+            except queue.Empty:
+                item = None
+            try:
+                if item is _REPUBLISH:
+                    self._announce()
+                elif item is not None:
+                    self._handle_update(*item)
+                self._tick()
+            except FedmqError:
+                log.exception("aggregator loop error; continuing")
+
+    # -- lifecycle -----------------------------------------------------------------------
+    def start(self) -> None:
+        Path(self.config.checkpoint).parent.mkdir(parents=True, exist_ok=True)
+        self._loop = threading.Thread(target=self._run, name="aggregator", daemon=True)
+        self._loop.start()
+        self.link.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._loop is not None:
+            self._loop.join(timeout=30)
+        offline = AggregatorStatus(online=False, round=self.machine.round,
+                                   version=self.machine.version, ts=time.time())
+        self.link.stop(final=(self.topics.aggregator_status, offline.to_payload()))

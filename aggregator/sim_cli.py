@@ -1,0 +1,69 @@
+"""`fedmq simulate`: progress bars while the fleet trains, a table and a summary line after."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+
+from edge_agent.config import load_config
+from edge_agent.errors import require
+
+from .simulator import Simulation, SimulationConfig, SimulationResult, write_metrics
+
+
+def run(args: argparse.Namespace) -> int:
+    overrides = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(SimulationConfig)}
+    config = load_config(SimulationConfig, None, overrides)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.ERROR,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    with Simulation(config) as sim:
+        result = sim.wait() if args.quiet else _wait_with_progress(sim, config)
+    if not args.quiet:
+        _print_table(result)
+    if config.metrics:
+        png = write_metrics(result, config.metrics)
+        print(f"metrics: {config.metrics}, plot: {png}")
+    if result.rejected:
+        print(f"rejected updates: {result.rejected}")
+    print(result.summary())
+    return 0
+
+
+def _wait_with_progress(sim: Simulation, config: SimulationConfig) -> SimulationResult:
+    progress_mod = require("rich.progress", "sim")
+    p = progress_mod.Progress(
+        progress_mod.TextColumn("{task.description:<28}"), progress_mod.BarColumn(),
+        progress_mod.MofNCompleteColumn(), progress_mod.TimeElapsedColumn(),
+    )
+    per_round = config.min_updates or config.devices
+    with p:
+        rounds_bar = p.add_task("rounds", total=config.rounds)
+        updates_bar = p.add_task("round 1: updates", total=per_round)
+
+        def show(s: Simulation, shown: int) -> int:
+            done = len(s.records)
+            if done > shown and s.records[-1].accuracy is not None:
+                p.update(rounds_bar, completed=done,
+                         description=f"rounds (accuracy {s.records[-1].accuracy:.3f})")
+            assert s.aggregator is not None
+            open_round = s.aggregator.machine.open
+            finished = s.aggregator.finished.is_set()
+            p.update(updates_bar, completed=per_round if finished else len(open_round.devices),
+                     description=f"round {min(open_round.round, config.rounds)}: updates")
+            return done
+
+        return sim.wait(progress=show)
+
+
+def _print_table(result: SimulationResult) -> None:
+    rich_table = require("rich.table", "sim")
+    rich_console = require("rich.console", "sim")
+    table = rich_table.Table(title=f"fedmq simulation ({result.wall_s:.1f} s)")
+    for col in ("round", "accuracy", "test loss", "updates", "KiB up", "KiB down", "seconds"):
+        table.add_column(col, justify="right")
+    for r in result.rounds:
+        table.add_row(str(r.round), f"{r.accuracy:.4f}" if r.accuracy is not None else "-",
+                      f"{r.loss:.4f}" if r.loss is not None else "-", str(r.participants),
+                      f"{r.bytes_up / 1024:.1f}", f"{r.bytes_down / 1024:.1f}", f"{r.wall_s:.2f}")
+    rich_console.Console().print(table)

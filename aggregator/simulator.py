@@ -1,0 +1,243 @@
+"""A whole fleet on one machine: a broker, the real aggregator and N real agents.
+
+Each agent is its own MQTT client with its own training thread; nothing is shortcut
+around the broker, so what the simulator measures (bytes, rounds, accuracy) is what a
+real fleet would see.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edge_agent.agent import EdgeAgent
+from edge_agent.config import AgentConfig, option
+from edge_agent.data import partition, split_task
+from edge_agent.errors import BrokerError, ConfigError, require
+
+from .broker import LocalMosquitto
+from .config import AggregatorConfig
+from .service import AggregatorService, RoundRecord
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SimulationConfig:
+    devices: int = option(10, "number of simulated devices")
+    rounds: int = option(20, "federated rounds to run")
+    seed: int = option(0, "seed of data split, partition, model init and local shuffling")
+    task: str = option("digits", "task (bundled data set)")
+    model: str = option("mlp", "mlp or logreg")
+    hidden: int = option(64, "hidden units of the mlp")
+    alpha: float = option(0.5, "Dirichlet label skew across devices (0 = IID)")
+    epochs: int = option(2, "local epochs per round")
+    batch_size: int = option(32, "local mini-batch size")
+    lr: float = option(0.1, "local learning rate")
+    optimizer: str = option("fedavg", "server optimizer")
+    server_lr: float = option(0.0, "server learning rate (0: optimizer default)")
+    codec: str = option("float32", "update codec of every device")
+    min_updates: int = option(0, "updates that close a round (0: all devices)")
+    deadline_s: float = option(30.0, "round deadline in seconds")
+    broker: str = option("", "use this broker instead of starting a private mosquitto")
+    fleet: str = option("", "fleet name (default: a fresh sim-XXXXXX)")
+    metrics: str = option("", "write per-round JSON lines here and a PNG plot next to it")
+    timeout_s: float = option(600.0, "give up if the run takes longer than this")
+
+    def __post_init__(self) -> None:
+        if self.devices < 1 or self.rounds < 1:
+            raise ConfigError("devices and rounds must be >= 1")
+        if self.min_updates > self.devices:
+            raise ConfigError(f"min_updates {self.min_updates} > devices {self.devices}")
+
+
+@dataclass(frozen=True)
+class SimRound:
+    round: int
+    accuracy: float | None
+    loss: float | None
+    train_loss: float
+    participants: int
+    bytes_up: int
+    bytes_down: int
+    wall_s: float
+
+
+@dataclass
+class SimulationResult:
+    rounds: list[SimRound] = field(default_factory=list)
+    wall_s: float = 0.0
+    rejected: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def final_accuracy(self) -> float | None:
+        return self.rounds[-1].accuracy if self.rounds else None
+
+    @property
+    def bytes_up(self) -> int:
+        return sum(r.bytes_up for r in self.rounds)
+
+    @property
+    def bytes_down(self) -> int:
+        return sum(r.bytes_down for r in self.rounds)
+
+    def summary(self) -> str:
+        acc = self.final_accuracy
+        return (f"final accuracy {acc:.4f} after {len(self.rounds)} rounds, "
+                f"{self.bytes_up} bytes uploaded")
+
+
+class Simulation:
+    """Owns every process and thread of one simulated run; `close()` stops them all."""
+
+    def __init__(self, config: SimulationConfig, *, workdir: str | Path | None = None) -> None:
+        self.config = config
+        self._tmp = tempfile.TemporaryDirectory(prefix="fedmq-sim-") if workdir is None else None
+        self.workdir = Path(workdir or self._tmp.name)  # type: ignore[union-attr]
+        self.broker: LocalMosquitto | None = None
+        self.aggregator: AggregatorService | None = None
+        self.agents: list[EdgeAgent] = []
+        self.records: list[RoundRecord] = []
+        self.round_closed = threading.Condition()
+
+    def start(self) -> None:
+        c = self.config
+        url = c.broker
+        if not url:
+            self.broker = LocalMosquitto(workdir=self.workdir / "broker")
+            self.broker.workdir.mkdir(parents=True, exist_ok=True)
+            self.broker.start()
+            url = self.broker.url
+        fleet = c.fleet or f"sim-{os.urandom(3).hex()}"
+        train, test = split_task(c.task, seed=c.seed)
+        shards = partition(train.y, devices=c.devices, alpha=c.alpha, seed=c.seed)
+        self.aggregator = AggregatorService(
+            AggregatorConfig(
+                broker=url, fleet=fleet, client_id=f"{fleet}-aggregator", task=c.task,
+                model=c.model, hidden=c.hidden, seed=c.seed, rounds=c.rounds,
+                min_updates=c.min_updates or c.devices, deadline_s=c.deadline_s,
+                epochs=c.epochs, batch_size=c.batch_size, lr=c.lr, optimizer=c.optimizer,
+                server_lr=c.server_lr, checkpoint=str(self.workdir / "aggregator.ckpt"),
+                log_level="WARNING",
+            ),
+            test_data=test, on_round=self._on_round,
+        )
+        for i, shard in enumerate(shards):
+            agent_config = AgentConfig(
+                broker=url, fleet=fleet, device_id=f"{fleet}-dev{i:03d}", task=c.task,
+                device_index=i, device_count=c.devices, partition_seed=c.seed, alpha=c.alpha,
+                codec=c.codec, seed=c.seed, log_level="WARNING",
+            )
+            self.agents.append(EdgeAgent(agent_config, train.subset(shard)))
+        self.aggregator.start()
+        for agent in self.agents:
+            agent.start()
+
+    def _on_round(self, record: RoundRecord) -> None:
+        with self.round_closed:
+            self.records.append(record)
+            self.round_closed.notify_all()
+
+    def wait(self, progress=None) -> SimulationResult:
+        """Block until every round is aggregated (or the timeout), then collect the figures."""
+        assert self.aggregator is not None
+        c = self.config
+        started = time.monotonic()
+        deadline = started + c.timeout_s
+        shown = 0
+        while not self.aggregator.finished.is_set():
+            if time.monotonic() > deadline:
+                raise BrokerError(
+                    f"simulation did not finish {c.rounds} rounds within {c.timeout_s:.0f} s "
+                    f"({len(self.records)} done); see the log above for rejected updates"
+                )
+            with self.round_closed:
+                self.round_closed.wait(0.1)
+            if progress is not None:
+                shown = progress(self, shown)
+        if progress is not None:
+            progress(self, shown)
+        return self._result(time.monotonic() - started)
+
+    def _result(self, wall_s: float) -> SimulationResult:
+        result = SimulationResult(wall_s=wall_s)
+        for r in self.records:
+            up = sum(a.stats.traffic.get(r.round, (0, 0))[0] for a in self.agents)
+            down = sum(a.stats.traffic.get(r.round, (0, 0))[1] for a in self.agents)
+            result.rounds.append(SimRound(
+                round=r.round, accuracy=r.accuracy, loss=r.test_loss, train_loss=r.train_loss,
+                participants=r.participants, bytes_up=up, bytes_down=down, wall_s=r.wall_s))
+        assert self.aggregator is not None
+        result.rejected = dict(self.aggregator.rejected)
+        return result
+
+    def close(self) -> None:
+        for agent in self.agents:
+            with contextlib.suppress(Exception):
+                agent.stop()
+        if self.aggregator is not None:
+            with contextlib.suppress(Exception):
+                self.aggregator.stop()
+        if self.broker is not None:
+            self.broker.stop()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+    def __enter__(self) -> Simulation:
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def write_metrics(result: SimulationResult, path: str | Path) -> Path:
+    """JSON lines, one per round, and a PNG of accuracy and traffic beside them."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        for r in result.rounds:
+            fh.write(json.dumps({
+                "round": r.round, "accuracy": r.accuracy, "loss": r.loss,
+                "train_loss": r.train_loss, "participants": r.participants,
+                "bytes_up": r.bytes_up, "bytes_down": r.bytes_down, "wall_s": round(r.wall_s, 4),
+            }) + "\n")
+    return plot_metrics(result, path.with_suffix(".png"))
+
+
+def plot_metrics(result: SimulationResult, path: Path) -> Path:
+    matplotlib = require("matplotlib", "sim")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    rounds = [r.round for r in result.rounds]
+    fig, (ax_acc, ax_bytes) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+    ax_acc.plot(rounds, [r.accuracy for r in result.rounds], marker="o")
+    ax_acc.set_ylabel("test accuracy")
+    ax_acc.grid(alpha=0.3)
+    ax_bytes.bar([x - 0.2 for x in rounds], [r.bytes_up / 1024 for r in result.rounds],
+                 width=0.4, label="uploaded")
+    ax_bytes.bar([x + 0.2 for x in rounds], [r.bytes_down / 1024 for r in result.rounds],
+                 width=0.4, label="downloaded")
+    ax_bytes.set_ylabel("KiB per round (all devices)")
+    ax_bytes.set_xlabel("round")
+    ax_bytes.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax_bytes.legend()
+    ax_bytes.grid(alpha=0.3)
+    fig.suptitle(f"fedmq simulation: final accuracy {result.final_accuracy:.3f}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,190 @@
+"""The edge agent: receive the global model, train on local data, publish the delta.
+
+`LocalTrainer` is the pure part (model in, Update out) and is tested without a broker;
+`EdgeAgent` wires it to MQTT and runs training on its own thread so the network loop
+keeps answering pings while a device trains.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import threading
+import time
+import zlib
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import __version__, codecs
+from .config import AgentConfig
+from .data import Dataset
+from .errors import FedmqError, ProtocolError
+from .models import Model, build_model
+from .mqtt import MqttLink, Will
+from .protocol import DeviceStatus, FleetTopics, ModelAnnouncement, ModelChunk, Update
+from .transfer import ModelReceiver, ReceivedModel
+
+log = logging.getLogger(__name__)
+
+
+def device_capabilities() -> dict[str, object]:
+    """What the aggregator may use to assign work: cores, memory, backend, codecs."""
+    try:
+        ram_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // (1 << 20)
+    except (ValueError, OSError, AttributeError):
+        ram_mb = 0
+    return {"cpus": os.cpu_count() or 1, "ram_mb": int(ram_mb), "backend": "numpy",
+            "codecs": codecs.codec_names(), "arch": platform.machine(),
+            "python": platform.python_version()}
+
+
+class LocalTrainer:
+    """Trains the received global model on this device's data and builds the Update."""
+
+    def __init__(self, *, device_id: str, data: Dataset, codec: str, seed: int) -> None:
+        if len(data) == 0:
+            raise FedmqError(f"device {device_id} has no training data")
+        codecs.get_codec(codec)  # fail at start-up, not mid-round
+        self.device_id = device_id
+        self.data = data
+        self.codec = codec
+        self.seed = seed
+        self._model: Model | None = None
+        self._model_key: tuple | None = None
+
+    def _model_for(self, a: ModelAnnouncement) -> Model:
+        key = (a.model, tuple(sorted(a.model_config.items())))
+        if key != self._model_key:
+            self._model = build_model(a.model, dict(a.model_config))
+            self._model_key = key
+        assert self._model is not None
+        if self._model.layout.hash != a.layout_hash:
+            raise ProtocolError(
+                f"model v{a.version} layout {a.layout_hash} does not match the local build of "
+                f"{a.model} ({self._model.layout.hash}); upgrade this agent", reason="bad_layout")
+        return self._model
+
+    def train(self, received: ReceivedModel) -> Update:
+        a = received.announcement
+        model = self._model_for(a)
+        model.set_flat(received.params)
+        rng = np.random.default_rng([self.seed, a.round, zlib.crc32(self.device_id.encode())])
+        result = model.train(self.data.x, self.data.y, epochs=a.task.epochs,
+                             batch_size=a.task.batch_size, lr=a.task.lr, rng=rng)
+        delta = model.get_flat() - received.params
+        return Update(
+            device_id=self.device_id, update_id=os.urandom(8).hex(), round=a.round,
+            base_version=a.version, num_samples=result.num_samples, loss=result.loss,
+            delta=codecs.encode(delta, self.codec), layout_hash=a.layout_hash,
+            train_s=result.seconds,
+        )
+
+
+@dataclass
+class AgentStats:
+    updates_sent: int = 0
+    models_received: int = 0
+    rejected: Counter = field(default_factory=Counter)
+    # round -> [bytes uploaded, bytes downloaded]
+    traffic: dict[int, list[int]] = field(default_factory=lambda: defaultdict(lambda: [0, 0]))
+
+
+class EdgeAgent:
+    """One device: an MQTT client plus a training thread."""
+
+    def __init__(self, config: AgentConfig, data: Dataset) -> None:
+        self.config = config
+        self.topics = FleetTopics(config.fleet)
+        self.trainer = LocalTrainer(device_id=config.device_id, data=data, codec=config.codec,
+                                    seed=config.seed)
+        self.receiver = ModelReceiver()
+        self.stats = AgentStats()
+        self._pending: ReceivedModel | None = None
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._worker: threading.Thread | None = None
+        offline = DeviceStatus(device_id=config.device_id, online=False).to_payload()
+        self.link = MqttLink(
+            client_id=config.device_id, broker=config.broker, username=config.username,
+            password=config.password, on_connect=self._on_connect,
+            will=Will(self.topics.device_status(config.device_id), offline),
+        )
+        self.link.route(self.topics.model_current, self._on_announcement)
+        self.link.route(self.topics.model_payload_filter, self._on_chunk)
+
+    # -- MQTT side (paho thread): decode, verify, hand over ------------------------------
+    def _on_connect(self, _session_present: bool) -> None:
+        birth = DeviceStatus(device_id=self.config.device_id, online=True,
+                             capabilities=device_capabilities(), agent_version=__version__,
+                             ts=time.time())
+        self.link.publish(self.topics.device_status(self.config.device_id), birth.to_payload(),
+                          qos=1, retain=True)
+
+    def _on_announcement(self, message) -> None:
+        self._receive(lambda: self.receiver.offer_announcement(
+            ModelAnnouncement.from_payload(message.payload), len(message.payload)))
+
+    def _on_chunk(self, message) -> None:
+        self._receive(lambda: self.receiver.offer_chunk(
+            ModelChunk.from_payload(message.payload), len(message.payload)))
+
+    def _receive(self, offer) -> None:
+        try:
+            received = offer()
+        except ProtocolError as exc:
+            self.stats.rejected[exc.reason] += 1
+            log.warning("%s: rejected model message (%s): %s", self.config.device_id,
+                        exc.reason, exc)
+            return
+        if received is not None:
+            self.stats.models_received += 1
+            self.stats.traffic[received.announcement.round][1] += received.wire_bytes
+            with self._wake:
+                self._pending = received  # newest wins: never train on a superseded model
+                self._wake.notify()
+
+    # -- training thread -----------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while self._pending is None and not self._stopping:
+                    self._wake.wait()
+                if self._stopping:
+                    return
+                received, self._pending = self._pending, None
+            self._train_and_publish(received)
+
+    def _train_and_publish(self, received: ReceivedModel) -> None:
+        a = received.announcement
+        try:
+            update = self.trainer.train(received)
+        except FedmqError as exc:
+            self.stats.rejected[getattr(exc, "reason", "train_failed")] += 1
+            log.error("%s: cannot train on model v%d: %s", self.config.device_id, a.version, exc)
+            return
+        payload = update.to_payload()
+        self.link.publish(self.topics.update(self.config.device_id), payload, qos=1)
+        self.stats.updates_sent += 1
+        self.stats.traffic[a.round][0] += len(payload)
+        log.info("%s: round %d: trained on %d samples (loss %.4f), sent %d bytes",
+                 self.config.device_id, a.round, update.num_samples, update.loss, len(payload))
+
+    # -- lifecycle -----------------------------------------------------------------------
+    def start(self) -> None:
+        self._worker = threading.Thread(target=self._run, name=f"train-{self.config.device_id}",
+                                        daemon=True)
+        self._worker.start()
+        self.link.start()
+
+    def stop(self) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        if self._worker is not None:
+            self._worker.join(timeout=30)
+        offline = DeviceStatus(device_id=self.config.device_id, online=False, ts=time.time())
+        self.link.stop(final=(self.topics.device_status(self.config.device_id),
+                              offline.to_payload()))

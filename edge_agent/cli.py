@@ -1,0 +1,129 @@
+"""`fedmq`: the command line of both services and the fleet simulator.
+
+Subcommands import what they need lazily so `fedmq agent` on a device never loads the
+aggregator, matplotlib or rich.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Callable
+
+from .config import AgentConfig, add_flags, load_config
+from .errors import FedmqError
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _wait_for_signal(done: threading.Event | None = None) -> None:
+    """Block until SIGTERM/SIGINT (or `done`), so services shut down cleanly."""
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.is_set() and not (done is not None and done.is_set()):
+        stop.wait(0.5)
+
+
+def _overrides(args: argparse.Namespace, cls: type) -> dict:
+    return {f.name: getattr(args, f.name, None) for f in dataclasses.fields(cls)}
+
+
+def cmd_agent(args: argparse.Namespace) -> int:
+    from .agent import EdgeAgent
+    from .data import device_shard
+
+    config = load_config(AgentConfig, args.config, _overrides(args, AgentConfig))
+    _setup_logging(config.log_level)
+    data = device_shard(config.task, device_index=config.device_index,
+                        device_count=config.device_count, alpha=config.alpha,
+                        seed=config.partition_seed)
+    agent = EdgeAgent(config, data)
+    logging.getLogger("fedmq").info("agent %s starts with %d local examples", config.device_id,
+                                    len(data))
+    agent.start()
+    try:
+        _wait_for_signal()
+    finally:
+        agent.stop()
+    return 0
+
+
+def cmd_aggregator(args: argparse.Namespace) -> int:
+    from aggregator.config import AggregatorConfig
+    from aggregator.service import AggregatorService
+
+    config = load_config(AggregatorConfig, args.config, _overrides(args, AggregatorConfig))
+    _setup_logging(config.log_level)
+    service = AggregatorService(config)
+    service.start()
+    try:
+        _wait_for_signal(service.finished)
+    finally:
+        service.stop()
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from aggregator.sim_cli import run
+
+    return run(args)
+
+
+def cmd_codecs(_args: argparse.Namespace) -> int:
+    from . import codecs
+
+    for name in codecs.codec_names():
+        print(f"{name:12s} {codecs.get_codec(name).description}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from aggregator.config import AggregatorConfig
+    from aggregator.simulator import SimulationConfig
+
+    parser = argparse.ArgumentParser(prog="fedmq", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, func: Callable, help: str, config_cls: type | None,
+            with_file: bool) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        if with_file:
+            p.add_argument("--config", metavar="TOML", help="configuration file")
+        if config_cls is not None:
+            add_flags(p, config_cls)
+        p.set_defaults(func=func)
+        return p
+
+    add("agent", cmd_agent, "run an edge agent (long-running service)", AgentConfig, True)
+    add("aggregator", cmd_aggregator, "run the aggregator (long-running service)",
+        AggregatorConfig, True)
+    sim = add("simulate", cmd_simulate, "simulate a fleet training over a local broker",
+              SimulationConfig, False)
+    sim.add_argument("--quiet", action="store_true", help="no progress bar or table")
+    sim.add_argument("--verbose", action="store_true", help="log every service event")
+    add("codecs", cmd_codecs, "list the update codecs", None, False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except FedmqError as exc:
+        print(f"fedmq: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

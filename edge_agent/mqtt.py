@@ -1,0 +1,161 @@
+"""Thin adapter over one paho-mqtt 2.x client (MQTT v5): connect, reconnect, route messages.
+
+Handlers run on paho's network thread and must be quick; exceptions in them are logged
+and counted here so a bad message can never stop the network loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from .errors import BrokerError, ConfigError
+
+log = logging.getLogger(__name__)
+
+# Reconnect backoff bounds: fast first retry for a blip, capped so a device that lost its
+# link for hours still comes back within half a minute of the link returning.
+RECONNECT_MIN_S = 0.5
+RECONNECT_MAX_S = 30.0
+KEEPALIVE_S = 30
+
+Handler = Callable[[mqtt.MQTTMessage], None]
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerAddress:
+    host: str
+    port: int
+    tls: bool = False
+
+    @classmethod
+    def parse(cls, url: str) -> BrokerAddress:
+        parsed = urlparse(url if "://" in url else f"mqtt://{url}")
+        if parsed.scheme not in ("mqtt", "mqtts") or not parsed.hostname:
+            raise ConfigError(f"broker URL {url!r} must look like mqtt://host:port")
+        tls = parsed.scheme == "mqtts"
+        try:
+            port = parsed.port or (8883 if tls else 1883)
+        except ValueError:
+            raise ConfigError(f"broker URL {url!r} has a bad port") from None
+        return cls(parsed.hostname, port, tls)
+
+    def __str__(self) -> str:
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Will:
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = True
+
+
+class MqttLink:
+    """One MQTT v5 client that reconnects by itself and re-subscribes on every connect."""
+
+    def __init__(
+        self, *, client_id: str, broker: str, username: str = "", password: str = "",
+        will: Will | None = None, on_connect: Callable[[bool], None] | None = None,
+    ) -> None:
+        self.address = BrokerAddress.parse(broker)
+        self.client_id = client_id
+        self._subscriptions: list[tuple[str, int]] = []
+        self._on_connect_cb = on_connect
+        self.connected = threading.Event()
+        self.handler_errors = 0
+        self._client = mqtt.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2, client_id=client_id,
+            protocol=mqtt.MQTTv5,
+        )
+        if username:
+            self._client.username_pw_set(username, password or None)
+        if will is not None:
+            self._client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
+        self._client.reconnect_delay_set(min_delay=RECONNECT_MIN_S, max_delay=RECONNECT_MAX_S)
+        self._client.on_connect = self._handle_connect
+        self._client.on_disconnect = self._handle_disconnect
+
+    def route(self, topic_filter: str, handler: Handler, qos: int = 1) -> None:
+        """Subscribe `handler` to `topic_filter`, now and after every reconnect."""
+        self._subscriptions.append((topic_filter, qos))
+        self._client.message_callback_add(topic_filter, self._guard(handler))
+        if self.connected.is_set():
+            self._client.subscribe(topic_filter, qos=qos)
+
+    def _guard(self, handler: Handler) -> Callable:
+        def call(_client, _userdata, message: mqtt.MQTTMessage) -> None:
+            try:
+                handler(message)
+            except Exception:
+                self.handler_errors += 1
+                log.exception("%s: handler for %s failed", self.client_id, message.topic)
+        return call
+
+    def start(self) -> None:
+        """Connect in the background; paho keeps retrying while the broker is away."""
+        props = Properties(PacketTypes.CONNECT)
+        try:
+            self._client.connect_async(self.address.host, self.address.port,
+                                       keepalive=KEEPALIVE_S, clean_start=True, properties=props)
+        except (OSError, ValueError) as exc:
+            raise BrokerError(f"cannot connect to {self.address}: {exc}") from exc
+        self._client.loop_start()
+
+    def wait_connected(self, timeout: float) -> None:
+        if not self.connected.wait(timeout):
+            raise BrokerError(
+                f"{self.client_id}: no connection to {self.address} after {timeout:.0f} s; "
+                "is the broker running and reachable?"
+            )
+
+    def publish(self, topic: str, payload: bytes, *, qos: int = 1,
+                retain: bool = False) -> mqtt.MQTTMessageInfo:
+        info = self._client.publish(topic, payload, qos=qos, retain=retain)
+        if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+            log.warning("%s: publish to %s failed: %s", self.client_id, topic,
+                        mqtt.error_string(info.rc))
+        return info
+
+    def stop(self, *, final: tuple[str, bytes] | None = None, timeout: float = 5.0) -> None:
+        """Disconnect cleanly, first publishing `final` (e.g. a retained offline status)."""
+        if final is not None and self.connected.is_set():
+            info = self.publish(final[0], final[1], qos=1, retain=True)
+            try:
+                info.wait_for_publish(timeout)
+            except (RuntimeError, ValueError):
+                log.warning("%s: final status not delivered", self.client_id)
+        self._client.disconnect()
+        self._client.loop_stop()
+        self.connected.clear()
+
+    def _handle_connect(self, client, _userdata, flags, reason_code, _props) -> None:
+        if reason_code.is_failure:
+            log.error("%s: broker %s refused the connection: %s", self.client_id,
+                      self.address, reason_code)
+            return
+        for topic_filter, qos in self._subscriptions:
+            client.subscribe(topic_filter, qos=qos)
+        self.connected.set()
+        log.info("%s: connected to %s", self.client_id, self.address)
+        if self._on_connect_cb is not None:
+            try:
+                self._on_connect_cb(bool(flags.session_present))
+            except Exception:
+                self.handler_errors += 1
+                log.exception("%s: on-connect hook failed", self.client_id)
+
+    def _handle_disconnect(self, _client, _userdata, _flags, reason_code, _props) -> None:
+        self.connected.clear()
+        if reason_code != 0:
+            log.warning("%s: disconnected from %s (%s); reconnecting", self.client_id,
+                        self.address, reason_code)

@@ -1,0 +1,92 @@
+"""Durable local state: atomic files holding msgpack with explicit dtype/shape arrays.
+
+Used by the aggregator's checkpoints and by device-side state. Nothing is ever pickled.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from .errors import FedmqError
+
+_ARRAY = "__ndarray__"
+# Numeric dtypes only: object arrays would smuggle pickles back in.
+_ALLOWED_KINDS = set("biuf")
+
+
+class StateError(FedmqError):
+    """A state file is corrupt or from an incompatible version."""
+
+
+def _encode(obj: Any) -> Any:
+    if isinstance(obj, np.ndarray):
+        if obj.dtype.kind not in _ALLOWED_KINDS:
+            raise TypeError(f"cannot persist arrays of dtype {obj.dtype}")
+        arr = np.ascontiguousarray(obj)
+        return {_ARRAY: True, "dtype": arr.dtype.str, "shape": list(arr.shape),
+                "data": arr.tobytes()}
+    if isinstance(obj, np.generic):
+        return obj.item()
+    raise TypeError(f"cannot persist {type(obj).__name__}")
+
+
+def _decode(obj: dict) -> Any:
+    if obj.get(_ARRAY) is True:
+        dtype = np.dtype(obj["dtype"])
+        if dtype.kind not in _ALLOWED_KINDS:
+            raise StateError(f"refusing array of dtype {dtype}")
+        return np.frombuffer(obj["data"], dtype=dtype).reshape(obj["shape"]).copy()
+    return obj
+
+
+def dumps(state: Any) -> bytes:
+    return msgpack.packb(state, default=_encode, use_bin_type=True)
+
+
+def loads(data: bytes) -> Any:
+    try:
+        return msgpack.unpackb(data, object_hook=_decode, raw=False, strict_map_key=False)
+    except StateError:
+        raise
+    except Exception as exc:
+        raise StateError(f"state file is corrupt: {exc}") from None
+
+
+def atomic_write(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write-then-rename with fsyncs: after a crash the file is the old or the new, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def save_state(path: str | os.PathLike[str], state: Any) -> None:
+    atomic_write(path, dumps(state))
+
+
+def load_state(path: str | os.PathLike[str]) -> Any | None:
+    """The saved state, or None when there is no file yet."""
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        return None
+    return loads(data)

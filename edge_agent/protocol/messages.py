@@ -1,0 +1,142 @@
+"""Every payload fedmq puts on the wire, as frozen dataclasses (see docs/protocol.md)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import ProtocolError
+from .topics import check_name
+from .wire import Message, WireObject, wire
+
+
+def _require(condition: bool, message: str, reason: str = "bad_field") -> None:
+    if not condition:
+        raise ProtocolError(message, reason=reason)
+
+
+@dataclass(frozen=True, slots=True)
+class EncodedTensor(WireObject):
+    """A flat float vector after a codec, which `codec` names; `size` floats when decoded."""
+
+    codec: str = wire("c")
+    size: int = wire("n")
+    data: bytes = wire("d")
+
+    def __post_init__(self) -> None:
+        _require(0 <= self.size <= 1 << 31, f"tensor size {self.size} out of range")
+
+
+@dataclass(frozen=True, slots=True)
+class TaskConfig(WireObject):
+    """What the server asks devices to do with the model this round."""
+
+    epochs: int = wire("e", 1)
+    batch_size: int = wire("b", 32)
+    lr: float = wire("lr", 0.05)
+    deadline_s: float = wire("dl", 60.0)
+
+    def __post_init__(self) -> None:
+        _require(1 <= self.epochs <= 1000, f"epochs {self.epochs} out of range")
+        _require(1 <= self.batch_size <= 1 << 20, f"batch size {self.batch_size} out of range")
+        _require(math.isfinite(self.lr) and self.lr > 0, f"learning rate {self.lr} is not > 0")
+        _require(math.isfinite(self.deadline_s) and self.deadline_s > 0, "deadline must be > 0")
+
+
+@dataclass(frozen=True, slots=True)
+class PayloadInfo(WireObject):
+    """Where and how the model parameters of one version travel (chunked for big models)."""
+
+    codec: str = wire("c")
+    size: int = wire("n")  # encoded bytes of the whole model payload
+    sha256: str = wire("h")
+    chunks: int = wire("k", 1)
+
+    def __post_init__(self) -> None:
+        _require(self.chunks >= 1, "a model payload has at least one chunk")
+        _require(len(self.sha256) == 64, "sha256 must be 64 hex characters")
+
+
+@dataclass(frozen=True, slots=True)
+class ModelAnnouncement(Message):
+    """Retained on `model/current`: what the current global model is and how to train it."""
+
+    KIND = "model"
+    fleet: str = wire("f")
+    version: int = wire("v")
+    round: int = wire("r")
+    model: str = wire("m")
+    model_config: dict[str, Any] = wire("mc")
+    layout: list[Any] = wire("lay")
+    layout_hash: str = wire("lh")
+    task: TaskConfig = wire("t")
+    payload: PayloadInfo = wire("p")
+    issued_at: float = wire("ts", 0.0)
+
+    def __post_init__(self) -> None:
+        check_name(self.fleet, "fleet name")
+        _require(self.version >= 0 and self.round >= 0, "version and round must be >= 0")
+
+
+@dataclass(frozen=True, slots=True)
+class ModelChunk(Message):
+    """Retained on `model/payload/{index}`: one piece of an encoded model version."""
+
+    KIND = "mchunk"
+    version: int = wire("v")
+    index: int = wire("i")
+    count: int = wire("k")
+    data: bytes = wire("d")
+
+    def __post_init__(self) -> None:
+        _require(0 <= self.index < self.count, f"chunk {self.index} of {self.count} is invalid")
+
+
+@dataclass(frozen=True, slots=True)
+class Update(Message):
+    """QoS 1 on `update/{device_id}`: a device's trained delta against the model it received."""
+
+    KIND = "upd"
+    device_id: str = wire("dev")
+    update_id: str = wire("id")
+    round: int = wire("r")
+    base_version: int = wire("bv")
+    num_samples: int = wire("ns")
+    loss: float = wire("l")
+    delta: EncodedTensor = wire("x")
+    layout_hash: str = wire("lh", "")
+    train_s: float = wire("s", 0.0)
+
+    def __post_init__(self) -> None:
+        check_name(self.device_id, "device id")
+        _require(0 < len(self.update_id) <= 64, "update id must be 1-64 characters")
+        _require(self.round >= 0 and self.base_version >= 0, "round/version must be >= 0")
+        _require(self.num_samples > 0, f"num_samples {self.num_samples} must be > 0",
+                 "bad_samples")
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceStatus(Message):
+    """Retained on `device/{id}/status`: birth (online, capabilities) or Last Will (offline)."""
+
+    KIND = "dev"
+    device_id: str = wire("dev")
+    online: bool = wire("on")
+    capabilities: dict[str, Any] = wire("cap", default_factory=dict)
+    agent_version: str = wire("av", "")
+    ts: float = wire("ts", 0.0)
+
+    def __post_init__(self) -> None:
+        check_name(self.device_id, "device id")
+
+
+@dataclass(frozen=True, slots=True)
+class AggregatorStatus(Message):
+    """Retained on `aggregator/status`: online with progress, or the Last Will's offline."""
+
+    KIND = "agg"
+    online: bool = wire("on")
+    round: int = wire("r", 0)
+    version: int = wire("v", 0)
+    ts: float = wire("ts", 0.0)

@@ -1,0 +1,107 @@
+"""Moving a global model: announcement + chunked payload out, verified reassembly in.
+
+Pure (no MQTT): the aggregator turns parameters into messages, the agent feeds received
+messages to a `ModelReceiver` and gets the model back once every chunk and the hash agree.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import msgpack
+import numpy as np
+
+from . import codecs
+from .errors import ProtocolError
+from .protocol import EncodedTensor, ModelAnnouncement, ModelChunk, PayloadInfo
+from .protocol.wire import unpack
+
+# Room left in every chunk for the envelope and MQTT headers (topic, properties).
+CHUNK_OVERHEAD = 512
+DEFAULT_MAX_PAYLOAD = 128 * 1024
+
+
+def split_payload(data: bytes, *, version: int, max_payload: int) -> list[ModelChunk]:
+    step = max(1, max_payload - CHUNK_OVERHEAD)
+    pieces = [data[i : i + step] for i in range(0, len(data), step)] or [b""]
+    return [ModelChunk(version=version, index=i, count=len(pieces), data=p)
+            for i, p in enumerate(pieces)]
+
+
+def encode_model(params: np.ndarray, *, codec: str, version: int,
+                 max_payload: int = DEFAULT_MAX_PAYLOAD) -> tuple[PayloadInfo, list[ModelChunk]]:
+    """Encoded model bytes, described by a PayloadInfo and cut into chunks."""
+    blob = msgpack.packb(codecs.encode(params, codec).to_wire(), use_bin_type=True)
+    chunks = split_payload(blob, version=version, max_payload=max_payload)
+    info = PayloadInfo(codec=codec, size=len(blob), sha256=hashlib.sha256(blob).hexdigest(),
+                       chunks=len(chunks))
+    return info, chunks
+
+
+@dataclass(frozen=True)
+class ReceivedModel:
+    announcement: ModelAnnouncement
+    params: np.ndarray
+    wire_bytes: int  # announcement + chunk bytes received for this version
+
+
+class ModelReceiver:
+    """Assembles the newest announced model version from its chunks.
+
+    Chunks may arrive before their announcement and in any order; only the newest version
+    is kept, so memory is bounded by one model.
+    """
+
+    def __init__(self) -> None:
+        self.announcement: ModelAnnouncement | None = None
+        self._announcement_bytes = 0
+        self._chunks: dict[int, ModelChunk] = {}
+        self._chunk_version = -1
+        self._chunk_bytes = 0
+        self.delivered_version = -1
+
+    def offer_announcement(
+        self, announcement: ModelAnnouncement, size: int
+    ) -> ReceivedModel | None:
+        if self.announcement is not None and announcement.version < self.announcement.version:
+            return None  # an older retained copy arriving late
+        if (self.announcement is not None and announcement.version == self.announcement.version
+                and announcement.round == self.announcement.round):
+            return None  # the same announcement again
+        self.announcement = announcement
+        self._announcement_bytes = size
+        if announcement.version == self.delivered_version:
+            self.delivered_version = -1  # same model re-announced for a new round: train again
+        return self._try_complete()
+
+    def offer_chunk(self, chunk: ModelChunk, size: int) -> ReceivedModel | None:
+        if chunk.version < self._chunk_version:
+            return None
+        if chunk.version > self._chunk_version:
+            self._chunks.clear()
+            self._chunk_version = chunk.version
+            self._chunk_bytes = 0
+        if chunk.index not in self._chunks:
+            self._chunks[chunk.index] = chunk
+            self._chunk_bytes += size
+        return self._try_complete()
+
+    def _try_complete(self) -> ReceivedModel | None:
+        a = self.announcement
+        if a is None or a.version != self._chunk_version or a.version == self.delivered_version:
+            return None
+        if len(self._chunks) < a.payload.chunks:
+            return None
+        if any(c.count != a.payload.chunks for c in self._chunks.values()):
+            raise ProtocolError(f"model v{a.version}: chunk counts disagree with the announcement",
+                                reason="bad_chunks")
+        blob = b"".join(self._chunks[i].data for i in range(a.payload.chunks))
+        if len(blob) != a.payload.size or hashlib.sha256(blob).hexdigest() != a.payload.sha256:
+            self._chunks.clear()
+            raise ProtocolError(f"model v{a.version}: payload hash mismatch, discarded",
+                                reason="bad_hash")
+        tensor = EncodedTensor.from_wire(unpack(blob))
+        params = codecs.decode(tensor)
+        self.delivered_version = a.version
+        return ReceivedModel(a, params, self._announcement_bytes + self._chunk_bytes)

@@ -7,9 +7,10 @@ from dataclasses import dataclass
 from edge_agent.config import BrokerConfig, option
 from edge_agent.data import task_spec
 from edge_agent.errors import ConfigError, ProtocolError
+from edge_agent.models import model_names
 from edge_agent.protocol import TaskConfig
 
-from .optimizers import ServerOptConfig
+from .optimizers import ServerOptConfig, create_optimizer
 from .rounds import RoundPolicy
 
 
@@ -46,6 +47,11 @@ class AggregatorConfig(BrokerConfig):
             raise ConfigError("rounds must be >= 0")
         if self.max_payload < 4096:
             raise ConfigError("max_payload must be at least 4096 bytes")
+        if self.model not in model_names():
+            raise ConfigError(
+                f"unknown model {self.model!r}; available: {', '.join(model_names())}"
+            )
+        create_optimizer(self.optimizer_config())
         self.policy()  # validate now, not at the first round
         try:
             self.task_config()

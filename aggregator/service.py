@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import queue
 import threading
 import time
@@ -76,8 +77,11 @@ class AggregatorService:
         self.history: list[RoundRecord] = []
         self.accepted = 0
         self.rejected: Counter[str] = Counter()
-        self.finished = threading.Event()
+        self.finished = threading.Event()  # set when all rounds are done, or on failure
+        self.failure: BaseException | None = None
+        self._chunk_slots = 0  # retained chunk topics this process has filled
         self.model_bytes = 0
+        self._published: tuple[tuple[int, int], list[tuple[str, bytes]]] | None = None
         self._restore()
         self._round_started = time.monotonic()
         self._inbox: queue.Queue = queue.Queue()
@@ -118,27 +122,38 @@ class AggregatorService:
 
     # -- publishing ----------------------------------------------------------------------
     def _announce(self) -> None:
-        """Publish the current model (chunks first, then the retained announcement)."""
+        """Publish the current model: chunks first, then the retained announcement.
+
+        The messages of one (version, round) are built once per process and republished
+        unchanged after a reconnect, so devices do not train twice; a restarted process
+        builds them anew with a fresh announce_id, so devices train again.
+        """
         m, c = self.machine, self.config
-        info, chunks = encode_model(m.params, codec=c.model_codec, version=m.version,
-                                    max_payload=c.max_payload)
-        announcement = ModelAnnouncement(
-            fleet=c.fleet, version=m.version, round=m.round, model=c.model,
-            model_config=c.model_config(), layout=self.model.layout.to_wire(),
-            layout_hash=m.layout_hash, task=c.task_config(), payload=info, issued_at=time.time(),
-        )
-        total = 0
-        for chunk in chunks:
-            payload = chunk.to_payload()
-            total += len(payload)
-            self.link.publish(self.topics.model_payload_chunk(chunk.index), payload, retain=True)
-        payload = announcement.to_payload()
-        self.link.publish(self.topics.model_current, payload, retain=True)
-        self.model_bytes = total + len(payload)
+        if self._published is None or self._published[0] != (m.version, m.round):
+            info, chunks = encode_model(m.params, codec=c.model_codec, version=m.version,
+                                        max_payload=c.max_payload)
+            announcement = ModelAnnouncement(
+                fleet=c.fleet, version=m.version, round=m.round, model=c.model,
+                model_config=c.model_config(), layout=self.model.layout.to_wire(),
+                layout_hash=m.layout_hash, task=c.task_config(), payload=info,
+                announce_id=os.urandom(6).hex(), issued_at=time.time(),
+            )
+            messages = [(self.topics.model_payload_chunk(ch.index), ch.to_payload())
+                        for ch in chunks]
+            # An empty retained payload deletes chunks a bigger earlier model left behind.
+            messages += [(self.topics.model_payload_chunk(i), b"")
+                         for i in range(len(chunks), self._chunk_slots)]
+            self._chunk_slots = max(self._chunk_slots, len(chunks))
+            messages.append((self.topics.model_current, announcement.to_payload()))
+            self._published = ((m.version, m.round), messages)
+        messages = self._published[1]
+        for topic, payload in messages:
+            self.link.publish(topic, payload, retain=True)
+        self.model_bytes = sum(len(payload) for _, payload in messages)
         status = AggregatorStatus(online=True, round=m.round, version=m.version, ts=time.time())
         self.link.publish(self.topics.aggregator_status, status.to_payload(), retain=True)
-        log.info("announced model v%d for round %d (%d bytes in %d chunks)", m.version, m.round,
-                 self.model_bytes, len(chunks))
+        log.info("announced model v%d for round %d (%d bytes in %d messages)", m.version,
+                 m.round, self.model_bytes, len(messages))
 
     # -- the loop ------------------------------------------------------------------------
     def _handle_update(self, topic: str, payload: bytes) -> None:
@@ -218,6 +233,11 @@ class AggregatorService:
                 self._tick()
             except FedmqError:
                 log.exception("aggregator loop error; continuing")
+            except Exception as exc:  # disk full, a bug: stop loudly so a supervisor restarts us
+                log.exception("aggregator loop failed; stopping")
+                self.failure = exc
+                self.finished.set()
+                return
 
     # -- lifecycle -----------------------------------------------------------------------
     def start(self) -> None:

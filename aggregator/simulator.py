@@ -20,7 +20,7 @@ from pathlib import Path
 from edge_agent.agent import EdgeAgent
 from edge_agent.config import AgentConfig, option
 from edge_agent.data import partition, split_task
-from edge_agent.errors import BrokerError, ConfigError, require
+from edge_agent.errors import BrokerError, ConfigError, FedmqError, require
 
 from .broker import LocalMosquitto
 from .config import AggregatorConfig
@@ -152,7 +152,11 @@ class Simulation:
         started = time.monotonic()
         deadline = started + c.timeout_s
         shown = 0
-        while not self.aggregator.finished.is_set():
+        while True:
+            if self.aggregator.failure is not None:
+                raise FedmqError(f"the aggregator failed: {self.aggregator.failure!r}")
+            if self.aggregator.finished.is_set():
+                break
             if time.monotonic() > deadline:
                 raise BrokerError(
                     f"simulation did not finish {c.rounds} rounds within {c.timeout_s:.0f} s "

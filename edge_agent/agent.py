@@ -125,13 +125,15 @@ class EdgeAgent:
 
     def _on_announcement(self, message) -> None:
         self._receive(lambda: self.receiver.offer_announcement(
-            ModelAnnouncement.from_payload(message.payload), len(message.payload)))
+            ModelAnnouncement.from_payload(message.payload), len(message.payload)), message.payload)
 
     def _on_chunk(self, message) -> None:
         self._receive(lambda: self.receiver.offer_chunk(
-            ModelChunk.from_payload(message.payload), len(message.payload)))
+            ModelChunk.from_payload(message.payload), len(message.payload)), message.payload)
 
-    def _receive(self, offer) -> None:
+    def _receive(self, offer, payload: bytes) -> None:
+        if not payload:
+            return  # an empty retained message only deletes an old chunk
         try:
             received = offer()
         except ProtocolError as exc:

@@ -68,7 +68,7 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
         _wait_for_signal(service.finished)
     finally:
         service.stop()
-    return 0
+    return 1 if service.failure is not None else 0
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:

@@ -59,20 +59,18 @@ class ModelReceiver:
         self._chunks: dict[int, ModelChunk] = {}
         self._chunk_version = -1
         self._chunk_bytes = 0
-        self.delivered_version = -1
+        self._delivered: tuple[int, int, str] | None = None
 
     def offer_announcement(
         self, announcement: ModelAnnouncement, size: int
     ) -> ReceivedModel | None:
-        if self.announcement is not None and announcement.version < self.announcement.version:
+        current = self.announcement
+        if current is not None and announcement.version < current.version:
             return None  # an older retained copy arriving late
-        if (self.announcement is not None and announcement.version == self.announcement.version
-                and announcement.round == self.announcement.round):
-            return None  # the same announcement again
+        if current is not None and announcement.key == current.key:
+            return None  # the same announcement again (a reconnect)
         self.announcement = announcement
         self._announcement_bytes = size
-        if announcement.version == self.delivered_version:
-            self.delivered_version = -1  # same model re-announced for a new round: train again
         return self._try_complete()
 
     def offer_chunk(self, chunk: ModelChunk, size: int) -> ReceivedModel | None:
@@ -89,7 +87,7 @@ class ModelReceiver:
 
     def _try_complete(self) -> ReceivedModel | None:
         a = self.announcement
-        if a is None or a.version != self._chunk_version or a.version == self.delivered_version:
+        if a is None or a.version != self._chunk_version or a.key == self._delivered:
             return None
         if len(self._chunks) < a.payload.chunks:
             return None
@@ -103,5 +101,5 @@ class ModelReceiver:
                                 reason="bad_hash")
         tensor = EncodedTensor.from_wire(unpack(blob))
         params = codecs.decode(tensor)
-        self.delivered_version = a.version
+        self._delivered = a.key
         return ReceivedModel(a, params, self._announcement_bytes + self._chunk_bytes)

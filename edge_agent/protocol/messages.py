@@ -55,7 +55,9 @@ class PayloadInfo(WireObject):
 
     def __post_init__(self) -> None:
         _require(self.chunks >= 1, "a model payload has at least one chunk")
-        _require(len(self.sha256) == 64, "sha256 must be 64 hex characters")
+        _require(self.size >= 0, "payload size must be >= 0")
+        _require(len(self.sha256) == 64 and all(c in "0123456789abcdef" for c in self.sha256),
+                 "sha256 must be 64 lowercase hex characters")
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,7 +74,14 @@ class ModelAnnouncement(Message):
     layout_hash: str = wire("lh")
     task: TaskConfig = wire("t")
     payload: PayloadInfo = wire("p")
+    # A new id for the same (version, round) asks devices to train again: a restarted
+    # aggregator lost the open round's updates. Reconnects republish the same id.
+    announce_id: str = wire("aid", "")
     issued_at: float = wire("ts", 0.0)
+
+    @property
+    def key(self) -> tuple[int, int, str]:
+        return (self.version, self.round, self.announce_id)
 
     def __post_init__(self) -> None:
         check_name(self.fleet, "fleet name")
@@ -114,6 +123,8 @@ class Update(Message):
         _require(self.round >= 0 and self.base_version >= 0, "round/version must be >= 0")
         _require(self.num_samples > 0, f"num_samples {self.num_samples} must be > 0",
                  "bad_samples")
+        _require(math.isfinite(self.loss), f"training loss {self.loss} is not finite",
+                 "non_finite")
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,12 +8,12 @@ from dataclasses import dataclass
 from ..errors import ConfigError, ProtocolError
 
 ROOT = "fedmq"
-_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
 def check_name(value: str, what: str) -> str:
     """Fleet and device names become single topic levels: no wildcards, no slashes."""
-    if not isinstance(value, str) or not _NAME.match(value):
+    if not isinstance(value, str) or not _NAME.fullmatch(value):
         raise ConfigError(
             f"{what} {value!r} is not valid: use 1-64 characters from A-Z a-z 0-9 _ . -"
         )
@@ -79,6 +79,6 @@ class FleetTopics:
         if not (topic.startswith(head) and topic.endswith(tail)):
             raise ProtocolError(f"topic {topic!r} is not under {head!r}", reason="bad_topic")
         device = topic[len(head) : len(topic) - len(tail)]
-        if not _NAME.match(device):
+        if not _NAME.fullmatch(device):
             raise ProtocolError(f"bad device id in topic {topic!r}", reason="bad_topic")
         return device

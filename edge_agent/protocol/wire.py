@@ -15,7 +15,7 @@ from typing import Any, ClassVar, TypeVar, Union
 
 import msgpack
 
-from ..errors import ProtocolError
+from ..errors import ConfigError, ProtocolError
 
 PROTOCOL_VERSION = 1
 # Envelope keys start with "$"; field keys never do, so the two cannot collide.
@@ -133,8 +133,8 @@ class WireObject:
             return cls(**kwargs)
         except ProtocolError:
             raise
-        except (ValueError, TypeError) as exc:
-            raise ProtocolError(f"{where}: {exc}") from None
+        except (ConfigError, ValueError, TypeError) as exc:
+            raise ProtocolError(f"{where}: {exc}", reason="bad_field") from None
 
 
 class Message(WireObject):
@@ -154,7 +154,7 @@ class Message(WireObject):
         if not isinstance(data, dict):
             raise ProtocolError(f"{cls.__name__}: payload is not a map")
         version = data.get(VERSION_KEY)
-        if version != PROTOCOL_VERSION:
+        if type(version) is not int or version != PROTOCOL_VERSION:
             raise ProtocolError(
                 f"{cls.__name__}: protocol version {version!r} is not supported "
                 f"(this build speaks {PROTOCOL_VERSION}); upgrade the older side",

@@ -1,0 +1,51 @@
+"""Shared test helpers: condition waits (never fixed sleeps) and fleet builders."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from aggregator.config import AggregatorConfig
+from aggregator.service import AggregatorService
+from edge_agent.agent import EdgeAgent
+from edge_agent.config import AgentConfig
+from edge_agent.data import partition, split_task
+
+# Generous: a shared 2-core CI box can stall a thread for seconds.
+WAIT_S = 60.0
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout: float = WAIT_S) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.02)
+
+
+def make_aggregator(broker_url: str, tmp_path, stoppers, **overrides) -> AggregatorService:
+    settings = dict(broker=broker_url, fleet="test", task="digits", model="mlp", hidden=16,
+                    min_updates=3, rounds=3, epochs=1, lr=0.1, deadline_s=30.0,
+                    checkpoint=str(tmp_path / "aggregator.ckpt"))
+    settings.update(overrides)
+    service = AggregatorService(AggregatorConfig(**settings))
+    service.start()
+    stoppers(service.stop)
+    return service
+
+
+def make_agents(broker_url: str, stoppers, count: int, *, total: int | None = None,
+                first: int = 0, fleet: str = "test", start: bool = True) -> list[EdgeAgent]:
+    total = total or count
+    train, _ = split_task("digits", seed=0)
+    shards = partition(train.y, devices=total, alpha=0.5, seed=0)
+    agents = []
+    for i in range(first, first + count):
+        agent = EdgeAgent(AgentConfig(broker=broker_url, fleet=fleet, device_id=f"dev{i}",
+                                      device_index=i, device_count=total),
+                          train.subset(shards[i]))
+        if start:
+            agent.start()
+            stoppers(agent.stop)
+        agents.append(agent)
+    return agents

@@ -1,0 +1,124 @@
+"""The `fedmq` command as users run it: real processes, real signals, a real broker."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from edge_agent.protocol import AggregatorStatus, DeviceStatus, FleetTopics
+
+from .helpers import wait_for
+
+pytestmark = pytest.mark.integration
+FEDMQ = [sys.executable, "-m", "edge_agent.cli"]
+
+
+def test_simulate_runs_a_fleet_and_writes_metrics_and_plot(tmp_path):
+    metrics = tmp_path / "out" / "metrics.jsonl"
+    proc = subprocess.run(
+        [*FEDMQ, "simulate", "--devices", "4", "--rounds", "3", "--model", "logreg",
+         "--metrics", str(metrics), "--timeout-s", "120"],
+        capture_output=True, text=True, timeout=180,
+    )
+    assert proc.returncode == 0, proc.stderr
+    last = proc.stdout.strip().splitlines()[-1]
+    match = re.fullmatch(r"final accuracy (0\.\d+) after 3 rounds, (\d+) bytes uploaded", last)
+    assert match, proc.stdout
+    lines = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [line["round"] for line in lines] == [1, 2, 3]
+    assert {"round", "accuracy", "loss", "participants", "bytes_up", "bytes_down",
+            "wall_s"} <= set(lines[0])
+    assert all(line["participants"] == 4 and line["bytes_up"] > 0 for line in lines)
+    assert sum(line["bytes_up"] for line in lines) == int(match.group(2))
+    assert metrics.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "round" in proc.stdout and "accuracy" in proc.stdout  # the final table
+
+
+def test_simulate_reports_bad_flags_clearly():
+    proc = subprocess.run([*FEDMQ, "simulate", "--devices", "0"], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "devices and rounds must be >= 1" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+class RetainedWatcher:
+    """Keeps the latest retained payload per topic of one fleet."""
+
+    def __init__(self, port: int, fleet: str) -> None:
+        self.latest: dict[str, bytes] = {}
+        self.client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2,
+                                  client_id="watcher", protocol=mqtt.MQTTv5)
+        self.client.on_message = lambda _c, _u, m: self.latest.__setitem__(m.topic, m.payload)
+        self.client.on_connect = lambda c, *_: c.subscribe(f"fedmq/{fleet}/#", qos=1)
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+@pytest.fixture
+def processes():
+    started: list[subprocess.Popen] = []
+    yield started
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(30)
+        if proc.stderr is not None:
+            proc.stderr.close()
+
+
+def test_agent_and_aggregator_services_train_and_shut_down_cleanly(broker, tmp_path, processes,
+                                                                   stoppers):
+    topics = FleetTopics("svc")
+    watcher = RetainedWatcher(broker.port, "svc")
+    stoppers(watcher.close)
+    common = ["--broker", broker.url, "--fleet", "svc"]
+    processes.append(subprocess.Popen(
+        [*FEDMQ, "aggregator", *common, "--min-updates", "2", "--model", "logreg",
+         "--checkpoint", str(tmp_path / "agg.ckpt"), "--metrics", str(tmp_path / "m.jsonl")],
+        stderr=subprocess.PIPE, text=True))
+    for i in range(2):
+        processes.append(subprocess.Popen(
+            [*FEDMQ, "agent", *common, "--device-id", f"pi{i}", "--device-index", str(i),
+             "--device-count", "2"], stderr=subprocess.PIPE, text=True))
+
+    def aggregator_round() -> int:
+        raw = watcher.latest.get(topics.aggregator_status)
+        return AggregatorStatus.from_payload(raw).round if raw else 0
+
+    wait_for(lambda: aggregator_round() >= 3, "two rounds through the services")
+    for proc in processes:
+        proc.send_signal(signal.SIGTERM)
+    for proc in processes:
+        assert proc.wait(30) == 0, proc.stderr.read()
+
+    def offline(topic, cls) -> bool:
+        raw = watcher.latest.get(topic)
+        return raw is not None and not cls.from_payload(raw).online
+
+    wait_for(lambda: offline(topics.aggregator_status, AggregatorStatus), "aggregator offline")
+    for i in range(2):
+        wait_for(lambda i=i: offline(topics.device_status(f"pi{i}"), DeviceStatus),
+                 f"pi{i} offline")
+    assert len((tmp_path / "m.jsonl").read_text().splitlines()) >= 2
+    assert (tmp_path / "agg.ckpt").exists()
+
+
+def test_agent_with_bad_config_exits_with_a_clear_message(tmp_path):
+    config = tmp_path / "agent.toml"
+    config.write_text('device_id = "pi-1"\ncodec = "zip9"\n')
+    proc = subprocess.run([*FEDMQ, "agent", "--config", str(config)], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "unknown codec 'zip9'" in proc.stderr and "Traceback" not in proc.stderr

@@ -1,0 +1,55 @@
+import pytest
+
+from aggregator.config import AggregatorConfig
+from edge_agent.cli import build_parser
+from edge_agent.config import AgentConfig, load_config
+from edge_agent.errors import ConfigError
+
+
+def test_toml_then_flags(tmp_path):
+    path = tmp_path / "agent.toml"
+    path.write_text('device_id = "pi-1"\nfleet = "farm"\ndevice_count = 4\nalpha = 1\n')
+    config = load_config(AgentConfig, path, {"device_count": 8, "fleet": None})
+    assert (config.device_id, config.fleet, config.device_count) == ("pi-1", "farm", 8)
+    assert config.alpha == 1.0 and isinstance(config.alpha, float)
+
+
+@pytest.mark.parametrize(("text", "match"), [
+    ('devcie_id = "x"\n', "unknown key 'devcie_id'"),
+    ("device_count = 'four'\n", "should be int"),
+    ("fleet = 'a/b'\n", "not valid"),
+    ("device_count = true\n", "should be int"),
+    ("= broken", "not valid TOML"),
+])
+def test_bad_config_files_say_what_is_wrong(tmp_path, text, match):
+    path = tmp_path / "agent.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=match):
+        load_config(AgentConfig, path)
+
+
+def test_missing_config_file():
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(AgentConfig, "/nonexistent/agent.toml")
+
+
+@pytest.mark.parametrize(("overrides", "match"), [
+    ({"min_updates": 0}, "min_updates"), ({"on_insufficient": "guess"}, "extend"),
+    ({"lr": -1.0}, "learning rate"), ({"task": "cifar"}, "unknown task"),
+])
+def test_aggregator_config_validation(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(AggregatorConfig, None, overrides)
+
+
+def test_every_config_key_is_a_flag():
+    args = build_parser().parse_args(
+        ["aggregator", "--min-updates", "5", "--no-evaluate", "--optimizer", "fedadam"])
+    config = load_config(AggregatorConfig, None, vars(args))
+    assert (config.min_updates, config.evaluate, config.optimizer) == (5, False, "fedadam")
+
+
+def test_shipped_example_configs_load():
+    agent = load_config(AgentConfig, "deploy/agent.toml")
+    aggregator = load_config(AggregatorConfig, "deploy/aggregator.toml")
+    assert agent.device_id and aggregator.rounds == 0

@@ -1,0 +1,123 @@
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from edge_agent.data import device_shard, split_task
+from edge_agent.data.partition import dirichlet_partition, iid_partition, train_test_split
+from edge_agent.errors import ConfigError
+from edge_agent.models import build_model
+
+
+def _check_disjoint_cover(parts, n):
+    joined = np.concatenate(parts)
+    assert len(joined) == n and len(np.unique(joined)) == n
+
+
+@given(n=st.integers(10, 500), devices=st.integers(1, 10), seed=st.integers(0, 2**16))
+def test_iid_partition_is_a_deterministic_balanced_cover(n, devices, seed):
+    parts = iid_partition(n, devices=devices, seed=seed)
+    _check_disjoint_cover(parts, n)
+    assert max(map(len, parts)) - min(map(len, parts)) <= 1
+    assert all(np.array_equal(a, b) for a, b in
+               zip(parts, iid_partition(n, devices=devices, seed=seed), strict=True))
+
+
+@settings(max_examples=30)
+@given(devices=st.integers(2, 10), alpha=st.sampled_from([0.1, 0.5, 1.0, 100.0]),
+       seed=st.integers(0, 1000))
+def test_dirichlet_partition_covers_and_is_deterministic(devices, alpha, seed):
+    labels = np.repeat(np.arange(10), 50)
+    parts = dirichlet_partition(labels, devices=devices, alpha=alpha, seed=seed)
+    _check_disjoint_cover(parts, len(labels))
+    assert min(map(len, parts)) >= 2
+    again = dirichlet_partition(labels, devices=devices, alpha=alpha, seed=seed)
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again, strict=True))
+
+
+def test_small_alpha_skews_labels_more_than_large_alpha():
+    labels = np.repeat(np.arange(10), 200)
+
+    def classes_per_device(alpha):
+        parts = dirichlet_partition(labels, devices=10, alpha=alpha, seed=0)
+        # classes that make up 90% of each device's data
+        counts = [np.sort(np.bincount(labels[p], minlength=10))[::-1] for p in parts]
+        return np.mean([np.searchsorted(np.cumsum(c) / c.sum(), 0.9) + 1 for c in counts])
+
+    assert classes_per_device(0.1) < classes_per_device(100.0) - 3
+
+
+def test_test_split_never_reaches_devices():
+    train, test = split_task("digits", seed=3)
+    assert len(train) + len(test) == 1797 and len(test) == round(1797 * 0.2)
+    train_rows = {row.tobytes() for row in train.x}
+    shards = [device_shard("digits", device_index=i, device_count=5, alpha=0.5, seed=3)
+              for i in range(5)]
+    assert sum(map(len, shards)) == len(train)
+    shard_rows = {row.tobytes() for s in shards for row in s.x}
+    assert shard_rows <= train_rows
+    idx_train, idx_test = train_test_split(100, test_fraction=0.2, seed=0)
+    assert not set(idx_train) & set(idx_test)
+
+
+def test_partition_errors_say_what_to_do():
+    with pytest.raises(ConfigError, match="devices"):
+        iid_partition(3, devices=5, seed=0)
+    with pytest.raises(ConfigError, match="alpha"):
+        dirichlet_partition(np.zeros(10, int), devices=2, alpha=-1, seed=0)
+    with pytest.raises(ConfigError):
+        device_shard("digits", device_index=5, device_count=5, alpha=0.5, seed=0)
+
+
+@pytest.mark.parametrize("name", ["logreg", "mlp"])
+def test_training_lowers_loss_and_is_deterministic(name):
+    train, test = split_task("digits", seed=0)
+    config = {"inputs": 64, "classes": 10} | ({"hidden": 32} if name == "mlp" else {})
+    model = build_model(name, config, seed=0)
+    before = model.evaluate(test.x, test.y)
+    result = model.train(train.x, train.y, epochs=3, batch_size=32, lr=0.1,
+                         rng=np.random.default_rng(0))
+    after = model.evaluate(test.x, test.y)
+    assert after.loss < before.loss and after.accuracy > 0.85
+    assert result.num_samples == 3 * len(train)
+    twin = build_model(name, config, seed=0)
+    twin.train(train.x, train.y, epochs=3, batch_size=32, lr=0.1, rng=np.random.default_rng(0))
+    assert np.array_equal(twin.get_flat(), model.get_flat())
+
+
+def test_mlp_gradient_matches_finite_differences():
+    rng = np.random.default_rng(0)
+    model = build_model("mlp", {"inputs": 5, "classes": 3, "hidden": 4}, seed=1)
+    x = rng.normal(size=(7, 5)).astype(np.float32)
+    y = rng.integers(0, 3, size=7)
+    model._loss_and_grad(x, y)
+    analytic = model.grads.copy()
+    eps = 1e-3
+    for i in rng.choice(model.params.size, 12, replace=False):
+        saved = model.params[i]
+        model.params[i] = saved + eps
+        up = model._loss_and_grad(x, y)
+        model.params[i] = saved - eps
+        down = model._loss_and_grad(x, y)
+        model.params[i] = saved
+        assert analytic[i] == pytest.approx((up - down) / (2 * eps), rel=0.02, abs=1e-3)
+
+
+def test_fedprox_term_pulls_towards_the_global_model():
+    train, _ = split_task("digits", seed=0)
+    config = {"inputs": 64, "classes": 10}
+    drift = {}
+    for mu in (0.0, 1.0):
+        model = build_model("logreg", config)
+        start = model.get_flat()
+        model.train(train.x, train.y, epochs=2, batch_size=32, lr=0.1,
+                    rng=np.random.default_rng(0), prox_mu=mu)
+        drift[mu] = np.linalg.norm(model.get_flat() - start)
+    assert drift[1.0] < drift[0.0]
+
+
+def test_unknown_model_and_bad_config():
+    with pytest.raises(ConfigError, match="available"):
+        build_model("resnet", {})
+    with pytest.raises(ConfigError):
+        build_model("mlp", {"inputs": 4, "classes": 2, "depth": 9})

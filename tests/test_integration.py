@@ -1,0 +1,82 @@
+"""Agents and the aggregator over a real mosquitto started by the `broker` fixture."""
+
+from __future__ import annotations
+
+import numpy as np
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from edge_agent import persist
+from edge_agent.protocol import EncodedTensor, FleetTopics, Update
+
+from .helpers import make_agents, make_aggregator, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def test_three_agents_three_rounds_accuracy_rises(broker, tmp_path, stoppers):
+    service = make_aggregator(broker.url, tmp_path, stoppers)
+    make_agents(broker.url, stoppers, 3)
+    wait_for(service.finished.is_set, "3 rounds")
+    history = service.history
+    assert [r.round for r in history] == [1, 2, 3]
+    assert all(r.participants == 3 for r in history)
+    assert history[-1].accuracy > history[0].accuracy
+    assert history[-1].accuracy > 0.5
+    assert service.accepted == 9 and not service.rejected
+
+
+def test_aggregator_restarts_between_rounds_and_resumes_from_checkpoint(broker, tmp_path,
+                                                                       stoppers):
+    first = make_aggregator(broker.url, tmp_path, stoppers, rounds=2)
+    agents = make_agents(broker.url, stoppers, 3)
+    wait_for(first.finished.is_set, "the first 2 rounds")
+    first.stop()
+    saved = persist.load_state(tmp_path / "aggregator.ckpt")
+    assert saved["machine"]["round"] == 3 and saved["machine"]["version"] == 2
+
+    second = make_aggregator(broker.url, tmp_path, stoppers, rounds=4)
+    assert (second.machine.round, second.machine.version) == (3, 2)
+    assert np.array_equal(second.machine.params, saved["machine"]["params"])
+    wait_for(second.finished.is_set, "rounds 3 and 4 after the restart")
+    assert [r.round for r in second.history] == [1, 2, 3, 4]
+    assert second.history[-1].accuracy >= second.history[1].accuracy - 0.05
+    assert all(a.stats.updates_sent >= 4 for a in agents)
+
+
+def test_late_joiner_gets_the_retained_model_and_takes_part(broker, tmp_path, stoppers):
+    service = make_aggregator(broker.url, tmp_path, stoppers, rounds=2, min_updates=3)
+    early = make_agents(broker.url, stoppers, 2, total=3)
+    wait_for(lambda: len(service.machine.open.devices) == 2, "the two early updates")
+    assert not service.history  # the round cannot close without a third device
+    late = make_agents(broker.url, stoppers, 1, total=3, first=2)[0]
+    wait_for(service.finished.is_set, "2 rounds with the late device")
+    assert late.stats.models_received >= 2
+    assert all(r.participants == 3 for r in service.history)
+    assert all(a.stats.updates_sent >= 2 for a in [*early, late])
+
+
+def test_garbage_on_update_topics_is_rejected_counted_and_survived(broker, tmp_path, stoppers):
+    service = make_aggregator(broker.url, tmp_path, stoppers, rounds=2, min_updates=2)
+    topics = FleetTopics("test")
+    rogue = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id="rogue",
+                        protocol=mqtt.MQTTv5)
+    rogue.connect("127.0.0.1", broker.port)
+    rogue.loop_start()
+    stoppers(rogue.loop_stop)
+    stoppers(rogue.disconnect)
+    nan = Update(device_id="dev0", update_id="x", round=1, base_version=0, num_samples=5,
+                 loss=0.0, delta=EncodedTensor(codec="float32", size=2, data=b"\0" * 8))
+    garbage = [b"", b"\xff\xfe", b"not msgpack", nan.to_payload()]
+    infos = [rogue.publish(topics.update("dev0"), g, qos=1) for g in garbage]
+    infos.append(rogue.publish(topics.update("dev9"), nan.to_payload(), qos=1))  # wrong topic
+    for info in infos:
+        info.wait_for_publish(30)
+    wait_for(lambda: sum(service.rejected.values()) == 5, "5 rejections")
+    assert service.rejected["malformed"] == 3
+    assert service.rejected["wrong_topic"] == 1
+    assert service.rejected["bad_shape"] == 1  # 2 values for a 1,210-parameter model
+    make_agents(broker.url, stoppers, 2)
+    wait_for(service.finished.is_set, "2 clean rounds after the garbage")
+    assert service.accepted == 4

@@ -1,0 +1,140 @@
+import contextlib
+
+import msgpack
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from edge_agent.errors import ConfigError, ProtocolError
+from edge_agent.protocol import (
+    AggregatorStatus,
+    DeviceStatus,
+    EncodedTensor,
+    FleetTopics,
+    ModelAnnouncement,
+    ModelChunk,
+    PayloadInfo,
+    TaskConfig,
+    Update,
+)
+from edge_agent.protocol.wire import KIND_KEY, VERSION_KEY, wire
+
+names = st.from_regex(r"[A-Za-z0-9_.-]{1,64}", fullmatch=True)
+
+
+def make_update(**overrides) -> Update:
+    fields = dict(device_id="dev-1", update_id="u1", round=3, base_version=2, num_samples=40,
+                  loss=0.25, delta=EncodedTensor(codec="float32", size=2, data=b"\0" * 8),
+                  layout_hash="abcd")
+    fields.update(overrides)
+    return Update(**fields)
+
+
+@given(device=names, round_=st.integers(0, 2**40), samples=st.integers(1, 2**40),
+       loss=st.floats(allow_nan=False), data=st.binary(max_size=256))
+def test_update_round_trip(device, round_, samples, loss, data):
+    update = make_update(device_id=device, round=round_, num_samples=samples, loss=loss,
+                         delta=EncodedTensor(codec="float16", size=len(data) // 2, data=data))
+    assert Update.from_payload(update.to_payload()) == update
+
+
+def test_every_message_round_trips():
+    info = PayloadInfo(codec="float32", size=10, sha256="0" * 64, chunks=2)
+    messages = [
+        make_update(),
+        ModelAnnouncement(fleet="f", version=1, round=2, model="mlp",
+                          model_config={"inputs": 64, "classes": 10, "hidden": 8},
+                          layout=[["w", [2, 3]]], layout_hash="ab", task=TaskConfig(),
+                          payload=info, issued_at=1.5),
+        ModelChunk(version=1, index=1, count=2, data=b"xyz"),
+        DeviceStatus(device_id="d", online=True, capabilities={"cpus": 4}),
+        AggregatorStatus(online=False, round=3, version=2),
+    ]
+    for message in messages:
+        assert type(message).from_payload(message.to_payload()) == message
+
+
+def test_envelope_is_compact():
+    # Compressed updates are a few hundred bytes: the envelope must not dominate them.
+    payload = make_update(delta=EncodedTensor(codec="float32", size=0, data=b"")).to_payload()
+    assert len(payload) < 100
+
+
+@pytest.mark.parametrize("payload", [b"", b"\xc1", b"garbage", msgpack.packb([1, 2]),
+                                     msgpack.packb({"a": 1}), b"\x85" + b"\x00" * 3])
+def test_malformed_payloads_raise_protocol_error(payload):
+    with pytest.raises(ProtocolError):
+        Update.from_payload(payload)
+
+
+def _body(**changes):
+    body = msgpack.unpackb(make_update().to_payload())
+    body.update(changes)
+    return msgpack.packb(body)
+
+
+def test_unknown_protocol_version_is_rejected_with_reason():
+    with pytest.raises(ProtocolError, match="protocol version 99") as info:
+        Update.from_payload(_body(**{VERSION_KEY: 99}))
+    assert info.value.reason == "bad_version"
+
+
+def test_wrong_kind_is_rejected():
+    with pytest.raises(ProtocolError) as info:
+        DeviceStatus.from_payload(make_update().to_payload())
+    assert info.value.reason == "wrong_kind"
+    assert KIND_KEY != VERSION_KEY
+
+
+@pytest.mark.parametrize("changes", [
+    {"ns": 0}, {"ns": -5}, {"ns": "ten"}, {"r": 1.5}, {"r": True}, {"dev": "a/b"},
+    {"dev": "+"}, {"x": {"c": "float32", "n": 2}}, {"x": "data"}, {"l": None}, {"id": ""},
+])
+def test_bad_fields_are_rejected(changes):
+    with pytest.raises(ProtocolError):
+        Update.from_payload(_body(**changes))
+
+
+def test_missing_field_is_named():
+    body = msgpack.unpackb(make_update().to_payload())
+    del body["ns"]
+    with pytest.raises(ProtocolError, match="num_samples"):
+        Update.from_payload(msgpack.packb(body))
+
+
+@given(st.binary(max_size=512))
+def test_random_bytes_never_escape_as_other_errors(data):
+    """Only ProtocolError may come out (anything else would propagate and fail the test)."""
+    with contextlib.suppress(ProtocolError):
+        Update.from_payload(data)
+
+
+def test_reserved_envelope_keys_cannot_be_field_keys():
+    with pytest.raises(ValueError):
+        wire("$v")
+
+
+def test_topics():
+    t = FleetTopics("plant-7")
+    assert t.update("pi-1") == "fedmq/plant-7/update/pi-1"
+    assert t.device_from_update_topic("fedmq/plant-7/update/pi-1") == "pi-1"
+    assert t.device_from_status_topic(t.device_status("pi-2")) == "pi-2"
+    assert t.model_payload_chunk(3) == "fedmq/plant-7/model/payload/3"
+    for bad in ("fedmq/other/update/pi-1", "fedmq/plant-7/update/a/b", "fedmq/plant-7/update/"):
+        with pytest.raises(ProtocolError):
+            t.device_from_update_topic(bad)
+    for bad_name in ("", "a/b", "#", "+", "x" * 65, "dev\n"):
+        with pytest.raises(ConfigError):
+            FleetTopics(bad_name)
+
+
+@pytest.mark.parametrize("version", [True, 1.0, "1", None])
+def test_protocol_version_must_be_the_integer(version):
+    with pytest.raises(ProtocolError):
+        Update.from_payload(_body(**{VERSION_KEY: version}))
+
+
+def test_non_finite_loss_is_rejected():
+    with pytest.raises(ProtocolError) as info:
+        Update.from_payload(_body(l=float("nan")))
+    assert info.value.reason == "non_finite"

@@ -72,6 +72,11 @@ class MqttLink:
         self._subscriptions: list[tuple[str, int]] = []
         self._on_connect_cb = on_connect
         self.connected = threading.Event()
+        # Set once the broker acknowledged every subscription of the current connection:
+        # from then on, nothing published to our filters is missed.
+        self.subscribed = threading.Event()
+        self._pending_subacks: set[int] = set()
+        self._lock = threading.Lock()
         self.handler_errors = 0
         self._client = mqtt.Client(
             callback_api_version=CallbackAPIVersion.VERSION2, client_id=client_id,
@@ -84,13 +89,14 @@ class MqttLink:
         self._client.reconnect_delay_set(min_delay=RECONNECT_MIN_S, max_delay=RECONNECT_MAX_S)
         self._client.on_connect = self._handle_connect
         self._client.on_disconnect = self._handle_disconnect
+        self._client.on_subscribe = self._handle_subscribe
 
     def route(self, topic_filter: str, handler: Handler, qos: int = 1) -> None:
         """Subscribe `handler` to `topic_filter`, now and after every reconnect."""
         self._subscriptions.append((topic_filter, qos))
         self._client.message_callback_add(topic_filter, self._guard(handler))
         if self.connected.is_set():
-            self._client.subscribe(topic_filter, qos=qos)
+            self._subscribe([(topic_filter, qos)])
 
     def _guard(self, handler: Handler) -> Callable:
         def call(_client, _userdata, message: mqtt.MQTTMessage) -> None:
@@ -143,8 +149,7 @@ class MqttLink:
             log.error("%s: broker %s refused the connection: %s", self.client_id,
                       self.address, reason_code)
             return
-        for topic_filter, qos in self._subscriptions:
-            client.subscribe(topic_filter, qos=qos)
+        self._subscribe(self._subscriptions)
         self.connected.set()
         log.info("%s: connected to %s", self.client_id, self.address)
         if self._on_connect_cb is not None:
@@ -154,8 +159,30 @@ class MqttLink:
                 self.handler_errors += 1
                 log.exception("%s: on-connect hook failed", self.client_id)
 
+    def _subscribe(self, subscriptions: list[tuple[str, int]]) -> None:
+        with self._lock:
+            self.subscribed.clear()
+            for topic_filter, qos in subscriptions:
+                rc, mid = self._client.subscribe(topic_filter, qos=qos)
+                if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and mid is not None:
+                    self._pending_subacks.add(mid)
+            if not self._pending_subacks:
+                self.subscribed.set()
+
+    def _handle_subscribe(self, _client, _userdata, mid, reason_codes, _props) -> None:
+        for code in reason_codes:
+            if code.is_failure:
+                log.error("%s: broker refused a subscription: %s", self.client_id, code)
+        with self._lock:
+            self._pending_subacks.discard(mid)
+            if not self._pending_subacks:
+                self.subscribed.set()
+
     def _handle_disconnect(self, _client, _userdata, _flags, reason_code, _props) -> None:
         self.connected.clear()
+        self.subscribed.clear()
+        with self._lock:
+            self._pending_subacks.clear()
         if reason_code != 0:
             log.warning("%s: disconnected from %s (%s); reconnecting", self.client_id,
                         self.address, reason_code)

@@ -31,6 +31,7 @@ def make_aggregator(broker_url: str, tmp_path, stoppers, **overrides) -> Aggrega
     service = AggregatorService(AggregatorConfig(**settings))
     service.start()
     stoppers(service.stop)
+    wait_for(service.link.subscribed.is_set, "the aggregator's subscriptions")
     return service
 
 

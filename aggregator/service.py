@@ -34,7 +34,8 @@ log = logging.getLogger(__name__)
 # How often the loop looks at the clock when no update arrives: deadlines are in seconds,
 # so a fifth of a second is precise enough and costs nothing.
 TICK_S = 0.2
-_REPUBLISH = object()
+_REPUBLISH = object()  # same announcement again: devices ignore it
+_REANNOUNCE = object()  # fresh announce_id: devices train on the model again
 
 
 @dataclass(frozen=True)
@@ -89,11 +90,16 @@ class AggregatorService:
         self._loop: threading.Thread | None = None
         self.link = MqttLink(
             client_id=config.client_id, broker=config.broker, username=config.username,
-            password=config.password, on_connect=lambda _sp: self._inbox.put(_REPUBLISH),
+            password=config.password, on_connect=self._on_connect,
             will=Will(self.topics.aggregator_status, AggregatorStatus(online=False).to_payload()),
         )
         self.link.route(self.topics.update_filter,
                         lambda m: self._inbox.put((m.topic, m.payload)), qos=1)
+
+    def _on_connect(self, session_present: bool) -> None:
+        """Re-announce on every connect. Without a session, updates sent while we were away
+        are gone: a fresh announcement makes devices train again (duplicates are refused)."""
+        self._inbox.put(_REPUBLISH if session_present else _REANNOUNCE)
 
     # -- state ---------------------------------------------------------------------------
     def _restore(self) -> None:
@@ -226,7 +232,10 @@ class AggregatorService:
             except queue.Empty:
                 item = None
             try:
-                if item is _REPUBLISH:
+                if item is _REANNOUNCE:
+                    self._published = None
+                    self._announce()
+                elif item is _REPUBLISH:
                     self._announce()
                 elif item is not None:
                     self._handle_update(*item)

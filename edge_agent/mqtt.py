@@ -72,6 +72,8 @@ class MqttLink:
         self._subscriptions: list[tuple[str, int]] = []
         self._on_connect_cb = on_connect
         self.connected = threading.Event()
+        self._disconnected = threading.Event()
+        self._started_before = False
         # Set once the broker acknowledged every subscription of the current connection:
         # from then on, nothing published to our filters is missed.
         self.subscribed = threading.Event()
@@ -115,6 +117,11 @@ class MqttLink:
                                        keepalive=KEEPALIVE_S, clean_start=True, properties=props)
         except (OSError, ValueError) as exc:
             raise BrokerError(f"cannot connect to {self.address}: {exc}") from exc
+        if self._started_before:
+            # paho 2.2's loop_start() opens a new wake-up socket pair without closing the
+            # one the previous loop left behind; close it so a restarted link leaks nothing.
+            self._client._reset_sockets(sockpair_only=True)
+        self._started_before = True
         self._client.loop_start()
 
     def wait_connected(self, timeout: float) -> None:
@@ -140,7 +147,15 @@ class MqttLink:
                 info.wait_for_publish(timeout)
             except (RuntimeError, ValueError):
                 log.warning("%s: final status not delivered", self.client_id)
-        self._client.disconnect()
+        if self.connected.is_set():
+            self._disconnected.clear()
+            self._client.disconnect()
+            # loop_stop() right away can drop the DISCONNECT and leave the socket open: the
+            # broker would go on routing messages to a client that no longer reads them.
+            if not self._disconnected.wait(timeout):
+                log.warning("%s: broker did not confirm the disconnect", self.client_id)
+        else:
+            self._client.disconnect()
         self._client.loop_stop()
         self.connected.clear()
 
@@ -180,6 +195,7 @@ class MqttLink:
 
     def _handle_disconnect(self, _client, _userdata, _flags, reason_code, _props) -> None:
         self.connected.clear()
+        self._disconnected.set()
         self.subscribed.clear()
         with self._lock:
             self._pending_subacks.clear()

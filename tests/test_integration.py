@@ -80,3 +80,47 @@ def test_garbage_on_update_topics_is_rejected_counted_and_survived(broker, tmp_p
     make_agents(broker.url, stoppers, 2)
     wait_for(service.finished.is_set, "2 clean rounds after the garbage")
     assert service.accepted == 4
+
+
+def test_training_continues_after_the_broker_restarts(broker, tmp_path, stoppers):
+    """Everyone reconnects by themselves; the round the restart interrupted still closes."""
+    service = make_aggregator(broker.url, tmp_path, stoppers, rounds=4, min_updates=3)
+    agents = make_agents(broker.url, stoppers, 3)
+    wait_for(lambda: len(service.history) >= 1, "the first round")
+    broker.stop()  # clean stop of a broker without persistence: sessions and retained go
+    wait_for(lambda: not service.link.connected.is_set(), "the aggregator to notice")
+    broker.start()
+    wait_for(service.finished.is_set, "4 rounds across the broker restart")
+    assert [r.round for r in service.history][-1] >= 4
+    assert all(r.participants == 3 for r in service.history)
+    assert all(a.link.connected.is_set() for a in agents)
+
+
+def test_missing_mosquitto_says_how_to_install_it(monkeypatch):
+    from aggregator import broker as broker_module
+    from edge_agent.errors import BrokerError
+
+    monkeypatch.setattr(broker_module.shutil, "which", lambda _name: None)
+    monkeypatch.setattr(broker_module, "_sbin", lambda _name: None)
+    with pytest.raises(BrokerError, match="apt-get install -y mosquitto"):
+        broker_module.LocalMosquitto()
+
+
+def test_updates_lost_while_the_aggregator_was_away_are_trained_again(broker, tmp_path,
+                                                                       stoppers):
+    service = make_aggregator(broker.url, tmp_path, stoppers, rounds=1, min_updates=3)
+    make_agents(broker.url, stoppers, 2, total=3)
+    wait_for(lambda: len(service.machine.open.devices) == 2, "two updates")
+    service.link.stop()  # the aggregator drops off
+    late = make_agents(broker.url, stoppers, 1, total=3, first=2)[0]
+    wait_for(lambda: late.stats.updates_sent == 1, "the late update, sent while it was away")
+    broker.stop()  # whatever the broker held for the aggregator is gone now
+    broker.start()
+    service.link.start()
+    wait_for(service.finished.is_set, "round 1 after the aggregator came back")
+    assert service.history[0].participants == 3
+    assert late.stats.updates_sent == 2  # trained again on the fresh announcement
+    # the early two trained again too; their second updates are refused, never counted
+    wait_for(lambda: service.rejected["duplicate"] + service.rejected["stale_round"] == 2,
+             "the two repeated updates to be refused")
+    assert service.accepted == 3

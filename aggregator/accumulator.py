@@ -22,14 +22,14 @@ class WeightedAccumulator:
     def add_encoded(self, tensor: EncodedTensor, weight: float) -> None:
         """Decode straight into the running sum, all-or-nothing.
 
-        A payload is decoded into scratch space first when it could fail half-way (a
-        non-finite value), so a rejected update never leaves a trace in the aggregate.
+        decode_into validates lengths, indices and scales (and finiteness) before it
+        touches the sum, so a rejected update never leaves a trace in the aggregate.
         """
-        scratch = np.zeros_like(self.total)
-        codecs.decode_into(tensor, scratch, 1.0)
-        if not np.isfinite(scratch).all():
-            raise CodecError("update contains NaN or Inf values", reason="non_finite")
-        self.add(scratch, weight)
+        if not weight > 0:
+            raise ValueError(f"weight must be > 0, got {weight}")
+        codecs.decode_into(tensor, self.total, weight)
+        self.weight += weight
+        self.count += 1
 
     def add(self, delta: np.ndarray, weight: float) -> None:
         if delta.shape != self.total.shape:

@@ -15,10 +15,11 @@ import time
 import zlib
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
-from . import __version__, codecs
+from . import __version__, codecs, persist
 from .config import AgentConfig
 from .data import Dataset
 from .errors import FedmqError, ProtocolError
@@ -37,21 +38,32 @@ def device_capabilities() -> dict[str, object]:
     except (ValueError, OSError, AttributeError):
         ram_mb = 0
     return {"cpus": os.cpu_count() or 1, "ram_mb": int(ram_mb), "backend": "numpy",
-            "codecs": codecs.codec_names(), "arch": platform.machine(),
+            "codecs": codecs.codec_names(), "zstd": codecs.lossless.zstd_available(),
+            "arch": platform.machine(),
             "python": platform.python_version()}
 
 
 class LocalTrainer:
-    """Trains the received global model on this device's data and builds the Update."""
+    """Trains the received global model on this device's data and builds the Update.
 
-    def __init__(self, *, device_id: str, data: Dataset, codec: str, seed: int) -> None:
+    With an error-feedback codec the residual the codec dropped is kept here and, when
+    `state_path` is set, saved atomically after every update so a reboot does not lose it.
+    """
+
+    def __init__(self, *, device_id: str, data: Dataset, codec: str, seed: int,
+                 state_path: str | Path | None = None) -> None:
         if len(data) == 0:
             raise FedmqError(f"device {device_id} has no training data")
-        codecs.get_codec(codec)  # fail at start-up, not mid-round
+        self.spec = codecs.get_codec(codec)  # fail at start-up, not mid-round
         self.device_id = device_id
         self.data = data
-        self.codec = codec
         self.seed = seed
+        self.feedback = codecs.ErrorFeedback(self.spec) if self.spec.error_feedback else None
+        self.state_path = Path(state_path) if state_path else None
+        if self.feedback is not None and self.state_path is not None:
+            state = persist.load_state(self.state_path)
+            if state is not None:
+                self.feedback.load_state_dict(state.get("feedback", {}))
         self._model: Model | None = None
         self._model_key: tuple | None = None
 
@@ -75,11 +87,16 @@ class LocalTrainer:
         result = model.train(self.data.x, self.data.y, epochs=a.task.epochs,
                              batch_size=a.task.batch_size, lr=a.task.lr, rng=rng)
         delta = model.get_flat() - received.params
+        if self.feedback is not None:
+            encoded = self.feedback.encode(delta, rng=rng)
+            if self.state_path is not None:
+                persist.save_state(self.state_path, {"feedback": self.feedback.state_dict()})
+        else:
+            encoded = codecs.encode(delta, self.spec, rng=rng)
         return Update(
             device_id=self.device_id, update_id=os.urandom(8).hex(), round=a.round,
             base_version=a.version, num_samples=result.num_samples, loss=result.loss,
-            delta=codecs.encode(delta, self.codec), layout_hash=a.layout_hash,
-            train_s=result.seconds,
+            delta=encoded, layout_hash=a.layout_hash, train_s=result.seconds,
         )
 
 
@@ -98,8 +115,9 @@ class EdgeAgent:
     def __init__(self, config: AgentConfig, data: Dataset) -> None:
         self.config = config
         self.topics = FleetTopics(config.fleet)
+        state_path = Path(config.state_dir) / "agent-state.bin" if config.state_dir else None
         self.trainer = LocalTrainer(device_id=config.device_id, data=data, codec=config.codec,
-                                    seed=config.seed)
+                                    seed=config.seed, state_path=state_path)
         self.receiver = ModelReceiver()
         self.stats = AgentStats()
         self._pending: ReceivedModel | None = None

@@ -78,10 +78,13 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_codecs(_args: argparse.Namespace) -> int:
-    from . import codecs
+    from .codecs import PRESETS
 
-    for name in codecs.codec_names():
-        print(f"{name:12s} {codecs.get_codec(name).description}")
+    print(f"{'name':13s} {'pipeline':24s} description")
+    for preset in PRESETS.values():
+        print(f"{preset.name:13s} {preset.spec!s:24s} {preset.description}")
+    print("\nAny pipeline also works by its stages, e.g. --codec top0.03+q4b128+zstd+ef "
+          "(top-k fraction, f32|f16|q8|q4|q2|sign with block size, zstd|zlib|auto, ef).")
     return 0
 
 

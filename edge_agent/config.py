@@ -119,7 +119,9 @@ class AgentConfig(BrokerConfig):
     partition_seed: int = option(0, "seed of the train/test split and the partition")
     alpha: float = option(0.5, "Dirichlet label skew of the partition (0 = IID)")
     codec: str = option("float32", "codec for this device's updates (see `fedmq codecs`)")
-    seed: int = option(0, "seed of local shuffling")
+    seed: int = option(0, "seed of local shuffling and stochastic rounding")
+    state_dir: str = option("", "directory for state that must survive a reboot "
+                            "(error-feedback residual); empty: memory only")
 
     def __post_init__(self) -> None:
         super().__post_init__()

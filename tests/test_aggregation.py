@@ -10,6 +10,7 @@ from aggregator.accumulator import WeightedAccumulator
 from aggregator.optimizers import ServerOptConfig, create_optimizer, optimizer_names
 from edge_agent import codecs
 from edge_agent.errors import CodecError, ConfigError
+from edge_agent.protocol import EncodedTensor
 
 values = st.floats(-100, 100, allow_nan=False, width=32)
 
@@ -53,7 +54,8 @@ def test_mean_over_nothing_is_refused():
 def test_non_finite_update_leaves_no_trace():
     acc = WeightedAccumulator(3)
     acc.add(np.ones(3, np.float32), 2.0)
-    bad = codecs.encode(np.array([1.0, np.nan, 0.0], np.float32))
+    bad = EncodedTensor(codec="f32", size=3,
+                        data=np.array([1.0, np.nan, 0.0], np.float32).tobytes())
     with pytest.raises(CodecError) as info:
         acc.add_encoded(bad, 5.0)
     assert info.value.reason == "non_finite"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from edge_agent.chunking import Reassembler
 from edge_agent.config import BrokerConfig, option
 from edge_agent.data import task_spec
 from edge_agent.errors import ConfigError, ProtocolError
@@ -37,6 +38,11 @@ class AggregatorConfig(BrokerConfig):
     tau: float = option(1e-3, "adaptivity of FedAdam/FedYogi/FedAdagrad")
     model_codec: str = option("float32", "codec of the model broadcast")
     max_payload: int = option(128 * 1024, "largest MQTT payload in bytes; bigger ones are chunked")
+    chunk_timeout_s: float = option(
+        60.0, "drop a chunked update when no new part of it arrived for this many seconds")
+    max_pending_bytes: int = option(
+        64 << 20, "bytes all incomplete chunked updates may declare together; parts beyond "
+        "are rejected")
     checkpoint: str = option("fedmq-aggregator.ckpt", "state file, rewritten after every round")
     metrics: str = option("", "append one JSON line per round to this file")
 
@@ -53,6 +59,7 @@ class AggregatorConfig(BrokerConfig):
             )
         create_optimizer(self.optimizer_config())
         self.policy()  # validate now, not at the first round
+        self.reassembler()
         try:
             self.task_config()
         except ProtocolError as exc:
@@ -68,6 +75,9 @@ class AggregatorConfig(BrokerConfig):
     def policy(self) -> RoundPolicy:
         return RoundPolicy(min_updates=self.min_updates, deadline_s=self.deadline_s,
                            on_insufficient=self.on_insufficient)
+
+    def reassembler(self) -> Reassembler:
+        return Reassembler(timeout_s=self.chunk_timeout_s, max_pending_bytes=self.max_pending_bytes)
 
     def task_config(self) -> TaskConfig:
         return TaskConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,

@@ -22,7 +22,8 @@ from edge_agent.data import Dataset, split_task
 from edge_agent.errors import ConfigError, FedmqError, ProtocolError
 from edge_agent.models import build_model
 from edge_agent.mqtt import MqttLink, Will
-from edge_agent.protocol import AggregatorStatus, FleetTopics, ModelAnnouncement, Update
+from edge_agent.protocol import AggregatorStatus, FleetTopics, ModelAnnouncement, Part, Update
+from edge_agent.protocol.wire import peek_kind
 from edge_agent.transfer import encode_model
 
 from .config import AggregatorConfig
@@ -34,6 +35,9 @@ log = logging.getLogger(__name__)
 # How often the loop looks at the clock when no update arrives: deadlines are in seconds,
 # so a fifth of a second is precise enough and costs nothing.
 TICK_S = 0.2
+# The model's chunk topics are sized for this many chunks: their index is part of the topic,
+# which counts against the broker's packet limit. A million chunks is far beyond any model.
+MAX_MODEL_CHUNKS = 10**6
 _REPUBLISH = object()  # same announcement again: devices ignore it
 _REANNOUNCE = object()  # fresh announce_id: devices train on the model again
 
@@ -78,6 +82,7 @@ class AggregatorService:
         self.history: list[RoundRecord] = []
         self.accepted = 0
         self.rejected: Counter[str] = Counter()
+        self.reassembler = config.reassembler()  # updates that arrive in Parts
         self.finished = threading.Event()  # set when all rounds are done, or on failure
         self.failure: BaseException | None = None
         self._chunk_slots = 0  # retained chunk topics this process has filled
@@ -92,6 +97,7 @@ class AggregatorService:
             client_id=config.client_id, broker=config.broker, username=config.username,
             password=config.password, on_connect=self._on_connect,
             will=Will(self.topics.aggregator_status, AggregatorStatus(online=False).to_payload()),
+            max_payload=config.max_payload,
         )
         self.link.route(self.topics.update_filter,
                         lambda m: self._inbox.put((m.topic, m.payload)), qos=1)
@@ -136,8 +142,9 @@ class AggregatorService:
         """
         m, c = self.machine, self.config
         if self._published is None or self._published[0] != (m.version, m.round):
+            widest = self.topics.model_payload_chunk(MAX_MODEL_CHUNKS - 1)
             info, chunks = encode_model(m.params, codec=c.model_codec, version=m.version,
-                                        max_payload=c.max_payload)
+                                        max_payload=self.link.effective_max_payload(widest))
             announcement = ModelAnnouncement(
                 fleet=c.fleet, version=m.version, round=m.round, model=c.model,
                 model_config=c.model_config(), layout=self.model.layout.to_wire(),
@@ -163,13 +170,21 @@ class AggregatorService:
 
     # -- the loop ------------------------------------------------------------------------
     def _handle_update(self, topic: str, payload: bytes) -> None:
+        """An Update, whole or in Parts (reassembled first); both end in the same checks."""
         try:
-            update = Update.from_payload(payload)
             claimed = self.topics.device_from_update_topic(topic)
+            wire_bytes = len(payload)
+            if peek_kind(payload) == Part.KIND:
+                assembled = self.reassembler.offer(claimed, Part.from_payload(payload),
+                                                   self.clock(), wire_bytes=wire_bytes)
+                if assembled is None:
+                    return  # more parts to come
+                payload, wire_bytes = assembled.payload, assembled.wire_bytes
+            update = Update.from_payload(payload)
             if claimed != update.device_id:
                 raise ProtocolError(f"update for {update.device_id} arrived on {topic}",
                                     reason="wrong_topic")
-            self.machine.offer(update, payload_bytes=len(payload))
+            self.machine.offer(update, payload_bytes=wire_bytes)
         except ProtocolError as exc:
             self.rejected[exc.reason] += 1
             log.warning("rejected update on %s (%s): %s", topic, exc.reason, exc)
@@ -179,9 +194,14 @@ class AggregatorService:
                   update.round)
 
     def _tick(self) -> None:
+        now = self.clock()
+        dropped = self.reassembler.expire(now)
+        if dropped:
+            self.rejected["incomplete"] += dropped
+            log.warning("dropped %d chunked update(s) that got no new part for %.0f s",
+                        dropped, self.reassembler.timeout_s)
         if self.finished.is_set():
             return
-        now = self.clock()
         action = self.machine.due(now)
         if action is Action.CLOSE:
             self._close_round(now)

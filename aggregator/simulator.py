@@ -133,7 +133,7 @@ class Simulation:
             agent_config = AgentConfig(
                 broker=url, fleet=fleet, device_id=f"{fleet}-dev{i:03d}", task=c.task,
                 device_index=i, device_count=c.devices, partition_seed=c.seed, alpha=c.alpha,
-                codec=c.codec, seed=c.seed, log_level="WARNING",
+                codec=c.codec, seed=c.seed * 1_000_003 + i, log_level="WARNING",
             )
             self.agents.append(EdgeAgent(agent_config, train.subset(shard)))
         self.aggregator.start()

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__, codecs, persist
+from .chunking import split_payload
 from .config import AgentConfig
 from .data import Dataset
 from .errors import FedmqError, ProtocolError
@@ -83,7 +84,7 @@ class LocalTrainer:
         a = received.announcement
         model = self._model_for(a)
         model.set_flat(received.params)
-        rng = np.random.default_rng([self.seed, a.round, zlib.crc32(self.device_id.encode())])
+        rng = np.random.default_rng([self.seed, a.round])
         result = model.train(self.data.x, self.data.y, epochs=a.task.epochs,
                              batch_size=a.task.batch_size, lr=a.task.lr, rng=rng)
         delta = model.get_flat() - received.params
@@ -94,7 +95,7 @@ class LocalTrainer:
         else:
             encoded = codecs.encode(delta, self.spec, rng=rng)
         return Update(
-            device_id=self.device_id, update_id=os.urandom(8).hex(), round=a.round,
+            device_id=self.device_id, update_id=os.urandom(4).hex(), round=a.round,
             base_version=a.version, num_samples=result.num_samples, loss=result.loss,
             delta=encoded, layout_hash=a.layout_hash, train_s=result.seconds,
         )
@@ -116,8 +117,10 @@ class EdgeAgent:
         self.config = config
         self.topics = FleetTopics(config.fleet)
         state_path = Path(config.state_dir) / "agent-state.bin" if config.state_dir else None
+        # Devices must not share a seed: their stochastic rounding noise would not average out.
+        seed = config.seed if config.seed >= 0 else zlib.crc32(config.device_id.encode())
         self.trainer = LocalTrainer(device_id=config.device_id, data=data, codec=config.codec,
-                                    seed=config.seed, state_path=state_path)
+                                    seed=seed, state_path=state_path)
         self.receiver = ModelReceiver()
         self.stats = AgentStats()
         self._pending: ReceivedModel | None = None
@@ -129,6 +132,7 @@ class EdgeAgent:
             client_id=config.device_id, broker=config.broker, username=config.username,
             password=config.password, on_connect=self._on_connect,
             will=Will(self.topics.device_status(config.device_id), offline),
+            max_payload=config.max_payload,
         )
         self.link.route(self.topics.model_current, self._on_announcement)
         self.link.route(self.topics.model_payload_filter, self._on_chunk)
@@ -185,12 +189,17 @@ class EdgeAgent:
             self.stats.rejected[getattr(exc, "reason", "train_failed")] += 1
             log.error("%s: cannot train on model v%d: %s", self.config.device_id, a.version, exc)
             return
-        payload = update.to_payload()
-        self.link.publish(self.topics.update(self.config.device_id), payload, qos=1)
+        topic = self.topics.update(self.config.device_id)
+        messages = split_payload(update.to_payload(),
+                                 max_payload=self.link.effective_max_payload(topic))
+        for message in messages:
+            self.link.publish(topic, message, qos=1)
+        sent = sum(len(message) for message in messages)
         self.stats.updates_sent += 1
-        self.stats.traffic[a.round][0] += len(payload)
-        log.info("%s: round %d: trained on %d samples (loss %.4f), sent %d bytes",
-                 self.config.device_id, a.round, update.num_samples, update.loss, len(payload))
+        self.stats.traffic[a.round][0] += sent
+        log.info("%s: round %d: trained on %d samples (loss %.4f), sent %d bytes in %d "
+                 "message(s)", self.config.device_id, a.round, update.num_samples, update.loss,
+                 sent, len(messages))
 
     # -- lifecycle -----------------------------------------------------------------------
     def start(self) -> None:

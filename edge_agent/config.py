@@ -119,7 +119,10 @@ class AgentConfig(BrokerConfig):
     partition_seed: int = option(0, "seed of the train/test split and the partition")
     alpha: float = option(0.5, "Dirichlet label skew of the partition (0 = IID)")
     codec: str = option("float32", "codec for this device's updates (see `fedmq codecs`)")
-    seed: int = option(0, "seed of local shuffling and stochastic rounding")
+    seed: int = option(-1, "seed of local shuffling and stochastic rounding "
+                       "(-1: derived from device_id, so every device differs)")
+    max_payload: int = option(128 * 1024, "largest MQTT payload in bytes; bigger updates are "
+                              "sent in parts (lowered to the broker's limit automatically)")
     state_dir: str = option("", "directory for state that must survive a reboot "
                             "(error-feedback residual); empty: memory only")
 
@@ -128,3 +131,5 @@ class AgentConfig(BrokerConfig):
         if not self.device_id:
             object.__setattr__(self, "device_id", default_device_id())
         check_name(self.device_id, "device_id")
+        if self.max_payload < 1024:
+            raise ConfigError("max_payload must be at least 1024 bytes")

@@ -17,6 +17,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from .chunking import DEFAULT_MAX_PAYLOAD
 from .errors import BrokerError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -28,6 +29,16 @@ RECONNECT_MAX_S = 30.0
 KEEPALIVE_S = 30
 
 Handler = Callable[[mqtt.MQTTMessage], None]
+
+
+def publish_overhead(topic: str, *, qos: int) -> int:
+    """Bytes an MQTT v5 PUBLISH adds around its payload: what a broker's packet limit
+    counts beyond the payload itself."""
+    fixed_header = 1 + 4  # packet type and flags, remaining length (a varint of up to 4 bytes)
+    topic_name = 2 + len(topic.encode("utf-8"))
+    packet_id = 2 if qos > 0 else 0
+    properties = 1  # publish() sends none: a one-byte zero length
+    return fixed_header + topic_name + packet_id + properties
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,9 +77,13 @@ class MqttLink:
     def __init__(
         self, *, client_id: str, broker: str, username: str = "", password: str = "",
         will: Will | None = None, on_connect: Callable[[bool], None] | None = None,
+        max_payload: int = DEFAULT_MAX_PAYLOAD,
     ) -> None:
         self.address = BrokerAddress.parse(broker)
         self.client_id = client_id
+        self.max_payload = max_payload
+        # The broker's Maximum Packet Size from its last CONNACK (None: it set no limit).
+        self.max_packet_size: int | None = None
         self._subscriptions: list[tuple[str, int]] = []
         self._on_connect_cb = on_connect
         self.connected = threading.Event()
@@ -139,6 +154,13 @@ class MqttLink:
                         mqtt.error_string(info.rc))
         return info
 
+    def effective_max_payload(self, topic: str, *, qos: int = 1) -> int:
+        """The largest payload to publish on `topic`: max_payload, or less when the broker's
+        packet limit leaves less room after the PUBLISH headers."""
+        if self.max_packet_size is None:
+            return self.max_payload
+        return min(self.max_payload, self.max_packet_size - publish_overhead(topic, qos=qos))
+
     def stop(self, *, final: tuple[str, bytes] | None = None, timeout: float = 5.0) -> None:
         """Disconnect cleanly, first publishing `final` (e.g. a retained offline status)."""
         if final is not None and self.connected.is_set():
@@ -159,11 +181,12 @@ class MqttLink:
         self._client.loop_stop()
         self.connected.clear()
 
-    def _handle_connect(self, client, _userdata, flags, reason_code, _props) -> None:
+    def _handle_connect(self, client, _userdata, flags, reason_code, props) -> None:
         if reason_code.is_failure:
             log.error("%s: broker %s refused the connection: %s", self.client_id,
                       self.address, reason_code)
             return
+        self._note_packet_limit(getattr(props, "MaximumPacketSize", None))
         self._subscribe(self._subscriptions)
         self.connected.set()
         log.info("%s: connected to %s", self.client_id, self.address)
@@ -173,6 +196,17 @@ class MqttLink:
             except Exception:
                 self.handler_errors += 1
                 log.exception("%s: on-connect hook failed", self.client_id)
+
+    def _note_packet_limit(self, limit: int | None) -> None:
+        """Keep the broker's limit; say so once when it lowers max_payload."""
+        if limit == self.max_packet_size:
+            return
+        self.max_packet_size = limit
+        room = self.effective_max_payload("")
+        if room < self.max_payload:
+            log.info("%s: broker %s accepts packets of at most %d bytes, so payloads are split "
+                     "above %d bytes less the topic length instead of above max_payload %d",
+                     self.client_id, self.address, limit, room, self.max_payload)
 
     def _subscribe(self, subscriptions: list[tuple[str, int]]) -> None:
         with self._lock:

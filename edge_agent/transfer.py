@@ -2,6 +2,9 @@
 
 Pure (no MQTT): the aggregator turns parameters into messages, the agent feeds received
 messages to a `ModelReceiver` and gets the model back once every chunk and the hash agree.
+Chunks are cut and verified by chunking.py's `frame` and `join_verified`, like update Parts;
+they stay their own message because the announcement carries their manifest and the
+receiver keeps the newest model version only.
 """
 
 from __future__ import annotations
@@ -13,27 +16,22 @@ import msgpack
 import numpy as np
 
 from . import codecs
+from .chunking import DEFAULT_MAX_PAYLOAD, frame, join_verified
 from .errors import ProtocolError
 from .protocol import EncodedTensor, ModelAnnouncement, ModelChunk, PayloadInfo
 from .protocol.wire import unpack
 
-# Room left in every chunk for the envelope and MQTT headers (topic, properties).
-CHUNK_OVERHEAD = 512
-DEFAULT_MAX_PAYLOAD = 128 * 1024
-
-
-def split_payload(data: bytes, *, version: int, max_payload: int) -> list[ModelChunk]:
-    step = max(1, max_payload - CHUNK_OVERHEAD)
-    pieces = [data[i : i + step] for i in range(0, len(data), step)] or [b""]
-    return [ModelChunk(version=version, index=i, count=len(pieces), data=p)
-            for i, p in enumerate(pieces)]
-
 
 def encode_model(params: np.ndarray, *, codec: str, version: int,
                  max_payload: int = DEFAULT_MAX_PAYLOAD) -> tuple[PayloadInfo, list[ModelChunk]]:
-    """Encoded model bytes, described by a PayloadInfo and cut into chunks."""
+    """Encoded model bytes, described by a PayloadInfo and cut into chunks that each
+    encode to at most `max_payload` bytes."""
     blob = msgpack.packb(codecs.encode(params, codec).to_wire(), use_bin_type=True)
-    chunks = split_payload(blob, version=version, max_payload=max_payload)
+
+    def make(index: int, count: int, data: bytes) -> ModelChunk:
+        return ModelChunk(version=version, index=index, count=count, data=data)
+
+    chunks = frame(blob, max_payload=max_payload, make=make)
     info = PayloadInfo(codec=codec, size=len(blob), sha256=hashlib.sha256(blob).hexdigest(),
                        chunks=len(chunks))
     return info, chunks
@@ -94,11 +92,13 @@ class ModelReceiver:
         if any(c.count != a.payload.chunks for c in self._chunks.values()):
             raise ProtocolError(f"model v{a.version}: chunk counts disagree with the announcement",
                                 reason="bad_chunks")
-        blob = b"".join(self._chunks[i].data for i in range(a.payload.chunks))
-        if len(blob) != a.payload.size or hashlib.sha256(blob).hexdigest() != a.payload.sha256:
+        try:
+            blob = join_verified((self._chunks[i].data for i in range(a.payload.chunks)),
+                                 size=a.payload.size, sha256=bytes.fromhex(a.payload.sha256),
+                                 what=f"model v{a.version}")
+        except ProtocolError:
             self._chunks.clear()
-            raise ProtocolError(f"model v{a.version}: payload hash mismatch, discarded",
-                                reason="bad_hash")
+            raise
         tensor = EncodedTensor.from_wire(unpack(blob))
         params = codecs.decode(tensor)
         self._delivered = a.key

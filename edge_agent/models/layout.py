@@ -26,7 +26,8 @@ class ParamLayout:
     @property
     def hash(self) -> str:
         canonical = json.dumps([[n, list(s)] for n, s in self.entries], separators=(",", ":"))
-        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+        # 32 bits: enough to catch a mismatched build, and every update carries it
+        return hashlib.sha256(canonical.encode()).hexdigest()[:8]
 
     def to_wire(self) -> list[Any]:
         return [[name, list(shape)] for name, shape in self.entries]

@@ -8,7 +8,7 @@ from typing import Any
 
 from ..errors import ProtocolError
 from .topics import check_name
-from .wire import Message, WireObject, wire
+from .wire import MAX_DECODED_BYTES, Message, WireObject, wire
 
 
 def _require(condition: bool, message: str, reason: str = "bad_field") -> None:
@@ -100,6 +100,33 @@ class ModelChunk(Message):
 
     def __post_init__(self) -> None:
         _require(0 <= self.index < self.count, f"chunk {self.index} of {self.count} is invalid")
+
+
+@dataclass(frozen=True, slots=True)
+class Part(Message):
+    """One piece of a payload too big for one MQTT message (see chunking.py).
+
+    Every part repeats the manifest (count, size, sha256), so the receiver can start
+    reassembling from whichever part arrives first.
+    """
+
+    KIND = "part"
+    transfer_id: bytes = wire("t")  # random per payload; the receiver keys on (sender, id)
+    index: int = wire("i")
+    count: int = wire("k")
+    size: int = wire("n")  # bytes of the whole payload
+    sha256: bytes = wire("h")  # digest of the whole payload
+    data: bytes = wire("d")
+
+    def __post_init__(self) -> None:
+        _require(1 <= len(self.transfer_id) <= 16, "transfer id must be 1-16 bytes")
+        _require(0 <= self.index < self.count, f"part {self.index} of {self.count} is invalid")
+        _require(self.count <= self.size <= MAX_DECODED_BYTES,
+                 f"{self.count} parts of a {self.size}-byte payload: every part carries at "
+                 f"least one byte and payloads stay below {MAX_DECODED_BYTES} bytes")
+        _require(len(self.data) <= self.size,
+                 f"part holds {len(self.data)} bytes of a {self.size}-byte payload")
+        _require(len(self.sha256) == 32, "sha256 must be the 32-byte digest")
 
 
 @dataclass(frozen=True, slots=True)

@@ -55,6 +55,28 @@ def unpack(payload: bytes) -> Any:
         raise ProtocolError(f"payload is not valid msgpack: {exc}") from None
 
 
+def peek_kind(payload: bytes) -> str:
+    """The `$k` of a payload, for topics that carry several kinds; skips the field values
+    instead of decoding them, so routing a big payload does not decode it twice."""
+    if not isinstance(payload, (bytes, bytearray, memoryview)):
+        raise ProtocolError("payload is not bytes")
+    unpacker = msgpack.Unpacker(raw=False, strict_map_key=True,
+                                max_buffer_size=max(len(payload), 1))
+    kind: Any = None
+    try:
+        unpacker.feed(payload)
+        for _ in range(unpacker.read_map_header()):
+            if unpacker.unpack() == KIND_KEY:
+                kind = unpacker.unpack()
+                break
+            unpacker.skip()
+    except Exception as exc:  # msgpack raises many types; all mean "malformed"
+        raise ProtocolError(f"payload is not a valid msgpack map: {exc}") from None
+    if not isinstance(kind, str):
+        raise ProtocolError(f"payload has no message kind ({KIND_KEY!r}): not a fedmq message")
+    return kind
+
+
 def _check_type(value: Any, expected: Any, where: str) -> Any:
     """Check one decoded value against a (simple) type annotation; return it normalised."""
     origin = typing.get_origin(expected)

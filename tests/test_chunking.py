@@ -1,0 +1,235 @@
+"""Splitting payloads into Parts and reassembling them: pure, no broker."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+
+import msgpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from edge_agent.chunking import Reassembler, frame, split_payload
+from edge_agent.errors import ConfigError, ProtocolError
+from edge_agent.mqtt import MqttLink, publish_overhead
+from edge_agent.protocol import Part
+from edge_agent.protocol.wire import peek_kind
+
+TIMEOUT_S = 10.0
+
+
+def parts_of(payload: bytes, max_payload: int) -> list[Part]:
+    messages = split_payload(payload, max_payload=max_payload)
+    assert len(messages) > 1, "the payload should not fit in one message"
+    return [Part.from_payload(m) for m in messages]
+
+
+def reassembler(**overrides) -> Reassembler:
+    settings_ = dict(timeout_s=TIMEOUT_S, max_pending_bytes=1 << 20)
+    settings_.update(overrides)
+    return Reassembler(**settings_)
+
+
+def reencoded(part: Part, **changes) -> Part:
+    """A changed part as a receiver would see it: through the wire and validation."""
+    return Part.from_payload(dataclasses.replace(part, **changes).to_payload())
+
+
+@settings(max_examples=150, deadline=None)
+@given(payload=st.binary(max_size=20_000), max_payload=st.integers(128, 8192),
+       data=st.data())
+def test_split_then_reassemble_in_any_order_with_duplicates(payload, max_payload, data):
+    messages = split_payload(payload, max_payload=max_payload)
+    assert all(len(m) <= max_payload for m in messages)
+    if len(payload) <= max_payload:
+        assert messages == [payload]  # fits: sent as it is, no envelope
+        return
+    parts = [Part.from_payload(m) for m in messages]
+    duplicates = data.draw(st.lists(st.sampled_from(parts), max_size=5))
+    arrival = data.draw(st.permutations(parts + duplicates))
+    r = reassembler()
+    results = [r.offer("dev0", part, now=0.0, wire_bytes=1) for part in arrival]
+    done = [result for result in results if result is not None]
+    assert len(done) == 1 and done[0].payload == payload
+    assert done[0].wire_bytes == len(parts)  # each distinct part counted once
+    assert (r.pending_bytes, r.reserved_bytes, r.pending_transfers) == (0, 0, 0)
+    assert r.ignored_parts == len(duplicates)
+
+
+def test_many_parts_keep_under_the_limit_as_index_and_count_widen():
+    """Past 127 and 255 parts msgpack needs wider integers: measured, not guessed."""
+    payload = bytes(range(256)) * 300
+    parts = parts_of(payload, 200)
+    assert len(parts) > 256
+    assert all(len(p.to_payload()) <= 200 for p in parts)
+    # the room is used, less a few bytes reserved for the widest integers and bin header
+    assert max(len(p.to_payload()) for p in parts) >= 200 - 8
+
+
+def test_a_payload_that_fits_is_returned_unchanged():
+    payload = b"x" * 1000
+    assert split_payload(payload, max_payload=1000)[0] is payload
+
+
+def test_a_limit_with_no_room_for_data_says_what_to_raise():
+    with pytest.raises(ConfigError, match="raise max_payload"):
+        split_payload(b"x" * 1000, max_payload=40)
+
+
+def test_parts_of_two_senders_never_mix():
+    r = reassembler()
+    a, b = parts_of(b"a" * 5000, 1024), parts_of(b"b" * 5000, 1024)
+    b = [dataclasses.replace(p, transfer_id=a[0].transfer_id) for p in b]  # same id
+    for pa, pb in zip(a[:-1], b[:-1], strict=True):
+        assert r.offer("dev0", pa, 0.0) is None
+        assert r.offer("dev1", pb, 0.0) is None
+    assert r.offer("dev1", b[-1], 0.0).payload == b"b" * 5000
+    assert r.offer("dev0", a[-1], 0.0).payload == b"a" * 5000
+
+
+def test_missing_part_times_out_and_frees_the_memory():
+    r = reassembler()
+    parts = parts_of(bytes(10_000), 1024)
+    for part in parts[1:]:
+        assert r.offer("dev0", part, now=100.0) is None
+    assert r.pending_bytes == 10_000 - len(parts[0].data)
+    assert r.reserved_bytes == 10_000 and r.pending_transfers == 1
+    assert r.expire(now=100.0 + TIMEOUT_S) == 0  # not older than the timeout yet
+    assert r.expire(now=100.0 + TIMEOUT_S + 0.1) == 1
+    assert (r.pending_bytes, r.reserved_bytes, r.pending_transfers) == (0, 0, 0)
+    # the missing part turning up late does not open a transfer that can only time out
+    assert r.offer("dev0", parts[0], now=111.0) is None
+    assert r.pending_transfers == 0
+
+
+def test_a_transfer_that_keeps_getting_parts_does_not_time_out():
+    r = reassembler()
+    parts = parts_of(bytes(5000), 1024)
+    for step, part in enumerate(parts[:-1]):
+        r.offer("dev0", part, now=step * TIMEOUT_S * 0.9)
+        assert r.expire(now=step * TIMEOUT_S * 0.9) == 0
+    assert r.offer("dev0", parts[-1], now=len(parts) * TIMEOUT_S).payload == bytes(5000)
+
+
+def test_corrupted_part_fails_the_hash_and_is_discarded():
+    payload = bytes(range(256)) * 40
+    parts = parts_of(payload, 1024)
+    bad = parts[2]
+    parts[2] = reencoded(bad, data=bytes([bad.data[0] ^ 1]) + bad.data[1:])
+    r = reassembler()
+    for part in parts[:-1]:
+        r.offer("dev0", part, 0.0)
+    with pytest.raises(ProtocolError, match="SHA-256") as info:
+        r.offer("dev0", parts[-1], 0.0)
+    assert info.value.reason == "bad_hash"
+    assert (r.pending_bytes, r.reserved_bytes, r.pending_transfers) == (0, 0, 0)
+
+
+@pytest.mark.parametrize("change", [
+    {"count": 99}, {"size": 10_001}, {"sha256": hashlib.sha256(b"other").digest()},
+])
+def test_a_part_whose_manifest_disagrees_is_rejected(change):
+    parts = parts_of(bytes(10_000), 1024)
+    r = reassembler()
+    r.offer("dev0", parts[0], 0.0)
+    with pytest.raises(ProtocolError, match="earlier parts declared") as info:
+        r.offer("dev0", reencoded(parts[1], **change), 0.0)
+    assert info.value.reason == "bad_chunks"
+    for part in parts[1:]:  # the honest parts still complete the transfer
+        result = r.offer("dev0", part, 0.0)
+    assert result is not None and result.payload == bytes(10_000)
+
+
+def test_parts_carrying_more_than_the_declared_size_are_rejected():
+    parts = parts_of(bytes(3000), 1024)
+    r = reassembler()
+    r.offer("dev0", reencoded(parts[0], data=bytes(2500)), 0.0)
+    with pytest.raises(ProtocolError, match="more than the declared") as info:
+        r.offer("dev0", reencoded(parts[1], data=bytes(1000)), 0.0)
+    assert info.value.reason == "bad_chunks"
+    assert r.pending_bytes <= 3000
+
+
+def test_declared_sizes_beyond_the_cap_are_refused():
+    r = reassembler(max_pending_bytes=8000)
+    with pytest.raises(ProtocolError, match="max_pending_bytes") as info:
+        r.offer("dev0", parts_of(bytes(9000), 1024)[0], 0.0)
+    assert info.value.reason == "too_large"
+    first, second = parts_of(bytes(5000), 1024), parts_of(bytes(5000), 1024)
+    r.offer("dev0", first[0], 0.0)
+    with pytest.raises(ProtocolError) as info:  # 5000 + 5000 pending would pass 8000
+        r.offer("dev1", second[0], 0.0)
+    assert info.value.reason == "too_large"
+    assert r.reserved_bytes == 5000
+    for part in first[1:]:
+        r.offer("dev0", part, 0.0)
+    assert r.reserved_bytes == 0  # room again once the first finished
+    results = [r.offer("dev1", part, 0.0) for part in second]
+    assert results[-1].payload == bytes(5000)
+
+
+@pytest.mark.parametrize("payload", [b"", b"\xc1", b"garbage", msgpack.packb([1, 2]),
+                                     msgpack.packb({"a": 1}), b"\x85" + b"\x00" * 3])
+def test_garbage_is_a_protocol_error(payload):
+    with pytest.raises(ProtocolError):
+        Part.from_payload(payload)
+    with pytest.raises(ProtocolError):
+        peek_kind(payload)
+
+
+VALID_PART = Part(transfer_id=b"\1" * 8, index=0, count=3, size=10, sha256=b"\0" * 32,
+                  data=b"abc")
+
+
+@pytest.mark.parametrize("change", [
+    {"i": 3}, {"i": -1}, {"k": 0}, {"h": b"\0" * 31}, {"t": b""}, {"t": b"\0" * 17},
+    {"n": 2}, {"d": b"x" * 11}, {"n": 1 << 40},
+])
+def test_part_fields_are_validated(change):
+    body = msgpack.unpackb(VALID_PART.to_payload())
+    body.update(change)
+    with pytest.raises(ProtocolError) as info:
+        Part.from_payload(msgpack.packb(body))
+    assert info.value.reason == "bad_field"
+
+
+def test_peek_kind_reads_the_kind_without_decoding_the_fields():
+    part = parts_of(bytes(5000), 1024)[0]
+    assert peek_kind(part.to_payload()) == "part"
+    assert peek_kind(msgpack.packb({"x": b"\0" * 100, "$k": "upd"})) == "upd"
+    with pytest.raises(ProtocolError, match="no message kind"):
+        peek_kind(msgpack.packb({"$k": 7}))
+
+
+@given(st.binary(max_size=512))
+def test_random_bytes_never_escape_peek_kind_as_other_errors(data):
+    with contextlib.suppress(ProtocolError):
+        peek_kind(data)
+
+
+def test_frame_is_shared_and_fits_any_message():
+    """The model's chunks are cut by the same function (transfer.encode_model)."""
+    from edge_agent.protocol import ModelChunk
+
+    chunks = frame(bytes(10_000), max_payload=1000,
+                   make=lambda i, k, d: ModelChunk(version=7, index=i, count=k, data=d))
+    assert all(len(c.to_payload()) <= 1000 for c in chunks)
+    assert b"".join(c.data for c in chunks) == bytes(10_000)
+
+
+def test_publish_overhead_counts_every_header_byte():
+    # type+flags 1, remaining length up to 4, topic length 2 + 3, packet id 2, properties 1
+    assert publish_overhead("a/b", qos=1) == 13
+    assert publish_overhead("a/b", qos=0) == 11
+    assert publish_overhead("é", qos=1) == 12  # UTF-8 bytes, not characters
+
+
+def test_effective_max_payload_is_the_smaller_of_config_and_broker_limit():
+    link = MqttLink(client_id="t", broker="mqtt://127.0.0.1:1", max_payload=100_000)
+    assert link.effective_max_payload("a/b") == 100_000  # before any CONNACK
+    link.max_packet_size = 65536
+    assert link.effective_max_payload("a/b") == 65536 - 13
+    link.max_packet_size = 1 << 20
+    assert link.effective_max_payload("a/b") == 100_000

@@ -8,6 +8,7 @@ version, the message kind and every field's type before anything else sees the d
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 import typing
 from dataclasses import MISSING, field
@@ -123,6 +124,18 @@ def _check_type(value: Any, expected: Any, where: str) -> Any:
     raise ProtocolError(f"{where}: expected {name}, got {type(value).__name__}")
 
 
+@functools.cache
+def _schema(cls: type) -> tuple[tuple[str, str, Any, bool], ...]:
+    """(field name, wire key, type, required) per field, resolved once per class:
+    typing.get_type_hints costs more than decoding a whole update."""
+    hints = typing.get_type_hints(cls)
+    return tuple(
+        (f.name, f.metadata["wire"], hints[f.name],
+         f.default is MISSING and f.default_factory is MISSING)
+        for f in dataclasses.fields(cls)
+    )
+
+
 class WireObject:
     """A dataclass that converts to and from a msgpack map with short keys."""
 
@@ -142,15 +155,13 @@ class WireObject:
         where = where or cls.__name__
         if not isinstance(data, dict):
             raise ProtocolError(f"{where}: expected a map, got {type(data).__name__}")
-        hints = typing.get_type_hints(cls)
         kwargs = {}
-        for f in dataclasses.fields(cls):
-            key = f.metadata["wire"]
+        for name, key, kind, required in _schema(cls):
             if key not in data:
-                if f.default is MISSING and f.default_factory is MISSING:
-                    raise ProtocolError(f"{where}: missing field {key!r} ({f.name})")
+                if required:
+                    raise ProtocolError(f"{where}: missing field {key!r} ({name})")
                 continue
-            kwargs[f.name] = _check_type(data[key], hints[f.name], f"{where}.{f.name}")
+            kwargs[name] = _check_type(data[key], kind, f"{where}.{name}")
         try:
             return cls(**kwargs)
         except ProtocolError:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from edge_agent import codecs
 from edge_agent.chunking import Reassembler
 from edge_agent.config import BrokerConfig, option
 from edge_agent.data import task_spec
@@ -36,7 +37,9 @@ class AggregatorConfig(BrokerConfig):
     beta1: float = option(0.9, "FedAdam/FedYogi/FedAdagrad first-moment decay")
     beta2: float = option(0.99, "FedAdam/FedYogi second-moment decay")
     tau: float = option(1e-3, "adaptivity of FedAdam/FedYogi/FedAdagrad")
-    model_codec: str = option("float32", "codec of the model broadcast")
+    model_codec: str = option("float32", "codec of the full model broadcast, e.g. float16 or q8")
+    model_delta_codec: str = option("", "codec of a delta broadcast for devices holding the "
+                                    "previous version, e.g. q8 (empty: full model only)")
     max_payload: int = option(128 * 1024, "largest MQTT payload in bytes; bigger ones are chunked")
     chunk_timeout_s: float = option(
         60.0, "drop a chunked update when no new part of it arrived for this many seconds")
@@ -58,6 +61,8 @@ class AggregatorConfig(BrokerConfig):
                 f"unknown model {self.model!r}; available: {', '.join(model_names())}"
             )
         create_optimizer(self.optimizer_config())
+        for codec in (self.model_codec, self.model_delta_codec or "float32"):
+            codecs.get_codec(codec)
         self.policy()  # validate now, not at the first round
         self.reassembler()
         try:

@@ -17,14 +17,24 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from edge_agent import persist
+import numpy as np
+
+from edge_agent import codecs, persist
 from edge_agent.data import Dataset, split_task
 from edge_agent.errors import ConfigError, FedmqError, ProtocolError
 from edge_agent.models import build_model
 from edge_agent.mqtt import MqttLink, Will
-from edge_agent.protocol import AggregatorStatus, FleetTopics, ModelAnnouncement, Part, Update
+from edge_agent.protocol import (
+    AggregatorStatus,
+    FleetTopics,
+    ModelAnnouncement,
+    ModelChunk,
+    Part,
+    PayloadInfo,
+    Update,
+)
 from edge_agent.protocol.wire import peek_kind
-from edge_agent.transfer import encode_model
+from edge_agent.transfer import chunk_tensor
 
 from .config import AggregatorConfig
 from .optimizers import create_optimizer
@@ -40,6 +50,15 @@ TICK_S = 0.2
 MAX_MODEL_CHUNKS = 10**6
 _REPUBLISH = object()  # same announcement again: devices ignore it
 _REANNOUNCE = object()  # fresh announce_id: devices train on the model again
+
+
+@dataclass(frozen=True)
+class _Broadcast:
+    version: int
+    full_info: PayloadInfo
+    full_chunks: list[ModelChunk]
+    delta_info: PayloadInfo | None
+    delta_chunks: list[ModelChunk]
 
 
 @dataclass(frozen=True)
@@ -85,7 +104,9 @@ class AggregatorService:
         self.reassembler = config.reassembler()  # updates that arrive in Parts
         self.finished = threading.Event()  # set when all rounds are done, or on failure
         self.failure: BaseException | None = None
-        self._chunk_slots = 0  # retained chunk topics this process has filled
+        self._chunk_slots: dict[str, int] = {}  # retained chunk topics filled, per stream
+        self._broadcast: _Broadcast | None = None
+        self._chain: tuple[int, np.ndarray] | None = None  # what delta followers hold
         self.model_bytes = 0
         self._published: tuple[tuple[int, int], list[tuple[str, bytes]]] | None = None
         self._restore()
@@ -133,6 +154,35 @@ class AggregatorService:
         return self.config.rounds > 0 and self.machine.version >= self.config.rounds
 
     # -- publishing ----------------------------------------------------------------------
+    def _encode_broadcast(self) -> _Broadcast:
+        """The current model's full payload and, for devices holding the previous version,
+        a delta; built once per version.
+
+        The delta is taken against the chain view: exactly what a device that followed
+        every delta holds, so quantization error never accumulates on such devices (it is
+        fed back into the next delta). A device that took the full payload holds a view
+        within one quantization step of the chain's; either way its update is a delta
+        against what it holds, so aggregation stays unbiased.
+        """
+        m, c = self.machine, self.config
+        if self._broadcast is not None and self._broadcast.version == m.version:
+            return self._broadcast
+        limit = self.link.effective_max_payload(
+            self.topics.model_payload_chunk(MAX_MODEL_CHUNKS - 1))
+        rng = np.random.default_rng([c.seed, m.version])
+        full = codecs.encode(m.params, c.model_codec, rng=rng)
+        full_info, full_chunks = chunk_tensor(full, version=m.version, max_payload=limit)
+        delta_info, delta_chunks = None, []
+        chain = self._chain
+        if c.model_delta_codec and chain is not None and chain[0] == m.version - 1:
+            delta = codecs.encode(m.params - chain[1], c.model_delta_codec, rng=rng)
+            delta_info, delta_chunks = chunk_tensor(delta, version=m.version, max_payload=limit)
+            self._chain = (m.version, chain[1] + codecs.decode(delta))
+        else:
+            self._chain = (m.version, codecs.decode(full))
+        self._broadcast = _Broadcast(m.version, full_info, full_chunks, delta_info, delta_chunks)
+        return self._broadcast
+
     def _announce(self) -> None:
         """Publish the current model: chunks first, then the retained announcement.
 
@@ -142,21 +192,16 @@ class AggregatorService:
         """
         m, c = self.machine, self.config
         if self._published is None or self._published[0] != (m.version, m.round):
-            widest = self.topics.model_payload_chunk(MAX_MODEL_CHUNKS - 1)
-            info, chunks = encode_model(m.params, codec=c.model_codec, version=m.version,
-                                        max_payload=self.link.effective_max_payload(widest))
+            b = self._encode_broadcast()
             announcement = ModelAnnouncement(
                 fleet=c.fleet, version=m.version, round=m.round, model=c.model,
                 model_config=c.model_config(), layout=self.model.layout.to_wire(),
-                layout_hash=m.layout_hash, task=c.task_config(), payload=info,
+                layout_hash=m.layout_hash, task=c.task_config(), payload=b.full_info,
                 announce_id=os.urandom(6).hex(), issued_at=time.time(),
+                delta=b.delta_info, delta_base=m.version - 1 if b.delta_info else -1,
             )
-            messages = [(self.topics.model_payload_chunk(ch.index), ch.to_payload())
-                        for ch in chunks]
-            # An empty retained payload deletes chunks a bigger earlier model left behind.
-            messages += [(self.topics.model_payload_chunk(i), b"")
-                         for i in range(len(chunks), self._chunk_slots)]
-            self._chunk_slots = max(self._chunk_slots, len(chunks))
+            messages = (self._chunk_messages(self.topics.model_payload_chunk, b.full_chunks)
+                        + self._chunk_messages(self.topics.model_delta_chunk, b.delta_chunks))
             messages.append((self.topics.model_current, announcement.to_payload()))
             self._published = ((m.version, m.round), messages)
         messages = self._published[1]
@@ -167,6 +212,16 @@ class AggregatorService:
         self.link.publish(self.topics.aggregator_status, status.to_payload(), retain=True)
         log.info("announced model v%d for round %d (%d bytes in %d messages)", m.version,
                  m.round, self.model_bytes, len(messages))
+
+    def _chunk_messages(self, topic_of, chunks: list) -> list[tuple[str, bytes]]:
+        """Retained chunk messages of one stream, plus empty retained payloads that delete
+        the chunks a bigger earlier payload left behind."""
+        stream = topic_of(0)
+        filled = self._chunk_slots.get(stream, 0)
+        messages = [(topic_of(ch.index), ch.to_payload()) for ch in chunks]
+        messages += [(topic_of(i), b"") for i in range(len(chunks), filled)]
+        self._chunk_slots[stream] = max(filled, len(chunks))
+        return messages
 
     # -- the loop ------------------------------------------------------------------------
     def _handle_update(self, topic: str, payload: bytes) -> None:

@@ -44,6 +44,9 @@ class SimulationConfig:
     optimizer: str = option("fedavg", "server optimizer")
     server_lr: float = option(0.0, "server learning rate (0: optimizer default)")
     codec: str = option("float32", "update codec of every device")
+    model_codec: str = option("float32", "codec of the full model broadcast")
+    model_delta_codec: str = option("", "codec of the delta broadcast for devices holding the "
+                                    "previous model (empty: full model only)")
     min_updates: int = option(0, "updates that close a round (0: all devices)")
     deadline_s: float = option(30.0, "round deadline in seconds")
     broker: str = option("", "use this broker instead of starting a private mosquitto")
@@ -125,6 +128,7 @@ class Simulation:
                 min_updates=c.min_updates or c.devices, deadline_s=c.deadline_s,
                 epochs=c.epochs, batch_size=c.batch_size, lr=c.lr, optimizer=c.optimizer,
                 server_lr=c.server_lr, checkpoint=str(self.workdir / "aggregator.ckpt"),
+                model_codec=c.model_codec, model_delta_codec=c.model_delta_codec,
                 log_level="WARNING",
             ),
             test_data=test, on_round=self._on_round,

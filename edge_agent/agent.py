@@ -27,7 +27,7 @@ from .errors import FedmqError, ProtocolError
 from .models import Model, build_model
 from .mqtt import MqttLink, Will
 from .protocol import DeviceStatus, FleetTopics, ModelAnnouncement, ModelChunk, Update
-from .transfer import ModelReceiver, ReceivedModel
+from .transfer import DELTA, FULL, ModelReceiver, ReceivedModel
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,12 @@ class EdgeAgent:
             max_payload=config.max_payload,
         )
         self.link.route(self.topics.model_current, self._on_announcement)
-        self.link.route(self.topics.model_payload_filter, self._on_chunk)
+        # The model streams are subscribed only while needed, and only the one needed: a
+        # device holding the previous version downloads the delta, never the full model.
+        self._stream_filters = {FULL: self.topics.model_payload_filter,
+                                DELTA: self.topics.model_delta_filter}
+        for stream, topic_filter in self._stream_filters.items():
+            self.link.route(topic_filter, self._chunk_handler(stream), active=False)
 
     # -- MQTT side (paho thread): decode, verify, hand over ------------------------------
     def _on_connect(self, _session_present: bool) -> None:
@@ -149,9 +154,12 @@ class EdgeAgent:
         self._receive(lambda: self.receiver.offer_announcement(
             ModelAnnouncement.from_payload(message.payload), len(message.payload)), message.payload)
 
-    def _on_chunk(self, message) -> None:
-        self._receive(lambda: self.receiver.offer_chunk(
-            ModelChunk.from_payload(message.payload), len(message.payload)), message.payload)
+    def _chunk_handler(self, stream: str):
+        def on_chunk(message) -> None:
+            self._receive(lambda: self.receiver.offer_chunk(
+                ModelChunk.from_payload(message.payload), len(message.payload), stream),
+                message.payload)
+        return on_chunk
 
     def _receive(self, offer, payload: bytes) -> None:
         if not payload:
@@ -163,12 +171,22 @@ class EdgeAgent:
             log.warning("%s: rejected model message (%s): %s", self.config.device_id,
                         exc.reason, exc)
             return
+        finally:
+            self._follow_wanted_stream()
         if received is not None:
             self.stats.models_received += 1
             self.stats.traffic[received.announcement.round][1] += received.wire_bytes
             with self._wake:
                 self._pending = received  # newest wins: never train on a superseded model
                 self._wake.notify()
+
+    def _follow_wanted_stream(self) -> None:
+        wanted = self.receiver.wanted()
+        for stream, topic_filter in self._stream_filters.items():
+            if stream == wanted:
+                self.link.activate(topic_filter)
+            else:
+                self.link.deactivate(topic_filter)
 
     # -- training thread -----------------------------------------------------------------
     def _run(self) -> None:

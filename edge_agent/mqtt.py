@@ -84,7 +84,8 @@ class MqttLink:
         self.max_payload = max_payload
         # The broker's Maximum Packet Size from its last CONNACK (None: it set no limit).
         self.max_packet_size: int | None = None
-        self._subscriptions: list[tuple[str, int]] = []
+        # filter -> QoS of every active subscription (renewed on every connect)
+        self._subscriptions: dict[str, int] = {}
         self._on_connect_cb = on_connect
         self.connected = threading.Event()
         self._disconnected = threading.Event()
@@ -108,12 +109,30 @@ class MqttLink:
         self._client.on_disconnect = self._handle_disconnect
         self._client.on_subscribe = self._handle_subscribe
 
-    def route(self, topic_filter: str, handler: Handler, qos: int = 1) -> None:
-        """Subscribe `handler` to `topic_filter`, now and after every reconnect."""
-        self._subscriptions.append((topic_filter, qos))
+    def route(self, topic_filter: str, handler: Handler, qos: int = 1, *,
+              active: bool = True) -> None:
+        """Send messages on `topic_filter` to `handler`; subscribe now and after every
+        reconnect, or (active=False) only once `activate` is called."""
         self._client.message_callback_add(topic_filter, self._guard(handler))
+        if active:
+            self.activate(topic_filter, qos)
+
+    def activate(self, topic_filter: str, qos: int = 1) -> None:
+        """Subscribe to a routed filter (no-op if already subscribed: a second SUBSCRIBE
+        would make the broker send every retained message again)."""
+        with self._lock:
+            if topic_filter in self._subscriptions:
+                return
+            self._subscriptions[topic_filter] = qos
         if self.connected.is_set():
             self._subscribe([(topic_filter, qos)])
+
+    def deactivate(self, topic_filter: str) -> None:
+        with self._lock:
+            if self._subscriptions.pop(topic_filter, None) is None:
+                return
+        if self.connected.is_set():
+            self._client.unsubscribe(topic_filter)
 
     def _guard(self, handler: Handler) -> Callable:
         def call(_client, _userdata, message: mqtt.MQTTMessage) -> None:
@@ -187,7 +206,9 @@ class MqttLink:
                       self.address, reason_code)
             return
         self._note_packet_limit(getattr(props, "MaximumPacketSize", None))
-        self._subscribe(self._subscriptions)
+        with self._lock:
+            active = list(self._subscriptions.items())
+        self._subscribe(active)
         self.connected.set()
         log.info("%s: connected to %s", self.client_id, self.address)
         if self._on_connect_cb is not None:

@@ -18,23 +18,29 @@ import numpy as np
 from . import codecs
 from .chunking import DEFAULT_MAX_PAYLOAD, frame, join_verified
 from .errors import ProtocolError
+from .models.layout import ParamLayout
 from .protocol import EncodedTensor, ModelAnnouncement, ModelChunk, PayloadInfo
 from .protocol.wire import unpack
 
 
-def encode_model(params: np.ndarray, *, codec: str, version: int,
+def chunk_tensor(tensor: EncodedTensor, *, version: int,
                  max_payload: int = DEFAULT_MAX_PAYLOAD) -> tuple[PayloadInfo, list[ModelChunk]]:
-    """Encoded model bytes, described by a PayloadInfo and cut into chunks that each
-    encode to at most `max_payload` bytes."""
-    blob = msgpack.packb(codecs.encode(params, codec).to_wire(), use_bin_type=True)
+    """An encoded tensor as chunks that each encode to at most `max_payload` bytes, and the
+    PayloadInfo (size, sha256, count) the announcement carries for them."""
+    blob = msgpack.packb(tensor.to_wire(), use_bin_type=True)
 
     def make(index: int, count: int, data: bytes) -> ModelChunk:
         return ModelChunk(version=version, index=index, count=count, data=data)
 
     chunks = frame(blob, max_payload=max_payload, make=make)
-    info = PayloadInfo(codec=codec, size=len(blob), sha256=hashlib.sha256(blob).hexdigest(),
-                       chunks=len(chunks))
+    info = PayloadInfo(codec=tensor.codec, size=len(blob),
+                       sha256=hashlib.sha256(blob).hexdigest(), chunks=len(chunks))
     return info, chunks
+
+
+def encode_model(params: np.ndarray, *, codec: str, version: int,
+                 max_payload: int = DEFAULT_MAX_PAYLOAD) -> tuple[PayloadInfo, list[ModelChunk]]:
+    return chunk_tensor(codecs.encode(params, codec), version=version, max_payload=max_payload)
 
 
 @dataclass(frozen=True)
@@ -44,20 +50,68 @@ class ReceivedModel:
     wire_bytes: int  # announcement + chunk bytes received for this version
 
 
-class ModelReceiver:
-    """Assembles the newest announced model version from its chunks.
+FULL = "full"
+DELTA = "delta"
 
-    Chunks may arrive before their announcement and in any order; only the newest version
-    is kept, so memory is bounded by one model.
+
+class _ChunkSet:
+    """Chunks of the newest version seen on one stream."""
+
+    def __init__(self) -> None:
+        self.version = -1
+        self.chunks: dict[int, ModelChunk] = {}
+        self.bytes = 0
+
+    def add(self, chunk: ModelChunk, size: int) -> None:
+        if chunk.version < self.version:
+            return
+        if chunk.version > self.version:
+            self.__init__()
+            self.version = chunk.version
+        if chunk.index not in self.chunks:
+            self.chunks[chunk.index] = chunk
+            self.bytes += size
+
+    def join(self, info: PayloadInfo, what: str) -> bytes | None:
+        """The verified blob once all `info.chunks` are here, else None."""
+        if len(self.chunks) < info.chunks:
+            return None
+        if any(c.count != info.chunks for c in self.chunks.values()):
+            raise ProtocolError(f"{what}: chunk counts disagree with the announcement",
+                                reason="bad_chunks")
+        try:
+            return join_verified((self.chunks[i].data for i in range(info.chunks)),
+                                 size=info.size, sha256=bytes.fromhex(info.sha256), what=what)
+        except ProtocolError:
+            self.chunks.clear()
+            raise
+
+
+class ModelReceiver:
+    """Assembles the newest announced model version from the chunks of one stream.
+
+    A device that holds the announced delta's base version takes the small delta stream,
+    any other the full payload; `wanted()` says which, so the caller subscribes to that
+    stream only. Chunks may arrive before their announcement and in any order; only the
+    newest version per stream is kept, so memory is bounded by one model.
     """
 
     def __init__(self) -> None:
         self.announcement: ModelAnnouncement | None = None
         self._announcement_bytes = 0
-        self._chunks: dict[int, ModelChunk] = {}
-        self._chunk_version = -1
-        self._chunk_bytes = 0
+        self._streams = {FULL: _ChunkSet(), DELTA: _ChunkSet()}
         self._delivered: tuple[int, int, str] | None = None
+        self.held_version = -1
+        self._held: np.ndarray | None = None
+
+    def wanted(self) -> str | None:
+        """The stream the pending announcement needs, or None when nothing is pending."""
+        a = self.announcement
+        if a is None or a.key == self._delivered or a.version == self.held_version:
+            return None
+        if a.delta is not None and self._held is not None and self.held_version == a.delta_base:
+            return DELTA
+        return FULL
 
     def offer_announcement(
         self, announcement: ModelAnnouncement, size: int
@@ -71,35 +125,36 @@ class ModelReceiver:
         self._announcement_bytes = size
         return self._try_complete()
 
-    def offer_chunk(self, chunk: ModelChunk, size: int) -> ReceivedModel | None:
-        if chunk.version < self._chunk_version:
-            return None
-        if chunk.version > self._chunk_version:
-            self._chunks.clear()
-            self._chunk_version = chunk.version
-            self._chunk_bytes = 0
-        if chunk.index not in self._chunks:
-            self._chunks[chunk.index] = chunk
-            self._chunk_bytes += size
+    def offer_chunk(self, chunk: ModelChunk, size: int, stream: str = FULL) -> ReceivedModel | None:
+        self._streams[stream].add(chunk, size)
         return self._try_complete()
 
     def _try_complete(self) -> ReceivedModel | None:
         a = self.announcement
-        if a is None or a.version != self._chunk_version or a.key == self._delivered:
+        if a is None or a.key == self._delivered:
             return None
-        if len(self._chunks) < a.payload.chunks:
+        if a.version == self.held_version and self._held is not None:
+            # the model we hold, announced for a new round: nothing to download
+            return self._deliver(a, self._held, 0)
+        stream = self.wanted()
+        assert stream is not None
+        chunks = self._streams[stream]
+        info = a.delta if stream == DELTA else a.payload
+        if chunks.version != a.version or info is None:
             return None
-        if any(c.count != a.payload.chunks for c in self._chunks.values()):
-            raise ProtocolError(f"model v{a.version}: chunk counts disagree with the announcement",
-                                reason="bad_chunks")
-        try:
-            blob = join_verified((self._chunks[i].data for i in range(a.payload.chunks)),
-                                 size=a.payload.size, sha256=bytes.fromhex(a.payload.sha256),
-                                 what=f"model v{a.version}")
-        except ProtocolError:
-            self._chunks.clear()
-            raise
-        tensor = EncodedTensor.from_wire(unpack(blob))
-        params = codecs.decode(tensor)
+        blob = chunks.join(info, f"model v{a.version} ({stream})")
+        if blob is None:
+            return None
+        decoded = codecs.decode(EncodedTensor.from_wire(unpack(blob)))
+        expected = ParamLayout.from_wire(a.layout).size
+        if decoded.size != expected:
+            raise ProtocolError(f"model v{a.version}: {decoded.size} parameters where the "
+                                f"layout has {expected}", reason="bad_shape")
+        params = self._held + decoded if stream == DELTA else decoded
+        return self._deliver(a, params, chunks.bytes)
+
+    def _deliver(self, a: ModelAnnouncement, params: np.ndarray, chunk_bytes: int
+                 ) -> ReceivedModel:
         self._delivered = a.key
-        return ReceivedModel(a, params, self._announcement_bytes + self._chunk_bytes)
+        self.held_version, self._held = a.version, params
+        return ReceivedModel(a, params.copy(), self._announcement_bytes + chunk_bytes)

@@ -124,3 +124,20 @@ def test_updates_lost_while_the_aggregator_was_away_are_trained_again(broker, tm
     wait_for(lambda: service.rejected["duplicate"] + service.rejected["stale_round"] == 2,
              "the two repeated updates to be refused")
     assert service.accepted == 3
+
+
+def test_delta_broadcast_cuts_download_bytes_and_late_joiners_take_the_full_model(
+        broker, tmp_path, stoppers):
+    service = make_aggregator(broker.url, tmp_path, stoppers, rounds=4, min_updates=2,
+                              model_delta_codec="q8")
+    agents = make_agents(broker.url, stoppers, 2, total=3)
+    wait_for(lambda: len(service.history) >= 3, "3 rounds with delta broadcasts")
+    late = make_agents(broker.url, stoppers, 1, total=3, first=2)[0]
+    wait_for(service.finished.is_set, "4 rounds")
+    assert service.history[-1].accuracy > service.history[0].accuracy
+    down = [agents[0].stats.traffic[r][1] for r in (1, 2, 3)]
+    assert down[1] * 2.5 < down[0] and down[2] * 2.5 < down[0]  # q8 delta vs float32 full
+    # the late device took a full model first (its first download is full-sized)
+    first_round = min(r for r, (_up, d) in late.stats.traffic.items() if d)
+    assert late.stats.traffic[first_round][1] > down[1] * 2.5
+    assert not late.stats.rejected and not agents[0].stats.rejected

@@ -82,3 +82,62 @@ def test_a_restarted_aggregator_reannouncing_the_same_round_gets_devices_to_trai
     assert receiver.offer_announcement(dataclasses.replace(a), 1) is None  # reconnect
     again = receiver.offer_announcement(dataclasses.replace(a, announce_id="restart"), 1)
     assert again is not None and again.announcement.round == 3
+
+
+def _announce_with_delta(base, new, *, version, delta_codec="q8", full_codec="float32"):
+    from edge_agent import codecs
+    from edge_agent.transfer import chunk_tensor
+
+    info, chunks = chunk_tensor(codecs.encode(new, full_codec), version=version, max_payload=4096)
+    delta = codecs.encode(new - base, delta_codec, rng=np.random.default_rng(0))
+    dinfo, dchunks = chunk_tensor(delta, version=version, max_payload=4096)
+    a = ModelAnnouncement(fleet="f", version=version, round=version + 1, model="logreg",
+                          model_config={}, layout=[["w", [new.size]]], layout_hash="h",
+                          task=TaskConfig(), payload=info, delta=dinfo, delta_base=version - 1)
+    return a, chunks, dchunks, codecs.decode(delta)
+
+
+def test_a_device_holding_the_base_takes_the_small_delta_and_others_the_full_model():
+    from edge_agent.transfer import DELTA, FULL
+
+    rng = np.random.default_rng(0)
+    v0 = rng.normal(size=3000).astype(np.float32)
+    v1 = v0 + rng.normal(scale=0.01, size=3000).astype(np.float32)
+    a0, chunks0 = model_messages(v0, version=0, round=1)
+    a1, full1, delta1, decoded_delta = _announce_with_delta(v0, v1, version=1)
+    assert sum(len(c.data) for c in delta1) * 3 < sum(len(c.data) for c in full1)
+
+    follower = ModelReceiver()
+    assert follower.wanted() is None
+    follower.offer_announcement(a0, 1)
+    assert follower.wanted() == FULL
+    for c in chunks0:
+        follower.offer_chunk(c, 1, FULL)
+    follower.offer_announcement(a1, 1)
+    assert follower.wanted() == DELTA
+    for c in full1:  # a stray full chunk does not complete the delta path
+        assert follower.offer_chunk(c, 1, FULL) is None
+    got = None
+    for c in delta1:
+        got = follower.offer_chunk(c, 1, DELTA) or got
+    assert got is not None and follower.wanted() is None
+    assert np.array_equal(got.params, v0 + decoded_delta)  # exactly what the chain holds
+    assert np.abs(got.params - v1).max() < 1e-3
+
+    newcomer = ModelReceiver()
+    newcomer.offer_announcement(a1, 1)
+    assert newcomer.wanted() == FULL
+    for c in full1:
+        got = newcomer.offer_chunk(c, 1, FULL) or got
+    assert np.array_equal(got.params, v1)
+
+
+def test_the_held_model_announced_for_a_new_round_needs_no_download():
+    import dataclasses
+
+    receiver = ModelReceiver()
+    a, chunks = model_messages(np.ones(8, np.float32), version=4, round=5)
+    receiver.offer_announcement(a, 1)
+    receiver.offer_chunk(chunks[0], 1)
+    again = receiver.offer_announcement(dataclasses.replace(a, round=6, announce_id="x"), 7)
+    assert again is not None and again.wire_bytes == 7 and receiver.wanted() is None

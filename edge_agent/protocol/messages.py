@@ -78,6 +78,10 @@ class ModelAnnouncement(Message):
     # aggregator lost the open round's updates. Reconnects republish the same id.
     announce_id: str = wire("aid", "")
     issued_at: float = wire("ts", 0.0)
+    # Devices holding the model of version `delta_base` may fetch this (much smaller)
+    # delta from `model/delta/{i}` instead of the full payload.
+    delta: PayloadInfo | None = wire("dp", None)
+    delta_base: int = wire("db", -1)
 
     @property
     def key(self) -> tuple[int, int, str]:

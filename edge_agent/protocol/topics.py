@@ -49,6 +49,18 @@ class FleetTopics:
     def model_payload_filter(self) -> str:
         return f"{self.model_payload}/+"
 
+    @property
+    def model_delta(self) -> str:
+        """Chunks of the delta from the previous model version: `model/delta/{index}`."""
+        return f"{self.prefix}/model/delta"
+
+    def model_delta_chunk(self, index: int) -> str:
+        return f"{self.model_delta}/{index}"
+
+    @property
+    def model_delta_filter(self) -> str:
+        return f"{self.model_delta}/+"
+
     def update(self, device_id: str) -> str:
         return f"{self.prefix}/update/{check_name(device_id, 'device id')}"
 

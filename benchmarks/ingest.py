@@ -194,8 +194,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--updates", type=int, default=1000, help="updates per decode timing")
     parser.add_argument("--publishers", type=int, default=3)
-    parser.add_argument("--flood", type=int, default=300, help="updates per end-to-end phase")
-    parser.add_argument("--repeats", type=int, default=3,
+    parser.add_argument("--flood", type=int, default=450, help="updates per end-to-end phase")
+    parser.add_argument("--repeats", type=int, default=5,
                         help="alternate raw and aggregator phases this many times")
     args = parser.parse_args()
 

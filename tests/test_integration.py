@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
@@ -68,15 +70,25 @@ def test_garbage_on_update_topics_is_rejected_counted_and_survived(broker, tmp_p
     stoppers(rogue.disconnect)
     nan = Update(device_id="dev0", update_id="x", round=1, base_version=0, num_samples=5,
                  loss=0.0, delta=EncodedTensor(codec="float32", size=2, data=b"\0" * 8))
+    size = service.model.layout.size
+    bad_codecs = [  # well-formed Updates whose encoded delta is not
+        EncodedTensor(codec="q8+zstd", size=size, data=b"\x28\xb5\x2f\xfd" + b"x" * 40),
+        EncodedTensor(codec="q4", size=size, data=b"\x01" * 17),
+        EncodedTensor(codec="top0.1+q8", size=size, data=b"\xff" * 64),
+        EncodedTensor(codec="rot13", size=size, data=b""),
+    ]
     garbage = [b"", b"\xff\xfe", b"not msgpack", nan.to_payload()]
+    garbage += [dataclasses.replace(nan, delta=t).to_payload() for t in bad_codecs]
     infos = [rogue.publish(topics.update("dev0"), g, qos=1) for g in garbage]
     infos.append(rogue.publish(topics.update("dev9"), nan.to_payload(), qos=1))  # wrong topic
     for info in infos:
         info.wait_for_publish(30)
-    wait_for(lambda: sum(service.rejected.values()) == 5, "5 rejections")
-    assert service.rejected["malformed"] == 3
+    wait_for(lambda: sum(service.rejected.values()) == 9, "9 rejections")
+    assert service.rejected["malformed"] == 4  # 3 undecodable payloads + a corrupt zstd frame
     assert service.rejected["wrong_topic"] == 1
     assert service.rejected["bad_shape"] == 1  # 2 values for a 1,210-parameter model
+    assert service.rejected["truncated"] == 2  # q4 and top-k bodies of the wrong length
+    assert service.rejected["unknown_codec"] == 1
     make_agents(broker.url, stoppers, 2)
     wait_for(service.finished.is_set, "2 clean rounds after the garbage")
     assert service.accepted == 4

@@ -19,6 +19,8 @@ from .rounds import RoundPolicy
 @dataclass(frozen=True, kw_only=True)
 class AggregatorConfig(BrokerConfig):
     client_id: str = option("fedmq-aggregator", "the aggregator's MQTT client id")
+    session_expiry_s: int = option(3600, "seconds the broker keeps the aggregator's session "
+                                   "(queued updates) while it is away; 0: clean sessions")
     task: str = option("digits", "task: sets the model's input/output sizes and the test set")
     model: str = option("mlp", "model architecture: mlp or logreg")
     hidden: int = option(64, "hidden units of the mlp")

@@ -18,7 +18,10 @@ from edge_agent.protocol import Update
 from .accumulator import WeightedAccumulator
 from .optimizers import ServerOptimizer
 
-STATE_FORMAT = 1
+STATE_FORMAT = 2
+# Accepted (device, update id) keys are remembered this many rounds back, so an update
+# re-sent after its round closed still gets an "accepted" receipt, not a rejection.
+REMEMBER_ROUNDS = 8
 
 
 class Action(enum.Enum):
@@ -80,13 +83,21 @@ class RoundMachine:
         self.version = version
         self.acc = WeightedAccumulator(self.params.size)
         self.open = _OpenRound(round=round, deadline_at=now + policy.deadline_s)
+        self.recent: dict[tuple[str, str], int] = {}  # (device, update id) -> round
 
     @property
     def round(self) -> int:
         return self.open.round
 
-    def offer(self, update: Update, *, payload_bytes: int = 0) -> None:
-        """Fold a valid update into the open round, or raise ProtocolError with a reason."""
+    def offer(self, update: Update, *, payload_bytes: int = 0) -> bool:
+        """Fold a valid update into the open round, or raise ProtocolError with a reason.
+
+        Idempotent on (device, update id): an update that already counts (a redelivery or
+        a device re-sending what it never got a receipt for) returns False and changes
+        nothing; a newly counted one returns True.
+        """
+        if self.recent.get((update.device_id, update.update_id)) is not None:
+            return False
         if update.round != self.open.round:
             reason = "stale_round" if update.round < self.open.round else "future_round"
             raise ProtocolError(
@@ -113,6 +124,8 @@ class RoundMachine:
         self.open.samples += update.num_samples
         self.open.loss_sum += update.loss * update.num_samples
         self.open.bytes_up += payload_bytes
+        self.recent[(update.device_id, update.update_id)] = self.open.round
+        return True
 
     def due(self, now: float) -> Action:
         if len(self.open.devices) >= self.policy.min_updates:
@@ -141,19 +154,32 @@ class RoundMachine:
     def rerun(self, now: float) -> int:
         """Discard the too-small round and open a new one on the same model; returns dropped."""
         dropped = len(self.open.devices)
+        for device, update_id in self.open.devices.items():
+            self.forget(device, update_id)
         self._start(self.open.round + 1, now)
         return dropped
 
     def _start(self, round: int, now: float) -> None:
         self.acc = WeightedAccumulator(self.params.size)
         self.open = _OpenRound(round=round, deadline_at=now + self.policy.deadline_s)
+        oldest = round - REMEMBER_ROUNDS
+        self.recent = {k: r for k, r in self.recent.items() if r >= oldest}
+
+    def forget(self, device_id: str, update_id: str) -> None:
+        """Drop the idempotency key of a dropped (rerun) update."""
+        self.recent.pop((device_id, update_id), None)
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything between rounds: the model, the optimizer, the round counter."""
+        """The model, the optimizer and the open round's partial aggregate: after a crash
+        every update that got a receipt is still counted."""
+        o = self.open
         return {
-            "format": STATE_FORMAT, "round": self.open.round, "version": self.version,
+            "format": STATE_FORMAT, "round": o.round, "version": self.version,
             "layout_hash": self.layout_hash, "params": self.params.copy(),
             "optimizer": self.optimizer.state_dict(),
+            "open": {"acc": self.acc.state_dict(), "devices": dict(o.devices),
+                     "samples": o.samples, "loss_sum": o.loss_sum, "bytes_up": o.bytes_up},
+            "recent": [[d, u, r] for (d, u), r in self.recent.items()],
         }
 
     def load_state_dict(self, state: dict[str, Any], *, now: float) -> None:
@@ -167,4 +193,12 @@ class RoundMachine:
         self.optimizer.load_state_dict(state["optimizer"])
         self.params = np.asarray(state["params"], dtype=np.float32).copy()
         self.version = int(state["version"])
-        self._start(int(state["round"]), now)
+        self.recent = {(d, u): int(r) for d, u, r in state.get("recent", [])}
+        self._start(int(state["round"]), now)  # the deadline starts afresh
+        partial = state.get("open")
+        if partial:
+            self.acc.load_state_dict(partial["acc"])
+            self.open.devices = dict(partial["devices"])
+            self.open.samples = int(partial["samples"])
+            self.open.loss_sum = float(partial["loss_sum"])
+            self.open.bytes_up = int(partial["bytes_up"])

@@ -31,6 +31,7 @@ from edge_agent.protocol import (
     ModelChunk,
     Part,
     PayloadInfo,
+    Receipt,
     Update,
 )
 from edge_agent.protocol.wire import peek_kind
@@ -48,6 +49,8 @@ TICK_S = 0.2
 # The model's chunk topics are sized for this many chunks: their index is part of the topic,
 # which counts against the broker's packet limit. A million chunks is far beyond any model.
 MAX_MODEL_CHUNKS = 10**6
+# Updates folded in before one checkpoint (group commit): amortizes the fsync under load.
+BATCH_MAX = 64
 _REPUBLISH = object()  # same announcement again: devices ignore it
 _REANNOUNCE = object()  # fresh announce_id: devices train on the model again
 
@@ -99,7 +102,9 @@ class AggregatorService:
             policy=config.policy(), layout_hash=self.model.layout.hash, now=clock(),
         )
         self.history: list[RoundRecord] = []
-        self.accepted = 0
+        self.accepted = 0  # updates counted
+        self.redelivered = 0  # updates that already counted, seen again (receipted again)
+        self._dirty = False  # the open round changed since the last checkpoint
         self.rejected: Counter[str] = Counter()
         self.reassembler = config.reassembler()  # updates that arrive in Parts
         self.finished = threading.Event()  # set when all rounds are done, or on failure
@@ -118,10 +123,11 @@ class AggregatorService:
             client_id=config.client_id, broker=config.broker, username=config.username,
             password=config.password, on_connect=self._on_connect,
             will=Will(self.topics.aggregator_status, AggregatorStatus(online=False).to_payload()),
-            max_payload=config.max_payload,
+            max_payload=config.max_payload, session_expiry_s=config.session_expiry_s,
+            manual_ack=True,
         )
         self.link.route(self.topics.update_filter,
-                        lambda m: self._inbox.put((m.topic, m.payload)), qos=1)
+                        lambda m: self._inbox.put((m.topic, m.payload, m.mid, m.qos)), qos=1)
 
     def _on_connect(self, session_present: bool) -> None:
         """Re-announce on every connect. Without a session, updates sent while we were away
@@ -224,8 +230,13 @@ class AggregatorService:
         return messages
 
     # -- the loop ------------------------------------------------------------------------
-    def _handle_update(self, topic: str, payload: bytes) -> None:
-        """An Update, whole or in Parts (reassembled first); both end in the same checks."""
+    def _handle_update(self, topic: str, payload: bytes) -> tuple[str, Receipt] | None:
+        """An Update, whole or in Parts (reassembled first); both end in the same checks.
+
+        Returns the receipt owed to the device, or None (more parts to come, or a payload
+        no device can be held to: garbage, or an update on another device's topic).
+        """
+        update = None
         try:
             claimed = self.topics.device_from_update_topic(topic)
             wire_bytes = len(payload)
@@ -233,20 +244,69 @@ class AggregatorService:
                 assembled = self.reassembler.offer(claimed, Part.from_payload(payload),
                                                    self.clock(), wire_bytes=wire_bytes)
                 if assembled is None:
-                    return  # more parts to come
+                    return None
                 payload, wire_bytes = assembled.payload, assembled.wire_bytes
             update = Update.from_payload(payload)
             if claimed != update.device_id:
                 raise ProtocolError(f"update for {update.device_id} arrived on {topic}",
                                     reason="wrong_topic")
-            self.machine.offer(update, payload_bytes=wire_bytes)
+            counted = self.machine.offer(update, payload_bytes=wire_bytes)
         except ProtocolError as exc:
             self.rejected[exc.reason] += 1
             log.warning("rejected update on %s (%s): %s", topic, exc.reason, exc)
-            return
-        self.accepted += 1
-        log.debug("accepted update %s from %s for round %d", update.update_id, update.device_id,
-                  update.round)
+            if update is None or exc.reason == "wrong_topic":
+                return None
+            status = "duplicate" if exc.reason == "duplicate" else "rejected"
+            return update.device_id, Receipt(update_id=update.update_id, round=update.round,
+                                             status=status, reason=exc.reason)
+        if counted:
+            self.accepted += 1
+            self._dirty = True
+            log.debug("accepted update %s from %s for round %d", update.update_id,
+                      update.device_id, update.round)
+        else:
+            self.redelivered += 1
+        return update.device_id, Receipt(update_id=update.update_id, round=update.round,
+                                         status="accepted")
+
+    def _next_batch(self) -> list:
+        """The next inbox item (waiting up to a tick), plus whatever else already waits."""
+        try:
+            batch = [self._inbox.get(timeout=TICK_S)]
+        except queue.Empty:
+            return []
+        while len(batch) < BATCH_MAX:
+            try:
+                batch.append(self._inbox.get_nowait())
+            except queue.Empty:
+                break
+        return batch
+
+    def _process(self, batch: list) -> None:
+        """Fold a batch in, make it durable once (group commit), then ack and receipt it.
+
+        Nothing is acknowledged to the broker, nor receipted to a device, before the
+        checkpoint holding it is on disk: after a crash the broker redelivers whatever we
+        had not acked, and devices re-send whatever has no receipt.
+        """
+        replies = []
+        for item in batch:
+            if item is _REANNOUNCE:
+                self._published = None
+                self._announce()
+            elif item is _REPUBLISH:
+                self._announce()
+            else:
+                topic, payload, mid, qos = item
+                replies.append((mid, qos, self._handle_update(topic, payload)))
+        if self._dirty:
+            self._checkpoint()
+            self._dirty = False
+        for mid, qos, reply in replies:
+            self.link.ack(mid, qos)
+            if reply is not None:
+                device, receipt = reply
+                self.link.publish(self.topics.receipt(device), receipt.to_payload(), qos=1)
 
     def _tick(self) -> None:
         now = self.clock()
@@ -302,18 +362,9 @@ class AggregatorService:
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            batch = self._next_batch()
             try:
-                item = self._inbox.get(timeout=TICK_S)
-            except queue.Empty:
-                item = None
-            try:
-                if item is _REANNOUNCE:
-                    self._published = None
-                    self._announce()
-                elif item is _REPUBLISH:
-                    self._announce()
-                elif item is not None:
-                    self._handle_update(*item)
+                self._process(batch)
                 self._tick()
             except FedmqError:
                 log.exception("aggregator loop error; continuing")

@@ -26,10 +26,13 @@ from .data import Dataset
 from .errors import FedmqError, ProtocolError
 from .models import Model, build_model
 from .mqtt import MqttLink, Will
-from .protocol import DeviceStatus, FleetTopics, ModelAnnouncement, ModelChunk, Update
+from .outbox import Outbox, Pending
+from .protocol import DeviceStatus, FleetTopics, ModelAnnouncement, ModelChunk, Receipt, Update
 from .transfer import DELTA, FULL, ModelReceiver, ReceivedModel
 
 log = logging.getLogger(__name__)
+# How often the training thread looks for updates whose receipt is overdue.
+RESEND_CHECK_S = 1.0
 
 
 def device_capabilities() -> dict[str, object]:
@@ -103,8 +106,10 @@ class LocalTrainer:
 
 @dataclass
 class AgentStats:
-    updates_sent: int = 0
+    updates_sent: int = 0  # updates trained and sent (re-sends not counted)
+    resent: int = 0
     models_received: int = 0
+    receipts: Counter = field(default_factory=Counter)  # by status
     rejected: Counter = field(default_factory=Counter)
     # round -> [bytes uploaded, bytes downloaded]
     traffic: dict[int, list[int]] = field(default_factory=lambda: defaultdict(lambda: [0, 0]))
@@ -123,6 +128,7 @@ class EdgeAgent:
                                     seed=seed, state_path=state_path)
         self.receiver = ModelReceiver()
         self.stats = AgentStats()
+        self.outbox = Outbox(Path(config.state_dir) / "outbox" if config.state_dir else None)
         self._pending: ReceivedModel | None = None
         self._wake = threading.Condition()
         self._stopping = False
@@ -132,8 +138,9 @@ class EdgeAgent:
             client_id=config.device_id, broker=config.broker, username=config.username,
             password=config.password, on_connect=self._on_connect,
             will=Will(self.topics.device_status(config.device_id), offline),
-            max_payload=config.max_payload,
+            max_payload=config.max_payload, session_expiry_s=config.session_expiry_s,
         )
+        self.link.route(self.topics.receipt(config.device_id), self._on_receipt)
         self.link.route(self.topics.model_current, self._on_announcement)
         # The model streams are subscribed only while needed, and only the one needed: a
         # device holding the previous version downloads the delta, never the full model.
@@ -149,6 +156,27 @@ class EdgeAgent:
                              ts=time.time())
         self.link.publish(self.topics.device_status(self.config.device_id), birth.to_payload(),
                           qos=1, retain=True)
+        self.outbox.mark_unsent()  # whatever was in flight may be gone: send it again
+        with self._wake:
+            self._wake.notify()
+
+    def _on_receipt(self, message) -> None:
+        try:
+            receipt = Receipt.from_payload(message.payload)
+        except ProtocolError as exc:
+            self.stats.rejected[exc.reason] += 1
+            log.warning("%s: bad receipt: %s", self.config.device_id, exc)
+            return
+        entry = self.outbox.remove(receipt.update_id)
+        if entry is None:
+            return  # a receipt for something already settled (a re-send's second receipt)
+        self.stats.receipts[receipt.status] += 1
+        if receipt.status == "accepted":
+            log.debug("%s: update %s counted in round %d", self.config.device_id,
+                      receipt.update_id, receipt.round)
+        else:
+            log.warning("%s: update %s for round %d dropped: %s %s", self.config.device_id,
+                        receipt.update_id, receipt.round, receipt.status, receipt.reason)
 
     def _on_announcement(self, message) -> None:
         self._receive(lambda: self.receiver.offer_announcement(
@@ -192,12 +220,26 @@ class EdgeAgent:
     def _run(self) -> None:
         while True:
             with self._wake:
-                while self._pending is None and not self._stopping:
-                    self._wake.wait()
+                if self._pending is None and not self._stopping:
+                    self._wake.wait(RESEND_CHECK_S)
                 if self._stopping:
                     return
                 received, self._pending = self._pending, None
-            self._train_and_publish(received)
+            if self.link.subscribed.is_set():  # receipts can reach us: re-send what waits
+                for entry in self.outbox.due(resend_after_s=self.config.resend_after_s):
+                    self._send(entry)
+                    self.stats.resent += 1
+            if received is not None:
+                self._train_and_publish(received)
+
+    def _send(self, entry: Pending) -> int:
+        topic = self.topics.update(self.config.device_id)
+        messages = split_payload(entry.payload,
+                                 max_payload=self.link.effective_max_payload(topic))
+        for message in messages:
+            self.link.publish(topic, message, qos=1)
+        entry.last_sent = time.monotonic()
+        return sum(len(message) for message in messages)
 
     def _train_and_publish(self, received: ReceivedModel) -> None:
         a = received.announcement
@@ -207,17 +249,12 @@ class EdgeAgent:
             self.stats.rejected[getattr(exc, "reason", "train_failed")] += 1
             log.error("%s: cannot train on model v%d: %s", self.config.device_id, a.version, exc)
             return
-        topic = self.topics.update(self.config.device_id)
-        messages = split_payload(update.to_payload(),
-                                 max_payload=self.link.effective_max_payload(topic))
-        for message in messages:
-            self.link.publish(topic, message, qos=1)
-        sent = sum(len(message) for message in messages)
+        entry = self.outbox.put(update.update_id, a.round, update.to_payload())
+        sent = self._send(entry)
         self.stats.updates_sent += 1
         self.stats.traffic[a.round][0] += sent
-        log.info("%s: round %d: trained on %d samples (loss %.4f), sent %d bytes in %d "
-                 "message(s)", self.config.device_id, a.round, update.num_samples, update.loss,
-                 sent, len(messages))
+        log.info("%s: round %d: trained on %d samples (loss %.4f), sent %d bytes",
+                 self.config.device_id, a.round, update.num_samples, update.loss, sent)
 
     # -- lifecycle -----------------------------------------------------------------------
     def start(self) -> None:

@@ -123,8 +123,12 @@ class AgentConfig(BrokerConfig):
                        "(-1: derived from device_id, so every device differs)")
     max_payload: int = option(128 * 1024, "largest MQTT payload in bytes; bigger updates are "
                               "sent in parts (lowered to the broker's limit automatically)")
+    session_expiry_s: int = option(3600, "seconds the broker keeps this device's session "
+                                   "(queued receipts) while it is offline; 0: clean sessions")
+    resend_after_s: float = option(30.0, "re-send an update that got no receipt after this "
+                                   "many seconds (and after every reconnect)")
     state_dir: str = option("", "directory for state that must survive a reboot "
-                            "(error-feedback residual); empty: memory only")
+                            "(error-feedback residual, outbox); empty: memory only")
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -77,9 +77,14 @@ class MqttLink:
     def __init__(
         self, *, client_id: str, broker: str, username: str = "", password: str = "",
         will: Will | None = None, on_connect: Callable[[bool], None] | None = None,
-        max_payload: int = DEFAULT_MAX_PAYLOAD,
+        max_payload: int = DEFAULT_MAX_PAYLOAD, session_expiry_s: int = 0,
+        manual_ack: bool = False,
     ) -> None:
+        """session_expiry_s > 0: a persistent session (clean_start false) the broker keeps
+        that long after a disconnect, queueing QoS 1 messages for us. manual_ack: QoS 1
+        messages are acknowledged only by `ack()`, after the caller stored them."""
         self.address = BrokerAddress.parse(broker)
+        self.session_expiry_s = session_expiry_s
         self.client_id = client_id
         self.max_payload = max_payload
         # The broker's Maximum Packet Size from its last CONNACK (None: it set no limit).
@@ -100,6 +105,8 @@ class MqttLink:
             callback_api_version=CallbackAPIVersion.VERSION2, client_id=client_id,
             protocol=mqtt.MQTTv5,
         )
+        if manual_ack:
+            self._client.manual_ack_set(True)
         if username:
             self._client.username_pw_set(username, password or None)
         if will is not None:
@@ -146,9 +153,12 @@ class MqttLink:
     def start(self) -> None:
         """Connect in the background; paho keeps retrying while the broker is away."""
         props = Properties(PacketTypes.CONNECT)
+        if self.session_expiry_s > 0:
+            props.SessionExpiryInterval = self.session_expiry_s
         try:
             self._client.connect_async(self.address.host, self.address.port,
-                                       keepalive=KEEPALIVE_S, clean_start=True, properties=props)
+                                       keepalive=KEEPALIVE_S,
+                                       clean_start=self.session_expiry_s <= 0, properties=props)
         except (OSError, ValueError) as exc:
             raise BrokerError(f"cannot connect to {self.address}: {exc}") from exc
         if self._started_before:
@@ -172,6 +182,11 @@ class MqttLink:
             log.warning("%s: publish to %s failed: %s", self.client_id, topic,
                         mqtt.error_string(info.rc))
         return info
+
+    def ack(self, mid: int, qos: int) -> None:
+        """Acknowledge a QoS 1 message received under manual_ack (after storing it)."""
+        if qos > 0:
+            self._client.ack(mid, qos)
 
     def effective_max_payload(self, topic: str, *, qos: int = 1) -> int:
         """The largest payload to publish on `topic`: max_payload, or less when the broker's

@@ -23,12 +23,15 @@ def wait_for(condition: Callable[[], bool], what: str, timeout: float = WAIT_S) 
         time.sleep(0.02)
 
 
-def make_aggregator(broker_url: str, tmp_path, stoppers, **overrides) -> AggregatorService:
+def make_aggregator(broker_url: str, tmp_path, stoppers, *, start: bool = True,
+                    **overrides) -> AggregatorService:
     settings = dict(broker=broker_url, fleet="test", task="digits", model="mlp", hidden=16,
                     min_updates=3, rounds=3, epochs=1, lr=0.1, deadline_s=30.0,
                     checkpoint=str(tmp_path / "aggregator.ckpt"))
     settings.update(overrides)
     service = AggregatorService(AggregatorConfig(**settings))
+    if not start:
+        return service
     service.start()
     stoppers(service.stop)
     wait_for(service.link.subscribed.is_set, "the aggregator's subscriptions")

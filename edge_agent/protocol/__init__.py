@@ -8,6 +8,7 @@ from .messages import (
     ModelChunk,
     Part,
     PayloadInfo,
+    Receipt,
     TaskConfig,
     Update,
 )
@@ -25,6 +26,7 @@ __all__ = [
     "ModelChunk",
     "Part",
     "PayloadInfo",
+    "Receipt",
     "TaskConfig",
     "Update",
     "check_name",

@@ -182,3 +182,26 @@ class AggregatorStatus(Message):
     round: int = wire("r", 0)
     version: int = wire("v", 0)
     ts: float = wire("ts", 0.0)
+
+
+RECEIPT_STATUSES = ("accepted", "duplicate", "rejected")
+
+
+@dataclass(frozen=True, slots=True)
+class Receipt(Message):
+    """QoS 1 on `receipt/{device_id}`: the aggregator durably holds (or refuses) an update.
+
+    A broker PUBACK is not delivery; only this lets a device drop the update from its
+    outbox. `accepted`: counted (also sent again for a re-sent update already counted);
+    `duplicate`: another update of this device already counts for the round; `rejected`:
+    refused for `reason` (e.g. stale_round) and will never count.
+    """
+
+    KIND = "rcpt"
+    update_id: str = wire("id")
+    round: int = wire("r")
+    status: str = wire("st")
+    reason: str = wire("why", "")
+
+    def __post_init__(self) -> None:
+        _require(self.status in RECEIPT_STATUSES, f"unknown receipt status {self.status!r}")

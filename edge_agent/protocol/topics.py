@@ -68,6 +68,9 @@ class FleetTopics:
     def update_filter(self) -> str:
         return f"{self.prefix}/update/+"
 
+    def receipt(self, device_id: str) -> str:
+        return f"{self.prefix}/receipt/{check_name(device_id, 'device id')}"
+
     def device_status(self, device_id: str) -> str:
         return f"{self.prefix}/device/{check_name(device_id, 'device id')}/status"
 

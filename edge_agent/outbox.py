@@ -1,0 +1,92 @@
+"""Updates a device trained but the aggregator has not yet confirmed, kept until a receipt.
+
+A broker PUBACK is not delivery: a broker killed before its autosave forgets what it
+acknowledged. So every update is written here (atomically, when a directory is given)
+before it is published, and removed only when the aggregator's receipt for its update id
+arrives. Anything still here is sent again after a reconnect or a timeout, and after a
+restart of the agent itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .persist import atomic_write
+
+log = logging.getLogger(__name__)
+_NAME = re.compile(r"(\d{10})-([0-9A-Za-z_.-]{1,64})\.upd")
+
+
+@dataclass
+class Pending:
+    update_id: str
+    round: int
+    payload: bytes
+    last_sent: float = 0.0  # monotonic time of the last send; 0 = not sent since (re)connect
+
+
+class Outbox:
+    """Thread-safe; `directory=None` keeps entries in memory only (simulations)."""
+
+    def __init__(self, directory: str | Path | None = None) -> None:
+        self.directory = Path(directory) if directory else None
+        self._entries: dict[str, Pending] = {}
+        self._lock = threading.Lock()
+        if self.directory is not None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            for path in sorted(self.directory.glob("*.upd")):
+                match = _NAME.fullmatch(path.name)
+                if match is None:
+                    log.warning("outbox: ignoring stray file %s", path)
+                    continue
+                round_, update_id = int(match.group(1)), match.group(2)
+                self._entries[update_id] = Pending(update_id, round_, path.read_bytes())
+            if self._entries:
+                log.info("outbox: %d update(s) from before the restart await a receipt",
+                         len(self._entries))
+
+    def _path(self, entry: Pending) -> Path:
+        assert self.directory is not None
+        return self.directory / f"{entry.round:010d}-{entry.update_id}.upd"
+
+    def put(self, update_id: str, round: int, payload: bytes) -> Pending:
+        """Store durably first; only then may the caller publish."""
+        entry = Pending(update_id, round, payload)
+        if self.directory is not None:
+            atomic_write(self._path(entry), payload)
+        with self._lock:
+            self._entries[update_id] = entry
+        return entry
+
+    def remove(self, update_id: str) -> Pending | None:
+        with self._lock:
+            entry = self._entries.pop(update_id, None)
+        if entry is not None and self.directory is not None:
+            self._path(entry).unlink(missing_ok=True)
+        return entry
+
+    def due(self, *, resend_after_s: float, now: float | None = None) -> list[Pending]:
+        """Entries never sent since the last (re)connect, or sent longer ago than that."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            entries = sorted(self._entries.values(), key=lambda e: (e.round, e.update_id))
+        return [e for e in entries if e.last_sent == 0.0 or now - e.last_sent >= resend_after_s]
+
+    def mark_unsent(self) -> None:
+        """After a reconnect: send everything again, whatever the timers say."""
+        with self._lock:
+            for entry in self._entries.values():
+                entry.last_sent = 0.0
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._entries)
+
+    def ids(self) -> set[str]:
+        with self._lock:
+            return set(self._entries)

@@ -39,14 +39,15 @@ def make_aggregator(broker_url: str, tmp_path, stoppers, *, start: bool = True,
 
 
 def make_agents(broker_url: str, stoppers, count: int, *, total: int | None = None,
-                first: int = 0, fleet: str = "test", start: bool = True) -> list[EdgeAgent]:
+                first: int = 0, fleet: str = "test", start: bool = True,
+                **overrides) -> list[EdgeAgent]:
     total = total or count
     train, _ = split_task("digits", seed=0)
     shards = partition(train.y, devices=total, alpha=0.5, seed=0)
     agents = []
     for i in range(first, first + count):
         agent = EdgeAgent(AgentConfig(broker=broker_url, fleet=fleet, device_id=f"dev{i}",
-                                      device_index=i, device_count=total),
+                                      device_index=i, device_count=total, **overrides),
                           train.subset(shards[i]))
         if start:
             agent.start()

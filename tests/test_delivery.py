@@ -1,0 +1,126 @@
+"""End-to-end delivery: outbox, receipts, idempotency, and the partial round's checkpoint."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from aggregator.optimizers import ServerOptConfig, create_optimizer
+from aggregator.rounds import RoundMachine, RoundPolicy
+from edge_agent import codecs
+from edge_agent.errors import ProtocolError
+from edge_agent.outbox import Outbox
+from edge_agent.protocol import Receipt, Update
+
+from .helpers import make_agents, make_aggregator, wait_for
+
+
+def test_outbox_survives_a_restart_and_forgets_only_on_remove(tmp_path):
+    box = Outbox(tmp_path / "outbox")
+    box.put("aa11", 3, b"first")
+    box.put("bb22", 4, b"second")
+    again = Outbox(tmp_path / "outbox")
+    assert again.ids() == {"aa11", "bb22"}
+    assert [e.payload for e in again.due(resend_after_s=30)] == [b"first", b"second"]
+    assert again.remove("aa11").round == 3
+    assert Outbox(tmp_path / "outbox").ids() == {"bb22"}
+    assert again.remove("aa11") is None
+
+
+def test_outbox_resends_after_timeout_or_reconnect():
+    box = Outbox()
+    entry = box.put("id1", 1, b"x")
+    entry.last_sent = 100.0
+    assert box.due(resend_after_s=30, now=120.0) == []
+    assert box.due(resend_after_s=30, now=131.0) == [entry]
+    box.mark_unsent()
+    assert box.due(resend_after_s=30, now=101.0) == [entry]
+
+
+def machine(min_updates=3):
+    return RoundMachine(params=np.zeros(4, np.float32),
+                        optimizer=create_optimizer(ServerOptConfig()),
+                        policy=RoundPolicy(min_updates=min_updates), layout_hash="", now=0.0)
+
+
+def update(device, uid, round=1, version=0, value=1.0):
+    return Update(device_id=device, update_id=uid, round=round, base_version=version,
+                  num_samples=10, loss=0.1, delta=codecs.encode(np.full(4, value, np.float32)))
+
+
+def test_a_redelivered_update_is_acknowledged_but_never_counted_twice():
+    m = machine()
+    assert m.offer(update("a", "u1")) is True
+    assert m.offer(update("a", "u1")) is False  # broker redelivery or device re-send
+    assert m.acc.count == 1
+    with pytest.raises(ProtocolError, match="already contributed"):
+        m.offer(update("a", "u2"))  # a second, different update of the device
+
+
+def test_an_update_resent_after_its_round_closed_is_still_accepted_not_stale():
+    m = machine(min_updates=1)
+    m.offer(update("a", "u1"))
+    m.close(1.0)
+    assert m.offer(update("a", "u1", round=1)) is False  # known: receipt "accepted"
+    with pytest.raises(ProtocolError) as info:
+        m.offer(update("a", "u9", round=1))
+    assert info.value.reason == "stale_round"
+
+
+def test_the_open_rounds_partial_aggregate_survives_a_crash():
+    straight, crashed = machine(), machine()
+    for m in (straight, crashed):
+        m.offer(update("a", "u1", value=1.0))
+        m.offer(update("b", "u2", value=3.0))
+    restored = machine()
+    restored.load_state_dict(crashed.state_dict(), now=5.0)
+    assert restored.open.devices == {"a": "u1", "b": "u2"}
+    assert restored.offer(update("a", "u1")) is False  # still idempotent after the restart
+    for m in (straight, restored):
+        m.offer(update("c", "u3", value=5.0))
+        m.close(6.0)
+    assert np.array_equal(straight.params, restored.params)
+    assert np.allclose(restored.params, 3.0)
+
+
+@pytest.mark.integration
+def test_every_update_gets_a_receipt_and_outboxes_drain(broker, tmp_path, stoppers):
+    service = make_aggregator(broker.url, tmp_path, stoppers, rounds=3)
+    agents = make_agents(broker.url, stoppers, 3)
+    wait_for(service.finished.is_set, "3 rounds")
+    wait_for(lambda: sum(a.stats.receipts["accepted"] for a in agents) == service.accepted,
+             "a receipt for every counted update")
+    wait_for(lambda: all(len(a.outbox) == 0 for a in agents), "outboxes to drain")
+    assert service.accepted >= 9
+
+
+@pytest.mark.integration
+def test_an_agent_killed_between_training_and_publishing_sends_on_restart(
+        broker, tmp_path, stoppers):
+    service = make_aggregator(broker.url, tmp_path, stoppers, rounds=1, min_updates=3)
+    make_agents(broker.url, stoppers, 2, total=3)
+    state = tmp_path / "dev2-state"
+    crashed = make_agents(broker.url, stoppers, 1, total=3, first=2, start=False,
+                          state_dir=str(state))[0]
+    crashed._send = lambda entry: 0  # dies after storing its update, before publishing
+    crashed.start()
+    stoppers(crashed.stop)
+    wait_for(lambda: len(crashed.outbox) == 1, "the update to be stored")
+    crashed.stop()
+    (stored,) = Outbox(state / "outbox").ids()
+    assert service.machine.open.devices.keys() <= {"dev0", "dev1"}
+
+    restarted = make_agents(broker.url, stoppers, 1, total=3, first=2,
+                            state_dir=str(state))[0]
+    wait_for(service.finished.is_set, "round 1 with the restarted device")
+    assert service.history[0].participants == 3
+    wait_for(lambda: len(restarted.outbox) == 0, "the restarted device's outbox to drain")
+    assert restarted.stats.resent >= 1
+    assert ("dev2", stored) in service.machine.recent  # the stored update was counted
+
+
+def test_receipt_round_trip():
+    receipt = Receipt(update_id="ab12", round=4, status="rejected", reason="stale_round")
+    assert Receipt.from_payload(receipt.to_payload()) == receipt
+    with pytest.raises(ProtocolError):
+        Receipt(update_id="x", round=1, status="maybe")

@@ -202,6 +202,10 @@ class EdgeAgent:
         finally:
             self._follow_wanted_stream()
         if received is not None:
+            # A new model means the aggregator is up and moving: whatever still lacks a
+            # receipt goes out again now (it is counted or refused, either way receipted)
+            # instead of waiting out resend_after_s.
+            self.outbox.mark_unsent()
             self.stats.models_received += 1
             self.stats.traffic[received.announcement.round][1] += received.wire_bytes
             with self._wake:
@@ -236,9 +240,13 @@ class EdgeAgent:
         topic = self.topics.update(self.config.device_id)
         messages = split_payload(entry.payload,
                                  max_payload=self.link.effective_max_payload(topic))
+        connected = self.link.connected.is_set()
         for message in messages:
             self.link.publish(topic, message, qos=1)
-        entry.last_sent = time.monotonic()
+        # Sent into a dead link it counts as not sent: re-sent as soon as we are back.
+        entry.last_sent = time.monotonic() if connected else 0.0
+        log.debug("%s: sent update %s (round %d, connected=%s)", self.config.device_id,
+                  entry.update_id, entry.round, connected)
         return sum(len(message) for message in messages)
 
     def _train_and_publish(self, received: ReceivedModel) -> None:

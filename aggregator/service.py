@@ -6,6 +6,7 @@ races with the network and a slow aggregation never stalls keep-alives.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -40,6 +41,7 @@ from edge_agent.transfer import chunk_tensor
 from .config import AggregatorConfig
 from .optimizers import create_optimizer
 from .rounds import Action, RoundMachine, RoundResult
+from .writer import CheckpointWriter
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +51,7 @@ TICK_S = 0.2
 # The model's chunk topics are sized for this many chunks: their index is part of the topic,
 # which counts against the broker's packet limit. A million chunks is far beyond any model.
 MAX_MODEL_CHUNKS = 10**6
-# Updates folded in before one checkpoint (group commit): amortizes the fsync under load.
+# Updates folded in per loop pass; the checkpoint writer coalesces passes further.
 BATCH_MAX = 64
 _REPUBLISH = object()  # same announcement again: devices ignore it
 _REANNOUNCE = object()  # fresh announce_id: devices train on the model again
@@ -115,6 +117,7 @@ class AggregatorService:
         self.model_bytes = 0
         self._published: tuple[tuple[int, int], list[tuple[str, bytes]]] | None = None
         self._restore()
+        self.writer = CheckpointWriter(config.checkpoint, on_failure=self._fail)
         self._round_started = time.monotonic()
         self._inbox: queue.Queue = queue.Queue()
         self._stop = threading.Event()
@@ -150,11 +153,15 @@ class AggregatorService:
         if self._done():
             self.finished.set()
 
-    def _checkpoint(self) -> None:
-        persist.save_state(self.config.checkpoint, {
-            "machine": self.machine.state_dict(),
-            "history": [asdict(r) for r in self.history],
-        })
+    def _snapshot(self) -> dict:
+        """The state to checkpoint; state_dict copies the arrays, so the loop may go on."""
+        return {"machine": self.machine.state_dict(),
+                "history": [asdict(r) for r in self.history]}
+
+    def _checkpoint(self, *, wait: bool = False) -> None:
+        self.writer.submit(self._snapshot(), [])
+        if wait:
+            self.writer.flush()
 
     def _done(self) -> bool:
         return self.config.rounds > 0 and self.machine.version >= self.config.rounds
@@ -299,14 +306,19 @@ class AggregatorService:
             else:
                 topic, payload, mid, qos = item
                 replies.append((mid, qos, self._handle_update(topic, payload)))
-        if self._dirty:
-            self._checkpoint()
-            self._dirty = False
-        for mid, qos, reply in replies:
-            self.link.ack(mid, qos)
-            if reply is not None:
-                device, receipt = reply
-                self.link.publish(self.topics.receipt(device), receipt.to_payload(), qos=1)
+        if not replies:
+            return
+        callbacks = [functools.partial(self._reply, *r) for r in replies]
+        # even without new state, replies wait behind earlier writes (an idempotent
+        # "accepted" must not overtake the checkpoint that holds the update)
+        self.writer.submit(self._snapshot() if self._dirty else None, callbacks)
+        self._dirty = False
+
+    def _reply(self, mid: int, qos: int, reply: tuple[str, Receipt] | None) -> None:
+        self.link.ack(mid, qos)
+        if reply is not None:
+            device, receipt = reply
+            self.link.publish(self.topics.receipt(device), receipt.to_payload(), qos=1)
 
     def _tick(self) -> None:
         now = self.clock()
@@ -346,7 +358,7 @@ class AggregatorService:
             wall_s=time.monotonic() - self._round_started,
         )
         self.history.append(record)
-        self._checkpoint()
+        self._checkpoint(wait=True)  # the closed round is on disk before its model goes out
         if self.config.metrics:
             with open(self.config.metrics, "a") as fh:
                 fh.write(record.to_json() + "\n")
@@ -368,10 +380,9 @@ class AggregatorService:
                 self._tick()
             except FedmqError:
                 log.exception("aggregator loop error; continuing")
-            except Exception as exc:  # disk full, a bug: stop loudly so a supervisor restarts us
+            except Exception as exc:
                 log.exception("aggregator loop failed; stopping")
-                self.failure = exc
-                self.finished.set()
+                self._fail(exc)
                 return
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -381,10 +392,16 @@ class AggregatorService:
         self._loop.start()
         self.link.start()
 
+    def _fail(self, exc: BaseException) -> None:
+        """Disk full, a bug: stop loudly so a supervisor restarts us from the checkpoint."""
+        self.failure = exc
+        self.finished.set()
+
     def stop(self) -> None:
         self._stop.set()
         if self._loop is not None:
             self._loop.join(timeout=30)
+        self.writer.close()  # acks and receipts of everything folded in go out first
         offline = AggregatorStatus(online=False, round=self.machine.round,
                                    version=self.machine.version, ts=time.time())
         self.link.stop(final=(self.topics.aggregator_status, offline.to_payload()))

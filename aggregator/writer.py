@@ -1,0 +1,88 @@
+"""Checkpoint writes off the aggregation loop, with the acks that must wait for them.
+
+The loop folds updates in and hands over (snapshot, callbacks); this thread writes the
+newest snapshot waiting (one write covers every batch queued behind the one in flight:
+group commit) and only then runs the callbacks of those batches, in order. So decoding
+goes on while a big model's checkpoint is fsynced, and nothing is acknowledged before the
+state holding it is on disk.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from edge_agent import persist
+
+log = logging.getLogger(__name__)
+
+Callback = Callable[[], None]
+
+
+class CheckpointWriter:
+    def __init__(self, path: str | Path, *, on_failure: Callable[[BaseException], None]) -> None:
+        self.path = Path(path)
+        self.on_failure = on_failure
+        self.writes = 0
+        self._jobs: queue.Queue = queue.Queue()
+        self._idle = threading.Condition()
+        self._pending = 0
+        self._failed = False
+        self._thread = threading.Thread(target=self._run, name="checkpoint-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, state: dict[str, Any] | None, callbacks: list[Callback]) -> None:
+        """Write `state` (None: nothing new to write), then run `callbacks`. The state must
+        be a snapshot: the loop goes on changing its own copy."""
+        with self._idle:
+            self._pending += 1
+        self._jobs.put((state, callbacks))
+
+    def flush(self, timeout: float = 60.0) -> bool:
+        """Wait until everything submitted is written and its callbacks ran."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._pending == 0 or self._failed, timeout)
+
+    def close(self, timeout: float = 60.0) -> None:
+        self.flush(timeout)
+        self._jobs.put(None)
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            jobs = [job]
+            while True:  # coalesce whatever queued up behind the write in flight
+                try:
+                    more = self._jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    self._jobs.put(None)
+                    break
+                jobs.append(more)
+            latest = next((state for state, _ in reversed(jobs) if state is not None), None)
+            try:
+                if latest is not None and not self._failed:
+                    persist.save_state(self.path, latest)
+                    self.writes += 1
+            except Exception as exc:  # disk full, permissions: nothing may be acked now
+                self._failed = True
+                log.exception("checkpoint write to %s failed", self.path)
+                self.on_failure(exc)
+            if not self._failed:
+                for _, callbacks in jobs:
+                    for callback in callbacks:
+                        try:
+                            callback()
+                        except Exception:
+                            log.exception("post-checkpoint callback failed")
+            with self._idle:
+                self._pending -= len(jobs)
+                self._idle.notify_all()

@@ -1,7 +1,8 @@
-"""Fixtures: a private mosquitto per test on a free port, stopped even when the test fails."""
+"""Fixtures: private mosquittos on free ports and child processes, stopped even on failure."""
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -10,15 +11,38 @@ from aggregator.broker import LocalMosquitto
 
 
 @pytest.fixture
-def broker(tmp_path) -> Iterator[LocalMosquitto]:
-    """A fresh loopback mosquitto (anonymous, no persistence) for one test."""
-    mosq = LocalMosquitto(workdir=tmp_path / "broker")
-    mosq.workdir.mkdir()
-    mosq.start()
-    try:
-        yield mosq
-    finally:
+def broker_factory(tmp_path) -> Iterator[Callable[..., LocalMosquitto]]:
+    """Start loopback mosquittos with extra config lines; all are closed at teardown."""
+    started: list[LocalMosquitto] = []
+
+    def start(extra_config: str = "", name: str = "broker") -> LocalMosquitto:
+        mosq = LocalMosquitto(workdir=tmp_path / name, extra_config=extra_config)
+        mosq.workdir.mkdir()
+        started.append(mosq)
+        return mosq.start()
+
+    yield start
+    for mosq in started:
         mosq.close()
+
+
+@pytest.fixture
+def broker(broker_factory) -> LocalMosquitto:
+    """A fresh loopback mosquitto (anonymous, no persistence) for one test."""
+    return broker_factory()
+
+
+@pytest.fixture
+def processes() -> Iterator[list[subprocess.Popen]]:
+    """Child processes a test starts: killed (if still running) and reaped at teardown."""
+    started: list[subprocess.Popen] = []
+    yield started
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(30)
+        if proc.stderr is not None:
+            proc.stderr.close()
 
 
 @pytest.fixture

@@ -18,16 +18,6 @@ pytestmark = pytest.mark.integration
 FEDMQ = [sys.executable, "-m", "edge_agent.cli"]
 
 
-@pytest.fixture
-def processes():
-    started: list[subprocess.Popen] = []
-    yield started
-    for proc in started:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(30)
-
-
 def counted_in(checkpoint) -> int:
     """Updates a checkpoint counts: closed rounds plus the open round's partial aggregate."""
     state = persist.load_state(checkpoint)

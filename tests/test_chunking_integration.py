@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from collections.abc import Iterator
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -23,16 +22,9 @@ PACKET_LIMIT = 65536
 
 
 @pytest.fixture
-def small_broker(tmp_path) -> Iterator[LocalMosquitto]:
+def small_broker(broker_factory) -> LocalMosquitto:
     """A loopback mosquitto that refuses MQTT packets above 64 KiB."""
-    mosq = LocalMosquitto(workdir=tmp_path / "broker",
-                          extra_config=f"max_packet_size {PACKET_LIMIT}")
-    mosq.workdir.mkdir()
-    mosq.start()
-    try:
-        yield mosq
-    finally:
-        mosq.close()
+    return broker_factory(f"max_packet_size {PACKET_LIMIT}")
 
 
 def connected_link(url: str, client_id: str, stoppers) -> MqttLink:

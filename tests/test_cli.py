@@ -66,18 +66,6 @@ class RetainedWatcher:
         self.client.loop_stop()
 
 
-@pytest.fixture
-def processes():
-    started: list[subprocess.Popen] = []
-    yield started
-    for proc in started:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(30)
-        if proc.stderr is not None:
-            proc.stderr.close()
-
-
 def test_agent_and_aggregator_services_train_and_shut_down_cleanly(broker, tmp_path, processes,
                                                                    stoppers):
     topics = FleetTopics("svc")

@@ -33,6 +33,8 @@ class AggregatorConfig(BrokerConfig):
     epochs: int = option(2, "local epochs per round on each device")
     batch_size: int = option(32, "local mini-batch size")
     lr: float = option(0.1, "local learning rate")
+    prox_mu: float = option(0.0, "FedProx proximal term mu on the devices (0: plain FedAvg; "
+                            "0.001-1 as in Li et al. 2020)")
     optimizer: str = option("fedavg", "server optimizer: fedavg fedavgm fedadam fedyogi fedadagrad")
     server_lr: float = option(0.0, "server learning rate (0: the optimizer's default)")
     momentum: float = option(0.9, "FedAvgM momentum")
@@ -88,7 +90,7 @@ class AggregatorConfig(BrokerConfig):
 
     def task_config(self) -> TaskConfig:
         return TaskConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
-                          deadline_s=self.deadline_s)
+                          deadline_s=self.deadline_s, prox_mu=self.prox_mu)
 
     def optimizer_config(self) -> ServerOptConfig:
         return ServerOptConfig(name=self.optimizer, lr=self.server_lr or None,

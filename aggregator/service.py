@@ -27,6 +27,7 @@ from edge_agent.models import build_model
 from edge_agent.mqtt import MqttLink, Will
 from edge_agent.protocol import (
     AggregatorStatus,
+    DeviceStatus,
     FleetTopics,
     ModelAnnouncement,
     ModelChunk,
@@ -40,6 +41,7 @@ from edge_agent.transfer import chunk_tensor
 
 from .config import AggregatorConfig
 from .optimizers import create_optimizer
+from .registry import DeviceRegistry
 from .rounds import Action, RoundMachine, RoundResult
 from .writer import CheckpointWriter
 
@@ -131,11 +133,28 @@ class AggregatorService:
         )
         self.link.route(self.topics.update_filter,
                         lambda m: self._inbox.put((m.topic, m.payload, m.mid, m.qos)), qos=1)
+        self.registry = DeviceRegistry()
+        self.link.route(self.topics.device_status_filter, self._on_status, qos=1)
 
     def _on_connect(self, session_present: bool) -> None:
         """Re-announce on every connect. Without a session, updates sent while we were away
         are gone: a fresh announcement makes devices train again (duplicates are refused)."""
         self._inbox.put(_REPUBLISH if session_present else _REANNOUNCE)
+
+    def _on_status(self, message) -> None:
+        """Births and Last Wills (paho thread): cheap, so handled here, then acked."""
+        try:
+            device = self.topics.device_from_status_topic(message.topic)
+            if message.payload:  # an empty retained message only clears a status
+                info = self.registry.observe(device, DeviceStatus.from_payload(message.payload),
+                                             self.clock())
+                log.info("device %s is %s (%d online)", device,
+                         "online" if info.online else "offline", len(self.registry.online()))
+        except ProtocolError as exc:
+            self.rejected[f"status_{exc.reason}"] += 1
+            log.warning("rejected status on %s (%s): %s", message.topic, exc.reason, exc)
+        finally:
+            self.link.ack(message.mid, message.qos)
 
     # -- state ---------------------------------------------------------------------------
     def _restore(self) -> None:

@@ -41,6 +41,7 @@ class SimulationConfig:
     epochs: int = option(2, "local epochs per round")
     batch_size: int = option(32, "local mini-batch size")
     lr: float = option(0.1, "local learning rate")
+    prox_mu: float = option(0.0, "FedProx proximal term mu (0: FedAvg)")
     optimizer: str = option("fedavg", "server optimizer")
     server_lr: float = option(0.0, "server learning rate (0: optimizer default)")
     codec: str = option("float32", "update codec of every device")
@@ -126,7 +127,8 @@ class Simulation:
                 broker=url, fleet=fleet, client_id=f"{fleet}-aggregator", task=c.task,
                 model=c.model, hidden=c.hidden, seed=c.seed, rounds=c.rounds,
                 min_updates=c.min_updates or c.devices, deadline_s=c.deadline_s,
-                epochs=c.epochs, batch_size=c.batch_size, lr=c.lr, optimizer=c.optimizer,
+                epochs=c.epochs, batch_size=c.batch_size, lr=c.lr, prox_mu=c.prox_mu,
+                optimizer=c.optimizer,
                 server_lr=c.server_lr, checkpoint=str(self.workdir / "aggregator.ckpt"),
                 model_codec=c.model_codec, model_delta_codec=c.model_delta_codec,
                 log_level="WARNING",

@@ -89,7 +89,8 @@ class LocalTrainer:
         model.set_flat(received.params)
         rng = np.random.default_rng([self.seed, a.round])
         result = model.train(self.data.x, self.data.y, epochs=a.task.epochs,
-                             batch_size=a.task.batch_size, lr=a.task.lr, rng=rng)
+                             batch_size=a.task.batch_size, lr=a.task.lr, rng=rng,
+                             prox_mu=a.task.prox_mu)
         delta = model.get_flat() - received.params
         if self.feedback is not None:
             encoded = self.feedback.encode(delta, rng=rng)

@@ -124,3 +124,31 @@ def test_receipt_round_trip():
     assert Receipt.from_payload(receipt.to_payload()) == receipt
     with pytest.raises(ProtocolError):
         Receipt(update_id="x", round=1, status="maybe")
+
+
+@pytest.mark.integration
+def test_the_aggregator_keeps_a_registry_of_device_births_and_deaths(broker, tmp_path,
+                                                                      stoppers):
+    service = make_aggregator(broker.url, tmp_path, stoppers, rounds=1, min_updates=2)
+    agents = make_agents(broker.url, stoppers, 2)
+    wait_for(lambda: service.registry.online() == ["dev0", "dev1"], "two births")
+    caps = service.registry.devices["dev0"].capabilities
+    assert caps["cpus"] >= 1 and "float32" in caps["codecs"] and caps["backend"] == "numpy"
+    agents[1].stop()
+    wait_for(lambda: service.registry.online() == ["dev0"], "dev1 offline")
+    assert not service.registry.devices["dev1"].online
+    assert service.registry.devices["dev1"].capabilities  # kept from the birth
+
+
+def test_registry_keeps_capabilities_across_a_last_will_and_refuses_impostors():
+    from aggregator.registry import DeviceRegistry
+    from edge_agent.protocol import DeviceStatus
+
+    registry = DeviceRegistry()
+    registry.observe("pi1", DeviceStatus(device_id="pi1", online=True,
+                                         capabilities={"cpus": 4}), now=1.0)
+    info = registry.observe("pi1", DeviceStatus(device_id="pi1", online=False), now=2.0)
+    assert not info.online and info.capabilities == {"cpus": 4} and registry.online() == []
+    with pytest.raises(ProtocolError) as exc:
+        registry.observe("pi1", DeviceStatus(device_id="pi2", online=True), now=3.0)
+    assert exc.value.reason == "wrong_topic"

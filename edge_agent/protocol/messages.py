@@ -36,12 +36,15 @@ class TaskConfig(WireObject):
     batch_size: int = wire("b", 32)
     lr: float = wire("lr", 0.05)
     deadline_s: float = wire("dl", 60.0)
+    # FedProx (Li et al. 2020): mu/2 ||w - w_global||^2 keeps partial local work useful.
+    prox_mu: float = wire("mu", 0.0)
 
     def __post_init__(self) -> None:
         _require(1 <= self.epochs <= 1000, f"epochs {self.epochs} out of range")
         _require(1 <= self.batch_size <= 1 << 20, f"batch size {self.batch_size} out of range")
         _require(math.isfinite(self.lr) and self.lr > 0, f"learning rate {self.lr} is not > 0")
         _require(math.isfinite(self.deadline_s) and self.deadline_s > 0, "deadline must be > 0")
+        _require(math.isfinite(self.prox_mu) and self.prox_mu >= 0, "prox_mu must be >= 0")
 
 
 @dataclass(frozen=True, slots=True)

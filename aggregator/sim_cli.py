@@ -42,15 +42,15 @@ def _wait_with_progress(sim: Simulation, config: SimulationConfig) -> Simulation
         updates_bar = p.add_task("round 1: updates", total=per_round)
 
         def show(s: Simulation, shown: int) -> int:
-            done = len(s.records)
-            if done > shown and s.records[-1].accuracy is not None:
-                p.update(rounds_bar, completed=done,
-                         description=f"rounds (accuracy {s.records[-1].accuracy:.3f})")
-            assert s.aggregator is not None
-            open_round = s.aggregator.machine.open
-            finished = s.aggregator.finished.is_set()
-            p.update(updates_bar, completed=per_round if finished else len(open_round.devices),
-                     description=f"round {min(open_round.round, config.rounds)}: updates")
+            done = s.rounds_done()
+            if done > shown:
+                last = s.records[-1].accuracy if s.records else None
+                label = f"rounds (accuracy {last:.3f})" if last is not None else "rounds"
+                p.update(rounds_bar, completed=done, description=label)
+            round_, updates = s.open_round()
+            finished = done >= config.rounds
+            p.update(updates_bar, completed=per_round if finished else updates,
+                     description=f"round {min(round_, config.rounds)}: updates")
             return done
 
         return sim.wait(progress=show)

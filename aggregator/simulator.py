@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from edge_agent.agent import EdgeAgent
 from edge_agent.config import AgentConfig, option
 from edge_agent.data import partition, split_task
@@ -54,10 +56,15 @@ class SimulationConfig:
     fleet: str = option("", "fleet name (default: a fresh sim-XXXXXX)")
     metrics: str = option("", "write per-round JSON lines here and a PNG plot next to it")
     timeout_s: float = option(600.0, "give up if the run takes longer than this")
+    agents_only: bool = option(False, "run only the devices, against an aggregator started "
+                               "separately (`fedmq aggregator`) on --broker and --fleet")
 
     def __post_init__(self) -> None:
         if self.devices < 1 or self.rounds < 1:
             raise ConfigError("devices and rounds must be >= 1")
+        if self.agents_only and not (self.broker and self.fleet):
+            raise ConfigError("--agents-only needs --broker and --fleet: those of the "
+                              "aggregator the devices should join")
         if self.min_updates > self.devices:
             raise ConfigError(f"min_updates {self.min_updates} > devices {self.devices}")
 
@@ -94,6 +101,8 @@ class SimulationResult:
 
     def summary(self) -> str:
         acc = self.final_accuracy
+        if acc is None:  # agents only: the aggregator elsewhere measures accuracy
+            return f"devices took part in {len(self.rounds)} rounds, {self.bytes_up} bytes uploaded"
         return (f"final accuracy {acc:.4f} after {len(self.rounds)} rounds, "
                 f"{self.bytes_up} bytes uploaded")
 
@@ -122,6 +131,22 @@ class Simulation:
         fleet = c.fleet or f"sim-{os.urandom(3).hex()}"
         train, test = split_task(c.task, seed=c.seed)
         shards = partition(train.y, devices=c.devices, alpha=c.alpha, seed=c.seed)
+        if not c.agents_only:
+            self._start_aggregator(url, fleet, test)
+        for i, shard in enumerate(shards):
+            agent_config = AgentConfig(
+                broker=url, fleet=fleet, device_id=f"{fleet}-dev{i:03d}", task=c.task,
+                device_index=i, device_count=c.devices, partition_seed=c.seed, alpha=c.alpha,
+                codec=c.codec, seed=c.seed * 1_000_003 + i, log_level="WARNING",
+            )
+            self.agents.append(EdgeAgent(agent_config, train.subset(shard)))
+        if self.aggregator is not None:
+            self.aggregator.start()
+        for agent in self.agents:
+            agent.start()
+
+    def _start_aggregator(self, url: str, fleet: str, test) -> None:
+        c = self.config
         self.aggregator = AggregatorService(
             AggregatorConfig(
                 broker=url, fleet=fleet, client_id=f"{fleet}-aggregator", task=c.task,
@@ -135,16 +160,31 @@ class Simulation:
             ),
             test_data=test, on_round=self._on_round,
         )
-        for i, shard in enumerate(shards):
-            agent_config = AgentConfig(
-                broker=url, fleet=fleet, device_id=f"{fleet}-dev{i:03d}", task=c.task,
-                device_index=i, device_count=c.devices, partition_seed=c.seed, alpha=c.alpha,
-                codec=c.codec, seed=c.seed * 1_000_003 + i, log_level="WARNING",
-            )
-            self.agents.append(EdgeAgent(agent_config, train.subset(shard)))
-        self.aggregator.start()
-        for agent in self.agents:
-            agent.start()
+
+    def announced_round(self) -> int:
+        """The newest round any simulated device has heard announced."""
+        return max((a.receiver.announcement.round for a in self.agents
+                    if a.receiver.announcement is not None), default=0)
+
+    def rounds_done(self) -> int:
+        if self.aggregator is not None:
+            return len(self.records)
+        return max(0, self.announced_round() - 1)
+
+    def open_round(self) -> tuple[int, int]:
+        """(round, updates in so far) of the round under way."""
+        if self.aggregator is not None:
+            o = self.aggregator.machine.open
+            return o.round, len(o.devices)
+        r = self.announced_round()
+        return r, sum(1 for a in self.agents if a.stats.traffic.get(r, (0, 0))[0] > 0)
+
+    def _finished(self) -> bool:
+        if self.aggregator is not None:
+            if self.aggregator.failure is not None:
+                raise FedmqError(f"the aggregator failed: {self.aggregator.failure!r}")
+            return self.aggregator.finished.is_set()
+        return self.rounds_done() >= self.config.rounds
 
     def _on_round(self, record: RoundRecord) -> None:
         with self.round_closed:
@@ -153,20 +193,15 @@ class Simulation:
 
     def wait(self, progress=None) -> SimulationResult:
         """Block until every round is aggregated (or the timeout), then collect the figures."""
-        assert self.aggregator is not None
         c = self.config
         started = time.monotonic()
         deadline = started + c.timeout_s
         shown = 0
-        while True:
-            if self.aggregator.failure is not None:
-                raise FedmqError(f"the aggregator failed: {self.aggregator.failure!r}")
-            if self.aggregator.finished.is_set():
-                break
+        while not self._finished():
             if time.monotonic() > deadline:
                 raise BrokerError(
                     f"simulation did not finish {c.rounds} rounds within {c.timeout_s:.0f} s "
-                    f"({len(self.records)} done); see the log above for rejected updates"
+                    f"({self.rounds_done()} done); see the log above for rejected updates"
                 )
             with self.round_closed:
                 self.round_closed.wait(0.1)
@@ -178,14 +213,20 @@ class Simulation:
 
     def _result(self, wall_s: float) -> SimulationResult:
         result = SimulationResult(wall_s=wall_s)
+        if self.aggregator is None:  # agents only: what the devices themselves saw
+            self.records = [RoundRecord(
+                round=r, version=r, accuracy=None, test_loss=None, train_loss=float("nan"),
+                participants=sum(1 for a in self.agents if a.stats.traffic.get(r, (0, 0))[0]),
+                samples=0, bytes_up=0, model_bytes=0, wall_s=0.0)
+                for r in range(1, self.rounds_done() + 1)]
         for r in self.records:
             up = sum(a.stats.traffic.get(r.round, (0, 0))[0] for a in self.agents)
             down = sum(a.stats.traffic.get(r.round, (0, 0))[1] for a in self.agents)
             result.rounds.append(SimRound(
                 round=r.round, accuracy=r.accuracy, loss=r.test_loss, train_loss=r.train_loss,
                 participants=r.participants, bytes_up=up, bytes_down=down, wall_s=r.wall_s))
-        assert self.aggregator is not None
-        result.rejected = dict(self.aggregator.rejected)
+        if self.aggregator is not None:
+            result.rejected = dict(self.aggregator.rejected)
         return result
 
     def close(self) -> None:
@@ -234,7 +275,8 @@ def plot_metrics(result: SimulationResult, path: Path) -> Path:
 
     rounds = [r.round for r in result.rounds]
     fig, (ax_acc, ax_bytes) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
-    ax_acc.plot(rounds, [r.accuracy for r in result.rounds], marker="o")
+    ax_acc.plot(rounds, [np.nan if r.accuracy is None else r.accuracy for r in result.rounds],
+                marker="o")
     ax_acc.set_ylabel("test accuracy")
     ax_acc.grid(alpha=0.3)
     ax_bytes.bar([x - 0.2 for x in rounds], [r.bytes_up / 1024 for r in result.rounds],
@@ -246,7 +288,7 @@ def plot_metrics(result: SimulationResult, path: Path) -> Path:
     ax_bytes.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax_bytes.legend()
     ax_bytes.grid(alpha=0.3)
-    fig.suptitle(f"fedmq simulation: final accuracy {result.final_accuracy:.3f}")
+    fig.suptitle(f"fedmq simulation: {result.summary()}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

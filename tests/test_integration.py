@@ -166,3 +166,24 @@ def test_delta_broadcast_cuts_download_bytes_and_late_joiners_take_the_full_mode
     first_round = min(r for r, (_up, d) in late.stats.traffic.items() if d)
     assert late.stats.traffic[first_round][1] > down[1] * 2.5
     assert not late.stats.rejected and not agents[0].stats.rejected
+
+
+def test_agents_only_simulation_joins_a_separately_started_aggregator(broker, tmp_path,
+                                                                      stoppers):
+    from aggregator.simulator import Simulation, SimulationConfig
+    from edge_agent.errors import ConfigError
+
+    service = make_aggregator(broker.url, tmp_path, stoppers, rounds=3, min_updates=3,
+                              fleet="ao")
+    config = SimulationConfig(devices=3, rounds=3, broker=broker.url, fleet="ao",
+                              agents_only=True, timeout_s=60)
+    with Simulation(config, workdir=tmp_path / "sim") as sim:
+        assert sim.aggregator is None
+        result = sim.wait()
+    assert [r.round for r in result.rounds] == [1, 2, 3]
+    assert all(r.participants == 3 and r.accuracy is None for r in result.rounds)
+    assert result.summary().startswith("devices took part in 3 rounds")
+    wait_for(service.finished.is_set, "the separate aggregator's 3 rounds")
+    assert all(r.participants == 3 for r in service.history)
+    with pytest.raises(ConfigError, match="--broker and --fleet"):
+        SimulationConfig(agents_only=True)

@@ -232,7 +232,7 @@ class EdgeAgent:
                 received, self._pending = self._pending, None
             if self.link.subscribed.is_set():  # receipts can reach us: re-send what waits
                 for entry in self.outbox.due(resend_after_s=self.config.resend_after_s):
-                    self._send(entry)
+                    self.stats.traffic[entry.round][0] += self._send(entry)  # bytes are bytes
                     self.stats.resent += 1
             if received is not None:
                 self._train_and_publish(received)

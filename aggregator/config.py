@@ -29,7 +29,8 @@ class AggregatorConfig(BrokerConfig):
     rounds: int = option(0, "stop after this many aggregated rounds (0: run until stopped)")
     min_updates: int = option(2, "a round closes as soon as this many updates arrived")
     deadline_s: float = option(60.0, "seconds a round waits for min_updates")
-    on_insufficient: str = option("extend", "too few updates at the deadline: extend or rerun")
+    on_insufficient: str = option("extend", "too few updates at the deadline: extend (wait "
+                                  "longer) or rerun (re-announce as a new round, keeping them)")
     epochs: int = option(2, "local epochs per round on each device")
     batch_size: int = option(32, "local mini-batch size")
     lr: float = option(0.1, "local learning rate")

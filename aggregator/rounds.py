@@ -28,7 +28,7 @@ class Action(enum.Enum):
     WAIT = "wait"
     CLOSE = "close"  # enough updates: aggregate and publish the next model
     EXTEND = "extend"  # deadline passed with too few: keep collecting for another deadline
-    RERUN = "rerun"  # deadline passed with too few: drop them and announce the round anew
+    RERUN = "rerun"  # deadline passed with too few: announce the round anew, keeping them
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -152,22 +152,18 @@ class RoundMachine:
         self.open.deadline_at = now + self.policy.deadline_s
 
     def rerun(self, now: float) -> int:
-        """Discard the too-small round and open a new one on the same model; returns dropped."""
-        dropped = len(self.open.devices)
-        for device, update_id in self.open.devices.items():
-            self.forget(device, update_id)
-        self._start(self.open.round + 1, now)
-        return dropped
+        """Re-open the too-small round under a new number on the same model, so devices that
+        missed its announcement train; the updates already held (and receipted) stay, since
+        they were trained on this very model. Returns how many are kept."""
+        self.open.round += 1
+        self.open.deadline_at = now + self.policy.deadline_s
+        return len(self.open.devices)
 
     def _start(self, round: int, now: float) -> None:
         self.acc = WeightedAccumulator(self.params.size)
         self.open = _OpenRound(round=round, deadline_at=now + self.policy.deadline_s)
         oldest = round - REMEMBER_ROUNDS
         self.recent = {k: r for k, r in self.recent.items() if r >= oldest}
-
-    def forget(self, device_id: str, update_id: str) -> None:
-        """Drop the idempotency key of a dropped (rerun) update."""
-        self.recent.pop((device_id, update_id), None)
 
     def state_dict(self) -> dict[str, Any]:
         """The model, the optimizer and the open round's partial aggregate: after a crash

@@ -357,9 +357,9 @@ class AggregatorService:
                         self.config.min_updates)
             self.machine.extend(now)
         elif action is Action.RERUN:
-            dropped = self.machine.rerun(now)
-            log.warning("round %d had only %d of %d updates by the deadline; dropped them and "
-                        "re-announced the model as round %d", self.machine.round - 1, dropped,
+            kept = self.machine.rerun(now)
+            log.warning("round %d had only %d of %d updates by the deadline; re-announced the "
+                        "model as round %d, keeping them", self.machine.round - 1, kept,
                         self.config.min_updates, self.machine.round)
             self._announce()
 

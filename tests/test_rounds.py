@@ -76,15 +76,21 @@ def test_deadline_extends_rather_than_averaging_over_too_few():
     assert m.due(19.0) is Action.CLOSE
 
 
-def test_deadline_rerun_opens_a_new_round_on_the_same_model():
+def test_deadline_rerun_reannounces_on_the_same_model_and_keeps_what_it_holds():
     m = machine(min_updates=2, deadline_s=10, on_insufficient="rerun")
-    m.offer(update("a"))
+    m.offer(update("a", uid="ua"))
     assert m.due(10.0) is Action.RERUN
-    assert m.rerun(10.0) == 1
-    assert (m.round, m.version, m.acc.count) == (2, 0, 0)
-    with pytest.raises(ProtocolError):
-        m.offer(update("a", round=1))
-    m.offer(update("a", round=2))
+    assert m.rerun(10.0) == 1  # the receipted update stays
+    assert (m.round, m.version, m.acc.count) == (2, 0, 1)
+    assert m.due(15.0) is Action.WAIT  # a fresh deadline
+    with pytest.raises(ProtocolError) as info:
+        m.offer(update("b", round=1))
+    assert info.value.reason == "stale_round"
+    with pytest.raises(ProtocolError) as info:
+        m.offer(update("a", round=2, uid="ua2"))  # a retrained copy does not count twice
+    assert info.value.reason == "duplicate"
+    m.offer(update("b", round=2, uid="ub"))
+    assert m.due(15.0) is Action.CLOSE and m.close(15.0).participants == 2
 
 
 def test_state_round_trip_resumes_between_rounds():

@@ -89,3 +89,84 @@ def test_broker_killed_mid_round_and_restarted_empty(broker, tmp_path, stoppers,
     trained = sum(a.stats.updates_sent for a in agents)
     refused = sum(sum(a.stats.receipts.values()) - a.stats.receipts["accepted"] for a in agents)
     assert counted + refused == trained  # each trained update: counted once, or refused
+
+
+@pytest.fixture
+def fast_reconnects(monkeypatch):
+    """Links built after this retry within 0.3 s: cut devices rejoin promptly."""
+    import edge_agent.mqtt as mqtt_module
+
+    monkeypatch.setattr(mqtt_module, "RECONNECT_MAX_S", 0.3)
+    monkeypatch.setattr(mqtt_module, "RECONNECT_MIN_S", 0.05)
+
+
+def proxied_agents(broker, stoppers, pool, count, *, fleet):
+    """Each device connects through its own fault proxy."""
+    agents = []
+    for i in range(count):
+        agents += make_agents(pool.url(f"dev{i}"), stoppers, 1, total=count, first=i,
+                              fleet=fleet)
+    return agents
+
+
+def test_a_device_offline_for_three_rounds_rejoins_on_the_latest_model(
+        broker, tmp_path, stoppers, fast_reconnects):
+    from aggregator.faultproxy import ProxyPool
+
+    from .helpers import make_aggregator
+
+    pool = ProxyPool.for_broker(broker.url)
+    stoppers(pool.stop)
+    service = make_aggregator(broker.url, tmp_path, stoppers, rounds=8, min_updates=3,
+                              fleet="away", model="logreg")
+    agents = proxied_agents(broker, stoppers, pool, 4, fleet="away")
+    away = agents[3]
+    wait_for(lambda: len(service.history) >= 1, "a first round")
+    pool.proxy("dev3").cut()
+    wait_for(lambda: not away.link.connected.is_set(), "dev3 to drop off")
+    cut_at = len(service.history)
+    wait_for(lambda: len(service.history) >= cut_at + 3, "3 rounds without dev3")
+    assert "dev3" not in service.machine.open.devices  # still away
+    pool.proxy("dev3").restore()
+    wait_for(service.finished.is_set, "the remaining rounds with dev3 back")
+    # back online, it took the newest model, trained on it and was counted again
+    assert away.receiver.held_version >= cut_at + 3
+    later = [r for (d, _u), r in service.machine.recent.items() if d == "dev3"]
+    assert max(later) > cut_at + 3
+    wait_for(lambda: len(away.outbox) == 0, "dev3's outbox to drain")
+    assert service.history[-1].accuracy > 0.8
+
+
+def test_training_completes_when_30_percent_of_devices_drop_every_round(
+        broker, tmp_path, stoppers, fast_reconnects):
+    import random
+
+    from aggregator.faultproxy import ProxyPool
+
+    from .helpers import make_aggregator
+
+    pool = ProxyPool.for_broker(broker.url)
+    stoppers(pool.stop)
+    devices = [f"dev{i}" for i in range(10)]
+    service = make_aggregator(broker.url, tmp_path, stoppers, rounds=6, min_updates=7,
+                              fleet="drop", model="logreg", deadline_s=60, epochs=5,
+                              lr=0.2)
+    agents = proxied_agents(broker, stoppers, pool, 10, fleet="drop")
+    rng = random.Random(0)
+    for done in range(6):  # before each round: a different 30% of the fleet is gone
+        wait_for(lambda d=done: len(service.history) >= d or service.finished.is_set(),
+                 f"round {done}")
+        dropped = set(rng.sample(devices, 3))
+        for device in devices:
+            if device in dropped:
+                pool.proxy(device).cut()
+            else:
+                pool.proxy(device).restore()
+    wait_for(service.finished.is_set, "6 rounds with 30% dropping out")
+    for device in devices:
+        pool.proxy(device).restore()
+    assert all(r.participants >= 7 for r in service.history)
+    assert service.history[-1].accuracy > 0.8
+    wait_for(lambda: all(len(a.outbox) == 0 for a in agents), "every outbox to drain")
+    counted = sum(r.participants for r in service.history) + len(service.machine.open.devices)
+    assert sum(a.stats.receipts["accepted"] for a in agents) == counted == service.accepted

@@ -36,7 +36,7 @@ def _wait_with_progress(sim: Simulation, config: SimulationConfig) -> Simulation
         progress_mod.TextColumn("{task.description:<28}"), progress_mod.BarColumn(),
         progress_mod.MofNCompleteColumn(), progress_mod.TimeElapsedColumn(),
     )
-    per_round = config.min_updates or config.devices
+    per_round = config.quorum
     with p:
         rounds_bar = p.add_task("rounds", total=config.rounds)
         updates_bar = p.add_task("round 1: updates", total=per_round)

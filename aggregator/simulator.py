@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import os
+import random
 import tempfile
 import threading
 import time
@@ -26,6 +27,7 @@ from edge_agent.errors import BrokerError, ConfigError, FedmqError, require
 
 from .broker import LocalMosquitto
 from .config import AggregatorConfig
+from .faultproxy import ProxyPool
 from .service import AggregatorService, RoundRecord
 
 log = logging.getLogger(__name__)
@@ -58,15 +60,28 @@ class SimulationConfig:
     timeout_s: float = option(600.0, "give up if the run takes longer than this")
     agents_only: bool = option(False, "run only the devices, against an aggregator started "
                                "separately (`fedmq aggregator`) on --broker and --fleet")
+    dropout: float = option(0.0, "fraction of devices cut off from the broker before every "
+                            "round (each device talks through its own fault proxy)")
 
     def __post_init__(self) -> None:
         if self.devices < 1 or self.rounds < 1:
             raise ConfigError("devices and rounds must be >= 1")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout {self.dropout} must be in [0, 1)")
         if self.agents_only and not (self.broker and self.fleet):
             raise ConfigError("--agents-only needs --broker and --fleet: those of the "
                               "aggregator the devices should join")
         if self.min_updates > self.devices:
             raise ConfigError(f"min_updates {self.min_updates} > devices {self.devices}")
+
+    @property
+    def dropped_per_round(self) -> int:
+        return round(self.dropout * self.devices)
+
+    @property
+    def quorum(self) -> int:
+        """Updates that close a round: all devices that are not cut off, unless set."""
+        return self.min_updates or max(1, self.devices - self.dropped_per_round)
 
 
 @dataclass(frozen=True)
@@ -119,6 +134,9 @@ class Simulation:
         self.agents: list[EdgeAgent] = []
         self.records: list[RoundRecord] = []
         self.round_closed = threading.Condition()
+        self.proxies: ProxyPool | None = None  # one fault proxy per device, with --dropout
+        self._dropout_rng = random.Random(config.seed)
+        self._dropout_round = -1
 
     def start(self) -> None:
         c = self.config
@@ -133,17 +151,36 @@ class Simulation:
         shards = partition(train.y, devices=c.devices, alpha=c.alpha, seed=c.seed)
         if not c.agents_only:
             self._start_aggregator(url, fleet, test)
+        if c.dropout > 0:
+            self.proxies = ProxyPool.for_broker(url)
         for i, shard in enumerate(shards):
+            device_id = f"{fleet}-dev{i:03d}"
             agent_config = AgentConfig(
-                broker=url, fleet=fleet, device_id=f"{fleet}-dev{i:03d}", task=c.task,
+                broker=self.proxies.url(device_id) if self.proxies else url, fleet=fleet,
+                device_id=device_id, task=c.task,
                 device_index=i, device_count=c.devices, partition_seed=c.seed, alpha=c.alpha,
                 codec=c.codec, seed=c.seed * 1_000_003 + i, log_level="WARNING",
             )
             self.agents.append(EdgeAgent(agent_config, train.subset(shard)))
+        self._apply_dropout()
         if self.aggregator is not None:
             self.aggregator.start()
         for agent in self.agents:
             agent.start()
+
+    def _apply_dropout(self) -> None:
+        """Before each round, cut a fresh random set of devices off and restore the rest."""
+        if self.proxies is None or self.rounds_done() == self._dropout_round:
+            return
+        self._dropout_round = self.rounds_done()
+        ids = [a.config.device_id for a in self.agents]
+        dropped = set(self._dropout_rng.sample(ids, self.config.dropped_per_round))
+        for device_id in ids:
+            proxy = self.proxies.proxy(device_id)
+            if device_id in dropped:
+                proxy.cut()
+            else:
+                proxy.restore()
 
     def _start_aggregator(self, url: str, fleet: str, test) -> None:
         c = self.config
@@ -151,7 +188,7 @@ class Simulation:
             AggregatorConfig(
                 broker=url, fleet=fleet, client_id=f"{fleet}-aggregator", task=c.task,
                 model=c.model, hidden=c.hidden, seed=c.seed, rounds=c.rounds,
-                min_updates=c.min_updates or c.devices, deadline_s=c.deadline_s,
+                min_updates=c.quorum, deadline_s=c.deadline_s,
                 epochs=c.epochs, batch_size=c.batch_size, lr=c.lr, prox_mu=c.prox_mu,
                 optimizer=c.optimizer,
                 server_lr=c.server_lr, checkpoint=str(self.workdir / "aggregator.ckpt"),
@@ -205,6 +242,7 @@ class Simulation:
                 )
             with self.round_closed:
                 self.round_closed.wait(0.1)
+            self._apply_dropout()
             if progress is not None:
                 shown = progress(self, shown)
         if progress is not None:
@@ -230,9 +268,14 @@ class Simulation:
         return result
 
     def close(self) -> None:
+        if self.proxies is not None:  # let every device say goodbye through a working link
+            for proxy in self.proxies.proxies.values():
+                proxy.restore()
         for agent in self.agents:
             with contextlib.suppress(Exception):
                 agent.stop()
+        if self.proxies is not None:
+            self.proxies.stop()
         if self.aggregator is not None:
             with contextlib.suppress(Exception):
                 self.aggregator.stop()

@@ -187,3 +187,22 @@ def test_agents_only_simulation_joins_a_separately_started_aggregator(broker, tm
     assert all(r.participants == 3 for r in service.history)
     with pytest.raises(ConfigError, match="--broker and --fleet"):
         SimulationConfig(agents_only=True)
+
+
+def test_simulation_with_dropout_cuts_a_random_share_of_devices_every_round(tmp_path):
+    from aggregator.simulator import Simulation, SimulationConfig
+    from edge_agent.errors import ConfigError
+
+    config = SimulationConfig(devices=6, rounds=5, dropout=0.34, model="logreg", epochs=3,
+                              timeout_s=120)
+    assert (config.dropped_per_round, config.quorum) == (2, 4)
+    with Simulation(config, workdir=tmp_path / "sim") as sim:
+        result = sim.wait()
+        cuts = sum(p.stats().cut for p in sim.proxies.proxies.values())
+        sent = [a.stats.updates_sent for a in sim.agents]
+    assert [r.round for r in result.rounds] == [1, 2, 3, 4, 5]
+    assert all(r.participants >= 4 for r in result.rounds)
+    assert cuts > 0 and min(sent) < 5  # somebody missed a round while cut off
+    assert result.final_accuracy > 0.7
+    with pytest.raises(ConfigError, match="dropout"):
+        SimulationConfig(dropout=1.0)

@@ -3,7 +3,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge_agent.data import device_shard, split_task
+from edge_agent.data import device_shard, load_task, split_task
 from edge_agent.data.partition import dirichlet_partition, iid_partition, train_test_split
 from edge_agent.errors import ConfigError
 from edge_agent.models import build_model
@@ -121,3 +121,22 @@ def test_unknown_model_and_bad_config():
         build_model("resnet", {})
     with pytest.raises(ConfigError):
         build_model("mlp", {"inputs": 4, "classes": 2, "depth": 9})
+
+
+def test_training_stops_at_the_step_cap_and_reports_the_work_it_did():
+    data = load_task("digits")
+    model = build_model("mlp", {"inputs": 64, "classes": 10, "hidden": 16})
+    rng = np.random.default_rng(0)
+    result = model.train(data.x[:200], data.y[:200], epochs=5, batch_size=20, lr=0.1, rng=rng,
+                         max_steps=7)
+    assert (result.steps, result.num_samples, result.complete) == (7, 140, False)
+    full = model.train(data.x[:200], data.y[:200], epochs=1, batch_size=20, lr=0.1, rng=rng)
+    assert (full.steps, full.num_samples, full.complete) == (10, 200, True)
+
+
+def test_a_spent_time_budget_still_takes_one_step():
+    data = load_task("digits")
+    model = build_model("logreg", {"inputs": 64, "classes": 10})
+    result = model.train(data.x, data.y, epochs=3, batch_size=32, lr=0.1,
+                         rng=np.random.default_rng(0), time_budget_s=1e-9)
+    assert (result.steps, result.num_samples, result.complete) == (1, 32, False)

@@ -11,7 +11,7 @@ import time
 import numpy as np
 
 from ..errors import DataError
-from .base import EvalResult, Model, TrainResult
+from .base import EvalResult, Model, TrainResult, batches, budget_spent
 from .layout import ParamLayout
 
 
@@ -59,24 +59,27 @@ class NumpyModel(Model):
         """Forward + backward on one batch; leaves the gradient in self.grads."""
         raise NotImplementedError
 
-    def train(self, x, y, *, epochs, batch_size, lr, rng, prox_mu=0.0) -> TrainResult:
+    def train(self, x, y, *, epochs, batch_size, lr, rng, prox_mu=0.0, time_budget_s=0.0,
+              max_steps=0) -> TrainResult:
         if len(x) == 0:
             raise DataError("no training examples on this device")
         start = time.perf_counter()
         anchor = self.params.copy() if prox_mu > 0 else None
-        total_loss, seen = 0.0, 0
-        for _ in range(epochs):
-            order = rng.permutation(len(x))
-            for lo in range(0, len(x), batch_size):
-                idx = order[lo : lo + batch_size]
-                loss = self._loss_and_grad(x[idx], y[idx])
-                if anchor is not None:  # FedProx: gradient of mu/2 ||w - w_global||^2
-                    self.grads += prox_mu * (self.params - anchor)
-                self.params -= np.float32(lr) * self.grads
-                total_loss += loss * len(idx)
-                seen += len(idx)
+        total_loss, seen, steps = 0.0, 0, 0
+        for idx in batches(len(x), epochs=epochs, batch_size=batch_size, rng=rng):
+            if steps and budget_spent(start, steps, time_budget_s, max_steps):
+                return TrainResult(num_samples=seen, loss=total_loss / seen,
+                                   seconds=time.perf_counter() - start, steps=steps,
+                                   complete=False)
+            loss = self._loss_and_grad(x[idx], y[idx])
+            if anchor is not None:  # FedProx: gradient of mu/2 ||w - w_global||^2
+                self.grads += prox_mu * (self.params - anchor)
+            self.params -= np.float32(lr) * self.grads
+            total_loss += loss * len(idx)
+            seen += len(idx)
+            steps += 1
         return TrainResult(num_samples=seen, loss=total_loss / seen,
-                           seconds=time.perf_counter() - start)
+                           seconds=time.perf_counter() - start, steps=steps)
 
     def evaluate(self, x, y) -> EvalResult:
         if len(x) == 0:

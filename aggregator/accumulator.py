@@ -12,23 +12,29 @@ from edge_agent.protocol import EncodedTensor
 
 
 class WeightedAccumulator:
-    """Holds sum_k n_k * delta_k and sum_k n_k; the mean is their ratio."""
+    """Holds sum_k w_k * delta_k and sum_k n_k; the mean is their ratio.
+
+    Usually w_k = n_k (samples). A stale update comes in with w_k = n_k * s(tau) but still
+    adds n_k below the line, so its discount survives even when every update in the
+    buffer is equally stale (FedBuff's (1/K) sum s(tau_k) delta_k, weighted by samples).
+    """
 
     def __init__(self, size: int) -> None:
         self.total = np.zeros(size, dtype=np.float32)
         self.weight = 0.0
         self.count = 0
 
-    def add_encoded(self, tensor: EncodedTensor, weight: float) -> None:
+    def add_encoded(self, tensor: EncodedTensor, weight: float,
+                    norm: float | None = None) -> None:
         """Decode straight into the running sum, all-or-nothing.
 
         decode_into validates lengths, indices and scales (and finiteness) before it
         touches the sum, so a rejected update never leaves a trace in the aggregate.
         """
-        if not weight > 0:
-            raise ValueError(f"weight must be > 0, got {weight}")
+        if not weight > 0 or (norm is not None and not norm >= weight):
+            raise ValueError(f"weight must be > 0 and at most norm, got {weight}, {norm}")
         codecs.decode_into(tensor, self.total, weight)
-        self.weight += weight
+        self.weight += weight if norm is None else norm
         self.count += 1
 
     def add(self, delta: np.ndarray, weight: float) -> None:

@@ -17,8 +17,9 @@ from edge_agent.protocol import Update
 
 from .accumulator import WeightedAccumulator
 from .optimizers import ServerOptimizer
+from .staleness import StalenessPolicy
 
-STATE_FORMAT = 2
+STATE_FORMAT = 3
 # Accepted (device, update id) keys are remembered this many rounds back, so an update
 # re-sent after its round closed still gets an "accepted" receipt, not a rejection.
 REMEMBER_ROUNDS = 8
@@ -31,15 +32,37 @@ class Action(enum.Enum):
     RERUN = "rerun"  # deadline passed with too few: announce the round anew, keeping them
 
 
+LATE_POLICIES = ("discard", "fold")
+
+
 @dataclass(frozen=True, kw_only=True)
 class RoundPolicy:
+    """When a round closes, and what happens to updates trained on an older model.
+
+    A round closes as soon as `target_updates` arrived (the quorum of an over-selected
+    cohort, or FedBuff's buffer size K; 0: `min_updates`), or at the deadline if at least
+    `min_updates` did. Late updates are discarded, or folded into the open round with
+    weight s(tau) (always so in async mode, where every update is late by design).
+    """
+
     min_updates: int = 2
+    target_updates: int = 0
     deadline_s: float = 60.0
     on_insufficient: str = "extend"  # "extend" or "rerun"
+    late_updates: str = "discard"  # "discard" or "fold"
+    staleness: StalenessPolicy = field(default_factory=StalenessPolicy)
+
+    @property
+    def close_at(self) -> int:
+        return max(self.target_updates, self.min_updates)
 
     def __post_init__(self) -> None:
         if self.min_updates < 1:
             raise ConfigError("min_updates must be >= 1: a round never averages over nothing")
+        if self.target_updates < 0:
+            raise ConfigError("target_updates must be >= 0 (0: close at min_updates)")
+        if self.late_updates not in LATE_POLICIES:
+            raise ConfigError(f"late_updates {self.late_updates!r} must be 'discard' or 'fold'")
         if not self.deadline_s > 0:
             raise ConfigError("deadline_s must be > 0")
         if self.on_insufficient not in ("extend", "rerun"):
@@ -52,21 +75,34 @@ class RoundPolicy:
 class RoundResult:
     round: int
     version: int  # version of the new global model
-    participants: int
+    participants: int  # updates aggregated
     samples: int
     train_loss: float
     bytes_up: int
     devices: tuple[str, ...]
+    stale: int = 0  # of the participants, how many were trained on an older model
+    max_staleness: int = 0
 
 
 @dataclass
 class _OpenRound:
     round: int
     deadline_at: float
-    devices: dict[str, str] = field(default_factory=dict)  # device -> update id
+    # (device, base version) -> update id: a device counts once per model it trained on
+    contributions: dict[tuple[str, int], str] = field(default_factory=dict)
     samples: int = 0
     loss_sum: float = 0.0
     bytes_up: int = 0
+    stale: int = 0
+    max_staleness: int = 0
+
+    @property
+    def count(self) -> int:
+        return len(self.contributions)
+
+    @property
+    def devices(self) -> set[str]:
+        return {device for device, _ in self.contributions}
 
 
 class RoundMachine:
@@ -98,40 +134,65 @@ class RoundMachine:
         """
         if self.recent.get((update.device_id, update.update_id)) is not None:
             return False
-        if update.round != self.open.round:
-            reason = "stale_round" if update.round < self.open.round else "future_round"
-            raise ProtocolError(
-                f"update from {update.device_id} is for round {update.round}, "
-                f"round {self.open.round} is open", reason=reason,
-            )
-        if update.base_version != self.version:
-            raise ProtocolError(
-                f"update from {update.device_id} trained on version {update.base_version}, "
-                f"current is {self.version}", reason="wrong_version",
-            )
+        tau = self._staleness(update)
         if update.layout_hash and update.layout_hash != self.layout_hash:
             raise ProtocolError(
                 f"update from {update.device_id} has layout {update.layout_hash}, "
                 f"model has {self.layout_hash}", reason="bad_layout",
             )
-        if update.device_id in self.open.devices:
+        key = (update.device_id, update.base_version)
+        if key in self.open.contributions:
             raise ProtocolError(
-                f"device {update.device_id} already contributed to round {self.open.round}",
-                reason="duplicate",
+                f"device {update.device_id} already contributed to round {self.open.round} "
+                f"with a model v{update.base_version} update", reason="duplicate",
             )
-        self.acc.add_encoded(update.delta, float(update.num_samples))
-        self.open.devices[update.device_id] = update.update_id
-        self.open.samples += update.num_samples
-        self.open.loss_sum += update.loss * update.num_samples
-        self.open.bytes_up += payload_bytes
-        self.recent[(update.device_id, update.update_id)] = self.open.round
+        samples = float(update.num_samples)
+        self.acc.add_encoded(update.delta, samples * self.policy.staleness.weight(tau)
+                             if tau else samples, norm=samples)
+        o = self.open
+        o.contributions[key] = update.update_id
+        o.samples += update.num_samples
+        o.loss_sum += update.loss * update.num_samples
+        o.bytes_up += payload_bytes
+        if tau:
+            o.stale += 1
+            o.max_staleness = max(o.max_staleness, tau)
+        self.recent[(update.device_id, update.update_id)] = o.round
         return True
 
+    def _staleness(self, update: Update) -> int:
+        """Versions the update's base is behind; raises for what the policy refuses."""
+        o, tau = self.open, self.version - update.base_version
+        if update.round > o.round:
+            raise ProtocolError(f"update from {update.device_id} is for round {update.round}, "
+                                f"round {o.round} is open", reason="future_round")
+        if tau < 0:
+            raise ProtocolError(f"update from {update.device_id} trained on version "
+                                f"{update.base_version}, current is {self.version}",
+                                reason="wrong_version")
+        if self.policy.late_updates == "discard":
+            if update.round < o.round:
+                raise ProtocolError(f"update from {update.device_id} is for round "
+                                    f"{update.round}, round {o.round} is open",
+                                    reason="stale_round")
+            if tau:
+                raise ProtocolError(f"update from {update.device_id} trained on version "
+                                    f"{update.base_version}, current is {self.version}",
+                                    reason="wrong_version")
+        elif not self.policy.staleness.accepts(tau):
+            raise ProtocolError(
+                f"update from {update.device_id} is {tau} versions behind; the limit is "
+                f"{self.policy.staleness.max_staleness}", reason="too_stale")
+        return tau
+
     def due(self, now: float) -> Action:
-        if len(self.open.devices) >= self.policy.min_updates:
+        count = self.open.count
+        if count >= self.policy.close_at:
             return Action.CLOSE
         if now < self.open.deadline_at:
             return Action.WAIT
+        if count >= self.policy.min_updates:
+            return Action.CLOSE  # the deadline closes on the quorum that made it
         return Action.EXTEND if self.policy.on_insufficient == "extend" else Action.RERUN
 
     def close(self, now: float) -> RoundResult:
@@ -141,9 +202,10 @@ class RoundMachine:
         self.version += 1
         o = self.open
         result = RoundResult(
-            round=o.round, version=self.version, participants=len(o.devices), samples=o.samples,
+            round=o.round, version=self.version, participants=o.count, samples=o.samples,
             train_loss=o.loss_sum / o.samples if o.samples else float("nan"),
-            bytes_up=o.bytes_up, devices=tuple(sorted(o.devices)),
+            bytes_up=o.bytes_up, devices=tuple(sorted(o.devices)), stale=o.stale,
+            max_staleness=o.max_staleness,
         )
         self._start(o.round + 1, now)
         return result
@@ -157,7 +219,7 @@ class RoundMachine:
         they were trained on this very model. Returns how many are kept."""
         self.open.round += 1
         self.open.deadline_at = now + self.policy.deadline_s
-        return len(self.open.devices)
+        return self.open.count
 
     def _start(self, round: int, now: float) -> None:
         self.acc = WeightedAccumulator(self.params.size)
@@ -173,12 +235,21 @@ class RoundMachine:
             "format": STATE_FORMAT, "round": o.round, "version": self.version,
             "layout_hash": self.layout_hash, "params": self.params.copy(),
             "optimizer": self.optimizer.state_dict(),
-            "open": {"acc": self.acc.state_dict(), "devices": dict(o.devices),
-                     "samples": o.samples, "loss_sum": o.loss_sum, "bytes_up": o.bytes_up},
+            "open": {"acc": self.acc.state_dict(),
+                     "contributions": [[d, v, u] for (d, v), u in o.contributions.items()],
+                     "samples": o.samples, "loss_sum": o.loss_sum, "bytes_up": o.bytes_up,
+                     "stale": o.stale, "max_staleness": o.max_staleness},
             "recent": [[d, u, r] for (d, u), r in self.recent.items()],
         }
 
     def load_state_dict(self, state: dict[str, Any], *, now: float) -> None:
+        if state.get("format") == 2:  # one update per device, all on the current version
+            partial = state.get("open") or {}
+            partial["contributions"] = [[d, state["version"], u]
+                                        for d, u in partial.pop("devices", {}).items()]
+            partial.setdefault("stale", 0)
+            partial.setdefault("max_staleness", 0)
+            state = {**state, "format": STATE_FORMAT, "open": partial or None}
         if state.get("format") != STATE_FORMAT:
             raise ConfigError(f"checkpoint format {state.get('format')} is not supported")
         if state["layout_hash"] != self.layout_hash:
@@ -194,7 +265,10 @@ class RoundMachine:
         partial = state.get("open")
         if partial:
             self.acc.load_state_dict(partial["acc"])
-            self.open.devices = dict(partial["devices"])
-            self.open.samples = int(partial["samples"])
-            self.open.loss_sum = float(partial["loss_sum"])
-            self.open.bytes_up = int(partial["bytes_up"])
+            o = self.open
+            o.contributions = {(d, int(v)): u for d, v, u in partial["contributions"]}
+            o.samples = int(partial["samples"])
+            o.loss_sum = float(partial["loss_sum"])
+            o.bytes_up = int(partial["bytes_up"])
+            o.stale = int(partial["stale"])
+            o.max_staleness = int(partial["max_staleness"])

@@ -353,7 +353,7 @@ class AggregatorService:
             self._close_round(now)
         elif action is Action.EXTEND:
             log.warning("round %d: only %d of %d updates by the deadline; extending",
-                        self.machine.round, len(self.machine.open.devices),
+                        self.machine.round, self.machine.open.count,
                         self.config.min_updates)
             self.machine.extend(now)
         elif action is Action.RERUN:

@@ -212,7 +212,7 @@ class Simulation:
         """(round, updates in so far) of the round under way."""
         if self.aggregator is not None:
             o = self.aggregator.machine.open
-            return o.round, len(o.devices)
+            return o.round, o.count
         r = self.announced_round()
         return r, sum(1 for a in self.agents if a.stats.traffic.get(r, (0, 0))[0] > 0)
 

@@ -27,7 +27,15 @@ from .errors import FedmqError, ProtocolError
 from .models import Model, build_model
 from .mqtt import MqttLink, Will
 from .outbox import Outbox, Pending
-from .protocol import DeviceStatus, FleetTopics, ModelAnnouncement, ModelChunk, Receipt, Update
+from .protocol import (
+    DeviceStatus,
+    FleetTopics,
+    ModelAnnouncement,
+    ModelChunk,
+    Receipt,
+    TaskConfig,
+    Update,
+)
 from .transfer import DELTA, FULL, ModelReceiver, ReceivedModel
 
 log = logging.getLogger(__name__)
@@ -58,13 +66,16 @@ class LocalTrainer:
                  state_path: str | Path | None = None) -> None:
         if len(data) == 0:
             raise FedmqError(f"device {device_id} has no training data")
+        self.codec = codec
         self.spec = codecs.get_codec(codec)  # fail at start-up, not mid-round
         self.device_id = device_id
         self.data = data
         self.seed = seed
-        self.feedback = codecs.ErrorFeedback(self.spec) if self.spec.error_feedback else None
+        # One residual, whatever codec the server assigns: what was not sent is owed
+        # regardless of how the next delta is compressed.
+        self.feedback = codecs.ErrorFeedback(self.spec)
         self.state_path = Path(state_path) if state_path else None
-        if self.feedback is not None and self.state_path is not None:
+        if self.state_path is not None:
             state = persist.load_state(self.state_path)
             if state is not None:
                 self.feedback.load_state_dict(state.get("feedback", {}))
@@ -83,31 +94,47 @@ class LocalTrainer:
                 f"{a.model} ({self._model.layout.hash}); upgrade this agent", reason="bad_layout")
         return self._model
 
-    def train(self, received: ReceivedModel) -> Update:
+    def _encode(self, delta: np.ndarray, codec: str, rng: np.random.Generator):
+        """Encode with the assigned codec (or ours); error feedback carries the residual."""
+        spec = codecs.get_codec(codec) if codec else self.spec
+        if not spec.error_feedback:
+            return codecs.encode(delta, spec, rng=rng)
+        self.feedback.spec = spec
+        encoded = self.feedback.encode(delta, rng=rng)
+        if self.state_path is not None:
+            persist.save_state(self.state_path, {"feedback": self.feedback.state_dict()})
+        return encoded
+
+    def train(self, received: ReceivedModel, task: TaskConfig | None = None) -> Update:
+        """Train on the model as `task` says (default: the announcement's task for all)."""
         a = received.announcement
+        task = task or a.task
         model = self._model_for(a)
         model.set_flat(received.params)
         rng = np.random.default_rng([self.seed, a.round])
-        result = model.train(self.data.x, self.data.y, epochs=a.task.epochs,
-                             batch_size=a.task.batch_size, lr=a.task.lr, rng=rng,
-                             prox_mu=a.task.prox_mu)
+        result = model.train(self.data.x, self.data.y, epochs=task.epochs,
+                             batch_size=task.batch_size, lr=task.lr, rng=rng,
+                             prox_mu=task.prox_mu, time_budget_s=task.time_budget_s,
+                             max_steps=task.max_steps)
         delta = model.get_flat() - received.params
-        if self.feedback is not None:
-            encoded = self.feedback.encode(delta, rng=rng)
-            if self.state_path is not None:
-                persist.save_state(self.state_path, {"feedback": self.feedback.state_dict()})
-        else:
-            encoded = codecs.encode(delta, self.spec, rng=rng)
+        try:
+            encoded = self._encode(delta, task.codec, rng)
+        except FedmqError as exc:  # a codec this build does not know: ours still works
+            log.warning("%s: assigned codec %r unusable (%s); using %s", self.device_id,
+                        task.codec, exc, self.codec)
+            encoded = self._encode(delta, "", rng)
         return Update(
             device_id=self.device_id, update_id=os.urandom(4).hex(), round=a.round,
             base_version=a.version, num_samples=result.num_samples, loss=result.loss,
             delta=encoded, layout_hash=a.layout_hash, train_s=result.seconds,
+            steps=result.steps, complete=result.complete,
         )
 
 
 @dataclass
 class AgentStats:
     updates_sent: int = 0  # updates trained and sent (re-sends not counted)
+    sat_out: int = 0  # rounds this device was not selected for
     resent: int = 0
     models_received: int = 0
     receipts: Counter = field(default_factory=Counter)  # by status
@@ -252,8 +279,14 @@ class EdgeAgent:
 
     def _train_and_publish(self, received: ReceivedModel) -> None:
         a = received.announcement
+        task = a.task_for(self.config.device_id)
+        if task is None:
+            self.stats.sat_out += 1
+            log.debug("%s: not in round %d's cohort; holding model v%d", self.config.device_id,
+                      a.round, a.version)
+            return
         try:
-            update = self.trainer.train(received)
+            update = self.trainer.train(received, task)
         except FedmqError as exc:
             self.stats.rejected[getattr(exc, "reason", "train_failed")] += 1
             log.error("%s: cannot train on model v%d: %s", self.config.device_id, a.version, exc)

@@ -22,7 +22,7 @@ def counted_in(checkpoint) -> int:
     """Updates a checkpoint counts: closed rounds plus the open round's partial aggregate."""
     state = persist.load_state(checkpoint)
     return (sum(r["participants"] for r in state["history"])
-            + len(state["machine"]["open"]["devices"]))
+            + len(state["machine"]["open"]["contributions"]))
 
 
 def test_aggregator_sigkilled_mid_round_resumes_with_every_receipted_update(

@@ -74,7 +74,7 @@ def test_the_open_rounds_partial_aggregate_survives_a_crash():
         m.offer(update("b", "u2", value=3.0))
     restored = machine()
     restored.load_state_dict(crashed.state_dict(), now=5.0)
-    assert restored.open.devices == {"a": "u1", "b": "u2"}
+    assert restored.open.contributions == {("a", 0): "u1", ("b", 0): "u2"}
     assert restored.offer(update("a", "u1")) is False  # still idempotent after the restart
     for m in (straight, restored):
         m.offer(update("c", "u3", value=5.0))
@@ -108,7 +108,7 @@ def test_an_agent_killed_between_training_and_publishing_sends_on_restart(
     wait_for(lambda: len(crashed.outbox) == 1, "the update to be stored")
     crashed.stop()
     (stored,) = Outbox(state / "outbox").ids()
-    assert service.machine.open.devices.keys() <= {"dev0", "dev1"}
+    assert service.machine.open.devices <= {"dev0", "dev1"}
 
     restarted = make_agents(broker.url, stoppers, 1, total=3, first=2,
                             state_dir=str(state))[0]

@@ -42,7 +42,7 @@ def test_aggregator_restarts_between_rounds_and_resumes_from_checkpoint(broker, 
     assert (second.machine.round, second.machine.version) == (3, 2)
     assert np.array_equal(second.machine.params, saved["machine"]["params"])
     # round-3 updates the finished first process took are held in the checkpoint, not lost
-    assert second.machine.acc.count == len(saved["machine"]["open"]["devices"])
+    assert second.machine.acc.count == len(saved["machine"]["open"]["contributions"])
     second.start()
     stoppers(second.stop)
     wait_for(second.finished.is_set, "rounds 3 and 4 after the restart")

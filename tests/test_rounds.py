@@ -2,19 +2,22 @@
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from aggregator.optimizers import ServerOptConfig, create_optimizer
 from aggregator.rounds import Action, RoundMachine, RoundPolicy
+from aggregator.staleness import StalenessPolicy
 from edge_agent import codecs
 from edge_agent.errors import ConfigError, ProtocolError
 from edge_agent.protocol import Update
 
 
-def machine(min_updates=2, deadline_s=10.0, on_insufficient="extend", size=4):
+def machine(min_updates=2, deadline_s=10.0, on_insufficient="extend", size=4, **policy):
     return RoundMachine(
         params=np.zeros(size, np.float32), optimizer=create_optimizer(ServerOptConfig()),
         policy=RoundPolicy(min_updates=min_updates, deadline_s=deadline_s,
-                           on_insufficient=on_insufficient),
+                           on_insufficient=on_insufficient, **policy),
         layout_hash="lay", now=0.0,
     )
 
@@ -113,3 +116,79 @@ def test_state_round_trip_resumes_between_rounds():
 def test_policy_validation(kwargs):
     with pytest.raises(ConfigError):
         RoundPolicy(**kwargs)
+
+
+def test_an_over_selected_round_closes_at_its_target_or_at_the_deadline_on_quorum():
+    m = machine(min_updates=2, target_updates=3, deadline_s=10)
+    m.offer(update("a", uid="1"))
+    m.offer(update("b", uid="2"))
+    assert m.due(5.0) is Action.WAIT  # quorum met, target not: wait for the deadline
+    m.offer(update("c", uid="3"))
+    assert m.due(5.0) is Action.CLOSE
+    m.close(5.0)
+    m.offer(update("a", round=2, version=1, uid="4"))
+    m.offer(update("b", round=2, version=1, uid="5"))
+    assert m.due(15.1) is Action.CLOSE and m.close(15.1).participants == 2
+
+
+def test_late_updates_fold_into_the_open_round_with_a_staleness_discount():
+    m = machine(min_updates=1, late_updates="fold",
+                staleness=StalenessPolicy(kind="polynomial", a=1.0, max_staleness=2))
+    m.offer(update("a", uid="1"))
+    m.close(1.0)  # v1, round 2
+    m.offer(update("b", round=2, version=1, samples=10, uid="2", delta=np.full(4, 3.0)))
+    counted = m.offer(update("c", round=1, version=0, samples=10, uid="3",
+                             delta=np.full(4, 2.0)))
+    assert counted
+    result = m.close(2.0)
+    assert (result.participants, result.stale, result.max_staleness) == (2, 1, 1)
+    # (10 * 3 + 10 * 0.5 * 2) / 20 = 2.0 on top of v1's 1.0
+    assert np.allclose(m.params, 3.0)
+
+
+def test_a_device_may_count_once_per_model_version_it_trained_on():
+    m = machine(min_updates=5, late_updates="fold")
+    m.offer(update("a", uid="1"))
+    m.version = 1  # as if a step happened while the device trained
+    m.offer(update("a", version=1, uid="2"))  # a newer base: counts too
+    with pytest.raises(ProtocolError) as info:
+        m.offer(update("a", version=1, uid="3"))
+    assert info.value.reason == "duplicate"
+
+
+def test_updates_beyond_the_maximum_staleness_are_refused():
+    m = machine(min_updates=1, late_updates="fold", staleness=StalenessPolicy(max_staleness=1))
+    for version in range(3):
+        m.offer(update(f"d{version}", round=version + 1, version=version, uid=f"u{version}"))
+        m.close(float(version))
+    with pytest.raises(ProtocolError) as info:
+        m.offer(update("late", round=2, version=1, uid="x"))
+    assert info.value.reason == "too_stale"
+    m.offer(update("late", round=3, version=2, uid="y"))  # one behind: fine
+
+
+def test_a_version_two_checkpoint_still_loads():
+    m = machine(min_updates=3)
+    m.offer(update("a", uid="u1"))
+    state = m.state_dict()
+    state["format"] = 2
+    state["open"]["devices"] = {"a": "u1"}
+    del state["open"]["contributions"], state["open"]["stale"]
+    restored = machine(min_updates=3)
+    restored.load_state_dict(state, now=0.0)
+    assert restored.open.contributions == {("a", 0): "u1"}
+    assert restored.offer(update("a", uid="u1")) is False
+
+
+@given(kind=st.sampled_from(["constant", "polynomial", "hinge"]),
+       a=st.floats(0, 10), b=st.floats(0, 20), tau=st.integers(0, 1000))
+def test_staleness_weights_are_in_0_1_and_never_grow_with_age(kind, a, b, tau):
+    s = StalenessPolicy(kind=kind, a=a, b=b, max_staleness=1000)
+    assert s.weight(0) == 1.0
+    assert 0.0 < s.weight(tau + 1) <= s.weight(tau) <= 1.0
+
+
+@pytest.mark.parametrize("kwargs", [{"kind": "linear"}, {"a": -1.0}, {"max_staleness": -1}])
+def test_staleness_policy_validation(kwargs):
+    with pytest.raises(ConfigError):
+        StalenessPolicy(**kwargs)

@@ -38,6 +38,11 @@ class TaskConfig(WireObject):
     deadline_s: float = wire("dl", 60.0)
     # FedProx (Li et al. 2020): mu/2 ||w - w_global||^2 keeps partial local work useful.
     prox_mu: float = wire("mu", 0.0)
+    # A device stops local training after this many seconds or steps (0: no limit) and
+    # reports the samples it actually processed, which is what its update is weighted by.
+    time_budget_s: float = wire("tb", 0.0)
+    max_steps: int = wire("ms", 0)
+    codec: str = wire("cd", "")  # the codec assigned to this device ("": its own)
 
     def __post_init__(self) -> None:
         _require(1 <= self.epochs <= 1000, f"epochs {self.epochs} out of range")
@@ -45,6 +50,10 @@ class TaskConfig(WireObject):
         _require(math.isfinite(self.lr) and self.lr > 0, f"learning rate {self.lr} is not > 0")
         _require(math.isfinite(self.deadline_s) and self.deadline_s > 0, "deadline must be > 0")
         _require(math.isfinite(self.prox_mu) and self.prox_mu >= 0, "prox_mu must be >= 0")
+        _require(math.isfinite(self.time_budget_s) and self.time_budget_s >= 0,
+                 "time budget must be >= 0 seconds")
+        _require(self.max_steps >= 0, "max_steps must be >= 0")
+        _require(len(self.codec) <= 64, "codec name too long")
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +94,11 @@ class ModelAnnouncement(Message):
     # delta from `model/delta/{i}` instead of the full payload.
     delta: PayloadInfo | None = wire("dp", None)
     delta_base: int = wire("db", -1)
+    # Who trains this round (None: every device) and, per device, which of `tiers`
+    # replaces `task` for it (capability-based assignment); devices not listed use `task`.
+    cohort: list[str] | None = wire("co", None)
+    tiers: list[TaskConfig] = wire("ti", default_factory=list)
+    assign: dict[str, int] = wire("as", default_factory=dict)
 
     @property
     def key(self) -> tuple[int, int, str]:
@@ -93,6 +107,15 @@ class ModelAnnouncement(Message):
     def __post_init__(self) -> None:
         check_name(self.fleet, "fleet name")
         _require(self.version >= 0 and self.round >= 0, "version and round must be >= 0")
+        _require(all(isinstance(t, int) and 0 <= t < len(self.tiers)
+                     for t in self.assign.values()), "device assigned a missing tier")
+
+    def task_for(self, device_id: str) -> TaskConfig | None:
+        """What `device_id` should do with this model; None: sit this round out."""
+        if self.cohort is not None and device_id not in self.cohort:
+            return None
+        tier = self.assign.get(device_id)
+        return self.task if tier is None else self.tiers[tier]
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +173,8 @@ class Update(Message):
     delta: EncodedTensor = wire("x")
     layout_hash: str = wire("lh", "")
     train_s: float = wire("s", 0.0)
+    steps: int = wire("st", 0)
+    complete: bool = wire("cp", True)  # False: stopped at its time budget or step cap
 
     def __post_init__(self) -> None:
         check_name(self.device_id, "device id")

@@ -145,8 +145,8 @@ class WireObject:
             value = getattr(self, f.name)
             if isinstance(value, WireObject):
                 value = value.to_wire()
-            elif isinstance(value, tuple):
-                value = list(value)
+            elif isinstance(value, (list, tuple)):
+                value = [v.to_wire() if isinstance(v, WireObject) else v for v in value]
             out[f.metadata["wire"]] = value
         return out
 

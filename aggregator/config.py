@@ -14,6 +14,8 @@ from edge_agent.protocol import TaskConfig
 
 from .optimizers import ServerOptConfig, create_optimizer
 from .rounds import RoundPolicy
+from .selection import AssignmentPolicy, CohortPolicy
+from .staleness import StalenessPolicy
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -31,6 +33,27 @@ class AggregatorConfig(BrokerConfig):
     deadline_s: float = option(60.0, "seconds a round waits for min_updates")
     on_insufficient: str = option("extend", "too few updates at the deadline: extend (wait "
                                   "longer) or rerun (re-announce as a new round, keeping them)")
+    mode: str = option("sync", "sync: rounds of a selected cohort; async: FedBuff, every "
+                       "device trains continuously and the server steps every buffer_size "
+                       "updates")
+    clients_per_round: int = option(0, "sync: K, the round closes on K updates (0: every "
+                                    "device trains and min_updates closes the round)")
+    over_select: float = option(1.3, "sync: select ceil(K * over_select) online devices, so "
+                                "drop-outs do not stall the round (Bonawitz et al. 2019)")
+    buffer_size: int = option(0, "async: server steps every K updates (0: min_updates)")
+    late_updates: str = option("discard", "sync: an update trained on an older model is "
+                               "discarded or folded into the open round with weight s(tau) "
+                               "(async always folds)")
+    staleness: str = option("polynomial", "s(tau): constant, polynomial (1+tau)^-a, or hinge")
+    staleness_a: float = option(0.5, "exponent a of polynomial, slope a of hinge")
+    staleness_b: float = option(4.0, "hinge: versions forgiven before discounting")
+    max_staleness: int = option(10, "refuse updates more than this many versions behind")
+    time_budget_s: float = option(0.0, "devices stop local training after this many seconds "
+                                  "and report the samples processed (0: no budget)")
+    constrained_epochs: int = option(0, "epochs for devices with 1 core, < 1 GB RAM or on "
+                                     "battery (0: the same as everyone)")
+    slow_link_kbps: float = option(0.0, "devices advertising a slower uplink than this ...")
+    slow_link_codec: str = option("", "... are assigned this codec, e.g. top2-sign-ef")
     epochs: int = option(2, "local epochs per round on each device")
     batch_size: int = option(32, "local mini-batch size")
     lr: float = option(0.1, "local learning rate")
@@ -68,7 +91,11 @@ class AggregatorConfig(BrokerConfig):
         create_optimizer(self.optimizer_config())
         for codec in (self.model_codec, self.model_delta_codec or "float32"):
             codecs.get_codec(codec)
+        if self.mode not in ("sync", "async"):
+            raise ConfigError(f"mode {self.mode!r} must be sync or async")
         self.policy()  # validate now, not at the first round
+        self.cohort_policy()
+        self.assignment_policy()
         self.reassembler()
         try:
             self.task_config()
@@ -83,15 +110,32 @@ class AggregatorConfig(BrokerConfig):
         return config
 
     def policy(self) -> RoundPolicy:
-        return RoundPolicy(min_updates=self.min_updates, deadline_s=self.deadline_s,
-                           on_insufficient=self.on_insufficient)
+        sync = self.mode == "sync"
+        return RoundPolicy(
+            min_updates=self.min_updates, deadline_s=self.deadline_s,
+            target_updates=self.clients_per_round if sync else self.buffer_size,
+            on_insufficient=self.on_insufficient,
+            late_updates=self.late_updates if sync else "fold",
+            staleness=StalenessPolicy(kind=self.staleness, a=self.staleness_a,
+                                      b=self.staleness_b, max_staleness=self.max_staleness),
+        )
+
+    def cohort_policy(self) -> CohortPolicy:
+        clients = self.clients_per_round if self.mode == "sync" else 0
+        return CohortPolicy(clients_per_round=clients, over_select=self.over_select)
+
+    def assignment_policy(self) -> AssignmentPolicy:
+        return AssignmentPolicy(constrained_epochs=self.constrained_epochs,
+                                slow_link_kbps=self.slow_link_kbps,
+                                slow_link_codec=self.slow_link_codec)
 
     def reassembler(self) -> Reassembler:
         return Reassembler(timeout_s=self.chunk_timeout_s, max_pending_bytes=self.max_pending_bytes)
 
     def task_config(self) -> TaskConfig:
         return TaskConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
-                          deadline_s=self.deadline_s, prox_mu=self.prox_mu)
+                          deadline_s=self.deadline_s, prox_mu=self.prox_mu,
+                          time_budget_s=self.time_budget_s)
 
     def optimizer_config(self) -> ServerOptConfig:
         return ServerOptConfig(name=self.optimizer, lr=self.server_lr or None,

@@ -39,7 +39,7 @@ class DeviceRegistry:
         return info
 
     def online(self) -> list[str]:
-        return sorted(d for d, info in self.devices.items() if info.online)
+        return sorted(d for d, info in list(self.devices.items()) if info.online)
 
     def known(self, device_id: str) -> bool:
         return device_id in self.devices

@@ -82,6 +82,7 @@ class RoundResult:
     devices: tuple[str, ...]
     stale: int = 0  # of the participants, how many were trained on an older model
     max_staleness: int = 0
+    partial: int = 0  # of the participants, how many stopped at their time budget
 
 
 @dataclass
@@ -95,6 +96,8 @@ class _OpenRound:
     bytes_up: int = 0
     stale: int = 0
     max_staleness: int = 0
+    partial: int = 0
+    target: int = 0  # this round's K when it differs from the policy's (a small cohort)
 
     @property
     def count(self) -> int:
@@ -154,6 +157,7 @@ class RoundMachine:
         o.samples += update.num_samples
         o.loss_sum += update.loss * update.num_samples
         o.bytes_up += payload_bytes
+        o.partial += not update.complete
         if tau:
             o.stale += 1
             o.max_staleness = max(o.max_staleness, tau)
@@ -187,7 +191,7 @@ class RoundMachine:
 
     def due(self, now: float) -> Action:
         count = self.open.count
-        if count >= self.policy.close_at:
+        if count >= (self.open.target or self.policy.close_at):
             return Action.CLOSE
         if now < self.open.deadline_at:
             return Action.WAIT
@@ -205,10 +209,15 @@ class RoundMachine:
             round=o.round, version=self.version, participants=o.count, samples=o.samples,
             train_loss=o.loss_sum / o.samples if o.samples else float("nan"),
             bytes_up=o.bytes_up, devices=tuple(sorted(o.devices)), stale=o.stale,
-            max_staleness=o.max_staleness,
+            max_staleness=o.max_staleness, partial=o.partial,
         )
         self._start(o.round + 1, now)
         return result
+
+    def retarget(self, cohort_size: int) -> None:
+        """Close this round on min(K, cohort) updates: with fewer devices online than K,
+        waiting for K would always run into the deadline."""
+        self.open.target = max(self.policy.min_updates, min(self.policy.close_at, cohort_size))
 
     def extend(self, now: float) -> None:
         self.open.deadline_at = now + self.policy.deadline_s
@@ -238,7 +247,8 @@ class RoundMachine:
             "open": {"acc": self.acc.state_dict(),
                      "contributions": [[d, v, u] for (d, v), u in o.contributions.items()],
                      "samples": o.samples, "loss_sum": o.loss_sum, "bytes_up": o.bytes_up,
-                     "stale": o.stale, "max_staleness": o.max_staleness},
+                     "stale": o.stale, "max_staleness": o.max_staleness,
+                     "partial": o.partial},
             "recent": [[d, u, r] for (d, u), r in self.recent.items()],
         }
 
@@ -272,3 +282,4 @@ class RoundMachine:
             o.bytes_up = int(partial["bytes_up"])
             o.stale = int(partial["stale"])
             o.max_staleness = int(partial["max_staleness"])
+            o.partial = int(partial.get("partial", 0))

@@ -43,6 +43,7 @@ from .config import AggregatorConfig
 from .optimizers import create_optimizer
 from .registry import DeviceRegistry
 from .rounds import Action, RoundMachine, RoundResult
+from .selection import assign_tasks, select_cohort
 from .writer import CheckpointWriter
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,9 @@ class RoundRecord:
     bytes_up: int
     model_bytes: int
     wall_s: float
+    stale: int = 0  # participants trained on an older model (folded in with s(tau))
+    partial: int = 0  # participants that stopped at their time budget
+    cohort: int = 0  # devices selected for the round (0: every device)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -118,6 +122,9 @@ class AggregatorService:
         self._chain: tuple[int, np.ndarray] | None = None  # what delta followers hold
         self.model_bytes = 0
         self._published: tuple[tuple[int, int], list[tuple[str, bytes]]] | None = None
+        # Devices asked to train the open round (every announcement of it adds its cohort);
+        # None: everyone may.
+        self._cohort: tuple[int, set[str] | None] = (-1, None)
         self._restore()
         self.writer = CheckpointWriter(config.checkpoint, on_failure=self._fail)
         self._round_started = time.monotonic()
@@ -225,12 +232,14 @@ class AggregatorService:
         m, c = self.machine, self.config
         if self._published is None or self._published[0] != (m.version, m.round):
             b = self._encode_broadcast()
+            cohort, tiers, assign = self._plan_round()
             announcement = ModelAnnouncement(
                 fleet=c.fleet, version=m.version, round=m.round, model=c.model,
                 model_config=c.model_config(), layout=self.model.layout.to_wire(),
                 layout_hash=m.layout_hash, task=c.task_config(), payload=b.full_info,
                 announce_id=os.urandom(6).hex(), issued_at=time.time(),
                 delta=b.delta_info, delta_base=m.version - 1 if b.delta_info else -1,
+                cohort=cohort, tiers=tiers, assign=assign,
             )
             messages = (self._chunk_messages(self.topics.model_payload_chunk, b.full_chunks)
                         + self._chunk_messages(self.topics.model_delta_chunk, b.delta_chunks))
@@ -244,6 +253,28 @@ class AggregatorService:
         self.link.publish(self.topics.aggregator_status, status.to_payload(), retain=True)
         log.info("announced model v%d for round %d (%d bytes in %d messages)", m.version,
                  m.round, self.model_bytes, len(messages))
+
+    def _plan_round(self) -> tuple[list[str] | None, list, dict[str, int]]:
+        """The cohort of the open round and the devices' task tiers, from the registry."""
+        m, c = self.machine, self.config
+        online = self.registry.online()
+        cohort = select_cohort(online, c.cohort_policy(), seed=c.seed, round=m.round)
+        round_no, before = self._cohort
+        if cohort is None:
+            self._cohort = (m.round, None)
+        else:
+            kept = before if round_no == m.round and before is not None else set()
+            self._cohort = (m.round, kept | set(cohort))
+            m.retarget(len(cohort))
+            log.info("round %d: selected %d of %d online devices", m.round, len(cohort),
+                     len(online))
+        devices = {d: self.registry.devices[d].capabilities for d in (cohort or online)}
+        tiers, assign = assign_tasks(c.task_config(), devices, c.assignment_policy())
+        return cohort, tiers, assign
+
+    def _selected(self, update: Update) -> bool:
+        round_no, cohort = self._cohort
+        return cohort is None or round_no != update.round or update.device_id in cohort
 
     def _chunk_messages(self, topic_of, chunks: list) -> list[tuple[str, bytes]]:
         """Retained chunk messages of one stream, plus empty retained payloads that delete
@@ -276,6 +307,9 @@ class AggregatorService:
             if claimed != update.device_id:
                 raise ProtocolError(f"update for {update.device_id} arrived on {topic}",
                                     reason="wrong_topic")
+            if not self._selected(update):
+                raise ProtocolError(f"{update.device_id} is not in round {update.round}'s "
+                                    "cohort", reason="not_selected")
             counted = self.machine.offer(update, payload_bytes=wire_bytes)
         except ProtocolError as exc:
             self.rejected[exc.reason] += 1
@@ -374,7 +408,9 @@ class AggregatorService:
             round=result.round, version=result.version, accuracy=accuracy, test_loss=test_loss,
             train_loss=result.train_loss, participants=result.participants,
             samples=result.samples, bytes_up=result.bytes_up, model_bytes=self.model_bytes,
-            wall_s=time.monotonic() - self._round_started,
+            wall_s=time.monotonic() - self._round_started, stale=result.stale,
+            partial=result.partial,
+            cohort=len(self._cohort[1] or ()) if self._cohort[0] == result.round else 0,
         )
         self.history.append(record)
         self._checkpoint(wait=True)  # the closed round is on disk before its model goes out

@@ -28,6 +28,7 @@ from edge_agent.errors import BrokerError, ConfigError, FedmqError, require
 from .broker import LocalMosquitto
 from .config import AggregatorConfig
 from .faultproxy import ProxyPool
+from .profiles import fleet_profiles
 from .service import AggregatorService, RoundRecord
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,25 @@ class SimulationConfig:
                                "separately (`fedmq aggregator`) on --broker and --fleet")
     dropout: float = option(0.0, "fraction of devices cut off from the broker before every "
                             "round (each device talks through its own fault proxy)")
+    profiles: str = option("uniform", "device hardware mix: uniform (all like this host) or "
+                           "mixed (Pi 4s, Pi Zeros, cellular links: slower compute, thin "
+                           "uplinks, advertised in each birth)")
+    mode: str = option("sync", "sync rounds or async (FedBuff: server steps every "
+                       "buffer_size updates, stale updates weighted by s(tau))")
+    clients_per_round: int = option(0, "sync: K updates close a round; ceil(K * over_select) "
+                                    "online devices are selected (0: every device)")
+    over_select: float = option(1.3, "sync: over-selection factor")
+    buffer_size: int = option(0, "async: updates per server step (0: a quarter of the devices)")
+    late_updates: str = option("discard", "sync: discard late updates or fold them into the "
+                               "next round with weight s(tau)")
+    staleness: str = option("polynomial", "s(tau): constant, polynomial or hinge")
+    max_staleness: int = option(10, "refuse updates more versions behind than this")
+    time_budget_s: float = option(0.0, "devices stop local training after this many seconds "
+                                  "(0: no budget)")
+    constrained_epochs: int = option(0, "epochs for 1-core, < 1 GB or battery devices (0: all "
+                                     "the same)")
+    slow_link_codec: str = option("", "codec assigned to devices with an uplink under 256 "
+                                  "kbit/s, e.g. top2-sign-ef")
 
     def __post_init__(self) -> None:
         if self.devices < 1 or self.rounds < 1:
@@ -71,6 +91,12 @@ class SimulationConfig:
         if self.agents_only and not (self.broker and self.fleet):
             raise ConfigError("--agents-only needs --broker and --fleet: those of the "
                               "aggregator the devices should join")
+        fleet_profiles(self.profiles, 0, seed=0)  # an unknown mix fails here
+        if self.mode not in ("sync", "async"):
+            raise ConfigError(f"mode {self.mode!r} must be sync or async")
+        if self.clients_per_round > self.devices:
+            raise ConfigError(f"clients_per_round {self.clients_per_round} > devices "
+                              f"{self.devices}")
         if self.min_updates > self.devices:
             raise ConfigError(f"min_updates {self.min_updates} > devices {self.devices}")
 
@@ -80,8 +106,19 @@ class SimulationConfig:
 
     @property
     def quorum(self) -> int:
-        """Updates that close a round: all devices that are not cut off, unless set."""
-        return self.min_updates or max(1, self.devices - self.dropped_per_round)
+        """Updates that close a round (or an async step): K with selection, the buffer in
+        async mode, else all devices that are not cut off; min_updates wins when set."""
+        if self.min_updates:
+            return self.min_updates
+        if self.mode == "async":
+            return self.buffer
+        if self.clients_per_round:
+            return min(self.clients_per_round, self.devices)
+        return max(1, self.devices - self.dropped_per_round)
+
+    @property
+    def buffer(self) -> int:
+        return self.buffer_size or max(1, self.devices // 4)
 
 
 @dataclass(frozen=True)
@@ -151,15 +188,20 @@ class Simulation:
         shards = partition(train.y, devices=c.devices, alpha=c.alpha, seed=c.seed)
         if not c.agents_only:
             self._start_aggregator(url, fleet, test)
-        if c.dropout > 0:
+        profiles = fleet_profiles(c.profiles, c.devices, seed=c.seed)
+        if c.dropout > 0 or any(p.link_kbps for p in profiles):
             self.proxies = ProxyPool.for_broker(url)
-        for i, shard in enumerate(shards):
+        for i, (shard, profile) in enumerate(zip(shards, profiles, strict=True)):
             device_id = f"{fleet}-dev{i:03d}"
+            if self.proxies is not None:
+                self.proxies.proxy(device_id).bandwidth(profile.bandwidth_bytes_per_s)
             agent_config = AgentConfig(
                 broker=self.proxies.url(device_id) if self.proxies else url, fleet=fleet,
                 device_id=device_id, task=c.task,
                 device_index=i, device_count=c.devices, partition_seed=c.seed, alpha=c.alpha,
                 codec=c.codec, seed=c.seed * 1_000_003 + i, log_level="WARNING",
+                cpus=profile.cpus, link_kbps=profile.link_kbps, on_battery=profile.battery,
+                slowdown=profile.slowdown,
             )
             self.agents.append(EdgeAgent(agent_config, train.subset(shard)))
         self._apply_dropout()
@@ -188,7 +230,12 @@ class Simulation:
             AggregatorConfig(
                 broker=url, fleet=fleet, client_id=f"{fleet}-aggregator", task=c.task,
                 model=c.model, hidden=c.hidden, seed=c.seed, rounds=c.rounds,
-                min_updates=c.quorum, deadline_s=c.deadline_s,
+                min_updates=c.quorum if c.mode == "sync" and not c.clients_per_round else 1,
+                deadline_s=c.deadline_s, mode=c.mode, clients_per_round=c.clients_per_round,
+                over_select=c.over_select, buffer_size=c.buffer, late_updates=c.late_updates,
+                staleness=c.staleness, max_staleness=c.max_staleness,
+                time_budget_s=c.time_budget_s, constrained_epochs=c.constrained_epochs,
+                slow_link_kbps=256.0, slow_link_codec=c.slow_link_codec,
                 epochs=c.epochs, batch_size=c.batch_size, lr=c.lr, prox_mu=c.prox_mu,
                 optimizer=c.optimizer,
                 server_lr=c.server_lr, checkpoint=str(self.workdir / "aggregator.ckpt"),

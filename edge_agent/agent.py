@@ -43,16 +43,28 @@ log = logging.getLogger(__name__)
 RESEND_CHECK_S = 1.0
 
 
-def device_capabilities() -> dict[str, object]:
-    """What the aggregator may use to assign work: cores, memory, backend, codecs."""
+def device_capabilities(config: AgentConfig | None = None) -> dict[str, object]:
+    """What the aggregator may use to assign work: cores, memory, link, backend, codecs."""
     try:
         ram_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // (1 << 20)
     except (ValueError, OSError, AttributeError):
         ram_mb = 0
     return {"cpus": os.cpu_count() or 1, "ram_mb": int(ram_mb), "backend": "numpy",
             "codecs": codecs.codec_names(), "zstd": codecs.lossless.zstd_available(),
-            "arch": platform.machine(),
-            "python": platform.python_version()}
+            "arch": platform.machine(), "python": platform.python_version(),
+            **_advertised(config)}
+
+
+def _advertised(config: AgentConfig | None) -> dict[str, object]:
+    """What only the operator knows (link, battery, a core budget), from the config."""
+    if config is None:
+        return {}
+    out: dict[str, object] = {"battery": config.on_battery}
+    if config.link_kbps > 0:
+        out["link_kbps"] = config.link_kbps
+    if config.cpus > 0:
+        out["cpus"] = config.cpus
+    return out
 
 
 class LocalTrainer:
@@ -63,7 +75,7 @@ class LocalTrainer:
     """
 
     def __init__(self, *, device_id: str, data: Dataset, codec: str, seed: int,
-                 state_path: str | Path | None = None) -> None:
+                 state_path: str | Path | None = None, slowdown: float = 1.0) -> None:
         if len(data) == 0:
             raise FedmqError(f"device {device_id} has no training data")
         self.codec = codec
@@ -81,6 +93,10 @@ class LocalTrainer:
                 self.feedback.load_state_dict(state.get("feedback", {}))
         self._model: Model | None = None
         self._model_key: tuple | None = None
+        if not slowdown >= 1.0:
+            raise FedmqError(f"slowdown {slowdown} must be >= 1 (1: the host's own speed)")
+        self.slowdown = slowdown
+        self.halt = threading.Event()  # cuts a simulated slow device's wait short on stop
 
     def _model_for(self, a: ModelAnnouncement) -> Model:
         key = (a.model, tuple(sorted(a.model_config.items())))
@@ -112,10 +128,14 @@ class LocalTrainer:
         model = self._model_for(a)
         model.set_flat(received.params)
         rng = np.random.default_rng([self.seed, a.round])
+        # A device `slowdown` times slower does 1/slowdown of the work in its budget and
+        # takes `slowdown` times as long for what it does.
         result = model.train(self.data.x, self.data.y, epochs=task.epochs,
                              batch_size=task.batch_size, lr=task.lr, rng=rng,
-                             prox_mu=task.prox_mu, time_budget_s=task.time_budget_s,
+                             prox_mu=task.prox_mu, time_budget_s=task.time_budget_s / self.slowdown,
                              max_steps=task.max_steps)
+        if self.slowdown > 1.0:
+            self.halt.wait(result.seconds * (self.slowdown - 1.0))
         delta = model.get_flat() - received.params
         try:
             encoded = self._encode(delta, task.codec, rng)
@@ -135,6 +155,8 @@ class LocalTrainer:
 class AgentStats:
     updates_sent: int = 0  # updates trained and sent (re-sends not counted)
     sat_out: int = 0  # rounds this device was not selected for
+    partial: int = 0  # updates cut short by the time budget or step cap
+    codecs: Counter = field(default_factory=Counter)  # updates sent, by codec
     resent: int = 0
     models_received: int = 0
     receipts: Counter = field(default_factory=Counter)  # by status
@@ -153,7 +175,7 @@ class EdgeAgent:
         # Devices must not share a seed: their stochastic rounding noise would not average out.
         seed = config.seed if config.seed >= 0 else zlib.crc32(config.device_id.encode())
         self.trainer = LocalTrainer(device_id=config.device_id, data=data, codec=config.codec,
-                                    seed=seed, state_path=state_path)
+                                    seed=seed, state_path=state_path, slowdown=config.slowdown)
         self.receiver = ModelReceiver()
         self.stats = AgentStats()
         self.outbox = Outbox(Path(config.state_dir) / "outbox" if config.state_dir else None)
@@ -180,8 +202,8 @@ class EdgeAgent:
     # -- MQTT side (paho thread): decode, verify, hand over ------------------------------
     def _on_connect(self, _session_present: bool) -> None:
         birth = DeviceStatus(device_id=self.config.device_id, online=True,
-                             capabilities=device_capabilities(), agent_version=__version__,
-                             ts=time.time())
+                             capabilities=device_capabilities(self.config),
+                             agent_version=__version__, ts=time.time())
         self.link.publish(self.topics.device_status(self.config.device_id), birth.to_payload(),
                           qos=1, retain=True)
         self.outbox.mark_unsent()  # whatever was in flight may be gone: send it again
@@ -294,6 +316,8 @@ class EdgeAgent:
         entry = self.outbox.put(update.update_id, a.round, update.to_payload())
         sent = self._send(entry)
         self.stats.updates_sent += 1
+        self.stats.partial += not update.complete
+        self.stats.codecs[update.delta.codec] += 1
         self.stats.traffic[a.round][0] += sent
         log.info("%s: round %d: trained on %d samples (loss %.4f), sent %d bytes",
                  self.config.device_id, a.round, update.num_samples, update.loss, sent)
@@ -306,6 +330,7 @@ class EdgeAgent:
         self.link.start()
 
     def stop(self) -> None:
+        self.trainer.halt.set()
         with self._wake:
             self._stopping = True
             self._wake.notify()

@@ -129,6 +129,13 @@ class AgentConfig(BrokerConfig):
                                    "many seconds (and after every reconnect)")
     state_dir: str = option("", "directory for state that must survive a reboot "
                             "(error-feedback residual, outbox); empty: memory only")
+    link_kbps: float = option(0.0, "uplink speed this device advertises, kbit/s (0: unknown); "
+                              "the aggregator may assign a smaller codec to slow links")
+    on_battery: bool = option(False, "advertise that this device runs on battery (the "
+                              "aggregator may give it less work)")
+    cpus: int = option(0, "cores to advertise and to train with (0: all the machine has)")
+    slowdown: float = option(1.0, "simulation only: compute this many times slower than "
+                             "the host (a Pi Zero next to a laptop), time budget included")
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -52,6 +52,8 @@ class AggregatorConfig(BrokerConfig):
                                   "and report the samples processed (0: no budget)")
     constrained_epochs: int = option(0, "epochs for devices with 1 core, < 1 GB RAM or on "
                                      "battery (0: the same as everyone)")
+    constrained_batch_size: int = option(0, "their mini-batch size, to fit small memories "
+                                         "(0: the same as everyone)")
     slow_link_kbps: float = option(0.0, "devices advertising a slower uplink than this ...")
     slow_link_codec: str = option("", "... are assigned this codec, e.g. top2-sign-ef")
     epochs: int = option(2, "local epochs per round on each device")
@@ -126,6 +128,7 @@ class AggregatorConfig(BrokerConfig):
 
     def assignment_policy(self) -> AssignmentPolicy:
         return AssignmentPolicy(constrained_epochs=self.constrained_epochs,
+                                constrained_batch_size=self.constrained_batch_size,
                                 slow_link_kbps=self.slow_link_kbps,
                                 slow_link_codec=self.slow_link_codec)
 

@@ -22,6 +22,13 @@ class DeviceProfile:
     slowdown: float  # compute time relative to the host
     link_kbps: float  # uplink, enforced by the device's fault proxy (0: unlimited)
     battery: bool = False
+    # availability: the link is up for up_s then down for down_s, over and over (0: always up)
+    up_s: float = 0.0
+    down_s: float = 0.0
+
+    @property
+    def flaky(self) -> bool:
+        return self.down_s > 0
 
     @property
     def bandwidth_bytes_per_s(self) -> float | None:
@@ -34,12 +41,17 @@ PROFILES = {p.name: p for p in (
     DeviceProfile(name="rpi-zero", cpus=1, ram_mb=512, slowdown=8.0, link_kbps=5_000.0),
     DeviceProfile(name="cellular", cpus=2, ram_mb=1024, slowdown=3.0, link_kbps=128.0,
                   battery=True),
+    DeviceProfile(name="slow", cpus=1, ram_mb=512, slowdown=10.0, link_kbps=0.0),
+    DeviceProfile(name="flaky", cpus=4, ram_mb=4096, slowdown=1.0, link_kbps=0.0,
+                  up_s=4.0, down_s=3.0),
 )}
 
 # Fleet mixes by name: profiles dealt out in these proportions.
 MIXES = {
     "uniform": ("laptop",),
     "mixed": ("rpi4", "rpi4", "rpi4", "rpi4", "rpi-zero", "rpi-zero", "cellular"),
+    # 30% ten times slower, 30% on a link that is down 3 s of every 7 (issue 4's benchmark)
+    "stragglers": ("laptop",) * 4 + ("slow",) * 3 + ("flaky",) * 3,
 }
 
 

@@ -47,21 +47,27 @@ def select_cohort(online: list[str], policy: CohortPolicy, *, seed: int,
 @dataclass(frozen=True, kw_only=True)
 class AssignmentPolicy:
     constrained_epochs: int = 0  # epochs for constrained devices (0: the same as everyone)
+    constrained_batch_size: int = 0  # their mini-batch, to fit their memory (0: the same)
     constrained_cpus: int = 1  # a device with at most this many cores is constrained ...
     constrained_ram_mb: int = 1024  # ... as is one with less memory, or one on battery
     slow_link_kbps: float = 0.0  # a device advertising a slower uplink than this ...
     slow_link_codec: str = ""  # ... is assigned this codec ("" or 0 kbps: nobody is)
 
     def __post_init__(self) -> None:
-        if self.constrained_epochs < 0:
-            raise ConfigError("constrained_epochs must be >= 0 (0: no special treatment)")
+        if self.constrained_epochs < 0 or self.constrained_batch_size < 0:
+            raise ConfigError("constrained_epochs and constrained_batch_size must be >= 0 "
+                              "(0: no special treatment)")
         if self.slow_link_codec:
             codecs.get_codec(self.slow_link_codec)
 
     def task_for(self, base: TaskConfig, capabilities: Mapping[str, Any]) -> TaskConfig:
         task = base
-        if self.constrained_epochs and _constrained(capabilities, self):
-            task = replace(task, epochs=min(task.epochs, self.constrained_epochs))
+        if _constrained(capabilities, self):
+            if self.constrained_epochs:
+                task = replace(task, epochs=min(task.epochs, self.constrained_epochs))
+            if self.constrained_batch_size:
+                task = replace(task, batch_size=min(task.batch_size,
+                                                    self.constrained_batch_size))
         link = _number(capabilities.get("link_kbps"))
         if self.slow_link_codec and self.slow_link_kbps and 0 < link < self.slow_link_kbps:
             task = replace(task, codec=self.slow_link_codec)

@@ -28,7 +28,7 @@ from edge_agent.errors import BrokerError, ConfigError, FedmqError, require
 from .broker import LocalMosquitto
 from .config import AggregatorConfig
 from .faultproxy import ProxyPool
-from .profiles import fleet_profiles
+from .profiles import DeviceProfile, fleet_profiles
 from .service import AggregatorService, RoundRecord
 
 log = logging.getLogger(__name__)
@@ -63,9 +63,10 @@ class SimulationConfig:
                                "separately (`fedmq aggregator`) on --broker and --fleet")
     dropout: float = option(0.0, "fraction of devices cut off from the broker before every "
                             "round (each device talks through its own fault proxy)")
-    profiles: str = option("uniform", "device hardware mix: uniform (all like this host) or "
-                           "mixed (Pi 4s, Pi Zeros, cellular links: slower compute, thin "
-                           "uplinks, advertised in each birth)")
+    profiles: str = option("uniform", "device mix: uniform (all like this host), mixed (Pi "
+                           "4s, Pi Zeros, cellular links: slower compute, thin uplinks, "
+                           "advertised in each birth) or stragglers (30%% 10x slower, 30%% "
+                           "on a link down 3 s of every 7)")
     mode: str = option("sync", "sync rounds or async (FedBuff: server steps every "
                        "buffer_size updates, stale updates weighted by s(tau))")
     clients_per_round: int = option(0, "sync: K updates close a round; ceil(K * over_select) "
@@ -174,6 +175,7 @@ class Simulation:
         self.proxies: ProxyPool | None = None  # one fault proxy per device, with --dropout
         self._dropout_rng = random.Random(config.seed)
         self._dropout_round = -1
+        self._flaky: dict[str, DeviceProfile] = {}  # devices whose link flaps on a schedule
 
     def start(self) -> None:
         c = self.config
@@ -189,12 +191,14 @@ class Simulation:
         if not c.agents_only:
             self._start_aggregator(url, fleet, test)
         profiles = fleet_profiles(c.profiles, c.devices, seed=c.seed)
-        if c.dropout > 0 or any(p.link_kbps for p in profiles):
+        if c.dropout > 0 or any(p.link_kbps or p.flaky for p in profiles):
             self.proxies = ProxyPool.for_broker(url)
         for i, (shard, profile) in enumerate(zip(shards, profiles, strict=True)):
             device_id = f"{fleet}-dev{i:03d}"
             if self.proxies is not None:
                 self.proxies.proxy(device_id).bandwidth(profile.bandwidth_bytes_per_s)
+                if profile.flaky:
+                    self._flaky[device_id] = profile
             agent_config = AgentConfig(
                 broker=self.proxies.url(device_id) if self.proxies else url, fleet=fleet,
                 device_id=device_id, task=c.task,
@@ -221,6 +225,10 @@ class Simulation:
             proxy = self.proxies.proxy(device_id)
             if device_id in dropped:
                 proxy.cut()
+            elif device_id in self._flaky:
+                if not proxy.flapping:
+                    p = self._flaky[device_id]
+                    proxy.flap(up_s=p.up_s, down_s=p.down_s)
             else:
                 proxy.restore()
 

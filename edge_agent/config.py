@@ -133,7 +133,7 @@ class AgentConfig(BrokerConfig):
                               "the aggregator may assign a smaller codec to slow links")
     on_battery: bool = option(False, "advertise that this device runs on battery (the "
                               "aggregator may give it less work)")
-    cpus: int = option(0, "cores to advertise and to train with (0: all the machine has)")
+    cpus: int = option(0, "cores to advertise (0: all the machine has)")
     slowdown: float = option(1.0, "simulation only: compute this many times slower than "
                              "the host (a Pi Zero next to a laptop), time budget included")
 

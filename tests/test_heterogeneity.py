@@ -63,3 +63,20 @@ def test_async_fedbuff_steps_every_k_updates_and_folds_stale_ones(broker, tmp_pa
     assert set(service.rejected) <= {"too_stale"}
     wait_for(lambda: sum(a.stats.receipts["accepted"] for a in agents) == counted(service),
              "receipts for every counted update")
+
+
+def test_a_simulated_fleet_of_stragglers_and_flaky_links_trains_through(tmp_path):
+    from aggregator.simulator import Simulation, SimulationConfig
+
+    config = SimulationConfig(devices=10, rounds=4, profiles="stragglers", clients_per_round=4,
+                              time_budget_s=0.05, prox_mu=0.01, epochs=5, lr=0.05,
+                              timeout_s=120)
+    with Simulation(config, workdir=tmp_path / "sim") as sim:
+        flaky = [p for p in sim.proxies.proxies.values() if p.flapping]
+        assert len(flaky) == 3  # 30% of the fleet sits behind a flapping link
+        result = sim.wait()
+        slow = [a for a in sim.agents if a.trainer.slowdown == 10.0]
+        assert len(slow) == 3
+    assert len(result.rounds) == 4
+    assert result.rounds[-1].accuracy > result.rounds[0].accuracy
+    assert set(result.rejected) <= {"stale_round", "not_selected"}

@@ -41,7 +41,8 @@ def test_no_selection_means_everyone_trains():
 
 def test_weak_devices_get_fewer_epochs_and_thin_links_a_smaller_codec():
     base = TaskConfig(epochs=3, time_budget_s=5.0)
-    policy = AssignmentPolicy(constrained_epochs=1, slow_link_kbps=256, slow_link_codec="q4")
+    policy = AssignmentPolicy(constrained_epochs=1, constrained_batch_size=16,
+                              slow_link_kbps=256, slow_link_codec="q4")
     devices = {
         "laptop": {"cpus": 8, "ram_mb": 16000},
         "zero": {"cpus": 1, "ram_mb": 512},
@@ -51,8 +52,9 @@ def test_weak_devices_get_fewer_epochs_and_thin_links_a_smaller_codec():
     }
     tiers, assign = assign_tasks(base, devices, policy)
     assert set(assign) == {"zero", "phone", "modem"}
-    assert tiers[assign["zero"]] == TaskConfig(epochs=1, time_budget_s=5.0)
-    assert tiers[assign["phone"]] == TaskConfig(epochs=1, time_budget_s=5.0, codec="q4")
+    assert tiers[assign["zero"]] == TaskConfig(epochs=1, batch_size=16, time_budget_s=5.0)
+    assert tiers[assign["phone"]] == TaskConfig(epochs=1, batch_size=16, time_budget_s=5.0,
+                                                codec="q4")
     assert tiers[assign["modem"]] == TaskConfig(epochs=3, time_budget_s=5.0, codec="q4")
     a = ModelAnnouncement(fleet="f", version=0, round=1, model="m", model_config={},
                           layout=[], layout_hash="h", task=base,

@@ -48,7 +48,11 @@ class LocalMosquitto:
     """A mosquitto child process; `url` is ready once `start()` returns."""
 
     def __init__(self, *, port: int | None = None, extra_config: str = "",
-                 persistence: bool = False, workdir: str | Path | None = None) -> None:
+                 persistence: bool = False, workdir: str | Path | None = None,
+                 config_text: str = "", extra_ports: tuple[int, ...] = ()) -> None:
+        """config_text: a complete mosquitto.conf used instead of the development settings
+        (its listeners must include `port`); extra_ports: its other listeners, waited for
+        too."""
         self.binary = shutil.which("mosquitto") or _sbin("mosquitto")
         if self.binary is None:
             raise BrokerError(INSTALL_HINT)
@@ -60,6 +64,8 @@ class LocalMosquitto:
         self.port = port or free_port()
         self.extra_config = extra_config
         self.persistence = persistence
+        self.config_text = config_text
+        self.extra_ports = extra_ports
         self.process: subprocess.Popen | None = None
 
     @property
@@ -72,6 +78,9 @@ class LocalMosquitto:
 
     def write_config(self) -> Path:
         path = self.workdir / "mosquitto.conf"
+        if self.config_text:
+            path.write_text(self.config_text)
+            return path
         lines = [f"listener {self.port} 127.0.0.1", DEV_SETTINGS]
         if self.persistence:
             lines += ["persistence true", f"persistence_location {self.workdir}/"]
@@ -94,7 +103,7 @@ class LocalMosquitto:
                 log_text = self.log_path.read_text() if self.log_path.exists() else ""
                 raise BrokerError(f"mosquitto exited at start-up (port {self.port}): "
                                   f"{err.strip()} {log_text.strip()[-500:]}")
-            if port_open(self.port):
+            if all(port_open(p) for p in (self.port, *self.extra_ports)):
                 return self
             time.sleep(0.05)
         self.stop()

@@ -16,6 +16,7 @@ from .optimizers import ServerOptConfig, create_optimizer
 from .rounds import RoundPolicy
 from .selection import AssignmentPolicy, CohortPolicy
 from .staleness import StalenessPolicy
+from .validation import UpdateLimits
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -23,8 +24,11 @@ class AggregatorConfig(BrokerConfig):
     client_id: str = option("fedmq-aggregator", "the aggregator's MQTT client id")
     session_expiry_s: int = option(3600, "seconds the broker keeps the aggregator's session "
                                    "(queued updates) while it is away; 0: clean sessions")
-    task: str = option("digits", "task: sets the model's input/output sizes and the test set")
-    model: str = option("mlp", "model architecture: mlp or logreg")
+    task: str = option("digits", "task: digits keyboard sensor sensor-features; sets the "
+                       "model's input/output sizes and the test set")
+    model: str = option("", "model architecture (empty: the task's own: mlp for digits, "
+                        "char_gru for keyboard, har_cnn for sensor); mlp or logreg fit "
+                        "flat-feature tasks")
     hidden: int = option(64, "hidden units of the mlp")
     seed: int = option(0, "seed of the initial model and of the held-out split")
     evaluate: bool = option(True, "evaluate each new model on the task's held-out test split")
@@ -59,6 +63,8 @@ class AggregatorConfig(BrokerConfig):
     epochs: int = option(2, "local epochs per round on each device")
     batch_size: int = option(32, "local mini-batch size")
     lr: float = option(0.1, "local learning rate")
+    max_steps: int = option(-1, "cap on local optimizer steps per round (-1: the task's "
+                            "default, 50 for keyboard; 0: no cap)")
     prox_mu: float = option(0.0, "FedProx proximal term mu on the devices (0: plain FedAvg; "
                             "0.001-1 as in Li et al. 2020)")
     optimizer: str = option("fedavg", "server optimizer: fedavg fedavgm fedadam fedyogi fedadagrad")
@@ -76,20 +82,38 @@ class AggregatorConfig(BrokerConfig):
     max_pending_bytes: int = option(
         64 << 20, "bytes all incomplete chunked updates may declare together; parts beyond "
         "are rejected")
+    max_update_bytes: int = option(0, "largest update payload, whole or declared by its parts; "
+                                   "bigger ones are rejected as too_large (0: 9 bytes per model "
+                                   "parameter + 256 KiB)")
+    require_known_devices: bool = option(False, "refuse updates from devices that never "
+                                         "published a birth on their status topic, or are "
+                                         "offline (unknown_device, offline_device)")
+    max_update_norm: float = option(0.0, "bound on the L2 norm of a decoded update (0: off); "
+                                    "see norm_policy")
+    norm_policy: str = option("clip", "an update above max_update_norm is scaled down to it "
+                              "(clip) or refused as norm_exceeded (reject)")
+    signing_key: str = option("", "PEM Ed25519 private key that signs model announcements "
+                              "(`fedmq keys init`); empty: unsigned")
     checkpoint: str = option("fedmq-aggregator.ckpt", "state file, rewritten after every round")
     metrics: str = option("", "append one JSON line per round to this file")
+    onnx_dir: str = option("", "write each new global model as ONNX here (model-v{N}.onnx and "
+                           "latest.onnx, see docs/onnx.md); empty: off")
+    onnx_keep: int = option(5, "ONNX versions kept in onnx_dir (0: all)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         task_spec(self.task)
         if self.rounds < 0:
             raise ConfigError("rounds must be >= 0")
+        if self.onnx_keep < 0:
+            raise ConfigError("onnx_keep must be >= 0 (0: keep every version)")
         if self.max_payload < 4096:
             raise ConfigError("max_payload must be at least 4096 bytes")
-        if self.model not in model_names():
+        if self.model_name not in model_names():
             raise ConfigError(
                 f"unknown model {self.model!r}; available: {', '.join(model_names())}"
             )
+        self.model_config()  # a model that does not fit the task fails here
         create_optimizer(self.optimizer_config())
         for codec in (self.model_codec, self.model_delta_codec or "float32"):
             codecs.get_codec(codec)
@@ -99,17 +123,19 @@ class AggregatorConfig(BrokerConfig):
         self.cohort_policy()
         self.assignment_policy()
         self.reassembler()
+        UpdateLimits.from_config(self)
         try:
             self.task_config()
         except ProtocolError as exc:
             raise ConfigError(f"bad local training settings: {exc}") from None
 
-    def model_config(self) -> dict[str, int]:
-        spec = task_spec(self.task)
-        config = {"inputs": spec.inputs, "classes": spec.classes}
-        if self.model == "mlp":
-            config["hidden"] = self.hidden
-        return config
+    def model_config(self) -> dict[str, object]:
+        """The config the model is built from, here and on every device (the task's own)."""
+        return task_spec(self.task).model_config(self.model_name, hidden=self.hidden)
+
+    @property
+    def model_name(self) -> str:
+        return self.model or task_spec(self.task).model
 
     def policy(self) -> RoundPolicy:
         sync = self.mode == "sync"
@@ -138,7 +164,9 @@ class AggregatorConfig(BrokerConfig):
     def task_config(self) -> TaskConfig:
         return TaskConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
                           deadline_s=self.deadline_s, prox_mu=self.prox_mu,
-                          time_budget_s=self.time_budget_s)
+                          time_budget_s=self.time_budget_s,
+                          max_steps=task_spec(self.task).max_steps if self.max_steps < 0
+                          else self.max_steps)
 
     def optimizer_config(self) -> ServerOptConfig:
         return ServerOptConfig(name=self.optimizer, lr=self.server_lr or None,

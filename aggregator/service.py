@@ -37,6 +37,7 @@ from edge_agent.protocol import (
     Update,
 )
 from edge_agent.protocol.wire import peek_kind
+from edge_agent.signing import announcement_sealer
 from edge_agent.transfer import chunk_tensor
 
 from .config import AggregatorConfig
@@ -44,6 +45,7 @@ from .optimizers import create_optimizer
 from .registry import DeviceRegistry
 from .rounds import Action, RoundMachine, RoundResult
 from .selection import assign_tasks, select_cohort
+from .validation import RejectionLog, UpdateLimits, UpdateScreen
 from .writer import CheckpointWriter
 
 log = logging.getLogger(__name__)
@@ -86,6 +88,7 @@ class RoundRecord:
     stale: int = 0  # participants trained on an older model (folded in with s(tau))
     partial: int = 0  # participants that stopped at their time budget
     cohort: int = 0  # devices selected for the round (0: every device)
+    top3: float | None = None  # top-3 accuracy, for tasks that report it (keyboard)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -104,7 +107,14 @@ class AggregatorService:
         self.test_data = test_data
         if test_data is None and config.evaluate:
             _, self.test_data = split_task(config.task, seed=config.seed)
-        self.model = build_model(config.model, config.model_config(), seed=config.seed)
+        self.model = build_model(config.model_name, config.model_config(), seed=config.seed)
+        self.exporter = None  # ONNX files of every new model, written off the loop thread
+        if config.onnx_dir:
+            from .onnx_export import BackgroundExporter, ModelExporter
+
+            self.exporter = BackgroundExporter(
+                ModelExporter(config.onnx_dir, keep=config.onnx_keep),
+                model=config.model_name, model_config=config.model_config(), task=config.task)
         self.machine = RoundMachine(
             params=self.model.get_flat(), optimizer=create_optimizer(config.optimizer_config()),
             policy=config.policy(), layout_hash=self.model.layout.hash, now=clock(),
@@ -133,7 +143,7 @@ class AggregatorService:
         self._loop: threading.Thread | None = None
         self.link = MqttLink(
             client_id=config.client_id, broker=config.broker, username=config.username,
-            password=config.password, on_connect=self._on_connect,
+            password=config.password, on_connect=self._on_connect, tls=config.tls(),
             will=Will(self.topics.aggregator_status, AggregatorStatus(online=False).to_payload()),
             max_payload=config.max_payload, session_expiry_s=config.session_expiry_s,
             manual_ack=True,
@@ -141,6 +151,10 @@ class AggregatorService:
         self.link.route(self.topics.update_filter,
                         lambda m: self._inbox.put((m.topic, m.payload, m.mid, m.qos)), qos=1)
         self.registry = DeviceRegistry()
+        self.screen = UpdateScreen(UpdateLimits.from_config(config),
+                                   params=self.model.layout.size, registry=self.registry)
+        self.rejections = RejectionLog(self.rejected, log)  # counted per reason, logged sparingly
+        self.seal = announcement_sealer(config.signing_key)  # signed when a key is set
         self.link.route(self.topics.device_status_filter, self._on_status, qos=1)
 
     def _on_connect(self, session_present: bool) -> None:
@@ -234,7 +248,7 @@ class AggregatorService:
             b = self._encode_broadcast()
             cohort, tiers, assign = self._plan_round()
             announcement = ModelAnnouncement(
-                fleet=c.fleet, version=m.version, round=m.round, model=c.model,
+                fleet=c.fleet, version=m.version, round=m.round, model=c.model_name,
                 model_config=c.model_config(), layout=self.model.layout.to_wire(),
                 layout_hash=m.layout_hash, task=c.task_config(), payload=b.full_info,
                 announce_id=os.urandom(6).hex(), issued_at=time.time(),
@@ -243,7 +257,7 @@ class AggregatorService:
             )
             messages = (self._chunk_messages(self.topics.model_payload_chunk, b.full_chunks)
                         + self._chunk_messages(self.topics.model_delta_chunk, b.delta_chunks))
-            messages.append((self.topics.model_current, announcement.to_payload()))
+            messages.append((self.topics.model_current, self.seal(announcement)))
             self._published = ((m.version, m.round), messages)
         messages = self._published[1]
         for topic, payload in messages:
@@ -297,8 +311,11 @@ class AggregatorService:
         try:
             claimed = self.topics.device_from_update_topic(topic)
             wire_bytes = len(payload)
+            self.screen.sender(claimed, self.clock())
+            self.screen.payload(payload)
             if peek_kind(payload) == Part.KIND:
-                assembled = self.reassembler.offer(claimed, Part.from_payload(payload),
+                part = self.screen.part(Part.from_payload(payload))
+                assembled = self.reassembler.offer(claimed, part,
                                                    self.clock(), wire_bytes=wire_bytes)
                 if assembled is None:
                     return None
@@ -310,10 +327,11 @@ class AggregatorService:
             if not self._selected(update):
                 raise ProtocolError(f"{update.device_id} is not in round {update.round}'s "
                                     "cohort", reason="not_selected")
+            update = self.screen.contents(update)  # may be clipped to max_update_norm
             counted = self.machine.offer(update, payload_bytes=wire_bytes)
         except ProtocolError as exc:
-            self.rejected[exc.reason] += 1
-            log.warning("rejected update on %s (%s): %s", topic, exc.reason, exc)
+            self.rejections.record(exc.reason, topic,
+                                   f"rejected update on {topic} ({exc.reason}): {exc}")
             if update is None or exc.reason == "wrong_topic":
                 return None
             status = "duplicate" if exc.reason == "duplicate" else "rejected"
@@ -399,11 +417,11 @@ class AggregatorService:
 
     def _close_round(self, now: float) -> None:
         result: RoundResult = self.machine.close(now)
-        accuracy = test_loss = None
+        accuracy = test_loss = top3 = None
         if self.test_data is not None:
             self.model.set_flat(self.machine.params)
             ev = self.model.evaluate(self.test_data.x, self.test_data.y)
-            accuracy, test_loss = ev.accuracy, ev.loss
+            accuracy, test_loss, top3 = ev.accuracy, ev.loss, ev.top3
         record = RoundRecord(
             round=result.round, version=result.version, accuracy=accuracy, test_loss=test_loss,
             train_loss=result.train_loss, participants=result.participants,
@@ -411,6 +429,7 @@ class AggregatorService:
             wall_s=time.monotonic() - self._round_started, stale=result.stale,
             partial=result.partial,
             cohort=len(self._cohort[1] or ()) if self._cohort[0] == result.round else 0,
+            top3=top3,
         )
         self.history.append(record)
         self._checkpoint(wait=True)  # the closed round is on disk before its model goes out
@@ -422,6 +441,8 @@ class AggregatorService:
                  f", test accuracy {accuracy:.4f}" if accuracy is not None else "")
         self._round_started = time.monotonic()
         self._announce()
+        if self.exporter is not None:
+            self.exporter.submit(self.machine.params, version=result.version, round=result.round)
         if self._done():
             self.finished.set()
         if self.on_round is not None:
@@ -443,6 +464,9 @@ class AggregatorService:
     # -- lifecycle -----------------------------------------------------------------------
     def start(self) -> None:
         Path(self.config.checkpoint).parent.mkdir(parents=True, exist_ok=True)
+        if self.exporter is not None:  # devices can predict with the model we start from
+            m = self.machine
+            self.exporter.submit(m.params, version=m.version, round=m.round)
         self._loop = threading.Thread(target=self._run, name="aggregator", daemon=True)
         self._loop.start()
         self.link.start()
@@ -457,6 +481,8 @@ class AggregatorService:
         if self._loop is not None:
             self._loop.join(timeout=30)
         self.writer.close()  # acks and receipts of everything folded in go out first
+        if self.exporter is not None:
+            self.exporter.close(timeout=30)
         offline = AggregatorStatus(online=False, round=self.machine.round,
                                    version=self.machine.version, ts=time.time())
         self.link.stop(final=(self.topics.aggregator_status, offline.to_payload()))

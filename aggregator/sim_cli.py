@@ -60,10 +60,15 @@ def _print_table(result: SimulationResult) -> None:
     rich_table = require("rich.table", "sim")
     rich_console = require("rich.console", "sim")
     table = rich_table.Table(title=f"fedmq simulation ({result.wall_s:.1f} s)")
-    for col in ("round", "accuracy", "test loss", "updates", "KiB up", "KiB down", "seconds"):
+    with_top3 = any(r.top3 is not None for r in result.rounds)
+    top3_column = ["top-3"] if with_top3 else []
+    for col in ("round", "accuracy", *top3_column, "test loss", "updates", "KiB up",
+                "KiB down", "seconds"):
         table.add_column(col, justify="right")
     for r in result.rounds:
+        top3 = [f"{r.top3:.4f}" if r.top3 is not None else "-"] if with_top3 else []
         table.add_row(str(r.round), f"{r.accuracy:.4f}" if r.accuracy is not None else "-",
+                      *top3,
                       f"{r.loss:.4f}" if r.loss is not None else "-", str(r.participants),
                       f"{r.bytes_up / 1024:.1f}", f"{r.bytes_down / 1024:.1f}", f"{r.wall_s:.2f}")
     rich_console.Console().print(table)

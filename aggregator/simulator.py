@@ -22,7 +22,7 @@ import numpy as np
 
 from edge_agent.agent import EdgeAgent
 from edge_agent.config import AgentConfig, option
-from edge_agent.data import partition, split_task
+from edge_agent.data import device_shards, split_task, task_spec
 from edge_agent.errors import BrokerError, ConfigError, FedmqError, require
 
 from .broker import LocalMosquitto
@@ -37,15 +37,16 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True, kw_only=True)
 class SimulationConfig:
     devices: int = option(10, "number of simulated devices")
-    rounds: int = option(20, "federated rounds to run")
+    rounds: int = option(0, "federated rounds to run (0: the task's default, 20)")
     seed: int = option(0, "seed of data split, partition, model init and local shuffling")
-    task: str = option("digits", "task (bundled data set)")
-    model: str = option("mlp", "mlp or logreg")
+    task: str = option("digits", "digits, keyboard (next character on Shakespeare roles, "
+                       "torch), sensor (activity recognition, torch) or sensor-features")
+    model: str = option("", "model (empty: the task's own; mlp or logreg for flat features)")
     hidden: int = option(64, "hidden units of the mlp")
     alpha: float = option(0.5, "Dirichlet label skew across devices (0 = IID)")
-    epochs: int = option(2, "local epochs per round")
-    batch_size: int = option(32, "local mini-batch size")
-    lr: float = option(0.1, "local learning rate")
+    epochs: int = option(0, "local epochs per round (0: the task's default)")
+    batch_size: int = option(0, "local mini-batch size (0: the task's default)")
+    lr: float = option(0.0, "local learning rate (0: the task's default)")
     prox_mu: float = option(0.0, "FedProx proximal term mu (0: FedAvg)")
     optimizer: str = option("fedavg", "server optimizer")
     server_lr: float = option(0.0, "server learning rate (0: optimizer default)")
@@ -85,6 +86,10 @@ class SimulationConfig:
                                   "kbit/s, e.g. top2-sign-ef")
 
     def __post_init__(self) -> None:
+        spec = task_spec(self.task)  # an unknown task fails here
+        for name in ("rounds", "epochs", "batch_size", "lr"):  # 0: the task's default
+            if not getattr(self, name):
+                object.__setattr__(self, name, getattr(spec, name))
         if self.devices < 1 or self.rounds < 1:
             raise ConfigError("devices and rounds must be >= 1")
         if not 0.0 <= self.dropout < 1.0:
@@ -126,6 +131,7 @@ class SimulationConfig:
 class SimRound:
     round: int
     accuracy: float | None
+    top3: float | None
     loss: float | None
     train_loss: float
     participants: int
@@ -186,8 +192,8 @@ class Simulation:
             self.broker.start()
             url = self.broker.url
         fleet = c.fleet or f"sim-{os.urandom(3).hex()}"
-        train, test = split_task(c.task, seed=c.seed)
-        shards = partition(train.y, devices=c.devices, alpha=c.alpha, seed=c.seed)
+        _, test = split_task(c.task, seed=c.seed)
+        shards = device_shards(c.task, device_count=c.devices, alpha=c.alpha, seed=c.seed)
         if not c.agents_only:
             self._start_aggregator(url, fleet, test)
         profiles = fleet_profiles(c.profiles, c.devices, seed=c.seed)
@@ -207,7 +213,7 @@ class Simulation:
                 cpus=profile.cpus, link_kbps=profile.link_kbps, on_battery=profile.battery,
                 slowdown=profile.slowdown,
             )
-            self.agents.append(EdgeAgent(agent_config, train.subset(shard)))
+            self.agents.append(EdgeAgent(agent_config, shard))
         self._apply_dropout()
         if self.aggregator is not None:
             self.aggregator.start()
@@ -316,7 +322,8 @@ class Simulation:
             up = sum(a.stats.traffic.get(r.round, (0, 0))[0] for a in self.agents)
             down = sum(a.stats.traffic.get(r.round, (0, 0))[1] for a in self.agents)
             result.rounds.append(SimRound(
-                round=r.round, accuracy=r.accuracy, loss=r.test_loss, train_loss=r.train_loss,
+                round=r.round, accuracy=r.accuracy, top3=r.top3, loss=r.test_loss,
+                train_loss=r.train_loss,
                 participants=r.participants, bytes_up=up, bytes_down=down, wall_s=r.wall_s))
         if self.aggregator is not None:
             result.rejected = dict(self.aggregator.rejected)
@@ -358,7 +365,7 @@ def write_metrics(result: SimulationResult, path: str | Path) -> Path:
     with open(path, "w") as fh:
         for r in result.rounds:
             fh.write(json.dumps({
-                "round": r.round, "accuracy": r.accuracy, "loss": r.loss,
+                "round": r.round, "accuracy": r.accuracy, "top3": r.top3, "loss": r.loss,
                 "train_loss": r.train_loss, "participants": r.participants,
                 "bytes_up": r.bytes_up, "bytes_down": r.bytes_down, "wall_s": round(r.wall_s, 4),
             }) + "\n")

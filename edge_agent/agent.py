@@ -36,6 +36,7 @@ from .protocol import (
     TaskConfig,
     Update,
 )
+from .signing import AnnouncementOpener
 from .transfer import DELTA, FULL, ModelReceiver, ReceivedModel
 
 log = logging.getLogger(__name__)
@@ -177,6 +178,8 @@ class EdgeAgent:
         self.trainer = LocalTrainer(device_id=config.device_id, data=data, codec=config.codec,
                                     seed=seed, state_path=state_path, slowdown=config.slowdown)
         self.receiver = ModelReceiver()
+        # With model_public_key set, only announcements the aggregator signed get through.
+        self.announcements = AnnouncementOpener.for_config(config.model_public_key)
         self.stats = AgentStats()
         self.outbox = Outbox(Path(config.state_dir) / "outbox" if config.state_dir else None)
         self._pending: ReceivedModel | None = None
@@ -186,7 +189,7 @@ class EdgeAgent:
         offline = DeviceStatus(device_id=config.device_id, online=False).to_payload()
         self.link = MqttLink(
             client_id=config.device_id, broker=config.broker, username=config.username,
-            password=config.password, on_connect=self._on_connect,
+            password=config.password, on_connect=self._on_connect, tls=config.tls(),
             will=Will(self.topics.device_status(config.device_id), offline),
             max_payload=config.max_payload, session_expiry_s=config.session_expiry_s,
         )
@@ -230,7 +233,7 @@ class EdgeAgent:
 
     def _on_announcement(self, message) -> None:
         self._receive(lambda: self.receiver.offer_announcement(
-            ModelAnnouncement.from_payload(message.payload), len(message.payload)), message.payload)
+            self.announcements.open(message.payload), len(message.payload)), message.payload)
 
     def _chunk_handler(self, stream: str):
         def on_chunk(message) -> None:

@@ -42,9 +42,15 @@ def cmd_agent(args: argparse.Namespace) -> int:
 
     config = load_config(AgentConfig, args.config, _overrides(args, AgentConfig))
     _setup_logging(config.log_level)
-    data = device_shard(config.task, device_index=config.device_index,
-                        device_count=config.device_count, alpha=config.alpha,
-                        seed=config.partition_seed)
+    if config.data_source:  # the device's own data, checked before we connect
+        from .datasource import load_source
+
+        data = load_source(config.data_source, config.task, label=config.data_label,
+                           max_samples=config.data_max_samples)
+    else:
+        data = device_shard(config.task, device_index=config.device_index,
+                            device_count=config.device_count, alpha=config.alpha,
+                            seed=config.partition_seed)
     agent = EdgeAgent(config, data)
     logging.getLogger("fedmq").info("agent %s starts with %d local examples", config.device_id,
                                     len(data))
@@ -88,6 +94,12 @@ def cmd_codecs(_args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .predict import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from aggregator.config import AggregatorConfig
     from aggregator.simulator import SimulationConfig
@@ -113,6 +125,17 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--quiet", action="store_true", help="no progress bar or table")
     sim.add_argument("--verbose", action="store_true", help="log every service event")
     add("codecs", cmd_codecs, "list the update codecs", None, False)
+    from .predict import add_arguments as predict_arguments  # numpy only; onnxruntime on use
+
+    predict_arguments(add("predict", cmd_predict, "run an exported ONNX model on local data "
+                          "(onnxruntime only)", None, False))
+    from aggregator import certs, enroll  # cryptography is imported only when used
+
+    certs.register(sub)
+    enroll.register(sub)
+    from . import signing  # model signing keys; cryptography only when used
+
+    signing.register(sub)
     return parser
 
 

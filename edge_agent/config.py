@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 from .errors import ConfigError
 from .protocol.topics import check_name
+from .tls import TlsFiles
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -98,9 +99,15 @@ def default_device_id() -> str:
 class BrokerConfig:
     """Where the broker is and how to log in; shared by agent and aggregator configs."""
 
-    broker: str = option("mqtt://127.0.0.1:1883", "broker URL, mqtt://host:port")
+    broker: str = option("mqtt://127.0.0.1:1883", "broker URL, mqtt://host:port "
+                         "(mqtts://host:8883: TLS)")
     username: str = option("", "MQTT user name (empty: anonymous)")
     password: str = option("", "MQTT password")
+    ca_file: str = option("", "PEM CA certificate that signed the broker's certificate "
+                          "(mqtts:// only; empty: the system's trusted CAs)")
+    cert_file: str = option("", "PEM client certificate, for brokers that require one "
+                            "(mqtts:// only; empty: none)")
+    key_file: str = option("", "PEM private key of cert_file (empty: none)")
     fleet: str = option("default", "fleet name; topics live under fedmq/{fleet}/")
     log_level: str = option("INFO", "DEBUG, INFO, WARNING or ERROR")
 
@@ -108,6 +115,11 @@ class BrokerConfig:
         check_name(self.fleet, "fleet name")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError(f"log_level {self.log_level!r} must be DEBUG, INFO, WARNING or ERROR")
+        self.tls()  # a key without a certificate is an error now, not at connect time
+
+    def tls(self) -> TlsFiles:
+        """What MqttLink needs for TLS; files are checked when the link is created."""
+        return TlsFiles(ca_file=self.ca_file, cert_file=self.cert_file, key_file=self.key_file)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -118,6 +130,10 @@ class AgentConfig(BrokerConfig):
     device_count: int = option(1, "... out of this many shares")
     partition_seed: int = option(0, "seed of the train/test split and the partition")
     alpha: float = option(0.5, "Dirichlet label skew of the partition (0 = IID)")
+    data_source: str = option("", "this device's own data instead of the bundled shard: "
+                              "csv:PATH, npz:PATH, text:PATH or python:package.module:function")
+    data_label: str = option("", "csv data: name of the label column (empty: the last column)")
+    data_max_samples: int = option(10_000, "text and python data: most examples to keep")
     codec: str = option("float32", "codec for this device's updates (see `fedmq codecs`)")
     seed: int = option(-1, "seed of local shuffling and stochastic rounding "
                        "(-1: derived from device_id, so every device differs)")
@@ -129,6 +145,9 @@ class AgentConfig(BrokerConfig):
                                    "many seconds (and after every reconnect)")
     state_dir: str = option("", "directory for state that must survive a reboot "
                             "(error-feedback residual, outbox); empty: memory only")
+    model_public_key: str = option("", "PEM Ed25519 public key of the aggregator's "
+                                   "signing_key: refuse unsigned or tampered models (empty: "
+                                   "accept unsigned ones)")
     link_kbps: float = option(0.0, "uplink speed this device advertises, kbit/s (0: unknown); "
                               "the aggregator may assign a smaller codec to slow links")
     on_battery: bool = option(False, "advertise that this device runs on battery (the "

@@ -7,7 +7,10 @@ and counted here so a bad message can never stop the network loop.
 from __future__ import annotations
 
 import logging
+import ssl
+import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlparse
@@ -19,6 +22,7 @@ from paho.mqtt.properties import Properties
 
 from .chunking import DEFAULT_MAX_PAYLOAD
 from .errors import BrokerError, ConfigError
+from .tls import TlsFiles, describe_tls_failure
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +33,26 @@ RECONNECT_MAX_S = 30.0
 KEEPALIVE_S = 30
 
 Handler = Callable[[mqtt.MQTTMessage], None]
+
+# CONNACK reasons that only an operator can fix, with what to do about them.
+_CREDENTIALS_HINT = ("check username and password in the config (empty: anonymous, which a "
+                     "production broker refuses); `fedmq enroll DEVICE_ID` on the broker "
+                     "creates an account")
+_REFUSAL_HINTS = {
+    "Not authorized": _CREDENTIALS_HINT,
+    "Bad user name or password": _CREDENTIALS_HINT,
+    "Client identifier not valid": "check device_id / client_id",
+    "Banned": "the broker banned this client",
+}
+# A TLS broker that hangs up before CONNACK rejected the handshake after it completed on
+# our side (TLS 1.3 verifies the client certificate late).
+TLS_CLOSED = ("the broker probably requires a client certificate signed by its CA; check "
+              "cert_file and key_file (`fedmq enroll DEVICE_ID --cert` issues them)")
+
+
+def _refusal_hint(reason: str) -> str:
+    hint = _REFUSAL_HINTS.get(reason)
+    return f"; {hint}" if hint else ""
 
 
 def publish_overhead(topic: str, *, qos: int) -> int:
@@ -78,11 +102,12 @@ class MqttLink:
         self, *, client_id: str, broker: str, username: str = "", password: str = "",
         will: Will | None = None, on_connect: Callable[[bool], None] | None = None,
         max_payload: int = DEFAULT_MAX_PAYLOAD, session_expiry_s: int = 0,
-        manual_ack: bool = False,
+        manual_ack: bool = False, tls: TlsFiles | None = None,
     ) -> None:
         """session_expiry_s > 0: a persistent session (clean_start false) the broker keeps
         that long after a disconnect, queueing QoS 1 messages for us. manual_ack: QoS 1
-        messages are acknowledged only by `ack()`, after the caller stored them."""
+        messages are acknowledged only by `ack()`, after the caller stored them. tls: CA and
+        client certificate for an mqtts:// broker (mqtts:// alone: the system's CAs)."""
         self.address = BrokerAddress.parse(broker)
         self.session_expiry_s = session_expiry_s
         self.client_id = client_id
@@ -109,6 +134,11 @@ class MqttLink:
             self._client.manual_ack_set(True)
         if username:
             self._client.username_pw_set(username, password or None)
+        self._setup_tls(tls or TlsFiles(), has_password=bool(password))
+        # Why the broker last turned us away (CONNACK reason or TLS failure), until we connect.
+        self.refusal: str | None = None
+        self._connack: bool | None = None  # this connection's CONNACK: accepted, refused, none
+        self._client.on_connect_fail = self._handle_connect_fail
         if will is not None:
             self._client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
         self._client.reconnect_delay_set(min_delay=RECONNECT_MIN_S, max_delay=RECONNECT_MAX_S)
@@ -169,7 +199,17 @@ class MqttLink:
         self._client.loop_start()
 
     def wait_connected(self, timeout: float) -> None:
-        if not self.connected.wait(timeout):
+        """Block until connected; fail early once the broker refused us (bad credentials,
+        TLS), since retrying the same credentials will not help."""
+        deadline = time.monotonic() + timeout
+        while not self.connected.wait(min(0.1, max(0.0, deadline - time.monotonic()))):
+            refusal = self.refusal
+            if refusal is not None:
+                raise BrokerError(f"{self.client_id}: {self.address} refused the connection: "
+                                  f"{refusal}")
+            if time.monotonic() >= deadline:
+                break
+        if not self.connected.is_set():
             raise BrokerError(
                 f"{self.client_id}: no connection to {self.address} after {timeout:.0f} s; "
                 "is the broker running and reachable?"
@@ -216,10 +256,13 @@ class MqttLink:
         self.connected.clear()
 
     def _handle_connect(self, client, _userdata, flags, reason_code, props) -> None:
+        self._connack = not reason_code.is_failure
         if reason_code.is_failure:
-            log.error("%s: broker %s refused the connection: %s", self.client_id,
-                      self.address, reason_code)
+            self.refusal = f"{reason_code}{_refusal_hint(str(reason_code))}"
+            log.error("%s: broker %s refused the connection: %s (retrying with backoff)",
+                      self.client_id, self.address, self.refusal)
             return
+        self.refusal = None
         self._note_packet_limit(getattr(props, "MaximumPacketSize", None))
         with self._lock:
             active = list(self._subscriptions.items())
@@ -232,6 +275,29 @@ class MqttLink:
             except Exception:
                 self.handler_errors += 1
                 log.exception("%s: on-connect hook failed", self.client_id)
+
+    def _setup_tls(self, tls: TlsFiles, *, has_password: bool) -> None:
+        """TLS for mqtts:// only: TLS files with mqtt:// would silently go unused."""
+        if not self.address.tls:
+            if tls:
+                raise ConfigError(f"ca_file/cert_file/key_file are set but the broker URL "
+                                  f"{self.address} is not TLS; use mqtts://")
+            if has_password and self.address.host not in ("127.0.0.1", "localhost", "::1"):
+                log.warning("%s: sending a password in clear text to %s; use mqtts://",
+                            self.client_id, self.address)
+            return
+        self._client.tls_set_context(tls.context())
+
+    def _handle_connect_fail(self, _client, _userdata) -> None:
+        """TCP or TLS connect failed; paho retries. Called inside paho's `except OSError`,
+        so the exception is still current and can be named."""
+        exc = sys.exc_info()[1]
+        if self.address.tls and isinstance(exc, ssl.SSLError):
+            self.refusal = describe_tls_failure(exc)
+            log.error("%s: TLS connection to %s failed: %s", self.client_id, self.address,
+                      self.refusal)
+        else:
+            log.debug("%s: cannot reach %s: %s", self.client_id, self.address, exc)
 
     def _note_packet_limit(self, limit: int | None) -> None:
         """Keep the broker's limit; say so once when it lowers max_payload."""
@@ -264,11 +330,19 @@ class MqttLink:
                 self.subscribed.set()
 
     def _handle_disconnect(self, _client, _userdata, _flags, reason_code, _props) -> None:
+        connack, self._connack = self._connack, None
         self.connected.clear()
         self._disconnected.set()
         self.subscribed.clear()
         with self._lock:
             self._pending_subacks.clear()
+        if connack is False:
+            return  # refused in CONNACK: logged there
+        if connack is None and self.address.tls and reason_code != 0:
+            self.refusal = TLS_CLOSED
+            log.error("%s: %s closed the TLS connection before answering CONNECT: %s",
+                      self.client_id, self.address, self.refusal)
+            return
         if reason_code != 0:
             log.warning("%s: disconnected from %s (%s); reconnecting", self.client_id,
                         self.address, reason_code)

@@ -34,8 +34,22 @@ def build_model(name: str, config: dict[str, Any], *, seed: int = 0) -> Model:
         raise ConfigError(f"bad config {config!r} for model {name!r}: {exc}") from None
 
 
+def _lazy(attr: str) -> Callable[..., Model]:
+    """A builder that imports the torch architectures (and torch) only when called."""
+
+    def build(**config: Any) -> Model:
+        from . import torch_models
+
+        return getattr(torch_models, attr)(**config)
+
+    build.__name__ = attr
+    return build
+
+
 register_model("logreg", LogisticRegression)
 register_model("mlp", MLP)
+register_model("char_gru", _lazy("char_gru"))  # keyboard task; needs fedmq[torch]
+register_model("har_cnn", _lazy("har_cnn"))  # sensor task; needs fedmq[torch]
 
 __all__ = ["EvalResult", "Model", "ParamLayout", "TrainResult", "build_model", "model_names",
            "register_model"]

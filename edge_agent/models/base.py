@@ -25,8 +25,9 @@ class TrainResult:
 @dataclass(frozen=True, slots=True)
 class EvalResult:
     loss: float
-    accuracy: float
+    accuracy: float  # top-1
     num_samples: int
+    top3: float | None = None  # share with the label among the 3 best (keyboard), if reported
 
 
 def batches(n: int, *, epochs: int, batch_size: int,

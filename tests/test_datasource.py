@@ -1,0 +1,343 @@
+"""A device's own data: every source kind loads, and every kind of bad data is named at start-up."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from edge_agent.datasource import (
+    CsvSource,
+    InputSpec,
+    NpzSource,
+    PythonSource,
+    TextSource,
+    load_source,
+    parse_source,
+)
+from edge_agent.errors import ConfigError, DataError
+
+from .helpers import make_aggregator, wait_for
+
+FEDMQ = [sys.executable, "-m", "edge_agent.cli"]
+DIGITS = InputSpec(task="digits", shape=(64,), dtype=np.dtype("float32"), classes=10)
+KEYS = InputSpec(task="keyboard", shape=(8,), dtype=np.dtype("int64"), classes=96, vocab=96)
+SENSOR = InputSpec(task="sensor", shape=(6, 5), dtype=np.dtype("float32"), classes=4,
+                   class_names=("Badminton", "Running", "Standing", "Walking"))
+finite = st.floats(-1e6, 1e6, allow_nan=False, width=32)
+
+
+def write_csv(path, rows, header=None):
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        if header:
+            writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+def digits_rows(n, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.random((n, 64), dtype=np.float32)
+    y = rng.integers(0, 10, n)
+    return x, y, [[repr(float(v)) for v in row] + [str(label)] for row, label in zip(x, y,
+                                                                                      strict=True)]
+
+
+# -- each kind loads -----------------------------------------------------------------------
+
+@settings(max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(x=hnp.arrays(np.float32, st.tuples(st.integers(1, 12), st.just(64)), elements=finite),
+       data=st.data(), header=st.booleans(), label_at=st.integers(0, 64))
+def test_csv_round_trip(tmp_path, x, data, header, label_at):
+    """Any finite float32 features and any class ids come back exactly, wherever the label is."""
+    y = data.draw(hnp.arrays(np.int64, len(x), elements=st.integers(0, 9)))
+    rows = [[repr(float(v)) for v in row] for row in x]
+    for row, label in zip(rows, y, strict=True):
+        row.insert(label_at, str(label))
+    names = [f"f{i}" for i in range(64)]
+    names.insert(label_at, "digit")
+    path = write_csv(tmp_path / "d.csv", rows, names if header else None)
+    label = "digit" if header else ""
+    if not header and label_at != 64:  # without a header the label must be last
+        return
+    got = CsvSource(path, label=label).load(DIGITS)
+    assert got.x.dtype == np.float32 and got.y.dtype == np.int64
+    np.testing.assert_array_equal(got.x, x)
+    np.testing.assert_array_equal(got.y, y)
+
+
+@settings(max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(x=hnp.arrays(st.sampled_from([np.float32, np.float64]),
+                    st.tuples(st.integers(1, 10), st.just(6), st.just(5)), elements=finite),
+       flat=st.booleans(), data=st.data())
+def test_npz_round_trip(tmp_path, x, flat, data):
+    """(n, 6, 5) or flattened (n, 30) rows load as the task's (n, 6, 5) float32."""
+    y = data.draw(hnp.arrays(np.int32, len(x), elements=st.integers(0, 3)))
+    path = tmp_path / "d.npz"
+    np.savez(path, x=x.reshape(len(x), -1) if flat else x, y=y)
+    got = NpzSource(path).load(SENSOR)
+    assert got.x.shape == x.shape and got.x.dtype == np.float32
+    np.testing.assert_array_equal(got.x, x.astype(np.float32))
+    np.testing.assert_array_equal(got.y, y)
+
+
+def test_csv_labels_may_be_class_names(tmp_path):
+    rows = [[*(["0.5"] * 30), name] for name in ("Walking", "Running", "3")]
+    got = CsvSource(write_csv(tmp_path / "s.csv", rows)).load(SENSOR)
+    assert got.y.tolist() == [3, 1, 3] and got.x.shape == (3, 6, 5)
+
+
+def test_text_becomes_windows_of_the_keyboard_vocabulary(tmp_path):
+    from edge_agent.data import keyboard
+
+    text = "the quick brown fox jumps over the lazy dog"
+    (tmp_path / "typing.txt").write_text(text, encoding="utf-8")
+    got = TextSource(tmp_path / "typing.txt").load(KEYS)
+    ids = keyboard.encode(text)
+    assert got.x.shape == (len(text) - 8, 8) and got.x.dtype == np.int64
+    np.testing.assert_array_equal(got.x[0], ids[:8])
+    np.testing.assert_array_equal(got.y, ids[8:])
+    newest = TextSource(tmp_path / "typing.txt", max_samples=5).load(KEYS)
+    assert len(newest) == 5 and keyboard.decode(newest.y) == text[-5:]
+
+
+def test_the_bundled_tasks_shapes_dtypes_and_names_are_checked(tmp_path):
+    """The real task specs: keyboard windows of 64 ids, sensor (6, 40), feature names."""
+    (tmp_path / "typing.txt").write_text("Dear diary, " * 20, encoding="utf-8")
+    keys = load_source(f"text:{tmp_path / 'typing.txt'}", "keyboard")
+    assert keys.x.shape == (240 - 64, 64) and keys.x.dtype == np.int64
+    np.savez(tmp_path / "s.npz", x=np.zeros((3, 6, 40)), y=[0, 1, 3])
+    assert load_source(f"npz:{tmp_path / 's.npz'}", "sensor").x.shape == (3, 6, 40)
+    np.savez(tmp_path / "s2.npz", x=np.zeros((3, 6, 20)), y=[0, 1, 3])
+    with pytest.raises(DataError, match=r"\(6, 20\), task 'sensor' needs \(6, 40\)"):
+        load_source(f"npz:{tmp_path / 's2.npz'}", "sensor")
+    rows = [[*(["0.1"] * 30), name] for name in ("Walking", "Badminton")]
+    features = load_source(f"csv:{write_csv(tmp_path / 'f.csv', rows)}", "sensor-features")
+    assert features.y.tolist() == [3, 0]
+    with pytest.raises(DataError, match="'Jogging' is not a class id or a class name "
+                       r"\(Badminton, Running, Standing, Walking\)"):
+        load_source(f"csv:{write_csv(tmp_path / 'g.csv', [[*(['0'] * 30), 'Jogging']])}",
+                    "sensor-features")
+
+
+@pytest.fixture
+def sensor_module(tmp_path, monkeypatch):
+    """A 'live sensor' package importable as mysensor.read."""
+    pkg = tmp_path / "mysensor"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "read.py").write_text(textwrap.dedent("""
+        import numpy as np
+
+        closed = []
+
+        def batches():
+            rng = np.random.default_rng(0)
+            try:
+                while True:  # a sensor never runs out
+                    yield rng.normal(size=(7, 6, 5)), rng.integers(0, 4, 7)
+            finally:
+                closed.append(True)
+
+        def single():
+            for i in range(3):
+                yield np.full(30, float(i)), i
+
+        def broken():
+            yield np.zeros((2, 6, 5)), [0, 1]
+            raise OSError("I2C bus timeout")
+
+        def garbage():
+            yield "nope"
+
+        def nothing():
+            return iter(())
+
+        not_callable = 3
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield
+    for name in ("mysensor", "mysensor.read"):
+        sys.modules.pop(name, None)
+
+
+def test_python_source_collects_up_to_max_samples(sensor_module):
+    got = PythonSource("mysensor.read:batches", max_samples=20).load(SENSOR)
+    assert got.x.shape == (20, 6, 5) and got.x.dtype == np.float32
+    import mysensor.read
+
+    assert mysensor.read.closed == [True]  # the generator was closed, the sensor released
+    single = PythonSource("mysensor.read:single").load(SENSOR)
+    assert single.y.tolist() == [0, 1, 2] and single.x.shape == (3, 6, 5)
+
+
+@pytest.mark.parametrize(("target", "error", "message"), [
+    ("mysensor.read:broken", DataError, "python:mysensor.read:broken failed: OSError: I2C bus"),
+    ("mysensor.read:garbage", DataError, "must yield (x, y) pairs"),
+    ("mysensor.read:nothing", DataError, "yielded no examples"),
+    ("mysensor.read:not_callable", ConfigError, "has no function 'not_callable'"),
+    ("mysensor.nope:batches", ConfigError, "cannot import mysensor.nope"),
+])
+def test_python_source_errors_name_the_callable(sensor_module, target, error, message):
+    with pytest.raises(error, match=message.replace("(", r"\(").replace(")", r"\)")):
+        PythonSource(target).load(SENSOR)
+
+
+# -- bad data ----------------------------------------------------------------------------
+
+def _header():
+    return ",".join([f"f{i}" for i in range(64)] + ["label"])
+
+
+ROW = ",".join(["0.5"] * 64)
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ("", "has no rows"),
+    ("\n\n", "has no rows"),
+    (_header() + "\n", "has a header but no data rows"),
+    (f"{ROW},1\n{ROW}\n", "line 2: 64 columns, expected 65"),
+    (f"{ROW},1\n" + ",".join(["0.5"] * 63) + ",abc,2\n",
+     "line 2, column 64: 'abc' is not a number"),
+    (f"{_header()}\n{ROW},1\n" + ",".join(["0.5"] * 10 + ["nan"] + ["0.5"] * 53) + ",2\n",
+     "line 3, column 11 \\('f10'\\): 'nan' is not a finite number"),
+    (f"{ROW},1\n" + ",".join(["inf"] * 64) + ",2\n", "line 2, column 1: 'inf' is not a finite"),
+    (f"{ROW},10\n", "line 1, column 65: label 10 is not a class id in \\[0, 10\\)"),
+    (f"{ROW},-1\n", "label -1 is not a class id"),
+    (f"{ROW},2.5\n", "label 2.5 is not a class id"),
+    (f"{ROW},cat\n", "label 'cat' is not a class id"),
+    (",".join(["0.5"] * 10) + ",1\n",
+     "10 feature columns \\(\\+1 label\\), task 'digits' needs 64"),
+    ('1,"unterminated\n', "line 1: not valid CSV"),
+])
+def test_bad_csv_is_named_with_line_and_column(tmp_path, content, message):
+    path = tmp_path / "bad.csv"
+    path.write_text(content)
+    with pytest.raises(DataError, match=message) as info:
+        load_source(f"csv:{path}", "digits")
+    assert str(path) in str(info.value)
+
+
+def test_unreadable_files_are_data_errors(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        load_source(f"csv:{tmp_path / 'missing.csv'}", "digits")
+    with pytest.raises(DataError, match="is a directory"):
+        load_source(f"csv:{tmp_path}", "digits")
+    (tmp_path / "latin1.csv").write_bytes("0.5,caf\xe9\n".encode("latin-1"))
+    with pytest.raises(DataError, match="not UTF-8 text"):
+        load_source(f"csv:{tmp_path / 'latin1.csv'}", "digits")
+    with pytest.raises(DataError, match="needs a header row"):
+        _, _, rows = digits_rows(2)
+        load_source(f"csv:{write_csv(tmp_path / 'nohead.csv', rows)}", "digits", label="label")
+
+
+@pytest.mark.parametrize(("arrays", "message"), [
+    ({"x": np.zeros((3, 64))}, "no array y"),
+    ({"features": np.zeros((3, 64))}, "no array x or y; it holds features"),
+    ({"x": np.zeros((3, 63)), "y": np.zeros(3, int)},
+     r"shape \(63,\), task 'digits' needs \(64,\)"),
+    ({"x": np.zeros((3, 64)), "y": np.zeros(4, int)}, "3 examples but 4 labels"),
+    ({"x": np.zeros((0, 64)), "y": np.zeros(0, int)}, "no examples"),
+    ({"x": np.full((3, 64), np.inf), "y": np.zeros(3, int)}, "example 0 has NaN or infinite"),
+    ({"x": np.full((3, 64), 1e300), "y": np.zeros(3, int)}, "beyond the range of float32"),
+    ({"x": np.zeros((3, 64)), "y": np.array([0, 1, 10])}, r"labels must be in \[0, 10\)"),
+    ({"x": np.zeros((3, 64)), "y": np.array([0.5, 1, 2])}, "whole class ids"),
+    ({"x": np.zeros((3, 64)), "y": np.zeros((3, 1), int)}, "one value per example"),
+    ({"x": np.array(["a"] * 3), "y": np.zeros(3, int)}, "must be numeric"),
+])
+def test_bad_npz_is_named(tmp_path, arrays, message):
+    path = tmp_path / "bad.npz"
+    np.savez(path, **arrays)
+    with pytest.raises(DataError, match=message) as info:
+        load_source(f"npz:{path}", "digits")
+    assert str(path) in str(info.value)
+
+
+def test_npz_that_needs_pickle_or_is_no_zip_is_refused(tmp_path):
+    pickled = tmp_path / "obj.npz"
+    np.savez(pickled, x=np.array([{"a": 1}], dtype=object), y=np.zeros(1, int))
+    with pytest.raises(DataError, match=r"not a readable \.npz"):
+        load_source(f"npz:{pickled}", "digits")
+    (tmp_path / "junk.npz").write_bytes(b"not a zip file")
+    with pytest.raises(DataError, match=r"not a readable \.npz"):
+        load_source(f"npz:{tmp_path / 'junk.npz'}", "digits")
+
+
+def test_keyboard_ids_out_of_range_and_text_misuse(tmp_path):
+    np.savez(tmp_path / "k.npz", x=np.full((2, 8), 96), y=np.zeros(2, int))
+    with pytest.raises(DataError, match=r"ids must be in \[0, 96\)"):
+        NpzSource(tmp_path / "k.npz").load(KEYS)
+    (tmp_path / "short.txt").write_text("hello")
+    with pytest.raises(DataError, match="5 characters; at least 9"):
+        TextSource(tmp_path / "short.txt").load(KEYS)
+    with pytest.raises(DataError, match="text data is for the keyboard task"):
+        load_source(f"text:{tmp_path / 'short.txt'}", "digits")
+
+
+@pytest.mark.parametrize(("spec", "kwargs", "message"), [
+    ("csv", {}, "must be KIND:WHERE"),
+    ("parquet:/x.parquet", {}, "KIND one of csv, npz, python, text"),
+    ("csv:", {}, "must be KIND:WHERE"),
+    ("python:mysensor", {}, "python:package.module:function"),
+    ("npz:/x.npz", {"label": "y"}, "data_label is only for csv"),
+    ("python:a:b", {"max_samples": 0}, "data_max_samples must be >= 1"),
+])
+def test_bad_source_strings_are_config_errors(spec, kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_source(spec, **kwargs)
+
+
+def test_empty_source_means_the_bundled_shard():
+    assert parse_source("") is None and parse_source("  ") is None
+
+
+# -- the agent ---------------------------------------------------------------------------
+
+def test_agent_with_bad_data_stops_before_connecting(tmp_path):
+    """Port 1 has no broker: the agent would retry forever, so exiting proves it never tried."""
+    bad = tmp_path / "bad.csv"
+    bad.write_text(f"{ROW},1\n{ROW},nan\n")
+    proc = subprocess.run(
+        [*FEDMQ, "agent", "--broker", "mqtt://127.0.0.1:1", "--device-id", "own0",
+         "--data-source", f"csv:{bad}"],
+        capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert f"{bad} line 2, column 65: label nan is not a class id" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_agent_with_bad_source_setting_in_its_config_file(tmp_path):
+    config = tmp_path / "agent.toml"
+    config.write_text('device_id = "own0"\nbroker = "mqtt://127.0.0.1:1"\n'
+                      'data_source = "excel:/data.xlsx"\n')
+    proc = subprocess.run([*FEDMQ, "agent", "--config", str(config)], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "data_source 'excel:/data.xlsx' must be KIND:WHERE" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.integration
+def test_agent_trains_on_its_own_csv_in_a_real_round(broker, tmp_path, stoppers, processes):
+    _, _, rows = digits_rows(37)
+    data = write_csv(tmp_path / "mine.csv", rows, _header().split(","))
+    service = make_aggregator(broker.url, tmp_path, stoppers, model="logreg", min_updates=1,
+                              rounds=1)
+    processes.append(subprocess.Popen(
+        [*FEDMQ, "agent", "--broker", broker.url, "--fleet", "test", "--device-id", "own0",
+         "--data-source", f"csv:{data}", "--data-label", "label"],
+        stderr=subprocess.PIPE, text=True))
+    wait_for(service.finished.is_set, "one round trained on the device's own CSV")
+    assert service.failure is None
+    record = service.history[0]
+    assert record.participants == 1 and record.samples == 37  # epochs=1 over 37 rows

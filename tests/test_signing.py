@@ -1,0 +1,245 @@
+"""Signed model announcements: key files, sign/verify, and forged models over a real broker."""
+
+from __future__ import annotations
+
+import dataclasses
+import stat
+import sys
+import threading
+from collections import Counter
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from edge_agent.cli import main
+from edge_agent.errors import ConfigError, MissingExtraError, ProtocolError
+from edge_agent.models.layout import ParamLayout
+from edge_agent.mqtt import MqttLink
+from edge_agent.protocol import FleetTopics, ModelAnnouncement, PayloadInfo, TaskConfig
+from edge_agent.signing import (
+    PRIVATE_NAME,
+    PUBLIC_NAME,
+    AnnouncementOpener,
+    AnnouncementSigner,
+    SignedAnnouncement,
+    announcement_sealer,
+    generate_keypair,
+)
+from edge_agent.transfer import encode_model
+
+from .helpers import make_agents, make_aggregator, wait_for
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory):
+    return generate_keypair(tmp_path_factory.mktemp("keys"))
+
+
+@pytest.fixture(scope="module")
+def other_keys(tmp_path_factory):
+    return generate_keypair(tmp_path_factory.mktemp("other-keys"))
+
+
+def announcement(version: int = 1, round: int = 1, aid: str = "a1") -> ModelAnnouncement:
+    info = PayloadInfo(codec="f32", size=10, sha256="ab" * 32)
+    return ModelAnnouncement(fleet="f", version=version, round=round, model="logreg",
+                             model_config={"inputs": 4, "classes": 2}, layout=[["w", [10]]],
+                             layout_hash="h", task=TaskConfig(lr=0.5), payload=info,
+                             announce_id=aid, issued_at=1.5)
+
+
+def reason(call) -> str:
+    with pytest.raises(ProtocolError) as info:
+        call()
+    return info.value.reason
+
+
+# -- key files and the command ------------------------------------------------------------
+
+def test_keys_init_writes_a_0600_private_and_0644_public_key_and_refuses_to_overwrite(
+        tmp_path, capsys):
+    out = tmp_path / "signing"
+    assert main(["keys", "init", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "signing_key" in printed and "model_public_key" in printed
+    assert stat.S_IMODE((out / PRIVATE_NAME).stat().st_mode) == 0o600
+    assert stat.S_IMODE((out / PUBLIC_NAME).stat().st_mode) == 0o644
+    assert stat.S_IMODE(out.stat().st_mode) == 0o700
+    before = (out / PRIVATE_NAME).read_bytes()
+    assert main(["keys", "init", "--out", str(out)]) == 2  # exists: refused
+    assert "--force" in capsys.readouterr().err
+    assert (out / PRIVATE_NAME).read_bytes() == before
+    assert main(["keys", "init", "--out", str(out), "--force"]) == 0
+    assert (out / PRIVATE_NAME).read_bytes() != before
+    assert stat.S_IMODE((out / PRIVATE_NAME).stat().st_mode) == 0o600
+    signer = AnnouncementSigner.from_file(out / PRIVATE_NAME)
+    assert AnnouncementOpener.from_file(out / PUBLIC_NAME).key_id == signer.key_id
+
+
+def test_bad_key_files_are_config_errors_that_say_what_to_do(tmp_path, keys):
+    with pytest.raises(ConfigError, match="keys init"):
+        AnnouncementSigner.from_file(tmp_path / "missing.key")
+    (tmp_path / "junk.pem").write_text("not a key")
+    with pytest.raises(ConfigError, match="not an unencrypted PEM private key"):
+        AnnouncementSigner.from_file(tmp_path / "junk.pem")
+    with pytest.raises(ConfigError, match="not a PEM public key"):
+        AnnouncementOpener.from_file(keys.private)  # the private half where the public belongs
+    from aggregator.certs import Pki
+
+    ec = Pki(tmp_path / "pki").init()  # an EC P-256 key: right format, wrong algorithm
+    with pytest.raises(ConfigError, match="Ed25519"):
+        AnnouncementSigner.from_file(ec.key)
+
+
+def test_without_cryptography_keys_need_the_secure_extra_but_unsigned_fleets_do_not(
+        monkeypatch, keys):
+    monkeypatch.setitem(sys.modules, "cryptography.hazmat.primitives.serialization", None)
+    with pytest.raises(MissingExtraError, match=r"'cryptography' package: .*fedmq\[secure\]"):
+        AnnouncementOpener.for_config(str(keys.public))
+    with pytest.raises(MissingExtraError, match=r"fedmq\[secure\]"):
+        announcement_sealer(str(keys.private))
+    a = announcement()
+    assert AnnouncementOpener.for_config("").open(announcement_sealer("")(a)) == a
+
+
+# -- sign and verify (pure) ---------------------------------------------------------------
+
+def test_a_signed_announcement_opens_to_the_same_announcement(keys):
+    a = announcement()
+    sealed = AnnouncementSigner.from_file(keys.private).seal(a)
+    assert SignedAnnouncement.from_payload(sealed).announcement == a.to_payload()
+    assert AnnouncementOpener.from_file(keys.public).open(sealed) == a
+    assert AnnouncementOpener().open(sealed) == a  # no key: accepted, unverified
+    assert AnnouncementOpener().open(a.to_payload()) == a  # unsigned fleets keep working
+
+
+def test_a_device_with_the_key_refuses_unsigned_foreign_and_altered_announcements(
+        keys, other_keys):
+    a = announcement()
+    opener = AnnouncementOpener.from_file(keys.public)
+    assert reason(lambda: opener.open(a.to_payload())) == "unsigned"
+    foreign = AnnouncementSigner.from_file(other_keys.private).seal(a)
+    assert reason(lambda: opener.open(foreign)) == "wrong_key"
+    genuine = SignedAnnouncement.from_payload(AnnouncementSigner.from_file(keys.private).seal(a))
+    other_model = dataclasses.replace(a, version=9).to_payload()
+    swapped = dataclasses.replace(genuine, announcement=other_model).to_payload()
+    assert reason(lambda: opener.open(swapped)) == "bad_signature"
+    relabelled = dataclasses.replace(
+        SignedAnnouncement.from_payload(foreign), key_id=genuine.key_id).to_payload()
+    assert reason(lambda: opener.open(relabelled)) == "bad_signature"
+    assert reason(lambda: opener.open(b"\x81\xa2$k\xa4junk")) == "wrong_kind"
+    assert reason(lambda: SignedAnnouncement(announcement=b"", signature=b"x" * 63,
+                                             key_id="0" * 16)) == "bad_field"
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data())
+def test_flipping_any_bits_of_any_byte_of_a_signed_announcement_is_refused(keys, data):
+    sealed = AnnouncementSigner.from_file(keys.private).seal(announcement())
+    index = data.draw(st.integers(0, len(sealed) - 1), label="index")
+    mask = data.draw(st.integers(1, 255), label="mask")
+    flipped = bytearray(sealed)
+    flipped[index] ^= mask
+    opener = AnnouncementOpener.from_file(keys.public)
+    with pytest.raises(ProtocolError):  # whatever the reason: never an announcement
+        opener.open(bytes(flipped))
+
+
+def test_the_service_refuses_to_start_with_a_missing_signing_key(tmp_path, stoppers):
+    with pytest.raises(ConfigError, match="model signing key"):
+        make_aggregator("mqtt://127.0.0.1:1", tmp_path, stoppers, start=False,
+                        signing_key=str(tmp_path / "nope.key"))
+
+
+# -- over a real mosquitto ----------------------------------------------------------------
+
+class Forger:
+    """A client with write access to the model topics (a broker without ACLs)."""
+
+    def __init__(self, url: str, stoppers) -> None:
+        self.topics = FleetTopics("test")
+        self.current: bytes | None = None
+        self._got = threading.Event()
+        self.link = MqttLink(client_id="forger", broker=url)
+        self.link.route(self.topics.model_current, self._remember)
+        self.link.start()
+        stoppers(self.link.stop)
+        wait_for(self.link.subscribed.is_set, "the forger's connection")
+
+    def _remember(self, message) -> None:
+        if self.current is None:
+            self.current = message.payload
+            self._got.set()
+
+    def genuine(self) -> bytes:
+        wait_for(self._got.is_set, "the aggregator's retained announcement")
+        assert self.current is not None
+        return self.current
+
+    def retain(self, topic: str, payload: bytes) -> None:
+        self.link.publish(topic, payload, qos=1, retain=True).wait_for_publish(30)
+
+
+@pytest.mark.integration
+def test_a_signed_fleet_trains_normally_and_devices_without_the_key_still_follow(
+        broker, tmp_path, stoppers, keys):
+    service = make_aggregator(broker.url, tmp_path, stoppers, rounds=2, min_updates=3,
+                              signing_key=str(keys.private))
+    verifying = make_agents(broker.url, stoppers, 2, total=3, model_public_key=str(keys.public))
+    unkeyed = make_agents(broker.url, stoppers, 1, total=3, first=2)
+    wait_for(service.finished.is_set, "2 signed rounds")
+    assert all(r.participants == 3 for r in service.history)
+    assert service.history[-1].accuracy > service.history[0].accuracy
+    assert not service.rejected
+    for agent in [*verifying, *unkeyed]:
+        assert agent.stats.models_received >= 2 and not agent.stats.rejected
+    assert verifying[0].announcements.verifying and not unkeyed[0].announcements.verifying
+    forger = Forger(broker.url, stoppers)
+    assert SignedAnnouncement.from_payload(forger.genuine()).key_id == keys.key_id
+
+
+@pytest.mark.integration
+def test_an_agent_with_the_key_refuses_forged_models_and_keeps_its_own(
+        broker, tmp_path, stoppers, keys, other_keys):
+    # One device, a quorum of five: round 1 stays open and the aggregator publishes nothing
+    # after its first announcement, so every model message from here on is the forger's.
+    make_aggregator(broker.url, tmp_path, stoppers, rounds=1, min_updates=5,
+                    deadline_s=600.0, signing_key=str(keys.private))
+    agent = make_agents(broker.url, stoppers, 1, model_public_key=str(keys.public))[0]
+    wait_for(lambda: agent.stats.updates_sent == 1, "training on the genuine model v0")
+    forger = Forger(broker.url, stoppers)
+    genuine = SignedAnnouncement.from_payload(forger.genuine())
+    v0 = ModelAnnouncement.from_payload(genuine.announcement)
+    assert (agent.receiver.held_version, v0.version) == (0, 0)
+
+    def forge(payload: bytes, why: str) -> None:
+        forger.retain(forger.topics.model_current, payload)
+        wait_for(lambda: agent.stats.rejected[why] == 1, f"the agent to refuse ({why})")
+        assert agent.receiver.held_version == 0 and agent.stats.models_received == 1
+
+    params = np.full(ParamLayout.from_wire(v0.layout).size, 0.5, np.float32)  # the forger's
+    info, chunks = encode_model(params, codec="float32", version=1)
+    (chunk,) = chunks
+    v1 = dataclasses.replace(v0, version=1, round=2, payload=info, announce_id="f0f0f0f0f0f0")
+
+    forge(v1.to_payload(), "unsigned")
+    flipped = bytearray(genuine.announcement)
+    flipped[len(flipped) // 2] ^= 0x01  # one byte of the genuine, signed announcement
+    forge(dataclasses.replace(genuine, announcement=bytes(flipped)).to_payload(),
+          "bad_signature")
+    forge(AnnouncementSigner.from_file(other_keys.private).seal(v1), "wrong_key")
+
+    # A correctly signed announcement whose chunk was altered: the SHA-256 it commits to
+    # catches the flipped byte.
+    bad_chunk = dataclasses.replace(chunk, data=bytes([chunk.data[0] ^ 0x80]) + chunk.data[1:])
+    forger.retain(forger.topics.model_payload_chunk(0), bad_chunk.to_payload())
+    forge(AnnouncementSigner.from_file(keys.private).seal(v1), "bad_hash")
+    assert agent.stats.updates_sent == 1  # it trained on nothing new
+
+    # The intact chunk completes the signed model: verification was the only obstacle.
+    forger.retain(forger.topics.model_payload_chunk(0), chunk.to_payload())
+    wait_for(lambda: agent.receiver.held_version == 1, "the properly signed model")
+    assert agent.stats.rejected == Counter(unsigned=1, bad_signature=1, wrong_key=1,
+                                           bad_hash=1)

@@ -115,7 +115,8 @@ class RoundMachine:
         self, *, params: np.ndarray, optimizer: ServerOptimizer, policy: RoundPolicy,
         layout_hash: str, now: float, round: int = 1, version: int = 0,
     ) -> None:
-        self.params = np.asarray(params, dtype=np.float32).copy()
+        self.params = _frozen(params)
+        self._optimizer_state: dict[str, Any] | None = None  # cached between steps
         self.optimizer = optimizer
         self.policy = policy
         self.layout_hash = layout_hash
@@ -202,7 +203,8 @@ class RoundMachine:
     def close(self, now: float) -> RoundResult:
         """Aggregate the open round into a new global model and open the next round."""
         mean_delta = self.acc.mean()
-        self.params = self.optimizer.step(self.params, mean_delta)
+        self.params = _frozen(self.optimizer.step(self.params, mean_delta))
+        self._optimizer_state = None
         self.version += 1
         o = self.open
         result = RoundResult(
@@ -238,12 +240,18 @@ class RoundMachine:
 
     def state_dict(self) -> dict[str, Any]:
         """The model, the optimizer and the open round's partial aggregate: after a crash
-        every update that got a receipt is still counted."""
+        every update that got a receipt is still counted.
+
+        Taken after every batch of updates, so only what changes within a round is copied:
+        the parameters are read-only and shared, the optimizer's state is copied once per
+        step. A 1M-parameter FedAdam snapshot copies 4 MB instead of 28 MB."""
         o = self.open
+        if self._optimizer_state is None:
+            self._optimizer_state = self.optimizer.state_dict()
         return {
             "format": STATE_FORMAT, "round": o.round, "version": self.version,
-            "layout_hash": self.layout_hash, "params": self.params.copy(),
-            "optimizer": self.optimizer.state_dict(),
+            "layout_hash": self.layout_hash, "params": self.params,
+            "optimizer": self._optimizer_state,
             "open": {"acc": self.acc.state_dict(),
                      "contributions": [[d, v, u] for (d, v), u in o.contributions.items()],
                      "samples": o.samples, "loss_sum": o.loss_sum, "bytes_up": o.bytes_up,
@@ -268,7 +276,8 @@ class RoundMachine:
                 "new checkpoint path or configure the same model"
             )
         self.optimizer.load_state_dict(state["optimizer"])
-        self.params = np.asarray(state["params"], dtype=np.float32).copy()
+        self.params = _frozen(state["params"])
+        self._optimizer_state = None
         self.version = int(state["version"])
         self.recent = {(d, u): int(r) for d, u, r in state.get("recent", [])}
         self._start(int(state["round"]), now)  # the deadline starts afresh
@@ -283,3 +292,10 @@ class RoundMachine:
             o.stale = int(partial["stale"])
             o.max_staleness = int(partial["max_staleness"])
             o.partial = int(partial.get("partial", 0))
+
+
+def _frozen(params: Any) -> np.ndarray:
+    """A read-only float32 copy: checkpoints share it instead of copying it."""
+    out = np.array(params, dtype=np.float32, copy=True)
+    out.flags.writeable = False
+    return out

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from edge_agent import codecs
+from edge_agent.codecs.pipeline import MAX_WEIGHTED_VALUE
 from edge_agent.errors import ConfigError, ProtocolError
 from edge_agent.protocol import Part, Update
 
@@ -34,7 +35,6 @@ MAX_BYTES_PER_PARAM = 9
 SIZE_SLACK = 256 * 1024
 # |value| x num_samples must stay below this, so that the float32 sum of up to 2**20
 # such updates cannot overflow to Inf (float32 max / 2**20, about 3.2e32).
-MAX_WEIGHTED_VALUE = float(np.finfo(np.float32).max) / 2**20
 NORM_POLICIES = ("clip", "reject")
 # The first rejection of each (reason, source) is logged, then every LOG_EVERY-th: a
 # flood of garbage costs one line per sender and reason, not one per message.

@@ -202,3 +202,17 @@ def test_compression_ratios_on_a_model_sized_update():
     assert size["float32"] / size["q4"] > 7
     assert size["float32"] / size["sign-ef"] > 25
     assert size["float32"] / size["top2-q4-ef"] > 90
+
+
+@pytest.mark.parametrize("codec", ["float32", "float16", "q8", "q4", "sign-ef", "top10-q8-ef"])
+def test_finite_values_that_could_overflow_the_sum_are_refused_before_touching_it(codec):
+    huge = np.full(64, 1e36, np.float32) if codec != "float16" else np.full(64, 6e4, np.float32)
+    tensor = codecs.encode(huge, codec, rng=np.random.default_rng(0))
+    acc = np.ones(64, np.float32)
+    weight = 10.0 if codec != "float16" else 1e30
+    with pytest.raises(CodecError) as info:
+        codecs.decode_into(tensor, acc, weight)
+    assert info.value.reason == "out_of_range"
+    assert np.all(acc == 1.0)
+    codecs.decode_into(codecs.encode(np.full(64, 0.5, np.float32), codec,
+                                     rng=np.random.default_rng(0)), acc, 10.0)  # sane: fine

@@ -31,6 +31,9 @@ MIN_LOSSLESS_GAIN = 0.10
 
 # Values decoded per step: 64 K floats = 256 KB of scratch, which stays in L2.
 CHUNK = 1 << 16
+# A value x weight above this could overflow the float32 running sum once about a million
+# such updates are added: such an update is refused (`out_of_range`), never folded in.
+MAX_WEIGHTED_VALUE = float(np.finfo(np.float32).max) / 2**20
 
 _scratch = threading.local()
 
@@ -140,8 +143,10 @@ def _dequantize_into(raw: memoryview, spec: CodecSpec, count: int, weight: float
     w = np.float32(weight)
     if spec.quant in ("f32", "f16"):
         view = np.frombuffer(raw, dtype="<f4" if spec.quant == "f32" else "<f2")
-        if not np.isfinite(view).all():
+        peak = max(float(view.max()), -float(view.min())) if count else 0.0  # NaN propagates
+        if not np.isfinite(peak):
             raise CodecError("update contains NaN or Inf values", reason="non_finite")
+        _check_range(peak, weight)
         for lo in range(0, count, CHUNK):
             hi = min(lo + CHUNK, count)
             tmp = _buffer(hi - lo)
@@ -152,6 +157,8 @@ def _dequantize_into(raw: memoryview, spec: CodecSpec, count: int, weight: float
     scales = np.frombuffer(raw[: 4 * nblocks], dtype="<f4")
     if not (np.isfinite(scales).all() and (scales >= 0).all()):
         raise CodecError("block scales must be finite and >= 0", reason="non_finite")
+    if nblocks:  # |code| is at most 2^bits (int8: 128, sign: 1)
+        _check_range(float(scales.max()) * (1 << spec.bits), weight)
     body = raw[4 * nblocks :]
     codes = (np.frombuffer(body, dtype=np.int8) if spec.bits == 8
              else unpack(body, spec.bits, count))
@@ -175,6 +182,12 @@ def _dequantize_into(raw: memoryview, spec: CodecSpec, count: int, weight: float
         if full < hi - lo:
             tmp[full:] *= scaled[-1]
         target[lo:hi] += tmp
+
+
+def _check_range(peak: float, weight: float) -> None:
+    if peak * weight > MAX_WEIGHTED_VALUE:
+        raise CodecError(f"update value {peak:.3g} x weight {weight:.3g} could overflow the "
+                         "aggregate", reason="out_of_range")
 
 
 def decode_into(tensor: EncodedTensor, acc: np.ndarray, weight: float = 1.0) -> None:

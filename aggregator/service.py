@@ -60,6 +60,7 @@ MAX_MODEL_CHUNKS = 10**6
 BATCH_MAX = 64
 _REPUBLISH = object()  # same announcement again: devices ignore it
 _REANNOUNCE = object()  # fresh announce_id: devices train on the model again
+_WRITER_IDLE = object()  # the checkpoint writer finished: hand it what piled up meanwhile
 
 
 @dataclass(frozen=True)
@@ -136,7 +137,9 @@ class AggregatorService:
         # None: everyone may.
         self._cohort: tuple[int, set[str] | None] = (-1, None)
         self._restore()
-        self.writer = CheckpointWriter(config.checkpoint, on_failure=self._fail)
+        self.writer = CheckpointWriter(config.checkpoint, on_failure=self._fail,
+                                       on_idle=lambda: self._inbox.put(_WRITER_IDLE))
+        self._held: list[Callable[[], None]] = []  # acks and receipts awaiting a checkpoint
         self._round_started = time.monotonic()
         self._inbox: queue.Queue = queue.Queue()
         self._stop = threading.Event()
@@ -199,9 +202,22 @@ class AggregatorService:
                 "history": [asdict(r) for r in self.history]}
 
     def _checkpoint(self, *, wait: bool = False) -> None:
-        self.writer.submit(self._snapshot(), [])
+        self._dirty = True
+        self._commit(force=True)
         if wait:
             self.writer.flush()
+
+    def _commit(self, *, force: bool = False) -> None:
+        """Hand the held acks and receipts to the writer, behind a snapshot if the state
+        changed. Only when the writer is idle (or `force`): while a write is in flight,
+        batches pile up and one snapshot covers them all, so a big model is copied once
+        per write instead of once per batch."""
+        if not (self._held or self._dirty) or not (force or self.writer.idle):
+            return
+        # even without new state, replies wait behind earlier writes (an idempotent
+        # "accepted" must not overtake the checkpoint that holds the update)
+        self.writer.submit(self._snapshot() if self._dirty else None, self._held)
+        self._held, self._dirty = [], False
 
     def _done(self) -> bool:
         return self.config.rounds > 0 and self.machine.version >= self.config.rounds
@@ -374,16 +390,11 @@ class AggregatorService:
                 self._announce()
             elif item is _REPUBLISH:
                 self._announce()
-            else:
+            elif item is not _WRITER_IDLE:
                 topic, payload, mid, qos = item
                 replies.append((mid, qos, self._handle_update(topic, payload)))
-        if not replies:
-            return
-        callbacks = [functools.partial(self._reply, *r) for r in replies]
-        # even without new state, replies wait behind earlier writes (an idempotent
-        # "accepted" must not overtake the checkpoint that holds the update)
-        self.writer.submit(self._snapshot() if self._dirty else None, callbacks)
-        self._dirty = False
+        self._held += [functools.partial(self._reply, *r) for r in replies]
+        self._commit()
 
     def _reply(self, mid: int, qos: int, reply: tuple[str, Receipt] | None) -> None:
         self.link.ack(mid, qos)
@@ -460,6 +471,7 @@ class AggregatorService:
                 log.exception("aggregator loop failed; stopping")
                 self._fail(exc)
                 return
+        self._commit(force=True)  # what was folded in gets written, acked and receipted
 
     # -- lifecycle -----------------------------------------------------------------------
     def start(self) -> None:

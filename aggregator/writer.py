@@ -24,9 +24,11 @@ Callback = Callable[[], None]
 
 
 class CheckpointWriter:
-    def __init__(self, path: str | Path, *, on_failure: Callable[[BaseException], None]) -> None:
+    def __init__(self, path: str | Path, *, on_failure: Callable[[BaseException], None],
+                 on_idle: Callback | None = None) -> None:
         self.path = Path(path)
         self.on_failure = on_failure
+        self.on_idle = on_idle  # called (on this thread) whenever the last job is done
         self.writes = 0
         self._jobs: queue.Queue = queue.Queue()
         self._idle = threading.Condition()
@@ -41,6 +43,11 @@ class CheckpointWriter:
         with self._idle:
             self._pending += 1
         self._jobs.put((state, callbacks))
+
+    @property
+    def idle(self) -> bool:
+        """Nothing queued or in flight: a snapshot handed over now is written at once."""
+        return self._pending == 0
 
     def flush(self, timeout: float = 60.0) -> bool:
         """Wait until everything submitted is written and its callbacks ran."""
@@ -85,4 +92,7 @@ class CheckpointWriter:
                             log.exception("post-checkpoint callback failed")
             with self._idle:
                 self._pending -= len(jobs)
+                idle = self._pending == 0
                 self._idle.notify_all()
+            if idle and self.on_idle is not None:
+                self.on_idle()

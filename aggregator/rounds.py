@@ -139,9 +139,9 @@ class RoundMachine:
         if self.recent.get((update.device_id, update.update_id)) is not None:
             return False
         tau = self._staleness(update)
-        if update.layout_hash and update.layout_hash != self.layout_hash:
+        if update.layout_hash != self.layout_hash:  # agents always send it
             raise ProtocolError(
-                f"update from {update.device_id} has layout {update.layout_hash}, "
+                f"update from {update.device_id} has layout {update.layout_hash or '(none)'}, "
                 f"model has {self.layout_hash}", reason="bad_layout",
             )
         key = (update.device_id, update.base_version)

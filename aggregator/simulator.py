@@ -211,7 +211,7 @@ class Simulation:
                 device_index=i, device_count=c.devices, partition_seed=c.seed, alpha=c.alpha,
                 codec=c.codec, seed=c.seed * 1_000_003 + i, log_level="WARNING",
                 cpus=profile.cpus, link_kbps=profile.link_kbps, on_battery=profile.battery,
-                slowdown=profile.slowdown,
+                slowdown=profile.slowdown, train_threads=1,  # many devices share this host
             )
             self.agents.append(EdgeAgent(agent_config, shard))
         self._apply_dropout()

@@ -7,6 +7,7 @@ keeps answering pings while a device trains.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import platform
@@ -50,7 +51,8 @@ def device_capabilities(config: AgentConfig | None = None) -> dict[str, object]:
         ram_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // (1 << 20)
     except (ValueError, OSError, AttributeError):
         ram_mb = 0
-    return {"cpus": os.cpu_count() or 1, "ram_mb": int(ram_mb), "backend": "numpy",
+    backends = ["numpy"] + (["torch"] if importlib.util.find_spec("torch") else [])
+    return {"cpus": os.cpu_count() or 1, "ram_mb": int(ram_mb), "backends": backends,
             "codecs": codecs.codec_names(), "zstd": codecs.lossless.zstd_available(),
             "arch": platform.machine(), "python": platform.python_version(),
             **_advertised(config)}
@@ -76,7 +78,8 @@ class LocalTrainer:
     """
 
     def __init__(self, *, device_id: str, data: Dataset, codec: str, seed: int,
-                 state_path: str | Path | None = None, slowdown: float = 1.0) -> None:
+                 state_path: str | Path | None = None, slowdown: float = 1.0,
+                 threads: int = 1) -> None:
         if len(data) == 0:
             raise FedmqError(f"device {device_id} has no training data")
         self.codec = codec
@@ -97,6 +100,7 @@ class LocalTrainer:
         if not slowdown >= 1.0:
             raise FedmqError(f"slowdown {slowdown} must be >= 1 (1: the host's own speed)")
         self.slowdown = slowdown
+        self.threads = max(1, threads)  # the device's budget, whatever the model config says
         self.halt = threading.Event()  # cuts a simulated slow device's wait short on stop
 
     def _model_for(self, a: ModelAnnouncement) -> Model:
@@ -104,6 +108,8 @@ class LocalTrainer:
         if key != self._model_key:
             self._model = build_model(a.model, dict(a.model_config))
             self._model_key = key
+            if hasattr(self._model, "threads"):
+                self._model.threads = self.threads
         assert self._model is not None
         if self._model.layout.hash != a.layout_hash:
             raise ProtocolError(
@@ -176,7 +182,9 @@ class EdgeAgent:
         # Devices must not share a seed: their stochastic rounding noise would not average out.
         seed = config.seed if config.seed >= 0 else zlib.crc32(config.device_id.encode())
         self.trainer = LocalTrainer(device_id=config.device_id, data=data, codec=config.codec,
-                                    seed=seed, state_path=state_path, slowdown=config.slowdown)
+                                    seed=seed, state_path=state_path, slowdown=config.slowdown,
+                                    threads=config.train_threads or config.cpus
+                                    or os.cpu_count() or 1)
         self.receiver = ModelReceiver()
         # With model_public_key set, only announcements the aggregator signed get through.
         self.announcements = AnnouncementOpener.for_config(config.model_public_key)

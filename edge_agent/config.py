@@ -153,6 +153,8 @@ class AgentConfig(BrokerConfig):
     on_battery: bool = option(False, "advertise that this device runs on battery (the "
                               "aggregator may give it less work)")
     cpus: int = option(0, "cores to advertise (0: all the machine has)")
+    train_threads: int = option(0, "threads a torch model trains with (0: the advertised "
+                                "cores); numpy models use one")
     slowdown: float = option(1.0, "simulation only: compute this many times slower than "
                              "the host (a Pi Zero next to a laptop), time budget included")
 

@@ -73,7 +73,8 @@ def test_garbage_on_update_topics_is_rejected_counted_and_survived(broker, tmp_p
     stoppers(rogue.loop_stop)
     stoppers(rogue.disconnect)
     nan = Update(device_id="dev0", update_id="x", round=1, base_version=0, num_samples=5,
-                 loss=0.0, delta=EncodedTensor(codec="float32", size=2, data=b"\0" * 8))
+                 loss=0.0, delta=EncodedTensor(codec="float32", size=2, data=b"\0" * 8),
+                 layout_hash=service.model.layout.hash)
     size = service.model.layout.size
     bad_codecs = [  # well-formed Updates whose encoded delta is not
         EncodedTensor(codec="q8+zstd", size=size, data=b"\x28\xb5\x2f\xfd" + b"x" * 40),
@@ -85,9 +86,12 @@ def test_garbage_on_update_topics_is_rejected_counted_and_survived(broker, tmp_p
     garbage += [dataclasses.replace(nan, delta=t).to_payload() for t in bad_codecs]
     infos = [rogue.publish(topics.update("dev0"), g, qos=1) for g in garbage]
     infos.append(rogue.publish(topics.update("dev9"), nan.to_payload(), qos=1))  # wrong topic
+    no_layout = dataclasses.replace(nan, layout_hash="")
+    infos.append(rogue.publish(topics.update("dev0"), no_layout.to_payload(), qos=1))
     for info in infos:
         info.wait_for_publish(30)
-    wait_for(lambda: sum(service.rejected.values()) == 9, "9 rejections")
+    wait_for(lambda: sum(service.rejected.values()) == 10, "10 rejections")
+    assert service.rejected["bad_layout"] == 1  # an update must say which model it fits
     assert service.rejected["malformed"] == 4  # 3 undecodable payloads + a corrupt zstd frame
     assert service.rejected["wrong_topic"] == 1
     assert service.rejected["bad_shape"] == 1  # 2 values for a 1,210-parameter model

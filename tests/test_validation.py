@@ -195,10 +195,13 @@ def test_the_service_folds_a_clipped_update_or_nothing(tmp_path, stoppers, polic
     stoppers(service.writer.close)
     size = service.model.layout.size
     topic = service.topics.update("dev0")
+    layout = service.model.layout.hash
     big = Update(device_id="dev0", update_id="big", round=1, base_version=0, num_samples=4,
-                 loss=0.1, delta=codecs.encode(np.full(size, 1.0, np.float32), "q8"))
+                 loss=0.1, delta=codecs.encode(np.full(size, 1.0, np.float32), "q8"),
+                 layout_hash=layout)
     huge = Update(device_id="dev1", update_id="huge", round=1, base_version=0, num_samples=4,
-                  loss=0.1, delta=codecs.encode(np.full(size, 1e37, np.float32)))
+                  loss=0.1, delta=codecs.encode(np.full(size, 1e37, np.float32)),
+                  layout_hash=layout)
     _, receipt = service._handle_update(service.topics.update("dev1"), huge.to_payload())
     assert (receipt.status, receipt.reason) == ("rejected", "out_of_range")
     _, receipt = service._handle_update(topic, big.to_payload())

@@ -22,7 +22,7 @@ import numpy as np
 
 from edge_agent.agent import EdgeAgent
 from edge_agent.config import AgentConfig, option
-from edge_agent.data import device_shards, split_task, task_spec
+from edge_agent.data import device_shards, fleet_test_set, task_spec
 from edge_agent.errors import BrokerError, ConfigError, FedmqError, require
 
 from .broker import LocalMosquitto
@@ -192,7 +192,7 @@ class Simulation:
             self.broker.start()
             url = self.broker.url
         fleet = c.fleet or f"sim-{os.urandom(3).hex()}"
-        _, test = split_task(c.task, seed=c.seed)
+        test = fleet_test_set(c.task, device_count=c.devices, seed=c.seed)
         shards = device_shards(c.task, device_count=c.devices, alpha=c.alpha, seed=c.seed)
         if not c.agents_only:
             self._start_aggregator(url, fleet, test)

@@ -180,3 +180,15 @@ def test_unknown_tasks_are_refused_with_the_list():
         with pytest.raises(ConfigError, match="available: digits, keyboard"):
             call()
     assert len(load_task("sensor")) == 560
+
+
+def test_a_keyboard_fleet_is_scored_on_the_later_lines_of_its_own_roles():
+    from edge_agent.data import fleet_test_set, keyboard
+
+    test = fleet_test_set("keyboard", device_count=3, seed=0)
+    roles = keyboard.device_roles(device_count=3, seed=0, test_fraction=0.2)
+    held_out = " | ".join(keyboard.split_lines(r, test_fraction=0.2)[1] for r in roles)
+    for x, y in zip(test.x[:200], test.y[:200], strict=True):
+        assert keyboard.decode(np.append(x, y)) in held_out
+    other = keyboard.device_roles(device_count=4, seed=0, test_fraction=0.2)[3]
+    assert other not in roles

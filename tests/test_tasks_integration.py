@@ -4,15 +4,15 @@ import numpy as np
 import pytest
 
 from aggregator.simulator import Simulation, SimulationConfig
-from edge_agent.data import split_task
+from edge_agent.data import fleet_test_set
 
 pytestmark = pytest.mark.integration
 
 
-def majority_baseline(task: str) -> float:
+def majority_baseline(task: str, devices: int) -> float:
     """Accuracy of always predicting the test set's most frequent class (for keyboard, the
     unigram baseline: the space character, ~19%)."""
-    _, test = split_task(task, seed=0)
+    test = fleet_test_set(task, device_count=devices, seed=0)
     return float(np.bincount(test.y).max() / len(test.y))
 
 
@@ -22,7 +22,7 @@ def majority_baseline(task: str) -> float:
     ("keyboard", 2, 2, 0.03),  # clearly above the unigram baseline after two rounds
 ])
 def test_a_task_trains_over_a_real_broker(tmp_path, task, devices, rounds, margin):
-    floor = majority_baseline(task) + margin
+    floor = majority_baseline(task, devices) + margin
     config = SimulationConfig(task=task, devices=devices, rounds=rounds, seed=0, timeout_s=180)
     with Simulation(config, workdir=tmp_path / "sim") as sim:
         result = sim.wait()

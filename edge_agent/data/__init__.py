@@ -236,6 +236,16 @@ def device_shards(name: str, *, device_count: int, alpha: float, seed: int,
                          test_fraction=test_fraction)
 
 
+def fleet_test_set(name: str, *, device_count: int, seed: int,
+                   test_fraction: float = 0.2) -> Dataset:
+    """The held-out set a simulated fleet is scored on. keyboard: the held-out lines of the
+    fleet's own roles; every other task: its test split (no device holds a test row)."""
+    if name == "keyboard":
+        return Dataset(*keyboard.fleet_test(device_count=device_count, seed=seed,
+                                            test_fraction=test_fraction))
+    return split_task(name, seed=seed, test_fraction=test_fraction)[1]
+
+
 def device_shard(
     name: str, *, device_index: int, device_count: int, alpha: float, seed: int,
     test_fraction: float = 0.2,
@@ -248,4 +258,4 @@ def device_shard(
 
 
 __all__ = ["FEATURE_MODELS", "TASKS", "Dataset", "TaskSpec", "device_shard", "device_shards",
-           "load_task", "split_task", "task_spec"]
+           "fleet_test_set", "load_task", "split_task", "task_spec"]

@@ -157,8 +157,8 @@ def windows(ids: np.ndarray, *, seq_len: int = SEQ_LEN) -> tuple[np.ndarray, np.
     return x, ids[seq_len:]
 
 
-def device_texts(*, device_count: int, seed: int, test_fraction: float) -> list[np.ndarray]:
-    """Training character ids of devices 0..device_count-1."""
+def device_roles(*, device_count: int, seed: int, test_fraction: float) -> list[Role]:
+    """The roles of devices 0..device_count-1."""
     roles = role_order(seed=seed, test_fraction=test_fraction)
     if not 1 <= device_count <= len(roles):
         raise ConfigError(
@@ -166,7 +166,22 @@ def device_texts(*, device_count: int, seed: int, test_fraction: float) -> list[
             f"characters, one per device: device_count {device_count} must be in "
             f"[1, {len(roles)}]"
         )
-    return [encode(split_lines(r, test_fraction=test_fraction)[0]) for r in roles[:device_count]]
+    return roles[:device_count]
+
+
+def device_texts(*, device_count: int, seed: int, test_fraction: float) -> list[np.ndarray]:
+    """Training character ids of devices 0..device_count-1."""
+    roles = device_roles(device_count=device_count, seed=seed, test_fraction=test_fraction)
+    return [encode(split_lines(r, test_fraction=test_fraction)[0]) for r in roles]
+
+
+def fleet_test(*, device_count: int, seed: int,
+               test_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """Windows of the held-out lines of the fleet's own roles (LEAF's evaluation: the
+    same users' later typing), a capped sample."""
+    roles = device_roles(device_count=device_count, seed=seed, test_fraction=test_fraction)
+    texts = [encode(split_lines(r, test_fraction=test_fraction)[1]) for r in roles]
+    return sample_windows(texts, cap=TEST_WINDOWS, seed=seed + 1)
 
 
 def sample_windows(texts: list[np.ndarray], *, cap: int, seed: int,

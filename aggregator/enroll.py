@@ -22,6 +22,7 @@ from pathlib import Path
 
 from edge_agent.errors import BrokerError, ConfigError
 from edge_agent.protocol.topics import check_name
+from edge_agent.signing import PUBLIC_NAME
 
 from .certs import DEFAULT_DIR, Pki
 
@@ -47,6 +48,7 @@ class Enrollment:
     ca_file: str = ""
     cert_file: str = ""
     key_file: str = ""
+    model_public_key: str = ""  # where the device keeps the aggregator's signing key
 
     def toml(self) -> str:
         """Keys of AgentConfig (role device) or AggregatorConfig (role aggregator)."""
@@ -56,7 +58,9 @@ class Enrollment:
             values |= {"username": self.name, "password": self.password}
         values |= {key: value for key, value in (("ca_file", self.ca_file),
                                                  ("cert_file", self.cert_file),
-                                                 ("key_file", self.key_file)) if value}
+                                                 ("key_file", self.key_file),
+                                                 ("model_public_key", self.model_public_key))
+                   if value}
         # JSON strings are valid TOML basic strings (same escapes).
         return "".join(f"{key} = {json.dumps(value)}\n" for key, value in values.items())
 
@@ -101,21 +105,30 @@ def password_users(path: Path) -> set[str]:
 def enroll(name: str, *, fleet: str, broker: str, role: str = "device",
            password_file: str | Path = DEFAULT_PASSWORD_FILE, cert: bool = False,
            pki_dir: str | Path = DEFAULT_DIR, device_dir: str = DEVICE_DIR,
-           force: bool = False) -> Enrollment:
-    """Create the account and return what the device's config must say."""
+           model_public_key: str = "", force: bool = False) -> Enrollment:
+    """Create the account and return what the device's config must say.
+
+    model_public_key: the path, on the device, of the aggregator's public signing key
+    (`fedmq keys init`); the device then refuses models that key did not sign.
+    """
     check_name(name, "device id")
     check_name(fleet, "fleet name")
     if role not in ("device", "aggregator"):
         raise ConfigError(f"role must be device or aggregator, not {role!r}")
+    if model_public_key and role != "device":
+        raise ConfigError("--model-public-key belongs in a device's config; the aggregator "
+                          "signs with the private half (signing_key in aggregator.toml)")
     ca_file = f"{device_dir}/ca.crt"
     if cert:
         Pki(pki_dir).issue_client(name, force=force)
         return Enrollment(name, broker, fleet, role, ca_file=ca_file,
                           cert_file=f"{device_dir}/{name}.crt",
-                          key_file=f"{device_dir}/{name}.key")
+                          key_file=f"{device_dir}/{name}.key",
+                          model_public_key=model_public_key)
     password = secrets.token_urlsafe(PASSWORD_BYTES)
     add_password(password_file, name, password, force=force)
-    return Enrollment(name, broker, fleet, role, password=password, ca_file=ca_file)
+    return Enrollment(name, broker, fleet, role, password=password, ca_file=ca_file,
+                      model_public_key=model_public_key)
 
 
 # --- command line ------------------------------------------------------------------------
@@ -137,6 +150,9 @@ def register(sub) -> None:
                    help=f"CA directory for --cert (default: ./{DEFAULT_DIR})")
     p.add_argument("--device-dir", default=DEVICE_DIR,
                    help=f"where the device keeps ca.crt and its key (default: {DEVICE_DIR})")
+    p.add_argument("--model-public-key", default="", metavar="PATH",
+                   help="the device's copy of the aggregator's public signing key (fedmq "
+                   "keys init): adds model_public_key, so it refuses unsigned models")
     p.add_argument("--role", choices=("device", "aggregator"), default="device",
                    help="aggregator: print client_id instead of device_id")
     p.add_argument("--force", action="store_true",
@@ -149,7 +165,8 @@ def _cmd_enroll(args: argparse.Namespace) -> int:
     broker = args.broker or f"mqtts://{socket.getfqdn()}:{port}"
     done = enroll(args.device_id, fleet=args.fleet, broker=broker, role=args.role,
                   password_file=args.password_file, cert=args.cert, pki_dir=args.pki,
-                  device_dir=args.device_dir, force=args.force)
+                  device_dir=args.device_dir, model_public_key=args.model_public_key,
+                  force=args.force)
     config = "aggregator.toml" if args.role == "aggregator" else "agent.toml"
     print(f"# fedmq credentials of {done.name}: paste into /etc/fedmq/{config}")
     print(done.toml(), end="")
@@ -163,6 +180,8 @@ def _cmd_enroll(args: argparse.Namespace) -> int:
     else:
         print(f"enrolled {done.name} in {args.password_file}; reload the broker: "
               "sudo systemctl reload mosquitto", file=sys.stderr)
+    if done.model_public_key:
+        copies.append(f"the aggregator's {PUBLIC_NAME} -> {done.model_public_key}")
     print("copy to the device: " + "; ".join(copies), file=sys.stderr)
     print(f"keep /etc/fedmq/{config} readable by root and fedmq only: it names the "
           "device's credentials", file=sys.stderr)

@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from aggregator.broker import LocalMosquitto
+from aggregator.certs import Pki
 
 
 @pytest.fixture
@@ -58,3 +59,15 @@ def stoppers() -> Iterator[Callable[[Callable[[], object]], None]]:
             errors.append(exc)
     if errors:
         raise errors[0]
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory) -> Pki:
+    """The fleet CA, a server certificate for 127.0.0.1 and client certificates (for
+    tests/secure_brokers.py's production brokers)."""
+    pki = Pki(tmp_path_factory.mktemp("pki") / "ca")
+    pki.init()
+    pki.issue_server(["localhost", "127.0.0.1"])
+    for name in ("dev-a", "fedmq-aggregator", "gateway-site1"):
+        pki.issue_client(name)
+    return pki

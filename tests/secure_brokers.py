@@ -13,21 +13,23 @@ import re
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from aggregator.broker import LocalMosquitto, free_port
 from aggregator.certs import Pki
 from aggregator.enroll import add_password
+from edge_agent.agent import EdgeAgent
 from edge_agent.mqtt import MqttLink
 from edge_agent.tls import TlsFiles
 
-from .helpers import wait_for
+from .helpers import make_agents, wait_for
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "broker_config"
 PASSWORD_PORT = 8883  # the shipped listeners; a test gets a free port for each
 CERT_PORT = 8884
 CONNECT_S = 30.0
+AGGREGATOR = "fedmq-aggregator"  # acl.conf's aggregator account (user name = client id)
 
 
 def read_shipped(name: str) -> str:
@@ -65,6 +67,7 @@ class ProductionBroker:
     mosquitto: LocalMosquitto
     etc: Path
     ports: dict[int, int]
+    passwords: dict[str, str] = field(default_factory=dict)  # the accounts it was made with
 
     @property
     def password_url(self) -> str:
@@ -81,6 +84,11 @@ class ProductionBroker:
     def log_text(self) -> str:
         path = self.mosquitto.log_path
         return path.read_text() if path.exists() else ""
+
+    def login(self, user: str) -> dict[str, str]:
+        """AgentConfig / AggregatorConfig keys logging `user` in on port 8883 over TLS."""
+        return {"username": user, "password": self.passwords[user],
+                "ca_file": str(self.pki.ca.cert)}
 
     def password_link(self, user: str, password: str, **kwargs) -> MqttLink:
         """A link that logs in with a password on port 8883 (client id: the user name)."""
@@ -128,7 +136,16 @@ def production_broker(root: Path, pki: Pki, *, passwords: dict[str, str],
         "/etc/mosquitto/conf.d": str(conf_dir),
     })
     mosq.config_text = as_test_user(rewrite_listeners(text, ports))
-    return ProductionBroker(pki, mosq, etc, ports)
+    return ProductionBroker(pki, mosq, etc, ports, dict(passwords))
+
+
+def enrolled_agents(broker: ProductionBroker, stoppers, devices: list[int], *, total: int,
+                    **overrides) -> list[EdgeAgent]:
+    """helpers.make_agents, but device dev{i} logs in with its own account `dev{i}` (the
+    ACL patterns confine every account to the topics carrying its name)."""
+    return [agent for i in devices
+            for agent in make_agents(broker.password_url, stoppers, 1, total=total, first=i,
+                                     **broker.login(f"dev{i}"), **overrides)]
 
 
 def bridge_conf(central: ProductionBroker, gateway_etc: Path) -> str:

@@ -68,17 +68,6 @@ def publish(link: MqttLink, topic: str, payload: bytes, *, retain: bool = False)
 
 
 @pytest.fixture(scope="module")
-def pki(tmp_path_factory) -> Pki:
-    """The fleet CA, a server certificate for 127.0.0.1 and client certificates."""
-    pki = Pki(tmp_path_factory.mktemp("pki") / "ca")
-    pki.init()
-    pki.issue_server(["localhost", "127.0.0.1"])
-    for name in ("dev-a", AGGREGATOR, "gateway-site1"):
-        pki.issue_client(name)
-    return pki
-
-
-@pytest.fixture(scope="module")
 def rogue_pki(tmp_path_factory) -> Pki:
     """Another CA that issued a certificate with a legitimate device's name."""
     rogue = Pki(tmp_path_factory.mktemp("rogue") / "ca")

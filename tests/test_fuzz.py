@@ -4,9 +4,12 @@ Garbage comes from hypothesis strategies (wrong field types, bad values, poisone
 bogus Parts, random msgpack) and from seeded generators (random bytes, truncations of a
 valid update, oversize payloads, huge declared sizes, wrong devices). None of it is a valid
 update, by construction. A brokerless property test feeds single payloads to the service's
-handler; the integration test publishes more than 10,000 of them to a real mosquitto while
-three real agents train, then checks the counters against what was sent and the model
-against a run without garbage.
+handler. The integration test runs the fleet on the production broker
+(broker_config/production.conf + acl.conf: TLS, a password per account, per-device topics)
+with require_known_devices, and publishes well over 10,000 of them as enrolled device
+accounts while three real agents train: what the broker refuses (ACL, packet limit) never
+reaches the aggregator, everything else is counted exactly as the same code counts it
+without a broker, and the model is that of a run without garbage.
 """
 
 from __future__ import annotations
@@ -15,10 +18,13 @@ import hashlib
 import itertools
 import math
 import random
+import re
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import ExitStack
+from dataclasses import dataclass
 
 import msgpack
 import numpy as np
@@ -33,31 +39,53 @@ from aggregator.service import AggregatorService
 from aggregator.validation import UpdateLimits
 from edge_agent import codecs
 from edge_agent.models import build_model
-from edge_agent.protocol import Update
+from edge_agent.mqtt import publish_overhead
+from edge_agent.protocol import DeviceStatus, FleetTopics, Update
 from edge_agent.protocol.wire import KIND_KEY, MAX_DECODED_BYTES, PROTOCOL_VERSION, VERSION_KEY
+from edge_agent.tls import TlsFiles
 
-from .helpers import make_agents, wait_for
+from .helpers import wait_for
+from .secure_brokers import (
+    AGGREGATOR,
+    PASSWORD_PORT,
+    ProductionBroker,
+    enrolled_agents,
+    production_broker,
+    read_shipped,
+)
 
 FLEET = "test"
+TOPICS = FleetTopics(FLEET)
 AGENTS = ["dev0", "dev1", "dev2"]
-# Topic levels garbage goes to: the real agents' own, strangers', and levels that are no
-# device id at all (`update/` with an empty level also matches `update/+`).
-STRANGERS = ["mallory", "eve-01", "x" * 64]
+# Strangers: in the fleet run, enrolled device accounts that send the garbage. mallory and
+# the 64-character id announce themselves, so their garbage meets every check; eve-01 never
+# does, so all of its garbage is unknown_device. Garbage for any other topic goes out as
+# mallory, and the broker's ACL refuses it.
+MALLORY = "mallory"
+ANNOUNCED = [MALLORY, "x" * 64]
+SILENT = ["eve-01"]
+STRANGERS = ANNOUNCED + SILENT
+# Levels that are no device id at all (`update/` with an empty level matches `update/+`).
 BAD_LEVELS = ["", "sp ace", "x" * 65, "d\u00e9v"]
 VALID_LEVELS = AGENTS + STRANGERS
+# Where garbage goes: mostly where a stolen account may publish (its own topic), the rest
+# to the agents' topics and to invalid levels.
+TARGET_LEVELS = STRANGERS * 3 + AGENTS + BAD_LEVELS
 # Same for both runs. Incomplete transfers expire after 1 s, so the test need not wait a
 # minute for their count; pending declarations get room enough that `too_large` never
 # depends on when the expiry ran (the accounting is then exact per reason).
 SETTINGS = dict(fleet=FLEET, task="digits", model="mlp", hidden=16, epochs=1, lr=0.1,
                 rounds=2, min_updates=3, deadline_s=60.0, evaluate=False, chunk_timeout_s=1.0,
                 max_pending_bytes=1 << 30, max_update_norm=100.0, norm_policy="reject")
+# The fleet runs (and their oracle) refuse updates from devices that never announced.
+FLEET_SETTINGS = {**SETTINGS, "require_known_devices": True}
 PARAMS = build_model("mlp", AggregatorConfig(**SETTINGS).model_config()).layout.size
 LIMIT = UpdateLimits().payload_limit(PARAMS)
 # Codec names no build understands (a parseable one could make a valid update by chance).
 UNKNOWN_CODECS = ["f64", "rot13", "q3", "top2+f32", "f32+gzip", ""]
 FRESH_ID = b"\xfefresh"  # stands for a transfer id unique to one garbage Part
 HYPOTHESIS_BATCHES = 150  # hypothesis examples, each a batch of garbage
-SEEDED = 7000  # garbage from the seeded generators
+SEEDED = 15000  # garbage from the seeded generators
 SEED = 20240611
 
 
@@ -84,7 +112,7 @@ def device_for(level: str) -> str:
 
 # -- hypothesis strategies ----------------------------------------------------------------
 
-levels = st.sampled_from(VALID_LEVELS + BAD_LEVELS)
+levels = st.sampled_from(TARGET_LEVELS)
 int64 = st.integers(-(2**63), 2**64 - 1)
 WRONG_TYPE = {
     "str": st.one_of(int64, st.binary(max_size=8), st.floats(), st.booleans(), st.none(),
@@ -248,12 +276,12 @@ def seeded_garbage(count: int, seed: int) -> list[tuple[str, object]]:
              for d in VALID_LEVELS]
     out: list[tuple[str, object]] = []
     for n in range(count):
-        level = rnd.choice(VALID_LEVELS + BAD_LEVELS)
+        level = rnd.choice(TARGET_LEVELS)
         style = n % 6
         if n % 500 == 7:  # one part of an open transfer, twice: the copy is ignored
             part = {**dict(t=b"dup" + n.to_bytes(4, "big"), i=0, k=2, n=100,
                            h=rnd.randbytes(32), d=b"abc"), **envelope("part")}
-            out += [("dev1", part), ("dev1", part)]
+            out += [(MALLORY, part), (MALLORY, part)]
         elif style == 0:
             out.append((level, rnd.randbytes(rnd.randint(0, 300))))
         elif style == 1:  # a valid update, cut short
@@ -323,10 +351,10 @@ class ManualClock:
         return self.now
 
 
-def quiet_service(checkpoint) -> AggregatorService:
+def quiet_service(checkpoint, settings: dict = SETTINGS) -> AggregatorService:
     """A service that is never started: its handler runs on the caller's thread, on a
     clock the caller moves."""
-    return AggregatorService(AggregatorConfig(broker="mqtt://127.0.0.1:1", **SETTINGS,
+    return AggregatorService(AggregatorConfig(broker="mqtt://127.0.0.1:1", **settings,
                                               checkpoint=str(checkpoint)), clock=ManualClock())
 
 
@@ -378,90 +406,246 @@ def test_the_seeded_garbage_covers_every_kind_and_is_all_refused(tmp_path):
         assert service.rejected[why] > 0, why
 
 
-# -- over a real mosquitto, with real agents ----------------------------------------------
+# -- over the production broker, with real agents -----------------------------------------
 
-def run_fleet(broker_url: str, workdir, garbage: list[tuple[str, bytes]]) -> dict:
-    """Aggregator + 3 agents for 2 rounds; half the garbage goes out before the agents
-    start (round 1 open and waiting), the rest while they train."""
+PASSWORDS = {AGGREGATOR: "pw-agg", **{name: f"pw-{name}" for name in AGENTS + STRANGERS}}
+
+
+def shipped_limit(name: str) -> int:
+    return int(re.search(rf"^{name} (\d+)$", read_shipped("production.conf"),
+                         re.MULTILINE).group(1))
+
+
+# The broker hangs up on a client sending a bigger PUBLISH.
+MAX_PACKET = shipped_limit("max_packet_size")
+# What mosquitto announces as its Receive Maximum: QoS 1 publishes a client may have in
+# flight (paho does not read it from the CONNACK, so it is set before connecting).
+RECEIVE_MAXIMUM = shipped_limit("max_inflight_messages")
+DELIVERED, DENIED, TOO_BIG = "delivered", "denied by the ACL", "over the packet limit"
+
+
+@dataclass(frozen=True, slots=True)
+class Shot:
+    """One garbage payload, the account that publishes it, and what the broker does."""
+
+    topic: str
+    payload: bytes
+    account: str
+    fate: str
+
+
+def aim(messages: list[tuple[str, bytes]]) -> list[Shot]:
+    """A payload on a stranger's own topic goes out as that stranger and is delivered; one
+    on any other topic goes out as mallory and is refused by the ACL; one over the packet
+    limit never gets that far."""
+    shots = []
+    for topic, payload in messages:
+        level = topic.removeprefix(f"{TOPICS.prefix}/update/")
+        if len(payload) + publish_overhead(topic, qos=1) > MAX_PACKET:
+            shots.append(Shot(topic, payload, MALLORY, TOO_BIG))
+        elif level in STRANGERS:
+            shots.append(Shot(topic, payload, level, DELIVERED))
+        else:
+            shots.append(Shot(topic, payload, MALLORY, DENIED))
+    return shots
+
+
+class Fuzzer:
+    """A stolen device account's own MQTT v5 connection, in plain paho (an attacker runs no
+    fedmq code), counting the broker's answer to every QoS 1 publish."""
+
+    def __init__(self, broker: ProductionBroker, account: str) -> None:
+        self.account = account
+        self.pubacks: Counter[str] = Counter()  # PUBACK reason -> messages
+        self.hung_up: str | None = None  # the reason of the broker's DISCONNECT
+        self.receive_maximum: int | None = None  # from the CONNACK
+        self._lock = threading.Lock()
+        self._connected, self._gone = threading.Event(), threading.Event()
+        self.client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2,
+                                  client_id=account, protocol=mqtt.MQTTv5,
+                                  reconnect_on_failure=False)
+        self.client.username_pw_set(account, broker.passwords[account])
+        self.client.tls_set_context(TlsFiles(ca_file=str(broker.pki.ca.cert)).context())
+        self.client.max_inflight_messages_set(RECEIVE_MAXIMUM)
+        self.client.on_connect = self._on_connect
+        self.client.on_publish = self._on_publish
+        self.client.on_disconnect = self._on_disconnect
+        self._port = broker.ports[PASSWORD_PORT]
+
+    def start(self) -> Fuzzer:
+        self.client.connect("127.0.0.1", self._port)
+        self.client.loop_start()
+        wait_for(lambda: self._connected.is_set() or self._gone.is_set(),
+                 f"{self.account}'s connection")
+        assert self._connected.is_set(), f"the broker refused {self.account}: {self.hung_up}"
+        assert self.receive_maximum == RECEIVE_MAXIMUM
+        return self
+
+    def _on_connect(self, _client, _userdata, _flags, reason_code, props) -> None:
+        if reason_code.is_failure:
+            self.hung_up = str(reason_code)
+            self._gone.set()
+            return
+        self.receive_maximum = getattr(props, "ReceiveMaximum", None)
+        self._connected.set()
+
+    def _on_publish(self, _client, _userdata, _mid, reason_code, _props) -> None:
+        with self._lock:
+            self.pubacks[str(reason_code)] += 1
+
+    def _on_disconnect(self, _client, _userdata, _flags, reason_code, _props) -> None:
+        self.hung_up = self.hung_up or str(reason_code)
+        self._gone.set()
+
+    def publish(self, topic: str, payload: bytes, *,
+                retain: bool = False) -> mqtt.MQTTMessageInfo:
+        return self.client.publish(topic, payload, qos=1, retain=retain)
+
+    def wait_hung_up(self) -> str | None:
+        wait_for(self._gone.is_set, f"the broker to hang up on {self.account}")
+        return self.hung_up
+
+    def stop(self) -> None:
+        if self._connected.is_set() and not self._gone.is_set():
+            self.client.disconnect()
+            self._gone.wait(5)  # loop_stop() at once could drop the DISCONNECT
+        self.client.loop_stop()
+
+
+def fire(fuzzers: dict[str, Fuzzer], shots: list[Shot]) -> None:
+    """Publish every shot as its account; return once the broker acknowledged each."""
+    infos = [fuzzers[shot.account].publish(shot.topic, shot.payload) for shot in shots]
+    for info in infos:
+        info.wait_for_publish(60)
+
+
+def run_fleet(broker: ProductionBroker, shots: list[Shot]) -> dict:
+    """Aggregator + 3 agents for 2 rounds on `broker`, the strangers publishing `shots`:
+    half before the agents start (round 1 open and waiting; handled before any agent
+    update), the rest while they train, then every oversize one on a connection of its own.
+    """
     with ExitStack() as stack:
+        broker.mosquitto.start()
+        stack.callback(broker.mosquitto.close)
         seen_at_close: list[int] = []  # garbage payloads handled when each round closed
 
-        def on_round(_record) -> None:
+        def seen() -> int:
+            """Garbage payloads handled so far (an open transfer counts when it arrives,
+            and as `incomplete` instead once it expired)."""
             r = service.reassembler
-            seen_at_close.append(sum(service.rejected.values()) + r.ignored_parts
-                                 + r.pending_transfers)
+            return sum(service.rejected.values()) + r.ignored_parts + r.pending_transfers
 
-        service = AggregatorService(AggregatorConfig(broker=broker_url, **SETTINGS,
-                                                     checkpoint=str(workdir / "agg.ckpt")),
-                                    on_round=on_round)
+        def oversize_logged() -> int:
+            return broker.log_text().count(f"Client {MALLORY} disconnected due to oversize")
+
+        config = AggregatorConfig(broker=broker.password_url, client_id=AGGREGATOR,
+                                  **broker.login(AGGREGATOR), **FLEET_SETTINGS,
+                                  checkpoint=str(broker.etc.parent / "agg.ckpt"))
+        service = AggregatorService(config, on_round=lambda _r: seen_at_close.append(seen()))
         service.start()
         stack.callback(service.stop)
         wait_for(service.link.subscribed.is_set, "the aggregator's subscriptions")
-        sender = None
-        if garbage:
-            sender = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2,
-                                 client_id="fuzzer", protocol=mqtt.MQTTv5)
-            sender.max_inflight_messages_set(1000)
-            sender.connect("127.0.0.1", int(broker_url.rsplit(":", 1)[1]))
-            sender.loop_start()
-            stack.callback(sender.loop_stop)
-            stack.callback(sender.disconnect)
-        half = len(garbage) // 2
+        fuzzers: dict[str, Fuzzer] = {}
+        for account in STRANGERS if shots else []:
+            fuzzers[account] = Fuzzer(broker, account)
+            stack.callback(fuzzers[account].stop)
+            fuzzers[account].start()
+        for account in ANNOUNCED if shots else []:
+            birth = DeviceStatus(device_id=account, online=True).to_payload()
+            fuzzers[account].publish(TOPICS.device_status(account), birth,
+                                     retain=True).wait_for_publish(60)
+        wait_for(lambda: all(service.registry.known(a) for a in fuzzers if a in ANNOUNCED),
+                 "the births of the announced strangers")
+        sent = [shot for shot in shots if shot.fate != TOO_BIG]
+        half = len(sent) // 2
+        first_half = sum(shot.fate == DELIVERED for shot in sent[:half])
         started = time.monotonic()
-        first = [sender.publish(t, p, qos=1) for t, p in garbage[:half]] if sender else []
-        for info in first:  # the broker holds them: queued for the aggregator before any
-            info.wait_for_publish(60)  # agent update, so round 1 is open while they land
-        make_agents(broker_url, stack.callback, len(AGENTS))
-        infos = [sender.publish(t, p, qos=1) for t, p in garbage[half:]] if sender else []
-        for info in infos:
-            info.wait_for_publish(60)
+        fire(fuzzers, sent[:half])
+        # Handled before round 1 can close; and the aggregator's queue at the broker never
+        # nears production.conf's max_queued_messages, past which garbage would be dropped.
+        wait_for(lambda: seen() >= first_half, "the first half of the garbage")
+        enrolled_agents(broker, stack.callback, list(range(len(AGENTS))), total=len(AGENTS))
+        fire(fuzzers, sent[half:])
+        for fuzzer in fuzzers.values():  # their accounts are needed again just below
+            fuzzer.stop()
+        hung_up = []
+        for shot in shots:
+            if shot.fate == TOO_BIG:
+                big = Fuzzer(broker, shot.account)
+                try:
+                    big.start().publish(shot.topic, shot.payload)
+                    hung_up.append(big.wait_hung_up())
+                finally:
+                    big.stop()
+        wait_for(lambda: oversize_logged() >= len(hung_up), "the broker's oversize log lines")
         wait_for(service.finished.is_set, "2 rounds")
+        delivered = sum(shot.fate == DELIVERED for shot in shots)
         wait_for(lambda: sum(service.rejected.values()) + service.reassembler.ignored_parts
-                 >= len(garbage), "every garbage payload to be counted")
+                 >= delivered, "every delivered garbage payload to be counted")
         wait_for(lambda: service.reassembler.pending_transfers == 0, "open transfers to expire")
         return {"params": service.machine.params.copy(), "history": list(service.history),
                 "rejected": Counter(service.rejected), "accepted": service.accepted,
                 "ignored": service.reassembler.ignored_parts,
                 "seconds": time.monotonic() - started, "failure": service.failure,
-                "seen_at_close": seen_at_close}
+                "seen_at_close": seen_at_close, "first_half": first_half,
+                "pubacks": {a: Counter(f.pubacks) for a, f in fuzzers.items()},
+                "hung_up": hung_up, "oversize_logged": oversize_logged()}
 
 
 @pytest.mark.integration
 def test_ten_thousand_garbage_updates_during_a_round_change_nothing_but_the_counters(
-        broker_factory, tmp_path):
+        tmp_path, pki, caplog):
     items = hypothesis_garbage(HYPOTHESIS_BATCHES) + seeded_garbage(SEEDED, SEED)
-    messages = materialize(items)
-    assert len(messages) >= 10_000
-    # what the same code makes of each payload on its own, with no broker in between
-    oracle = quiet_service(tmp_path / "oracle.ckpt")
+    shots = aim(materialize(items))
+    fates = Counter(shot.fate for shot in shots)
+    delivered = [shot for shot in shots if shot.fate == DELIVERED]
+    assert len(delivered) >= 10_000 and fates[DENIED] > 0 and fates[TOO_BIG] > 0
+    # what the same code makes of each delivered payload on its own, with no broker between
+    oracle = quiet_service(tmp_path / "oracle.ckpt", FLEET_SETTINGS)
     try:
-        for topic, payload in messages:
-            oracle._handle_update(topic, payload)
+        for account in ANNOUNCED:
+            oracle.registry.observe(account, DeviceStatus(device_id=account, online=True),
+                                    oracle.clock())
+        for shot in delivered:
+            oracle._handle_update(shot.topic, shot.payload)
         expire_transfers(oracle)
     finally:
         oracle.writer.close()
     ignored = oracle.reassembler.ignored_parts  # the repeated parts
-    assert sum(oracle.rejected.values()) + ignored == len(messages) and oracle.accepted == 0
+    assert sum(oracle.rejected.values()) + ignored == len(delivered) and oracle.accepted == 0
     assert ignored == len(range(7, SEEDED, 500))
+    silent = sum(shot.account in SILENT for shot in delivered)
+    assert oracle.rejected["unknown_device"] == silent > 0
 
-    # The fuzzing run's broker may queue every garbage message for the aggregator: past
-    # the dev limit of 10,000 mosquitto would drop some, and the accounting with them.
-    (tmp_path / "clean").mkdir()
-    (tmp_path / "fuzzed").mkdir()
-    clean = run_fleet(broker_factory(name="clean-broker").url, tmp_path / "clean", [])
-    fuzzed = run_fleet(broker_factory("max_queued_messages 100000", name="fuzz-broker").url,
-                       tmp_path / "fuzzed", messages)
+    clean = run_fleet(production_broker(tmp_path / "clean", pki, passwords=PASSWORDS), [])
+    caplog.clear()
+    fuzzed = run_fleet(production_broker(tmp_path / "fuzzed", pki, passwords=PASSWORDS),
+                       shots)
 
     assert clean["failure"] is None and fuzzed["failure"] is None  # it survived
     assert not clean["rejected"]
     # (agents go on to train the final model, so more than 6 may be accepted by now)
     assert clean["accepted"] >= 6 and fuzzed["accepted"] >= 6
-    # every garbage payload counted exactly once, under the reason it gets on its own;
-    # a repeated part of an open transfer is not a rejection but an ignored duplicate
-    assert sum(fuzzed["rejected"].values()) + fuzzed["ignored"] == len(messages)
+    # The broker: every payload on a stranger's own topic delivered (and each birth), every
+    # other one refused by the ACL, and every oversize one by hanging up on its sender.
+    expected = {a: Counter(Success=sum(s.account == a and s.fate == DELIVERED for s in shots)
+                           + (a in ANNOUNCED)) for a in STRANGERS}
+    expected[MALLORY]["Not authorized"] = fates[DENIED]
+    assert fuzzed["pubacks"] == expected
+    # (paho reads the DISCONNECT's reason, Packet too large, unless the closed socket beats it)
+    assert len(fuzzed["hung_up"]) == fuzzed["oversize_logged"] == fates[TOO_BIG]
+    assert set(fuzzed["hung_up"]) <= {"Packet too large", "Unspecified error"}
+    # The aggregator: every delivered payload counted exactly once, under the reason it gets
+    # on its own (a repeated part of an open transfer is an ignored duplicate, not a
+    # rejection), and nothing the broker refused.
+    assert sum(fuzzed["rejected"].values()) + fuzzed["ignored"] == len(delivered)
     assert fuzzed["rejected"] == oracle.rejected
     assert fuzzed["ignored"] == ignored
-    assert fuzzed["seen_at_close"][0] >= len(messages) // 2  # garbage landed mid-round
+    assert fuzzed["rejected"]["bad_topic"] == 0  # no invalid level got past the ACL
+    logged = {m.group(1) for r in caplog.records
+              if (m := re.match(r"rejected update on (.*) \(\w+\): ", r.getMessage()))}
+    assert logged == {TOPICS.update(a) for a in STRANGERS}  # the only topics it ever saw
+    assert fuzzed["seen_at_close"][0] >= fuzzed["first_half"]  # garbage landed mid-round
     # the rounds are those of the clean run: same participants, same model (to float32
     # rounding: the three updates may be summed in another order)
     assert [(r.round, r.participants, r.samples) for r in fuzzed["history"]] == \
@@ -470,6 +654,6 @@ def test_ten_thousand_garbage_updates_during_a_round_change_nothing_but_the_coun
     assert not np.array_equal(fuzzed["params"], build_model(
         "mlp", AggregatorConfig(**SETTINGS).model_config(), seed=0).get_flat())  # it trained
     drift = float(np.abs(fuzzed["params"] - clean["params"]).max())
-    print(f"\nfuzz: {len(messages)} garbage payloads, fleet run {fuzzed['seconds']:.1f} s "
-          f"(clean {clean['seconds']:.1f} s), max parameter difference {drift:.2g}; "
-          f"rejected {dict(fuzzed['rejected'])}")
+    print(f"\nfuzz: {len(shots)} garbage payloads ({dict(fates)}), fleet run "
+          f"{fuzzed['seconds']:.1f} s (clean {clean['seconds']:.1f} s), max parameter "
+          f"difference {drift:.2g}; rejected {dict(fuzzed['rejected'])}")

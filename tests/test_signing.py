@@ -1,19 +1,24 @@
-"""Signed model announcements: key files, sign/verify, and forged models over a real broker."""
+"""Signed model announcements: key files, sign/verify, and forged models over a real broker
+with the production configs (a stolen aggregator password, but not the signing key)."""
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import stat
 import sys
 import threading
 from collections import Counter
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from aggregator.enroll import password_users
 from edge_agent.cli import main
+from edge_agent.config import AgentConfig, load_config
 from edge_agent.errors import ConfigError, MissingExtraError, ProtocolError
 from edge_agent.models.layout import ParamLayout
 from edge_agent.mqtt import MqttLink
@@ -29,7 +34,8 @@ from edge_agent.signing import (
 )
 from edge_agent.transfer import encode_model
 
-from .helpers import make_agents, make_aggregator, wait_for
+from .helpers import make_aggregator, wait_for
+from .secure_brokers import AGGREGATOR, ProductionBroker, enrolled_agents, production_broker
 
 
 @pytest.fixture(scope="module")
@@ -153,20 +159,79 @@ def test_the_service_refuses_to_start_with_a_missing_signing_key(tmp_path, stopp
                         signing_key=str(tmp_path / "nope.key"))
 
 
-# -- over a real mosquitto ----------------------------------------------------------------
+# -- fedmq enroll ------------------------------------------------------------------------
 
-class Forger:
-    """A client with write access to the model topics (a broker without ACLs)."""
+def test_enroll_prints_a_device_config_that_trusts_only_the_aggregators_key(
+        tmp_path, capsys, keys, pki):
+    passwd = tmp_path / "passwd"
+    assert main(["enroll", "dev-1", "--fleet", "farm", "--broker", "mqtts://b.example:8883",
+                 "--password-file", str(passwd), "--model-public-key", str(keys.public)]) == 0
+    printed = capsys.readouterr()
+    snippet = tmp_path / "agent.toml"
+    snippet.write_text(printed.out)
+    config = load_config(AgentConfig, snippet)  # valid TOML with only known keys
+    assert (config.device_id, config.username) == ("dev-1", "dev-1")
+    assert config.model_public_key == str(keys.public)
+    opener = AnnouncementOpener.for_config(config.model_public_key)  # what the agent builds
+    assert opener.verifying and opener.key_id == keys.key_id
+    assert reason(lambda: opener.open(announcement().to_payload())) == "unsigned"
+    assert f"{PUBLIC_NAME} -> {keys.public}" in printed.err  # what to copy where
+    assert "reload mosquitto" in printed.err and "certificate" not in printed.err
+    assert main(["enroll", "dev-3", "--cert", "--pki", str(pki.directory), "--broker",
+                 "mqtts://b.example:8884", "--model-public-key", "/etc/fedmq/m.pub"]) == 0
+    printed = capsys.readouterr()
+    snippet.write_text(printed.out)
+    assert load_config(AgentConfig, snippet).model_public_key == "/etc/fedmq/m.pub"
+    assert "with a client certificate" in printed.err and "m.pub" in printed.err
+    # without the option nothing changes; the aggregator signs, it verifies nothing
+    assert main(["enroll", "dev-2", "--broker", "mqtts://b.example:8883",
+                 "--password-file", str(passwd)]) == 0
+    assert "model_public_key" not in capsys.readouterr().out
+    assert main(["enroll", "fedmq-aggregator", "--role", "aggregator", "--broker",
+                 "mqtts://b.example:8883", "--password-file", str(passwd),
+                 "--model-public-key", str(keys.public)]) == 2
+    assert "signing_key" in capsys.readouterr().err
+    assert password_users(passwd) == {"dev-1", "dev-2"}
 
-    def __init__(self, url: str, stoppers) -> None:
+
+# -- over the production broker -----------------------------------------------------------
+# broker_config/production.conf + acl.conf: TLS, a password per account, and only the
+# aggregator's account may write the model topics. A forger therefore needs that account;
+# with it but without the signing key, the broker delivers its models and only the
+# signature check stands in the way.
+
+PASSWORDS = {AGGREGATOR: "pw-agg", "dev0": "pw-0", "dev1": "pw-1", "dev2": "pw-2",
+             "auditor": "pw-aud"}
+
+
+@pytest.fixture
+def secure(tmp_path, pki) -> Iterator[ProductionBroker]:
+    broker = production_broker(tmp_path / "broker", pki, passwords=PASSWORDS)
+    broker.mosquitto.start()
+    yield broker
+    broker.mosquitto.close()
+
+
+def signing_aggregator(secure: ProductionBroker, tmp_path, stoppers, keys, **overrides):
+    return make_aggregator(secure.password_url, tmp_path, stoppers, client_id=AGGREGATOR,
+                           signing_key=str(keys.private), **secure.login(AGGREGATOR),
+                           **overrides)
+
+
+class ModelClient:
+    """A client on the model topics: reads the retained announcement, and retains its own
+    messages there if its account may write them."""
+
+    def __init__(self, link: MqttLink, stoppers) -> None:
         self.topics = FleetTopics("test")
         self.current: bytes | None = None
         self._got = threading.Event()
-        self.link = MqttLink(client_id="forger", broker=url)
+        self.link = link
         self.link.route(self.topics.model_current, self._remember)
         self.link.start()
         stoppers(self.link.stop)
-        wait_for(self.link.subscribed.is_set, "the forger's connection")
+        self.link.wait_connected(30)  # fails at once if the broker refuses the account
+        wait_for(self.link.subscribed.is_set, f"{link.client_id}'s subscriptions")
 
     def _remember(self, message) -> None:
         if self.current is None:
@@ -179,16 +244,18 @@ class Forger:
         return self.current
 
     def retain(self, topic: str, payload: bytes) -> None:
-        self.link.publish(topic, payload, qos=1, retain=True).wait_for_publish(30)
+        info = self.link.publish(topic, payload, qos=1, retain=True)
+        info.wait_for_publish(30)
+        assert info.is_published()
 
 
 @pytest.mark.integration
 def test_a_signed_fleet_trains_normally_and_devices_without_the_key_still_follow(
-        broker, tmp_path, stoppers, keys):
-    service = make_aggregator(broker.url, tmp_path, stoppers, rounds=2, min_updates=3,
-                              signing_key=str(keys.private))
-    verifying = make_agents(broker.url, stoppers, 2, total=3, model_public_key=str(keys.public))
-    unkeyed = make_agents(broker.url, stoppers, 1, total=3, first=2)
+        secure, tmp_path, stoppers, keys):
+    service = signing_aggregator(secure, tmp_path, stoppers, keys, rounds=2, min_updates=3)
+    verifying = enrolled_agents(secure, stoppers, [0, 1], total=3,
+                                model_public_key=str(keys.public))
+    unkeyed = enrolled_agents(secure, stoppers, [2], total=3)
     wait_for(service.finished.is_set, "2 signed rounds")
     assert all(r.participants == 3 for r in service.history)
     assert service.history[-1].accuracy > service.history[0].accuracy
@@ -196,46 +263,60 @@ def test_a_signed_fleet_trains_normally_and_devices_without_the_key_still_follow
     for agent in [*verifying, *unkeyed]:
         assert agent.stats.models_received >= 2 and not agent.stats.rejected
     assert verifying[0].announcements.verifying and not unkeyed[0].announcements.verifying
-    forger = Forger(broker.url, stoppers)
-    assert SignedAnnouncement.from_payload(forger.genuine()).key_id == keys.key_id
+    auditor = ModelClient(secure.password_link("auditor", PASSWORDS["auditor"]), stoppers)
+    assert SignedAnnouncement.from_payload(auditor.genuine()).key_id == keys.key_id
 
 
 @pytest.mark.integration
 def test_an_agent_with_the_key_refuses_forged_models_and_keeps_its_own(
-        broker, tmp_path, stoppers, keys, other_keys):
+        secure, tmp_path, stoppers, keys, other_keys, caplog):
     # One device, a quorum of five: round 1 stays open and the aggregator publishes nothing
     # after its first announcement, so every model message from here on is the forger's.
-    make_aggregator(broker.url, tmp_path, stoppers, rounds=1, min_updates=5,
-                    deadline_s=600.0, signing_key=str(keys.private))
-    agent = make_agents(broker.url, stoppers, 1, model_public_key=str(keys.public))[0]
+    service = signing_aggregator(secure, tmp_path, stoppers, keys, rounds=1, min_updates=5,
+                                 deadline_s=600.0)
+    (agent,) = enrolled_agents(secure, stoppers, [0], total=1,
+                               model_public_key=str(keys.public))
     wait_for(lambda: agent.stats.updates_sent == 1, "training on the genuine model v0")
-    forger = Forger(broker.url, stoppers)
+    # The forger logs in with the aggregator's stolen password. The broker keeps one
+    # connection per account (use_username_as_clientid), so it does while the aggregator is
+    # away; had both been up, each login would have thrown the other off.
+    service.link.stop()
+    forger = ModelClient(secure.password_link(AGGREGATOR, PASSWORDS[AGGREGATOR]), stoppers)
     genuine = SignedAnnouncement.from_payload(forger.genuine())
     v0 = ModelAnnouncement.from_payload(genuine.announcement)
     assert (agent.receiver.held_version, v0.version) == (0, 0)
 
-    def forge(payload: bytes, why: str) -> None:
+    def refusals(why: str) -> list[logging.LogRecord]:
+        start = f"dev0: rejected model message ({why}): "
+        return [r for r in caplog.records
+                if r.name == "edge_agent.agent" and r.getMessage().startswith(start)]
+
+    def forge(payload: bytes, why: str, says: str) -> None:
         forger.retain(forger.topics.model_current, payload)
-        wait_for(lambda: agent.stats.rejected[why] == 1, f"the agent to refuse ({why})")
+        wait_for(lambda: agent.stats.rejected[why] == 1 and refusals(why),
+                 f"the agent to refuse ({why}) and say so")
         assert agent.receiver.held_version == 0 and agent.stats.models_received == 1
+        (line,) = refusals(why)  # one warning per refused message, saying what was wrong
+        assert line.levelno == logging.WARNING and says in line.getMessage(), line.getMessage()
 
     params = np.full(ParamLayout.from_wire(v0.layout).size, 0.5, np.float32)  # the forger's
     info, chunks = encode_model(params, codec="float32", version=1)
     (chunk,) = chunks
     v1 = dataclasses.replace(v0, version=1, round=2, payload=info, announce_id="f0f0f0f0f0f0")
 
-    forge(v1.to_payload(), "unsigned")
+    forge(v1.to_payload(), "unsigned", "not signed")
     flipped = bytearray(genuine.announcement)
     flipped[len(flipped) // 2] ^= 0x01  # one byte of the genuine, signed announcement
     forge(dataclasses.replace(genuine, announcement=bytes(flipped)).to_payload(),
-          "bad_signature")
-    forge(AnnouncementSigner.from_file(other_keys.private).seal(v1), "wrong_key")
+          "bad_signature", "signature does not verify")
+    forge(AnnouncementSigner.from_file(other_keys.private).seal(v1), "wrong_key",
+          f"signed by key {other_keys.key_id}")
 
     # A correctly signed announcement whose chunk was altered: the SHA-256 it commits to
     # catches the flipped byte.
     bad_chunk = dataclasses.replace(chunk, data=bytes([chunk.data[0] ^ 0x80]) + chunk.data[1:])
     forger.retain(forger.topics.model_payload_chunk(0), bad_chunk.to_payload())
-    forge(AnnouncementSigner.from_file(keys.private).seal(v1), "bad_hash")
+    forge(AnnouncementSigner.from_file(keys.private).seal(v1), "bad_hash", "SHA-256")
     assert agent.stats.updates_sent == 1  # it trained on nothing new
 
     # The intact chunk completes the signed model: verification was the only obstacle.

@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 import threading
 import warnings
 from collections.abc import Mapping, Sequence
@@ -34,6 +33,7 @@ import numpy as np
 from edge_agent.datasource import task_class_names
 from edge_agent.errors import ConfigError, FedmqError, MissingExtraError, require
 from edge_agent.models import Model, build_model
+from edge_agent.persist import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -178,20 +178,6 @@ def check_exportable(model: Model) -> None:
                           f"{', '.join(sorted(_DENSE_LAYERS))} or a torch model")
 
 
-def _write_atomically(data: bytes, path: Path) -> None:
-    """tmp file in the same directory + fsync + rename: readers see old or new, never half."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def export_onnx(model: Model, path: str | os.PathLike, *, version: int = -1, round: int = -1,
                 task: str = "", class_names: Sequence[str] = (),
                 model_config: Mapping[str, Any] | None = None) -> Path:
@@ -210,7 +196,7 @@ def export_onnx(model: Model, path: str | os.PathLike, *, version: int = -1, rou
     proto.model_version = max(version, 0)
     proto.doc_string = f"fedmq {model.name} v{version} (round {round}, task {task or '?'})"
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomically(proto.SerializeToString(), path)
+    atomic_write(path, proto.SerializeToString())
     return path
 
 
@@ -265,7 +251,7 @@ class ModelExporter:
             os.replace(tmp, self.latest)
         except OSError:  # no symlinks here (some FAT/SMB mounts): an atomic copy instead
             tmp.unlink(missing_ok=True)
-            _write_atomically(path.read_bytes(), self.latest)
+            atomic_write(self.latest, path.read_bytes())
 
     def _prune(self, *, keep_version: int) -> None:
         """Keep the version just written and the newest keep-1 others (after a fresh start

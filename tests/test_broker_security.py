@@ -232,6 +232,9 @@ def test_the_aggregator_reads_updates_and_statuses_of_every_device(secure):
             publish(device, FLEET.device_status(device.client_id), b"online", retain=True)
         wait_for(lambda: len(updates.messages) == 2 and len(statuses.messages) == 2,
                  "both devices' updates and statuses")
+    assert sorted(updates.messages) == [(FLEET.update(d), b"update") for d in ("dev-a", "dev-b")]
+    assert sorted(statuses.messages) == [(FLEET.device_status(d), b"online")
+                                         for d in ("dev-a", "dev-b")]
 
 
 def test_a_revoked_certificate_can_publish_nothing_after_a_reload(secure):

@@ -50,7 +50,8 @@ PROFILES = {p.name: p for p in (
 MIXES = {
     "uniform": ("laptop",),
     "mixed": ("rpi4", "rpi4", "rpi4", "rpi4", "rpi-zero", "rpi-zero", "cellular"),
-    # 30% ten times slower, 30% on a link that is down 3 s of every 7 (issue 4's benchmark)
+    # 30% ten times slower, 30% on a link down about 3 s of every 7, each device on its own
+    # jittered schedule (issue 4's benchmark)
     "stragglers": ("laptop",) * 4 + ("slow",) * 3 + ("flaky",) * 3,
 }
 

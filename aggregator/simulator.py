@@ -67,7 +67,7 @@ class SimulationConfig:
     profiles: str = option("uniform", "device mix: uniform (all like this host), mixed (Pi "
                            "4s, Pi Zeros, cellular links: slower compute, thin uplinks, "
                            "advertised in each birth) or stragglers (30%% 10x slower, 30%% "
-                           "on a link down 3 s of every 7)")
+                           "on a link down about 3 s of every 7)")
     mode: str = option("sync", "sync rounds or async (FedBuff: server steps every "
                        "buffer_size updates, stale updates weighted by s(tau))")
     clients_per_round: int = option(0, "sync: K updates close a round; ceil(K * over_select) "
@@ -232,9 +232,10 @@ class Simulation:
             if device_id in dropped:
                 proxy.cut()
             elif device_id in self._flaky:
-                if not proxy.flapping:
-                    p = self._flaky[device_id]
-                    proxy.flap(up_s=p.up_s, down_s=p.down_s)
+                if not proxy.flapping:  # each device on its own schedule, not in phase
+                    p, jitter = self._flaky[device_id], self._dropout_rng.uniform
+                    proxy.flap(up_s=p.up_s * jitter(0.6, 1.4),
+                               down_s=p.down_s * jitter(0.6, 1.4))
             else:
                 proxy.restore()
 

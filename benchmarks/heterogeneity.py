@@ -2,7 +2,7 @@
 side by side on the same devices, data and seed.
 
 The fleet is `--profiles stragglers` (20 devices: 30% compute 10x slower, 30% sit behind a
-fault proxy whose link is down 3 s of every 7, the rest are well). Each strategy trains
+fault proxy whose link is down about 3 s of every 7, the rest are well). Each strategy trains
 for --budget-s seconds of wall time; the table shows wall time and rounds (server steps)
 until the held-out accuracy first reached --target, the accuracy at the end of the
 budget, and what was uploaded.

@@ -43,6 +43,10 @@ from .transfer import DELTA, FULL, ModelReceiver, ReceivedModel
 log = logging.getLogger(__name__)
 # How often the training thread looks for updates whose receipt is overdue.
 RESEND_CHECK_S = 1.0
+# A new model re-sends unreceipted updates at once, but only those sent at least this long
+# ago: a receipt normally follows within a checkpoint write, and in async mode models
+# arrive many times a second; re-sending what is still in flight would flood the broker.
+RESEND_ON_MODEL_AFTER_S = 5.0
 
 
 def device_capabilities(config: AgentConfig | None = None) -> dict[str, object]:
@@ -266,7 +270,7 @@ class EdgeAgent:
             # A new model means the aggregator is up and moving: whatever still lacks a
             # receipt goes out again now (it is counted or refused, either way receipted)
             # instead of waiting out resend_after_s.
-            self.outbox.mark_unsent()
+            self.outbox.mark_unsent(older_than_s=RESEND_ON_MODEL_AFTER_S)
             self.stats.models_received += 1
             self.stats.traffic[received.announcement.round][1] += received.wire_bytes
             with self._wake:

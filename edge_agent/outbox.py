@@ -77,11 +77,14 @@ class Outbox:
             entries = sorted(self._entries.values(), key=lambda e: (e.round, e.update_id))
         return [e for e in entries if e.last_sent == 0.0 or now - e.last_sent >= resend_after_s]
 
-    def mark_unsent(self) -> None:
-        """After a reconnect: send everything again, whatever the timers say."""
+    def mark_unsent(self, *, older_than_s: float = 0.0, now: float | None = None) -> None:
+        """Send again, whatever the timers say, what was sent at least `older_than_s` ago
+        (0, after a reconnect: everything; newer sends may still be on their way)."""
+        now = time.monotonic() if now is None else now
         with self._lock:
             for entry in self._entries.values():
-                entry.last_sent = 0.0
+                if now - entry.last_sent >= older_than_s:
+                    entry.last_sent = 0.0
 
     def __len__(self) -> int:
         with self._lock:

@@ -37,6 +37,14 @@ def test_outbox_resends_after_timeout_or_reconnect():
     assert box.due(resend_after_s=30, now=101.0) == [entry]
 
 
+def test_a_new_model_resends_only_what_has_had_time_for_a_receipt():
+    box = Outbox()
+    old, fresh = box.put("old", 1, b"x"), box.put("new", 2, b"y")
+    old.last_sent, fresh.last_sent = 100.0, 108.0
+    box.mark_unsent(older_than_s=5.0, now=110.0)  # async: models come many times a second
+    assert box.due(resend_after_s=30, now=110.0) == [old]
+
+
 def machine(min_updates=3):
     return RoundMachine(params=np.zeros(4, np.float32),
                         optimizer=create_optimizer(ServerOptConfig()),

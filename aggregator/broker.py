@@ -7,6 +7,7 @@ own config into a temporary directory, so it can be killed, restarted and reconf
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import signal
 import socket
@@ -30,6 +31,13 @@ INSTALL_HINT = (
     "mosquitto is not installed; on Debian/Ubuntu run: sudo apt-get install -y mosquitto "
     "(or pass --broker mqtt://host:port to use a broker that is already running)"
 )
+
+
+def as_invoking_user(text: str) -> str:
+    """Started as root, mosquitto drops to the `mosquitto` user, which cannot write into a
+    private (0700) work directory: no log, no persistence file. A private broker stays
+    with whoever started it (a non-root start never switches user)."""
+    return text + ("\nuser root\n" if os.geteuid() == 0 else "")
 
 
 def free_port() -> int:
@@ -86,7 +94,7 @@ class LocalMosquitto:
             lines += ["persistence true", f"persistence_location {self.workdir}/"]
         lines += [f"log_dest file {self.log_path}", "log_type error", "log_type warning",
                   "log_type notice", self.extra_config]
-        path.write_text("\n".join(lines) + "\n")
+        path.write_text(as_invoking_user("\n".join(lines) + "\n"))
         return path
 
     def start(self, timeout: float = 15.0) -> LocalMosquitto:

@@ -123,7 +123,9 @@ class RoundMachine:
         self.version = version
         self.acc = WeightedAccumulator(self.params.size)
         self.open = _OpenRound(round=round, deadline_at=now + policy.deadline_s)
-        self.recent: dict[tuple[str, str], int] = {}  # (device, update id) -> round
+        # (device, update id) -> (round counted in, base version) of every counted update
+        # a device might still re-send: see _forget
+        self.recent: dict[tuple[str, str], tuple[int, int]] = {}
 
     @property
     def round(self) -> int:
@@ -162,7 +164,7 @@ class RoundMachine:
         if tau:
             o.stale += 1
             o.max_staleness = max(o.max_staleness, tau)
-        self.recent[(update.device_id, update.update_id)] = o.round
+        self.recent[(update.device_id, update.update_id)] = (o.round, update.base_version)
         return True
 
     def _staleness(self, update: Update) -> int:
@@ -235,8 +237,16 @@ class RoundMachine:
     def _start(self, round: int, now: float) -> None:
         self.acc = WeightedAccumulator(self.params.size)
         self.open = _OpenRound(round=round, deadline_at=now + self.policy.deadline_s)
-        oldest = round - REMEMBER_ROUNDS
-        self.recent = {k: r for k, r in self.recent.items() if r >= oldest}
+        self.recent = {k: v for k, v in self.recent.items() if self._remember(*v, round)}
+
+    def _remember(self, counted_in: int, base_version: int, round: int) -> bool:
+        """Keep a counted id while a re-send of it could still be accepted: REMEMBER_ROUNDS
+        rounds, and with late updates folded in, as long as its base version is within
+        max_staleness (else a re-send would count twice; past that it is refused anyway)."""
+        if counted_in >= round - REMEMBER_ROUNDS:
+            return True
+        return (self.policy.late_updates == "fold"
+                and self.version - base_version <= self.policy.staleness.max_staleness)
 
     def state_dict(self) -> dict[str, Any]:
         """The model, the optimizer and the open round's partial aggregate: after a crash
@@ -257,7 +267,7 @@ class RoundMachine:
                      "samples": o.samples, "loss_sum": o.loss_sum, "bytes_up": o.bytes_up,
                      "stale": o.stale, "max_staleness": o.max_staleness,
                      "partial": o.partial},
-            "recent": [[d, u, r] for (d, u), r in self.recent.items()],
+            "recent": [[d, u, r, v] for (d, u), (r, v) in self.recent.items()],
         }
 
     def load_state_dict(self, state: dict[str, Any], *, now: float) -> None:
@@ -279,7 +289,9 @@ class RoundMachine:
         self.params = _frozen(state["params"])
         self._optimizer_state = None
         self.version = int(state["version"])
-        self.recent = {(d, u): int(r) for d, u, r in state.get("recent", [])}
+        # entries of older checkpoints have no base version: assume the round's
+        self.recent = {(e[0], e[1]): (int(e[2]), int(e[3]) if len(e) > 3 else int(e[2]) - 1)
+                       for e in state.get("recent", [])}
         self._start(int(state["round"]), now)  # the deadline starts afresh
         partial = state.get("open")
         if partial:

@@ -253,6 +253,9 @@ class MqttLink:
         else:
             self._client.disconnect()
         self._client.loop_stop()
+        # paho leaves its wake-up socket pair open until garbage collection, which then
+        # may warn about unclosed sockets; close it now (start() makes a new one).
+        self._client._reset_sockets(sockpair_only=True)
         self.connected.clear()
 
     def _handle_connect(self, client, _userdata, flags, reason_code, props) -> None:

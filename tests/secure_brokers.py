@@ -8,7 +8,6 @@ an operator makes them (broker_config/README.md).
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 from collections.abc import Iterator
@@ -16,7 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from aggregator.broker import LocalMosquitto, free_port
+from aggregator.broker import LocalMosquitto, as_invoking_user, free_port
 from aggregator.certs import Pki
 from aggregator.enroll import add_password
 from edge_agent.agent import EdgeAgent
@@ -51,12 +50,6 @@ def rewrite_listeners(text: str, ports: dict[int, int]) -> str:
     new, count = re.subn(r"^listener (\d+)(?: \S+)?$", sub, text, flags=re.MULTILINE)
     assert count == len(ports), f"expected {len(ports)} listeners, found {count}"
     return new
-
-
-def as_test_user(text: str) -> str:
-    """Started as root, mosquitto drops to the `mosquitto` user, which cannot enter pytest's
-    0700 temporary directories; stay root then (a non-root run never switches user)."""
-    return text + ("\nuser root\n" if os.geteuid() == 0 else "")
 
 
 @dataclass
@@ -135,7 +128,7 @@ def production_broker(root: Path, pki: Pki, *, passwords: dict[str, str],
         "/var/log/mosquitto/mosquitto.log": str(mosq.log_path),
         "/etc/mosquitto/conf.d": str(conf_dir),
     })
-    mosq.config_text = as_test_user(rewrite_listeners(text, ports))
+    mosq.config_text = as_invoking_user(rewrite_listeners(text, ports))
     return ProductionBroker(pki, mosq, etc, ports, dict(passwords))
 
 

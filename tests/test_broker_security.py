@@ -16,7 +16,7 @@ import threading
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from aggregator.broker import DEV_SETTINGS, LocalMosquitto, free_port
+from aggregator.broker import DEV_SETTINGS, LocalMosquitto, as_invoking_user, free_port
 from aggregator.certs import Pki
 from edge_agent.errors import BrokerError, ConfigError
 from edge_agent.mqtt import MqttLink
@@ -25,7 +25,6 @@ from edge_agent.tls import TlsFiles
 
 from .helpers import wait_for
 from .secure_brokers import (
-    as_test_user,
     bridge_conf,
     production_broker,
     read_shipped,
@@ -277,7 +276,7 @@ def test_dev_conf_accepts_anonymous_loopback_clients_and_keeps_retained(tmp_path
         "persistence_location /tmp/": f"persistence_location {tmp_path}/",
         "log_dest stderr": f"log_dest file {tmp_path}/mosquitto.log",
     })
-    broker = LocalMosquitto(workdir=tmp_path, port=port, config_text=as_test_user(text))
+    broker = LocalMosquitto(workdir=tmp_path, port=port, config_text=as_invoking_user(text))
     try:
         for expect_retained in (False, True):  # the second start reads the saved database
             broker.start()

@@ -131,7 +131,7 @@ def test_a_device_offline_for_three_rounds_rejoins_on_the_latest_model(
     wait_for(service.finished.is_set, "the remaining rounds with dev3 back")
     # back online, it took the newest model, trained on it and was counted again
     assert away.receiver.held_version >= cut_at + 3
-    later = [r for (d, _u), r in service.machine.recent.items() if d == "dev3"]
+    later = [r for (d, _u), (r, _v) in service.machine.recent.items() if d == "dev3"]
     assert max(later) > cut_at + 3
     wait_for(lambda: len(away.outbox) == 0, "dev3's outbox to drain")
     assert service.history[-1].accuracy > 0.8

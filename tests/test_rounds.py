@@ -192,3 +192,24 @@ def test_staleness_weights_are_in_0_1_and_never_grow_with_age(kind, a, b, tau):
 def test_staleness_policy_validation(kwargs):
     with pytest.raises(ConfigError):
         StalenessPolicy(**kwargs)
+
+
+def test_a_resent_update_never_counts_twice_however_late_it_may_still_be_folded():
+    """A device whose receipt was lost re-sends; with late updates folded, the copy could
+    still be accepted 10 versions on, so its id is remembered that long."""
+    m = machine(min_updates=1, late_updates="fold",
+                staleness=StalenessPolicy(max_staleness=10))
+    assert m.offer(update("a", uid="first"))
+    for version in range(1, 11):
+        m.close(float(version))
+        m.offer(update("b", round=version + 1, version=version, uid=f"b{version}"))
+    assert (m.version, m.round) == (10, 11)
+    assert m.offer(update("a", uid="first")) is False  # 10 behind, but already counted
+    restored = machine(min_updates=1, late_updates="fold",
+                       staleness=StalenessPolicy(max_staleness=10))
+    restored.load_state_dict(m.state_dict(), now=0.0)
+    assert restored.offer(update("a", uid="first")) is False  # also after a restart
+    m.close(11.0)
+    with pytest.raises(ProtocolError) as info:  # 11 behind: refused, still never counted
+        m.offer(update("a", uid="first"))
+    assert info.value.reason == "too_stale"

@@ -52,8 +52,12 @@ def cmd_agent(args: argparse.Namespace) -> int:
                             device_count=config.device_count, alpha=config.alpha,
                             seed=config.partition_seed)
     agent = EdgeAgent(config, data)
-    logging.getLogger("fedmq").info("agent %s starts with %d local examples", config.device_id,
-                                    len(data))
+    log = logging.getLogger("fedmq")
+    log.info("agent %s starts with %d local examples", config.device_id, len(data))
+    if not config.state_dir:
+        log.warning("state_dir is not set: updates awaiting their receipt and the error-"
+                    "feedback residual live in memory and are lost if this agent restarts; "
+                    "set state_dir (e.g. /var/lib/fedmq) to keep them")
     agent.start()
     try:
         _wait_for_signal()

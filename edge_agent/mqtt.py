@@ -7,6 +7,7 @@ and counted here so a bad message can never stop the network loop.
 from __future__ import annotations
 
 import logging
+import random
 import ssl
 import sys
 import threading
@@ -30,6 +31,9 @@ log = logging.getLogger(__name__)
 # link for hours still comes back within half a minute of the link returning.
 RECONNECT_MIN_S = 0.5
 RECONNECT_MAX_S = 30.0
+# Each link scales both bounds by its own random factor in [1 - J, 1 + J]: after a broker
+# restart a fleet does not come back in lockstep, doubling its delays in unison.
+RECONNECT_JITTER = 0.5
 KEEPALIVE_S = 30
 
 Handler = Callable[[mqtt.MQTTMessage], None]
@@ -141,7 +145,9 @@ class MqttLink:
         self._client.on_connect_fail = self._handle_connect_fail
         if will is not None:
             self._client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
-        self._client.reconnect_delay_set(min_delay=RECONNECT_MIN_S, max_delay=RECONNECT_MAX_S)
+        jitter = random.uniform(1.0 - RECONNECT_JITTER, 1.0 + RECONNECT_JITTER)
+        self.reconnect_delays = (RECONNECT_MIN_S * jitter, RECONNECT_MAX_S * jitter)
+        self._client.reconnect_delay_set(*self.reconnect_delays)
         self._client.on_connect = self._handle_connect
         self._client.on_disconnect = self._handle_disconnect
         self._client.on_subscribe = self._handle_subscribe

@@ -237,3 +237,17 @@ def test_effective_max_payload_is_the_smaller_of_config_and_broker_limit():
     assert link.effective_max_payload("a/b") == 65536 - 13
     link.max_packet_size = 1 << 20
     assert link.effective_max_payload("a/b") == 100_000
+
+
+def test_every_link_backs_off_on_its_own_jittered_schedule():
+    """After a broker restart a fleet must not reconnect in lockstep."""
+    import edge_agent.mqtt as mqtt_module
+
+    delays = {MqttLink(client_id=f"d{i}", broker="mqtt://127.0.0.1:1").reconnect_delays
+              for i in range(20)}
+    assert len(delays) == 20
+    low, high = 1 - mqtt_module.RECONNECT_JITTER, 1 + mqtt_module.RECONNECT_JITTER
+    for first, cap in delays:
+        assert low * mqtt_module.RECONNECT_MIN_S <= first <= high * mqtt_module.RECONNECT_MIN_S
+        assert cap / first == pytest.approx(mqtt_module.RECONNECT_MAX_S
+                                            / mqtt_module.RECONNECT_MIN_S)

@@ -76,10 +76,11 @@ def test_agent_and_aggregator_services_train_and_shut_down_cleanly(broker, tmp_p
         [*FEDMQ, "aggregator", *common, "--min-updates", "2", "--model", "logreg",
          "--checkpoint", str(tmp_path / "agg.ckpt"), "--metrics", str(tmp_path / "m.jsonl")],
         stderr=subprocess.PIPE, text=True))
-    for i in range(2):
+    for i in range(2):  # pi0 keeps its state on disk, pi1 in memory (and is warned)
+        state = ["--state-dir", str(tmp_path / "pi0")] if i == 0 else []
         processes.append(subprocess.Popen(
             [*FEDMQ, "agent", *common, "--device-id", f"pi{i}", "--device-index", str(i),
-             "--device-count", "2"], stderr=subprocess.PIPE, text=True))
+             "--device-count", "2", *state], stderr=subprocess.PIPE, text=True))
 
     def aggregator_round() -> int:
         raw = watcher.latest.get(topics.aggregator_status)
@@ -88,8 +89,11 @@ def test_agent_and_aggregator_services_train_and_shut_down_cleanly(broker, tmp_p
     wait_for(lambda: aggregator_round() >= 3, "two rounds through the services")
     for proc in processes:
         proc.send_signal(signal.SIGTERM)
+    logs = []
     for proc in processes:
         assert proc.wait(30) == 0, proc.stderr.read()
+        logs.append(proc.stderr.read())
+    assert "state_dir is not set" not in logs[1] and "state_dir is not set" in logs[2]
 
     def offline(topic, cls) -> bool:
         raw = watcher.latest.get(topic)

@@ -25,6 +25,29 @@ def counted_in(checkpoint) -> int:
             + len(state["machine"]["open"]["contributions"]))
 
 
+def assert_every_update_accounted_for(agents, counted: int) -> None:
+    """Each trained update is counted once with an `accepted` receipt, refused with a
+    receipt, or still in its device's outbox: never silently gone, never counted twice."""
+    receipted = sum(a.stats.receipts["accepted"] for a in agents)
+    refused = sum(sum(a.stats.receipts.values()) - a.stats.receipts["accepted"] for a in agents)
+    pending = sum(len(a.outbox) for a in agents)
+    trained = sum(a.stats.updates_sent for a in agents)
+    assert trained == receipted + refused + pending, (trained, receipted, refused, pending)
+    assert receipted <= counted <= receipted + pending, (receipted, counted, pending)
+
+
+def in_service(service) -> int:
+    return sum(r.participants for r in service.history) + service.machine.open.count
+
+
+def settle(service, agents) -> None:
+    """Stop the aggregator, then the devices, so no count moves while it is checked (a
+    finished aggregator still takes updates trained on the final model)."""
+    service.stop()
+    for agent in agents:
+        agent.stop()
+
+
 def test_aggregator_sigkilled_mid_round_resumes_with_every_receipted_update(
         broker, tmp_path, stoppers, processes):
     topics = FleetTopics("chaos")
@@ -61,10 +84,7 @@ def test_aggregator_sigkilled_mid_round_resumes_with_every_receipted_update(
     # one; nothing is silently gone and nothing counts twice
     wait_for(lambda: all(len(a.outbox) == 0 for a in agents) or processes[1].poll() is not None,
              "outboxes to drain")
-    receipted = sum(a.stats.receipts["accepted"] for a in agents)
-    pending = sum(len(a.outbox) for a in agents)
-    assert receipted <= counted_in(checkpoint)
-    assert counted_in(checkpoint) <= receipted + pending
+    assert_every_update_accounted_for(agents, counted_in(checkpoint))
 
 
 @pytest.mark.parametrize("kill", [True, False], ids=["sigkill", "clean-restart"])
@@ -83,12 +103,9 @@ def test_broker_killed_mid_round_and_restarted_empty(broker, tmp_path, stoppers,
     assert all(r.participants == 3 for r in service.history)
     assert service.history[-1].accuracy > 0.8
     wait_for(lambda: all(len(a.outbox) == 0 for a in agents), "outboxes to drain")
-    counted = sum(r.participants for r in service.history) + len(service.machine.open.devices)
-    assert service.accepted == counted
-    assert sum(a.stats.receipts["accepted"] for a in agents) == counted
-    trained = sum(a.stats.updates_sent for a in agents)
-    refused = sum(sum(a.stats.receipts.values()) - a.stats.receipts["accepted"] for a in agents)
-    assert counted + refused == trained  # each trained update: counted once, or refused
+    settle(service, agents)
+    assert service.accepted == in_service(service)
+    assert_every_update_accounted_for(agents, in_service(service))
 
 
 @pytest.fixture
@@ -133,8 +150,11 @@ def test_a_device_offline_for_three_rounds_rejoins_on_the_latest_model(
     assert away.receiver.held_version >= cut_at + 3
     later = [r for (d, _u), (r, _v) in service.machine.recent.items() if d == "dev3"]
     assert max(later) > cut_at + 3
-    wait_for(lambda: len(away.outbox) == 0, "dev3's outbox to drain")
+    wait_for(lambda: all(len(a.outbox) == 0 for a in agents), "every outbox to drain")
     assert service.history[-1].accuracy > 0.8
+    settle(service, agents)
+    assert service.accepted == in_service(service)
+    assert_every_update_accounted_for(agents, in_service(service))
 
 
 def test_training_completes_when_30_percent_of_devices_drop_every_round(
@@ -168,5 +188,6 @@ def test_training_completes_when_30_percent_of_devices_drop_every_round(
     assert all(r.participants >= 7 for r in service.history)
     assert service.history[-1].accuracy > 0.8
     wait_for(lambda: all(len(a.outbox) == 0 for a in agents), "every outbox to drain")
-    counted = sum(r.participants for r in service.history) + len(service.machine.open.devices)
-    assert sum(a.stats.receipts["accepted"] for a in agents) == counted == service.accepted
+    settle(service, agents)
+    assert service.accepted == in_service(service)
+    assert_every_update_accounted_for(agents, in_service(service))

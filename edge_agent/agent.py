@@ -322,6 +322,8 @@ class EdgeAgent:
             log.debug("%s: not in round %d's cohort; holding model v%d", self.config.device_id,
                       a.round, a.version)
             return
+        log.info("%s: round %d: training on model v%d", self.config.device_id, a.round,
+                 a.version)
         try:
             update = self.trainer.train(received, task)
         except FedmqError as exc:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -191,3 +192,46 @@ def test_training_completes_when_30_percent_of_devices_drop_every_round(
     settle(service, agents)
     assert service.accepted == in_service(service)
     assert_every_update_accounted_for(agents, in_service(service))
+
+
+def test_an_agent_process_sigkilled_before_its_update_got_out_sends_it_after_restart(
+        broker, tmp_path, stoppers, processes, fast_reconnects):
+    """(e) with a real `fedmq agent`: trained and stored, its link down, then SIGKILL."""
+    from aggregator.faultproxy import ProxyPool
+    from edge_agent.outbox import Outbox
+
+    from .helpers import make_aggregator
+
+    pool = ProxyPool.for_broker(broker.url)
+    stoppers(pool.stop)
+    service = make_aggregator(broker.url, tmp_path, stoppers, rounds=1, min_updates=3,
+                              fleet="kill", model="logreg")
+    others = make_agents(broker.url, stoppers, 2, total=3, fleet="kill")
+    state = tmp_path / "dev2"
+    # slowdown: its local training takes seconds, long enough to cut its link meanwhile
+    command = [*FEDMQ, "agent", "--broker", pool.url("dev2"), "--fleet", "kill",
+               "--device-id", "dev2", "--device-index", "2", "--device-count", "3",
+               "--state-dir", str(state), "--slowdown", "3000", "--log-level", "INFO"]
+    processes.append(subprocess.Popen(command, stderr=subprocess.PIPE, text=True))
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(processes[0].stderr), daemon=True)
+    reader.start()
+    wait_for(lambda: any("training on model v0" in line for line in lines), "dev2 training")
+    proxy = pool.proxy("dev2")
+    proxy.cut()  # its update, once trained and stored, cannot get out
+    wait_for(lambda: len(Outbox(state / "outbox")) == 1, "dev2's trained, stored update",
+             timeout=120)
+    processes[0].send_signal(signal.SIGKILL)
+    processes[0].wait(30)
+    reader.join(30)  # the pipe's end
+    (stored,) = Outbox(state / "outbox").ids()
+    assert "dev2" not in service.machine.open.devices  # it never got out
+
+    proxy.restore()
+    command[-1] = "WARNING"  # nobody reads this one's log: keep the pipe from filling
+    processes.append(subprocess.Popen(command, stderr=subprocess.PIPE, text=True))
+    wait_for(service.finished.is_set, "round 1 with the restarted device", timeout=120)
+    assert service.history[0].participants == 3
+    assert ("dev2", stored) in service.machine.recent  # counted: the very update it stored
+    wait_for(lambda: len(Outbox(state / "outbox")) == 0, "the receipt to clear dev2's outbox")
+    assert service.accepted == in_service(service) and len(others) == 2

@@ -137,11 +137,11 @@ class AggregatorService:
         # None: everyone may.
         self._cohort: tuple[int, set[str] | None] = (-1, None)
         self._restore()
+        self._inbox: queue.Queue = queue.Queue()
         self.writer = CheckpointWriter(config.checkpoint, on_failure=self._fail,
                                        on_idle=lambda: self._inbox.put(_WRITER_IDLE))
         self._held: list[Callable[[], None]] = []  # acks and receipts awaiting a checkpoint
         self._round_started = time.monotonic()
-        self._inbox: queue.Queue = queue.Queue()
         self._stop = threading.Event()
         self._loop: threading.Thread | None = None
         self.link = MqttLink(

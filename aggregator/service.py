@@ -285,19 +285,25 @@ class AggregatorService:
                  m.round, self.model_bytes, len(messages))
 
     def _plan_round(self) -> tuple[list[str] | None, list, dict[str, int]]:
-        """The cohort of the open round and the devices' task tiers, from the registry."""
+        """The cohort of the open round and the devices' task tiers, from the registry.
+
+        Planned again for the same round (a deadline passed short of the quorum, or a
+        reconnect), it asks devices not asked yet: the first cohort may have gone away.
+        Everyone asked so far may still deliver.
+        """
         m, c = self.machine, self.config
         online = self.registry.online()
-        cohort = select_cohort(online, c.cohort_policy(), seed=c.seed, round=m.round)
         round_no, before = self._cohort
+        asked = before if round_no == m.round and before is not None else set()
+        fresh = [d for d in online if d not in asked] or online
+        cohort = select_cohort(fresh, c.cohort_policy(), seed=c.seed + len(asked), round=m.round)
         if cohort is None:
             self._cohort = (m.round, None)
         else:
-            kept = before if round_no == m.round and before is not None else set()
-            self._cohort = (m.round, kept | set(cohort))
-            m.retarget(len(cohort))
-            log.info("round %d: selected %d of %d online devices", m.round, len(cohort),
-                     len(online))
+            self._cohort = (m.round, asked | set(cohort))
+            m.retarget(len(self._cohort[1]))
+            log.info("round %d: selected %d of %d online devices%s", m.round, len(cohort),
+                     len(online), f" ({len(asked)} asked before)" if asked else "")
         devices = {d: self.registry.devices[d].capabilities for d in (cohort or online)}
         tiers, assign = assign_tasks(c.task_config(), devices, c.assignment_policy())
         return cohort, tiers, assign
@@ -419,6 +425,9 @@ class AggregatorService:
                         self.machine.round, self.machine.open.count,
                         self.config.min_updates)
             self.machine.extend(now)
+            if self._cohort[1] is not None:  # ask more devices: the cohort may be gone
+                self._published = None
+                self._announce()
         elif action is Action.RERUN:
             kept = self.machine.rerun(now)
             log.warning("round %d had only %d of %d updates by the deadline; re-announced the "

@@ -80,3 +80,27 @@ def test_a_simulated_fleet_of_stragglers_and_flaky_links_trains_through(tmp_path
     assert len(result.rounds) == 4
     assert result.rounds[-1].accuracy > result.rounds[0].accuracy
     assert set(result.rejected) <= {"stale_round", "not_selected"}
+
+
+def test_a_round_whose_cohort_went_silent_asks_other_devices_at_the_deadline(
+        broker, tmp_path, stoppers):
+    """Nine devices are online by their births but never train (gone, in effect): a
+    one-device cohort of one of them must not hold the round forever."""
+    from edge_agent.mqtt import MqttLink
+    from edge_agent.protocol import DeviceStatus, FleetTopics
+
+    topics = FleetTopics("test")
+    ghosts = MqttLink(client_id="ghost-births", broker=broker.url)
+    ghosts.start()
+    stoppers(ghosts.stop)
+    wait_for(ghosts.connected.is_set, "the births' publisher")
+    for i in range(9):
+        birth = DeviceStatus(device_id=f"ghost{i}", online=True).to_payload()
+        ghosts.publish(topics.device_status(f"ghost{i}"), birth, qos=1,
+                       retain=True).wait_for_publish(30)
+    agents = make_agents(broker.url, stoppers, 1)
+    service = make_aggregator(broker.url, tmp_path, stoppers, rounds=2, min_updates=1,
+                              clients_per_round=1, over_select=1.0, deadline_s=1.0)
+    wait_for(service.finished.is_set, "2 rounds despite silent cohorts", timeout=90)
+    assert all(r.participants == 1 for r in service.history)
+    assert agents[0].stats.updates_sent >= 2

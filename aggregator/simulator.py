@@ -77,6 +77,8 @@ class SimulationConfig:
     late_updates: str = option("discard", "sync: discard late updates or fold them into the "
                                "next round with weight s(tau)")
     staleness: str = option("polynomial", "s(tau): constant, polynomial or hinge")
+    staleness_a: float = option(0.5, "exponent a of polynomial (1+tau)^-a, slope a of hinge")
+    staleness_b: float = option(4.0, "hinge: versions forgiven before discounting")
     max_staleness: int = option(10, "refuse updates more versions behind than this")
     time_budget_s: float = option(0.0, "devices stop local training after this many seconds "
                                   "(0: no budget)")
@@ -248,7 +250,8 @@ class Simulation:
                 min_updates=c.quorum if c.mode == "sync" and not c.clients_per_round else 1,
                 deadline_s=c.deadline_s, mode=c.mode, clients_per_round=c.clients_per_round,
                 over_select=c.over_select, buffer_size=c.buffer, late_updates=c.late_updates,
-                staleness=c.staleness, max_staleness=c.max_staleness,
+                staleness=c.staleness, staleness_a=c.staleness_a, staleness_b=c.staleness_b,
+                max_staleness=c.max_staleness,
                 time_budget_s=c.time_budget_s, constrained_epochs=c.constrained_epochs,
                 slow_link_kbps=256.0, slow_link_codec=c.slow_link_codec,
                 epochs=c.epochs, batch_size=c.batch_size, lr=c.lr, prox_mu=c.prox_mu,

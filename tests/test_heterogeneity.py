@@ -104,3 +104,18 @@ def test_a_round_whose_cohort_went_silent_asks_other_devices_at_the_deadline(
     wait_for(service.finished.is_set, "2 rounds despite silent cohorts", timeout=90)
     assert all(r.participants == 1 for r in service.history)
     assert agents[0].stats.updates_sent >= 2
+
+
+def test_simulate_passes_the_async_and_staleness_settings_to_the_aggregator(tmp_path):
+    from aggregator.simulator import Simulation, SimulationConfig
+    from aggregator.staleness import StalenessPolicy
+
+    config = SimulationConfig(devices=4, rounds=2, mode="async", buffer_size=3,
+                              staleness="hinge", staleness_a=2.0, staleness_b=1.0,
+                              max_staleness=5, timeout_s=60)
+    with Simulation(config, workdir=tmp_path / "sim") as sim:
+        policy = sim.aggregator.config.policy()
+        result = sim.wait()
+    assert policy.staleness == StalenessPolicy(kind="hinge", a=2.0, b=1.0, max_staleness=5)
+    assert (policy.late_updates, policy.target_updates) == ("fold", 3)
+    assert all(r.participants >= 3 for r in result.rounds)

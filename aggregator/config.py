@@ -20,7 +20,32 @@ from .validation import UpdateLimits
 
 
 @dataclass(frozen=True, kw_only=True)
-class AggregatorConfig(BrokerConfig):
+class RoundOptions:
+    """How rounds deal with drop-outs, stragglers and late updates: the aggregator's
+    settings, which `fedmq simulate` takes as they are."""
+
+    mode: str = option("sync", "sync: rounds of a selected cohort; async: FedBuff, every "
+                       "device trains continuously and the server steps every buffer_size "
+                       "updates")
+    clients_per_round: int = option(0, "sync: K, the round closes on K updates (0: every "
+                                    "device trains and min_updates closes the round)")
+    over_select: float = option(1.3, "sync: select ceil(K * over_select) online devices, so "
+                                "drop-outs do not stall the round (Bonawitz et al. 2019)")
+    late_updates: str = option("discard", "sync: an update trained on an older model is "
+                               "discarded or folded into the open round with weight s(tau) "
+                               "(async always folds)")
+    staleness: str = option("polynomial", "s(tau): constant, polynomial (1+tau)^-a, or hinge")
+    staleness_a: float = option(0.5, "exponent a of polynomial, slope a of hinge")
+    staleness_b: float = option(4.0, "hinge: versions forgiven before discounting")
+    max_staleness: int = option(10, "refuse updates more than this many versions behind")
+    time_budget_s: float = option(0.0, "devices stop local training after this many seconds "
+                                  "and report the samples processed (0: no budget)")
+    constrained_epochs: int = option(0, "epochs for devices with 1 core, < 1 GB RAM or on "
+                                     "battery (0: the same as everyone)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class AggregatorConfig(BrokerConfig, RoundOptions):
     client_id: str = option("fedmq-aggregator", "the aggregator's MQTT client id")
     session_expiry_s: int = option(3600, "seconds the broker keeps the aggregator's session "
                                    "(queued updates) while it is away; 0: clean sessions")
@@ -37,25 +62,7 @@ class AggregatorConfig(BrokerConfig):
     deadline_s: float = option(60.0, "seconds a round waits for min_updates")
     on_insufficient: str = option("extend", "too few updates at the deadline: extend (wait "
                                   "longer) or rerun (re-announce as a new round, keeping them)")
-    mode: str = option("sync", "sync: rounds of a selected cohort; async: FedBuff, every "
-                       "device trains continuously and the server steps every buffer_size "
-                       "updates")
-    clients_per_round: int = option(0, "sync: K, the round closes on K updates (0: every "
-                                    "device trains and min_updates closes the round)")
-    over_select: float = option(1.3, "sync: select ceil(K * over_select) online devices, so "
-                                "drop-outs do not stall the round (Bonawitz et al. 2019)")
     buffer_size: int = option(0, "async: server steps every K updates (0: min_updates)")
-    late_updates: str = option("discard", "sync: an update trained on an older model is "
-                               "discarded or folded into the open round with weight s(tau) "
-                               "(async always folds)")
-    staleness: str = option("polynomial", "s(tau): constant, polynomial (1+tau)^-a, or hinge")
-    staleness_a: float = option(0.5, "exponent a of polynomial, slope a of hinge")
-    staleness_b: float = option(4.0, "hinge: versions forgiven before discounting")
-    max_staleness: int = option(10, "refuse updates more than this many versions behind")
-    time_budget_s: float = option(0.0, "devices stop local training after this many seconds "
-                                  "and report the samples processed (0: no budget)")
-    constrained_epochs: int = option(0, "epochs for devices with 1 core, < 1 GB RAM or on "
-                                     "battery (0: the same as everyone)")
     constrained_batch_size: int = option(0, "their mini-batch size, to fit small memories "
                                          "(0: the same as everyone)")
     slow_link_kbps: float = option(0.0, "devices advertising a slower uplink than this ...")

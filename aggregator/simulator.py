@@ -8,6 +8,7 @@ real fleet would see.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -26,7 +27,7 @@ from edge_agent.data import device_shards, fleet_test_set, task_spec
 from edge_agent.errors import BrokerError, ConfigError, FedmqError, require
 
 from .broker import LocalMosquitto
-from .config import AggregatorConfig
+from .config import AggregatorConfig, RoundOptions
 from .faultproxy import ProxyPool
 from .profiles import DeviceProfile, fleet_profiles
 from .service import AggregatorService, RoundRecord
@@ -35,7 +36,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
-class SimulationConfig:
+class SimulationConfig(RoundOptions):
     devices: int = option(10, "number of simulated devices")
     rounds: int = option(0, "federated rounds to run (0: the task's default, 20)")
     seed: int = option(0, "seed of data split, partition, model init and local shuffling")
@@ -68,22 +69,7 @@ class SimulationConfig:
                            "4s, Pi Zeros, cellular links: slower compute, thin uplinks, "
                            "advertised in each birth) or stragglers (30%% 10x slower, 30%% "
                            "on a link down about 3 s of every 7)")
-    mode: str = option("sync", "sync rounds or async (FedBuff: server steps every "
-                       "buffer_size updates, stale updates weighted by s(tau))")
-    clients_per_round: int = option(0, "sync: K updates close a round; ceil(K * over_select) "
-                                    "online devices are selected (0: every device)")
-    over_select: float = option(1.3, "sync: over-selection factor")
     buffer_size: int = option(0, "async: updates per server step (0: a quarter of the devices)")
-    late_updates: str = option("discard", "sync: discard late updates or fold them into the "
-                               "next round with weight s(tau)")
-    staleness: str = option("polynomial", "s(tau): constant, polynomial or hinge")
-    staleness_a: float = option(0.5, "exponent a of polynomial (1+tau)^-a, slope a of hinge")
-    staleness_b: float = option(4.0, "hinge: versions forgiven before discounting")
-    max_staleness: int = option(10, "refuse updates more versions behind than this")
-    time_budget_s: float = option(0.0, "devices stop local training after this many seconds "
-                                  "(0: no budget)")
-    constrained_epochs: int = option(0, "epochs for 1-core, < 1 GB or battery devices (0: all "
-                                     "the same)")
     slow_link_codec: str = option("", "codec assigned to devices with an uplink under 256 "
                                   "kbit/s, e.g. top2-sign-ef")
 
@@ -248,12 +234,9 @@ class Simulation:
                 broker=url, fleet=fleet, client_id=f"{fleet}-aggregator", task=c.task,
                 model=c.model, hidden=c.hidden, seed=c.seed, rounds=c.rounds,
                 min_updates=c.quorum if c.mode == "sync" and not c.clients_per_round else 1,
-                deadline_s=c.deadline_s, mode=c.mode, clients_per_round=c.clients_per_round,
-                over_select=c.over_select, buffer_size=c.buffer, late_updates=c.late_updates,
-                staleness=c.staleness, staleness_a=c.staleness_a, staleness_b=c.staleness_b,
-                max_staleness=c.max_staleness,
-                time_budget_s=c.time_budget_s, constrained_epochs=c.constrained_epochs,
+                deadline_s=c.deadline_s, buffer_size=c.buffer,
                 slow_link_kbps=256.0, slow_link_codec=c.slow_link_codec,
+                **{f.name: getattr(c, f.name) for f in dataclasses.fields(RoundOptions)},
                 epochs=c.epochs, batch_size=c.batch_size, lr=c.lr, prox_mu=c.prox_mu,
                 optimizer=c.optimizer,
                 server_lr=c.server_lr, checkpoint=str(self.workdir / "aggregator.ckpt"),

@@ -1,5 +1,8 @@
+import hypothesis.extra.numpy as hnp
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from edge_agent import persist
 
@@ -23,9 +26,60 @@ def test_missing_and_corrupt_state(tmp_path):
         persist.load_state(tmp_path / "bad")
 
 
+def test_zero_dimensional_and_strided_arrays_keep_their_shape(tmp_path):
+    state = {"scalar": np.array(2.5, np.float32), "strided": np.arange(12).reshape(3, 4)[:, ::2]}
+    persist.save_state(tmp_path / "s", state)
+    for loaded in (persist.load_state(tmp_path / "s"),
+                   persist.load_parts(b"".join(map(bytes, persist.dump_parts(state))))):
+        assert loaded["scalar"].shape == () and loaded["scalar"] == 2.5
+        assert np.array_equal(loaded["strided"], state["strided"])
+
+
 def test_object_arrays_are_refused_both_ways():
     with pytest.raises(TypeError):
         persist.dumps({"x": np.array([object()])})
     forged = persist.dumps({"x": np.zeros(1)}).replace(b"<f8", b"|O8")
     with pytest.raises(persist.StateError):
         persist.loads(forged)
+
+
+finite = st.floats(allow_nan=False, width=32)
+arrays = st.one_of(
+    hnp.arrays(st.sampled_from([np.float32, np.float64, np.int8, np.int64, np.uint16]),
+               hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=5)),
+)
+trees = st.recursive(
+    st.one_of(st.integers(-2**63, 2**63 - 1), finite, st.text(max_size=5), st.none(), arrays),
+    lambda children: st.one_of(st.lists(children, max_size=4),
+                               st.dictionaries(st.text(max_size=4), children, max_size=4)),
+    max_leaves=12,
+)
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, np.ndarray):
+        return (isinstance(b, np.ndarray) and a.dtype == b.dtype and a.shape == b.shape
+                and np.array_equal(a, b, equal_nan=a.dtype.kind == "f"))
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return isinstance(b, list) and len(a) == len(b) and all(map(_same, a, b))
+    return a == b
+
+
+@given(trees)
+def test_parts_round_trip_any_state(tree):
+    data = b"".join(bytes(part) for part in persist.dump_parts(tree))
+    assert _same(persist.load_parts(data), tree)
+
+
+def test_parts_do_not_copy_arrays_and_refuse_what_does_not_add_up():
+    big = np.arange(1000, dtype=np.float32)
+    parts = persist.dump_parts({"sum": big, "n": 3})
+    assert any(np.shares_memory(np.frombuffer(p, np.uint8), big) for p in parts[2:])  # no copy
+    data = b"".join(bytes(p) for p in parts)
+    for broken in (data[:-4], data[:6], b"\xff" * 8 + data[8:]):
+        with pytest.raises(persist.StateError):
+            persist.load_parts(broken)
+    with pytest.raises(TypeError):
+        persist.dump_parts({"x": np.array([object()])})

@@ -101,7 +101,8 @@ class AggregatorConfig(BrokerConfig, RoundOptions):
                               "(clip) or refused as norm_exceeded (reject)")
     signing_key: str = option("", "PEM Ed25519 private key that signs model announcements "
                               "(`fedmq keys init`); empty: unsigned")
-    checkpoint: str = option("fedmq-aggregator.ckpt", "state file, rewritten after every round")
+    checkpoint: str = option("fedmq-aggregator.ckpt", "state file (FILE.round-0 and -1 beside "
+                             "it journal the open round)")
     metrics: str = option("", "append one JSON line per round to this file")
     onnx_dir: str = option("", "write each new global model as ONNX here (model-v{N}.onnx and "
                            "latest.onnx, see docs/onnx.md); empty: off")

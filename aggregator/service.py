@@ -40,6 +40,7 @@ from edge_agent.protocol.wire import peek_kind
 from edge_agent.signing import announcement_sealer
 from edge_agent.transfer import chunk_tensor
 
+from .checkpoint import CheckpointStore
 from .config import AggregatorConfig
 from .optimizers import create_optimizer
 from .registry import DeviceRegistry
@@ -136,9 +137,10 @@ class AggregatorService:
         # Devices asked to train the open round (every announcement of it adds its cohort);
         # None: everyone may.
         self._cohort: tuple[int, set[str] | None] = (-1, None)
+        self.store = CheckpointStore(config.checkpoint)
         self._restore()
         self._inbox: queue.Queue = queue.Queue()
-        self.writer = CheckpointWriter(config.checkpoint, on_failure=self._fail,
+        self.writer = CheckpointWriter(self.store, on_failure=self._fail,
                                        on_idle=lambda: self._inbox.put(_WRITER_IDLE))
         self._held: list[Callable[[], None]] = []  # acks and receipts awaiting a checkpoint
         self._round_started = time.monotonic()
@@ -183,7 +185,7 @@ class AggregatorService:
     # -- state ---------------------------------------------------------------------------
     def _restore(self) -> None:
         try:
-            state = persist.load_state(self.config.checkpoint)
+            state = self.store.load()
         except persist.StateError as exc:
             raise ConfigError(f"checkpoint {self.config.checkpoint}: {exc}; move it away to "
                               "start fresh") from None

@@ -13,10 +13,9 @@ import logging
 import queue
 import threading
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-from edge_agent import persist
+from .checkpoint import CheckpointStore
 
 log = logging.getLogger(__name__)
 
@@ -24,9 +23,10 @@ Callback = Callable[[], None]
 
 
 class CheckpointWriter:
-    def __init__(self, path: str | Path, *, on_failure: Callable[[BaseException], None],
+    def __init__(self, store: CheckpointStore, *,
+                 on_failure: Callable[[BaseException], None],
                  on_idle: Callback | None = None) -> None:
-        self.path = Path(path)
+        self.store = store
         self.on_failure = on_failure
         self.on_idle = on_idle  # called (on this thread) whenever the last job is done
         self.writes = 0
@@ -58,6 +58,8 @@ class CheckpointWriter:
         self.flush(timeout)
         self._jobs.put(None)
         self._thread.join(timeout)
+        if not self._thread.is_alive():
+            self.store.close()
 
     def _run(self) -> None:
         while True:
@@ -77,11 +79,11 @@ class CheckpointWriter:
             latest = next((state for state, _ in reversed(jobs) if state is not None), None)
             try:
                 if latest is not None and not self._failed:
-                    persist.save_state(self.path, latest)
+                    self.store.save(latest)
                     self.writes += 1
             except Exception as exc:  # disk full, permissions: nothing may be acked now
                 self._failed = True
-                log.exception("checkpoint write to %s failed", self.path)
+                log.exception("checkpoint write to %s failed", self.store.path)
                 self.on_failure(exc)
             if not self._failed:
                 for _, callbacks in jobs:

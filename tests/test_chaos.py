@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from edge_agent import persist
+from aggregator.checkpoint import CheckpointStore
 from edge_agent.protocol import AggregatorStatus, FleetTopics
 
 from .helpers import make_agents, wait_for
@@ -21,7 +21,7 @@ FEDMQ = [sys.executable, "-m", "edge_agent.cli"]
 
 def counted_in(checkpoint) -> int:
     """Updates a checkpoint counts: closed rounds plus the open round's partial aggregate."""
-    state = persist.load_state(checkpoint)
+    state = CheckpointStore(checkpoint).load()
     return (sum(r["participants"] for r in state["history"])
             + len(state["machine"]["open"]["contributions"]))
 
@@ -76,7 +76,7 @@ def test_aggregator_sigkilled_mid_round_resumes_with_every_receipted_update(
 
     processes.append(subprocess.Popen(command))
     assert processes[1].wait(120) == 0  # exits by itself after round 6
-    state = persist.load_state(checkpoint)
+    state = CheckpointStore(checkpoint).load()
     history = state["history"]
     assert [r["round"] for r in history] == [1, 2, 3, 4, 5, 6]
     assert all(r["participants"] == 3 for r in history)

@@ -9,7 +9,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edge_agent import persist
+from aggregator.checkpoint import CheckpointStore
 from edge_agent.protocol import EncodedTensor, FleetTopics, Update
 
 from .helpers import make_agents, make_aggregator, wait_for
@@ -35,7 +35,7 @@ def test_aggregator_restarts_between_rounds_and_resumes_from_checkpoint(broker, 
     agents = make_agents(broker.url, stoppers, 3)
     wait_for(first.finished.is_set, "the first 2 rounds")
     first.stop()
-    saved = persist.load_state(tmp_path / "aggregator.ckpt")
+    saved = CheckpointStore(tmp_path / "aggregator.ckpt").load()
     assert saved["machine"]["round"] == 3 and saved["machine"]["version"] == 2
 
     second = make_aggregator(broker.url, tmp_path, stoppers, rounds=4, start=False)

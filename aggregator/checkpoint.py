@@ -1,0 +1,129 @@
+"""The aggregator's state on disk: the model rarely, the open round on every commit.
+
+Within a round only the open round changes (its running sum, who counted), yet it must be
+on disk before any of its updates is acknowledged, many times a second under load. So:
+
+- `path` holds the whole state (model, optimizer, history, open round) and is rewritten,
+  write-then-rename, only when the model's version changes or this process first saves;
+- two journal slots next to it (`path.round-0`, `path.round-1`) take turns holding
+  everything but the model and optimizer. A slot is overwritten in place (no new file, no
+  rename, no metadata to journal: an fdatasync of data blocks the file already owns),
+  framed by a sequence number, its length and a CRC32, so a write torn by a crash is
+  recognised and the other slot, one commit older and never acknowledged past, is used.
+
+On load, a slot counts only if it is newer than the whole-state file and belongs to the
+same model version: what the file holds is then replaced by the slot's open round.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import zlib
+from pathlib import Path
+from typing import Any
+
+from edge_agent import persist
+
+# Parts of state["machine"] that change only when the model's version does.
+MODEL_KEYS = ("params", "optimizer")
+_HEADER = struct.Struct("<4sIQQI")  # magic, format, sequence, body length, CRC32 of body
+_MAGIC = b"FQJ1"
+_FORMAT = 1
+_SLOTS = 2
+
+
+class CheckpointStore:
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.slots = [self.path.with_name(f"{self.path.name}.round-{i}") for i in range(_SLOTS)]
+        self._seq = 0  # of the last save; every save takes the next number
+        self._model_version: int | None = None  # version of the model in `path`, if current
+        self._fds: list[int | None] = [None] * _SLOTS
+        self.full_writes = 0
+        self.journal_writes = 0
+
+    # -- writing -------------------------------------------------------------------------
+    def save(self, state: dict[str, Any]) -> None:
+        """Make `state` durable: the whole file if the model changed, else one journal slot."""
+        self._seq += 1
+        version = state["machine"]["version"]
+        if version != self._model_version:
+            persist.save_state(self.path, {**state, "seq": self._seq})
+            self._model_version = version
+            self.full_writes += 1
+            return
+        machine = {k: v for k, v in state["machine"].items() if k not in MODEL_KEYS}
+        self._write_slot({**state, "machine": machine, "seq": self._seq})
+        self.journal_writes += 1
+
+    def _write_slot(self, journal: dict[str, Any]) -> None:
+        parts = persist.dump_parts(journal)
+        length, crc = 0, 0
+        for part in parts:
+            length += len(part)
+            crc = zlib.crc32(part, crc)
+        buffers = [_HEADER.pack(_MAGIC, _FORMAT, self._seq, length, crc), *parts]
+        fd = self._slot_fd(self._seq % _SLOTS)
+        offset = 0
+        for buffer in buffers:  # pwritev may stop short; whatever is left goes on
+            view = memoryview(buffer)
+            while view:
+                written = os.pwrite(fd, view, offset)
+                offset += written
+                view = view[written:]
+        os.fdatasync(fd)
+
+    def _slot_fd(self, index: int) -> int:
+        fd = self._fds[index]
+        if fd is None:
+            path = self.slots[index]
+            existed = path.exists()
+            fd = self._fds[index] = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            if not existed:  # the new name itself must survive a crash
+                persist.fsync_dir(path.parent)
+        return fd
+
+    def close(self) -> None:
+        for i, fd in enumerate(self._fds):
+            if fd is not None:
+                os.close(fd)
+                self._fds[i] = None
+
+    # -- reading -------------------------------------------------------------------------
+    def load(self) -> dict[str, Any] | None:
+        """The newest durable state, or None when nothing was saved yet."""
+        state = persist.load_state(self.path)
+        if state is None:
+            return None
+        seq = int(state.pop("seq", 0))
+        version = state["machine"]["version"]
+        journals = [j for j in map(_read_slot, self.slots) if j is not None]
+        self._seq = max([seq] + [j["seq"] for j in journals])  # later saves number on
+        current = [j for j in journals
+                   if j["seq"] > seq and j["machine"].get("version") == version]
+        if not current:
+            return state
+        newest = max(current, key=lambda j: j["seq"])
+        model = {k: state["machine"][k] for k in MODEL_KEYS}
+        newest.pop("seq")
+        return {**newest, "machine": {**newest["machine"], **model}}
+
+
+def _read_slot(path: Path) -> dict[str, Any] | None:
+    """A slot's journal, or None if it is missing, torn or not ours."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    if len(data) < _HEADER.size:
+        return None
+    magic, fmt, seq, length, crc = _HEADER.unpack_from(data)
+    body = memoryview(data)[_HEADER.size:_HEADER.size + length]
+    if magic != _MAGIC or fmt != _FORMAT or len(body) != length or zlib.crc32(body) != crc:
+        return None
+    try:
+        journal = persist.load_parts(body)
+    except persist.StateError:
+        return None
+    return journal if journal.get("seq") == seq else None

@@ -1,0 +1,113 @@
+"""The aggregator's checkpoint store: whole-state file plus an in-place open-round journal."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from aggregator.checkpoint import CheckpointStore
+from edge_agent import persist
+
+
+def state(version: int, round: int, contributions: int, *, size: int = 64) -> dict:
+    """A state shaped like the aggregator's: a model that changes per version, an open
+    round whose sum and contributions change per update."""
+    return {
+        "machine": {
+            "format": 3, "version": version, "round": round, "layout_hash": "h",
+            "params": np.full(size, float(version), np.float32),
+            "optimizer": {"m": np.full(size, -float(version), np.float32)},
+            "open": {"acc": {"total": np.full(size, float(contributions), np.float32),
+                             "weight": float(contributions), "count": contributions},
+                     "contributions": [[f"d{i}", version, f"u{i}"]
+                                       for i in range(contributions)]},
+            "recent": [[f"d{i}", f"u{i}", round, version] for i in range(contributions)],
+        },
+        "history": [{"round": r} for r in range(1, round)],
+    }
+
+
+def assert_same(loaded: dict, expected: dict) -> None:
+    m, e = loaded["machine"], expected["machine"]
+    assert (m["version"], m["round"]) == (e["version"], e["round"])
+    assert np.array_equal(m["params"], e["params"])
+    assert np.array_equal(m["optimizer"]["m"], e["optimizer"]["m"])
+    assert np.array_equal(m["open"]["acc"]["total"], e["open"]["acc"]["total"])
+    assert m["open"]["contributions"] == e["open"]["contributions"]
+    assert m["recent"] == e["recent"] and loaded["history"] == expected["history"]
+
+
+def test_nothing_saved_loads_as_none(tmp_path):
+    assert CheckpointStore(tmp_path / "agg.ckpt").load() is None
+
+
+def test_the_model_is_written_once_per_version_and_the_open_round_per_commit(tmp_path):
+    store = CheckpointStore(tmp_path / "agg.ckpt")
+    for n in range(1, 6):
+        store.save(state(0, 1, n))
+    assert (store.full_writes, store.journal_writes) == (1, 4)
+    assert_same(CheckpointStore(tmp_path / "agg.ckpt").load(), state(0, 1, 5))
+    store.save(state(1, 2, 0))  # the round closed: a new model
+    store.save(state(1, 2, 2))
+    assert (store.full_writes, store.journal_writes) == (2, 5)
+    assert_same(CheckpointStore(tmp_path / "agg.ckpt").load(), state(1, 2, 2))
+    store.close()
+
+
+def test_journal_slots_hold_no_model(tmp_path):
+    store = CheckpointStore(tmp_path / "agg.ckpt")
+    big = 100_000
+    store.save(state(0, 1, 1, size=big))
+    store.save(state(0, 1, 2, size=big))
+    full = (tmp_path / "agg.ckpt").stat().st_size
+    slot = max(path.stat().st_size for path in store.slots if path.exists())
+    assert full > 2.9 * 4 * big and slot < 1.1 * 4 * big  # params + optimizer + sum vs sum
+    store.close()
+
+
+def test_a_torn_journal_write_falls_back_to_the_commit_before(tmp_path):
+    store = CheckpointStore(tmp_path / "agg.ckpt")
+    for n in range(1, 5):
+        store.save(state(0, 1, n))
+    store.close()
+    newest = store.slots[store._seq % 2]
+    data = bytearray(newest.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # a crash mid-write: the CRC no longer matches
+    newest.write_bytes(bytes(data))
+    assert_same(CheckpointStore(tmp_path / "agg.ckpt").load(), state(0, 1, 3))
+    newest.write_bytes(bytes(data[:40]))  # cut short
+    assert_same(CheckpointStore(tmp_path / "agg.ckpt").load(), state(0, 1, 3))
+
+
+def test_journals_of_an_older_model_are_ignored(tmp_path):
+    store = CheckpointStore(tmp_path / "agg.ckpt")
+    store.save(state(0, 1, 1))
+    store.save(state(0, 1, 7))  # journal of version 0
+    store.save(state(1, 2, 0))  # the new model, written whole
+    store.close()
+    assert_same(CheckpointStore(tmp_path / "agg.ckpt").load(), state(1, 2, 0))
+
+
+def test_a_restarted_store_numbers_on_and_rewrites_the_whole_state_first(tmp_path):
+    path = tmp_path / "agg.ckpt"
+    first = CheckpointStore(path)
+    for n in range(1, 4):
+        first.save(state(0, 1, n))
+    first.close()
+    second = CheckpointStore(path)
+    assert_same(second.load(), state(0, 1, 3))
+    # The whole file now holds 4 updates; the old journals (1..3 updates) must never be
+    # laid over it, even if this process dies right after writing it.
+    second.save(state(0, 1, 4))
+    assert second.full_writes == 1
+    assert_same(CheckpointStore(path).load(), state(0, 1, 4))
+    second.save(state(0, 1, 5))
+    second.close()
+    assert_same(CheckpointStore(path).load(), state(0, 1, 5))
+
+
+def test_a_corrupt_whole_state_file_is_an_error_not_a_fresh_start(tmp_path):
+    path = tmp_path / "agg.ckpt"
+    path.write_bytes(b"\x92\x01")
+    with pytest.raises(persist.StateError):
+        CheckpointStore(path).load()

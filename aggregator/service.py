@@ -36,7 +36,7 @@ from edge_agent.protocol import (
     Receipt,
     Update,
 )
-from edge_agent.protocol.wire import peek_kind
+from edge_agent.protocol.wire import decode_any
 from edge_agent.signing import announcement_sealer
 from edge_agent.transfer import chunk_tensor
 
@@ -337,14 +337,15 @@ class AggregatorService:
             wire_bytes = len(payload)
             self.screen.sender(claimed, self.clock())
             self.screen.payload(payload)
-            if peek_kind(payload) == Part.KIND:
-                part = self.screen.part(Part.from_payload(payload))
+            message = decode_any(payload, Update, Part)
+            if isinstance(message, Part):
+                part = self.screen.part(message)
                 assembled = self.reassembler.offer(claimed, part,
                                                    self.clock(), wire_bytes=wire_bytes)
                 if assembled is None:
                     return None
-                payload, wire_bytes = assembled.payload, assembled.wire_bytes
-            update = Update.from_payload(payload)
+                message, wire_bytes = Update.from_payload(assembled.payload), assembled.wire_bytes
+            update = message
             if claimed != update.device_id:
                 raise ProtocolError(f"update for {update.device_id} arrived on {topic}",
                                     reason="wrong_topic")

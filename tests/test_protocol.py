@@ -16,7 +16,7 @@ from edge_agent.protocol import (
     TaskConfig,
     Update,
 )
-from edge_agent.protocol.wire import KIND_KEY, VERSION_KEY, wire
+from edge_agent.protocol.wire import KIND_KEY, VERSION_KEY, decode_any, wire
 
 names = st.from_regex(r"[A-Za-z0-9_.-]{1,64}", fullmatch=True)
 
@@ -83,6 +83,19 @@ def test_wrong_kind_is_rejected():
         DeviceStatus.from_payload(make_update().to_payload())
     assert info.value.reason == "wrong_kind"
     assert KIND_KEY != VERSION_KEY
+
+
+def test_decode_any_returns_whichever_kind_the_payload_names():
+    update = make_update()
+    status = DeviceStatus(device_id="d1", online=True)
+    assert decode_any(update.to_payload(), DeviceStatus, Update) == update
+    assert decode_any(status.to_payload(), DeviceStatus, Update) == status
+    with pytest.raises(ProtocolError, match=r"'upd'.* where 'dev'") as info:
+        decode_any(update.to_payload(), DeviceStatus)
+    assert info.value.reason == "wrong_kind"
+    with pytest.raises(ProtocolError, match="protocol version 99") as info:
+        decode_any(_body(**{VERSION_KEY: 99}), DeviceStatus, Update)
+    assert info.value.reason == "bad_version"
 
 
 @pytest.mark.parametrize("changes", [

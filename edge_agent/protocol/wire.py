@@ -183,19 +183,27 @@ class Message(WireObject):
 
     @classmethod
     def from_payload(cls: type[T], payload: bytes) -> T:
-        data = unpack(payload)
-        if not isinstance(data, dict):
-            raise ProtocolError(f"{cls.__name__}: payload is not a map")
-        version = data.get(VERSION_KEY)
-        if type(version) is not int or version != PROTOCOL_VERSION:
-            raise ProtocolError(
-                f"{cls.__name__}: protocol version {version!r} is not supported "
-                f"(this build speaks {PROTOCOL_VERSION}); upgrade the older side",
-                reason="bad_version",
-            )
-        if data.get(KIND_KEY) != cls.KIND:
-            raise ProtocolError(
-                f"{cls.__name__}: message kind {data.get(KIND_KEY)!r} where {cls.KIND!r} belongs",
-                reason="wrong_kind",
-            )
-        return cls.from_wire(data)
+        return decode_any(payload, cls)
+
+
+def decode_any(payload: bytes, *kinds: type[T]) -> T:
+    """The payload as whichever of `kinds` it names, unpacked once: a topic that carries
+    several kinds need not walk a 1 MB update twice to learn which one it is."""
+    where = " or ".join(cls.__name__ for cls in kinds)
+    data = unpack(payload)
+    if not isinstance(data, dict):
+        raise ProtocolError(f"{where}: payload is not a map")
+    version = data.get(VERSION_KEY)
+    if type(version) is not int or version != PROTOCOL_VERSION:
+        raise ProtocolError(
+            f"{where}: protocol version {version!r} is not supported "
+            f"(this build speaks {PROTOCOL_VERSION}); upgrade the older side",
+            reason="bad_version",
+        )
+    kind = data.get(KIND_KEY)
+    for cls in kinds:
+        if kind == cls.KIND:
+            return cls.from_wire(data)
+    raise ProtocolError(f"{where}: message kind {kind!r:.40} where "
+                        f"{' or '.join(repr(cls.KIND) for cls in kinds)} belongs",
+                        reason="wrong_kind")

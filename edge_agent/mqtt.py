@@ -23,6 +23,7 @@ from paho.mqtt.properties import Properties
 
 from .chunking import DEFAULT_MAX_PAYLOAD
 from .errors import BrokerError, ConfigError
+from .leanclient import LeanClient
 from .tls import TlsFiles, describe_tls_failure
 
 log = logging.getLogger(__name__)
@@ -130,7 +131,7 @@ class MqttLink:
         self._pending_subacks: set[int] = set()
         self._lock = threading.Lock()
         self.handler_errors = 0
-        self._client = mqtt.Client(
+        self._client = LeanClient(
             callback_api_version=CallbackAPIVersion.VERSION2, client_id=client_id,
             protocol=mqtt.MQTTv5,
         )

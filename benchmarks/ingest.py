@@ -4,8 +4,9 @@
     path (msgpack + validation + decode into the running sum); peak RSS of a fresh
     process after 10 and after 1,000 updates (streaming: it must not grow).
 (2) end to end through a real mosquitto: publisher processes flood pre-encoded 8-bit
-    updates; the aggregator service's accepted updates/s is measured next to a plain
-    paho subscriber that does nothing, with the same payloads, in the same run.
+    updates; the aggregator service's accepted updates/s is measured next to subscribers
+    that do nothing (a plain paho Client, and fedmq's MqttLink with its one-copy receive
+    path), with the same payloads, interleaved in the same run.
 
     python benchmarks/ingest.py [--updates 1000 --publishers 3 --flood 300]
 """
@@ -28,6 +29,7 @@ import numpy as np
 
 from aggregator.accumulator import WeightedAccumulator
 from edge_agent import codecs
+from edge_agent.mqtt import BrokerAddress
 from edge_agent.protocol import FleetTopics, Update
 
 PARAMS = 1_000_000
@@ -133,8 +135,11 @@ def finish(procs) -> None:
         proc.stdout.close()
 
 
-def raw_broker_rate(url: str, publishers: int, per: int) -> float:
-    """Messages/s a do-nothing paho subscriber receives."""
+def raw_broker_rate(url: str, publishers: int, per: int, *, plain: bool) -> float:
+    """Messages/s a do-nothing subscriber receives: a plain paho Client (`plain`), or
+    fedmq's MqttLink, whose receive path the aggregator uses (the stricter baseline)."""
+    import paho.mqtt.client as mqtt
+
     from edge_agent.mqtt import MqttLink
 
     total = publishers * per
@@ -147,17 +152,35 @@ def raw_broker_rate(url: str, publishers: int, per: int) -> float:
         if len(received) == total:
             done.set()
 
-    sub = MqttLink(client_id="raw-sub", broker=url)
-    sub.route(FleetTopics(fleet).update_filter, count, qos=1)
-    sub.start()
-    sub.subscribed.wait(30)
+    topic_filter = FleetTopics(fleet).update_filter
+    if plain:
+        address = BrokerAddress.parse(url)
+        sub = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
+                          client_id="raw-paho", protocol=mqtt.MQTTv5)
+        subscribed = threading.Event()
+        sub.on_connect = lambda client, *_: client.subscribe(topic_filter, qos=1)
+        sub.on_subscribe = lambda *_: subscribed.set()
+        sub.on_message = lambda _client, _userdata, message: count(message)
+        sub.connect(address.host, address.port)
+        sub.loop_start()
+    else:
+        sub = MqttLink(client_id="raw-link", broker=url)
+        sub.route(topic_filter, count, qos=1)
+        sub.start()
+        subscribed = sub.subscribed
+    if not subscribed.wait(30):
+        raise RuntimeError("raw subscriber did not subscribe")
     procs = start_publishers(url, fleet, publishers, per, "")
     start = flood(procs)
     if not done.wait(600):
         raise RuntimeError(f"raw subscriber got {len(received)} of {total}")
     rate = total / (received[-1] - start)
     finish(procs)
-    sub.stop()
+    if plain:
+        sub.disconnect()
+        sub.loop_stop()
+    else:
+        sub.stop()
     return rate
 
 
@@ -215,24 +238,30 @@ def main() -> int:
     per = max(1, args.flood // args.publishers)
     print(f"\n(2) end to end through mosquitto: {args.publishers} publisher processes x {per} "
           "pre-encoded q8 updates (1M parameters each), QoS 1")
-    raws, aggs = [], []
+    plains, raws, aggs = [], [], []
     with tempfile.TemporaryDirectory() as workdir, LocalMosquitto() as broker:
-        for i in range(args.repeats):  # alternate, so machine noise hits both alike
-            raws.append(raw_broker_rate(broker.url, args.publishers, per))
+        for i in range(args.repeats):  # interleaved, so machine noise hits all alike
+            plains.append(raw_broker_rate(broker.url, args.publishers, per, plain=True))
+            raws.append(raw_broker_rate(broker.url, args.publishers, per, plain=False))
             aggs.append(aggregator_rate(broker.url, args.publishers, per,
                                         os.path.join(workdir, str(i))))
-            print(f"  pass {i + 1}: raw {raws[-1]:6.1f}/s, aggregator {aggs[-1]:6.1f}/s",
-                  file=sys.stderr)
-    raw, agg = statistics.median(raws), statistics.median(aggs)
-    print("raw broker -> do-nothing subscriber: " + " ".join(f"{r:6.1f}" for r in raws)
+            print(f"  pass {i + 1}: plain paho {plains[-1]:6.1f}/s, fedmq link {raws[-1]:6.1f}/s, "
+                  f"aggregator {aggs[-1]:6.1f}/s", file=sys.stderr)
+    plain, raw, agg = (statistics.median(x) for x in (plains, raws, aggs))
+    print("broker -> do-nothing plain paho:   " + " ".join(f"{r:6.1f}" for r in plains)
+          + f"  median {plain:6.1f} updates/s")
+    print("broker -> do-nothing fedmq link:   " + " ".join(f"{r:6.1f}" for r in raws)
           + f"  median {raw:6.1f} updates/s")
-    print("broker -> aggregator (accepted):     " + " ".join(f"{a:6.1f}" for a in aggs)
-          + f"  median {agg:6.1f} updates/s ({agg / raw:.0%} of raw)")
+    print("broker -> aggregator (accepted):   " + " ".join(f"{a:6.1f}" for a in aggs)
+          + f"  median {agg:6.1f} updates/s")
     ok1 = rates["q8"] >= GOAL_DECODE_PER_S
-    ok2 = agg / raw >= GOAL_E2E_FRACTION
+    # The goal's baseline is the one the issue names, a do-nothing plain paho subscriber;
+    # the same do-nothing subscriber on fedmq's one-copy receive path is shown beside it.
+    ok2 = agg / plain >= GOAL_E2E_FRACTION
     print(f"summary: q8 decode+accumulate {rates['q8']:.0f}/s (goal {GOAL_DECODE_PER_S}: "
-          f"{'met' if ok1 else 'MISSED'}), end to end {agg / raw:.0%} of raw broker throughput "
-          f"(goal {GOAL_E2E_FRACTION:.0%}: {'met' if ok2 else 'MISSED'})")
+          f"{'met' if ok1 else 'MISSED'}), end to end {agg / plain:.0%} of a do-nothing plain "
+          f"paho subscriber (goal {GOAL_E2E_FRACTION:.0%}: {'met' if ok2 else 'MISSED'}) and "
+          f"{agg / raw:.0%} of a do-nothing fedmq link")
     return 0
 
 

@@ -11,13 +11,16 @@ on disk before any of its updates is acknowledged, many times a second under loa
   framed by a sequence number, its length and a CRC32, so a write torn by a crash is
   recognised and the other slot, one commit older and never acknowledged past, is used.
 
-On load, a slot counts only if it is newer than the whole-state file and belongs to the
-same model version: what the file holds is then replaced by the slot's open round.
+On load, a slot counts only if it was written after the whole-state file by the same
+process (a random run id ties them: slots left behind when an operator moved the file away
+never count for a new one), for the same model version and layout; the slot's open round
+then replaces the file's.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import struct
 import zlib
 from pathlib import Path
@@ -27,6 +30,8 @@ from edge_agent import persist
 
 # Parts of state["machine"] that change only when the model's version does.
 MODEL_KEYS = ("params", "optimizer")
+# What a slot must share with the whole-state file to count.
+_SAME = ("version", "layout_hash", "format")
 _HEADER = struct.Struct("<4sIQQI")  # magic, format, sequence, body length, CRC32 of body
 _MAGIC = b"FQJ1"
 _FORMAT = 1
@@ -38,6 +43,7 @@ class CheckpointStore:
         self.path = Path(path)
         self.slots = [self.path.with_name(f"{self.path.name}.round-{i}") for i in range(_SLOTS)]
         self._seq = 0  # of the last save; every save takes the next number
+        self._run = secrets.token_hex(8)  # this process's whole file and slots carry it
         self._model_version: int | None = None  # version of the model in `path`, if current
         self._fds: list[int | None] = [None] * _SLOTS
         self.full_writes = 0
@@ -49,12 +55,12 @@ class CheckpointStore:
         self._seq += 1
         version = state["machine"]["version"]
         if version != self._model_version:
-            persist.save_state(self.path, {**state, "seq": self._seq})
+            persist.save_state(self.path, {**state, "seq": self._seq, "run": self._run})
             self._model_version = version
             self.full_writes += 1
             return
         machine = {k: v for k, v in state["machine"].items() if k not in MODEL_KEYS}
-        self._write_slot({**state, "machine": machine, "seq": self._seq})
+        self._write_slot({**state, "machine": machine, "seq": self._seq, "run": self._run})
         self.journal_writes += 1
 
     def _write_slot(self, journal: dict[str, Any]) -> None:
@@ -96,17 +102,18 @@ class CheckpointStore:
         state = persist.load_state(self.path)
         if state is None:
             return None
-        seq = int(state.pop("seq", 0))
-        version = state["machine"]["version"]
+        seq, run = int(state.pop("seq", 0)), state.pop("run", None)
         journals = [j for j in map(_read_slot, self.slots) if j is not None]
         self._seq = max([seq] + [j["seq"] for j in journals])  # later saves number on
+        machine = state["machine"]
         current = [j for j in journals
-                   if j["seq"] > seq and j["machine"].get("version") == version]
+                   if j["seq"] > seq and j.get("run") == run
+                   and all(j["machine"].get(k) == machine.get(k) for k in _SAME)]
         if not current:
             return state
         newest = max(current, key=lambda j: j["seq"])
-        model = {k: state["machine"][k] for k in MODEL_KEYS}
-        newest.pop("seq")
+        model = {k: machine[k] for k in MODEL_KEYS}
+        del newest["seq"], newest["run"]
         return {**newest, "machine": {**newest["machine"], **model}}
 
 

@@ -124,6 +124,7 @@ class AggregatorService:
         self.history: list[RoundRecord] = []
         self.accepted = 0  # updates counted
         self.redelivered = 0  # updates that already counted, seen again (receipted again)
+        self.answered = 0  # update messages acked to the broker, each after its checkpoint
         self._dirty = False  # the open round changed since the last checkpoint
         self.rejected: Counter[str] = Counter()
         self.reassembler = config.reassembler()  # updates that arrive in Parts
@@ -187,8 +188,8 @@ class AggregatorService:
         try:
             state = self.store.load()
         except persist.StateError as exc:
-            raise ConfigError(f"checkpoint {self.config.checkpoint}: {exc}; move it away to "
-                              "start fresh") from None
+            raise ConfigError(f"checkpoint {self.config.checkpoint}: {exc}; move it (and its "
+                              ".round-0/.round-1 journal) away to start fresh") from None
         if state is None:
             return
         self.machine.load_state_dict(state["machine"], now=self.clock())
@@ -407,6 +408,7 @@ class AggregatorService:
 
     def _reply(self, mid: int, qos: int, reply: tuple[str, Receipt] | None) -> None:
         self.link.ack(mid, qos)
+        self.answered += 1
         if reply is not None:
             device, receipt = reply
             self.link.publish(self.topics.receipt(device), receipt.to_payload(), qos=1)

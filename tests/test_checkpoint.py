@@ -111,3 +111,34 @@ def test_a_corrupt_whole_state_file_is_an_error_not_a_fresh_start(tmp_path):
     path.write_bytes(b"\x92\x01")
     with pytest.raises(persist.StateError):
         CheckpointStore(path).load()
+
+
+def test_slots_left_behind_never_count_for_a_new_checkpoint(tmp_path):
+    """An operator moves the whole-state file away to start fresh and leaves the journal:
+    the old run's slots (newer sequence numbers, same version) must not be laid over the
+    new run's state."""
+    path = tmp_path / "agg.ckpt"
+    old = CheckpointStore(path)
+    for n in range(1, 8):
+        old.save(state(0, 1, n))
+    old.close()
+    path.rename(tmp_path / "moved-away.ckpt")
+    new = CheckpointStore(path)
+    assert new.load() is None
+    new.save(state(0, 1, 0))
+    new.save(state(0, 1, 1))  # one update receipted by the new run
+    new.close()
+    assert_same(CheckpointStore(path).load(), state(0, 1, 1))
+
+
+def test_a_slot_for_another_layout_is_ignored(tmp_path):
+    path = tmp_path / "agg.ckpt"
+    store = CheckpointStore(path)
+    store.save(state(0, 1, 1))
+    other = state(0, 1, 2, size=32)
+    other["machine"]["layout_hash"] = "other"
+    store.save(other)
+    store.close()
+    loaded = CheckpointStore(path).load()
+    assert loaded["machine"]["layout_hash"] == "h" and len(loaded["machine"]["params"]) == 64
+    assert_same(loaded, state(0, 1, 1))

@@ -63,7 +63,7 @@ class LeanClient(mqtt.Client):
     def _handle_publish(self):  # runs on paho's network thread
         packet = self._in_packet["packet"]
         command = self._in_packet["command"]
-        if (command & _QOS_MASK) >> 1 == 2 or not self._lean:
+        if (command & _QOS_MASK) >> 1 not in (0, 1) or not self._lean:  # 2, or invalid 3
             return super()._handle_publish()
         head = publish_header_length(command, packet, self._protocol == mqtt.MQTTv5)
         if head is None:

@@ -241,6 +241,14 @@ def test_qos_2_and_malformed_packets_take_paho_s_own_path():
     assert lean._split_payload is None
 
 
+def test_an_invalid_qos_3_publish_does_not_turn_the_split_off():
+    lean = fresh(LeanClient, True)
+    packet = variable_header(b"t/x", 1, 9, Properties(PacketTypes.PUBLISH)) + b"payload"
+    assert deliver(lean, 0x30 | 0x06, packet) == []  # QoS bits 3: paho refuses it
+    [message] = deliver(lean, command(1), packet)
+    assert bytes(message.payload) == b"payload" and lean._lean and lean.split_publishes == 1
+
+
 def test_a_paho_that_stops_delivering_from_handle_publish_turns_the_split_off(caplog):
     """If a future paho built the message but delivered it some other way, split payloads
     would reach callbacks empty: LeanClient notices the payload was never taken, logs it

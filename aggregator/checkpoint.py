@@ -36,6 +36,8 @@ _HEADER = struct.Struct("<4sIQQI")  # magic, format, sequence, body length, CRC3
 _MAGIC = b"FQJ1"
 _FORMAT = 1
 _SLOTS = 2
+# fdatasync skips the metadata a slot rewritten in place does not need; macOS lacks it.
+_datasync = getattr(os, "fdatasync", os.fsync)
 
 
 class CheckpointStore:
@@ -78,7 +80,7 @@ class CheckpointStore:
                 written = os.pwrite(fd, view, offset)
                 offset += written
                 view = view[written:]
-        os.fdatasync(fd)
+        _datasync(fd)
 
     def _slot_fd(self, index: int) -> int:
         fd = self._fds[index]

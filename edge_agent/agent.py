@@ -7,6 +7,7 @@ keeps answering pings while a device trains.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import os
@@ -15,6 +16,7 @@ import threading
 import time
 import zlib
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -83,9 +85,13 @@ class LocalTrainer:
 
     def __init__(self, *, device_id: str, data: Dataset, codec: str, seed: int,
                  state_path: str | Path | None = None, slowdown: float = 1.0,
-                 threads: int = 1) -> None:
+                 threads: int = 1, reload: Callable[[], Dataset] | None = None) -> None:
         if len(data) == 0:
             raise FedmqError(f"device {device_id} has no training data")
+        # A live source (reload) is read again before every round; a failed read keeps
+        # the last good data: a sensor hiccup costs freshness, never a round.
+        self.reload = reload
+        self.reloads = self.reload_failures = 0
         self.codec = codec
         self.spec = codecs.get_codec(codec)  # fail at start-up, not mid-round
         self.device_id = device_id
@@ -132,11 +138,23 @@ class LocalTrainer:
             persist.save_state(self.state_path, {"feedback": self.feedback.state_dict()})
         return encoded
 
+    def _refresh_data(self) -> None:
+        if self.reload is None:
+            return
+        try:
+            self.data = self.reload()
+            self.reloads += 1
+        except FedmqError as exc:
+            self.reload_failures += 1
+            log.warning("%s: re-reading local data failed (%s); training on the previous %d "
+                        "examples", self.device_id, exc, len(self.data))
+
     def train(self, received: ReceivedModel, task: TaskConfig | None = None) -> Update:
         """Train on the model as `task` says (default: the announcement's task for all)."""
         a = received.announcement
         task = task or a.task
         model = self._model_for(a)
+        self._refresh_data()
         model.set_flat(received.params)
         rng = np.random.default_rng([self.seed, a.round])
         # A device `slowdown` times slower does 1/slowdown of the work in its budget and
@@ -185,10 +203,17 @@ class EdgeAgent:
         state_path = Path(config.state_dir) / "agent-state.bin" if config.state_dir else None
         # Devices must not share a seed: their stochastic rounding noise would not average out.
         seed = config.seed if config.seed >= 0 else zlib.crc32(config.device_id.encode())
+        reload = None
+        if config.data_reload:
+            from .datasource import load_source
+
+            reload = functools.partial(load_source, config.data_source, config.task,
+                                       label=config.data_label,
+                                       max_samples=config.data_max_samples)
         self.trainer = LocalTrainer(device_id=config.device_id, data=data, codec=config.codec,
                                     seed=seed, state_path=state_path, slowdown=config.slowdown,
                                     threads=config.train_threads or config.cpus
-                                    or os.cpu_count() or 1)
+                                    or os.cpu_count() or 1, reload=reload)
         self.receiver = ModelReceiver()
         # With model_public_key set, only announcements the aggregator signed get through.
         self.announcements = AnnouncementOpener.for_config(config.model_public_key)

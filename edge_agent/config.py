@@ -131,9 +131,13 @@ class AgentConfig(BrokerConfig):
     partition_seed: int = option(0, "seed of the train/test split and the partition")
     alpha: float = option(0.5, "Dirichlet label skew of the partition (0 = IID)")
     data_source: str = option("", "this device's own data instead of the bundled shard: "
-                              "csv:PATH, npz:PATH, text:PATH or python:package.module:function")
+                              "csv:PATH, npz:PATH, text:PATH or python:package.module:function "
+                              "(read at start, and before every round with data_reload)")
     data_label: str = option("", "csv data: name of the label column (empty: the last column)")
     data_max_samples: int = option(10_000, "text and python data: most examples to keep")
+    data_reload: bool = option(False, "re-read data_source before every round (a file a logger "
+                               "appends to, a live python: sensor); a bad read is logged and "
+                               "the previous data trained on")
     codec: str = option("float32", "codec for this device's updates (see `fedmq codecs`)")
     seed: int = option(-1, "seed of local shuffling and stochastic rounding "
                        "(-1: derived from device_id, so every device differs)")
@@ -165,3 +169,6 @@ class AgentConfig(BrokerConfig):
         check_name(self.device_id, "device_id")
         if self.max_payload < 1024:
             raise ConfigError("max_payload must be at least 1024 bytes")
+        if self.data_reload and not self.data_source.strip():
+            raise ConfigError("data_reload needs a data_source to re-read (the bundled shard "
+                              "never changes)")

@@ -2,8 +2,9 @@
 
 Configured by one string (`data_source` in agent.toml): `csv:PATH`, `npz:PATH`, `text:PATH`
 or `python:package.module:function`; empty means the bundled task shard. Everything is read
-and checked once, at start-up, against the task's input shape, dtype and classes, so bad
-data stops the agent with a message naming the file and the problem, never mid-round.
+and checked at start-up against the task's input shape, dtype and classes, so bad data
+stops the agent with a message naming the file and the problem; with `data_reload` it is
+read and checked again before every round, and a bad read there keeps the last good data.
 The data never leaves the device; only model deltas do.
 """
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 import subprocess
 import sys
 import textwrap
@@ -341,3 +342,77 @@ def test_agent_trains_on_its_own_csv_in_a_real_round(broker, tmp_path, stoppers,
     assert service.failure is None
     record = service.history[0]
     assert record.participants == 1 and record.samples == 37  # epochs=1 over 37 rows
+
+
+# -- live data: re-read before every round ----------------------------------------------
+
+def test_a_live_source_is_read_again_every_round_and_a_bad_read_keeps_the_last(tmp_path):
+    from edge_agent.agent import LocalTrainer
+    from edge_agent.models import build_model
+    from edge_agent.protocol import ModelAnnouncement, TaskConfig
+    from edge_agent.transfer import ReceivedModel, encode_model
+
+    path = tmp_path / "log.csv"
+    write_csv(path, digits_rows(10)[2])
+    reads = []
+
+    def reload():
+        reads.append(True)
+        return load_source(f"csv:{path}", "digits")
+
+    config = {"inputs": 64, "classes": 10}
+    model = build_model("logreg", config, seed=0)
+    info, _ = encode_model(model.get_flat(), codec="float32", version=0)
+    trainer = LocalTrainer(device_id="d0", data=load_source(f"csv:{path}", "digits"),
+                           codec="float32", seed=1, reload=reload)
+
+    def train_round(r: int) -> int:
+        announcement = ModelAnnouncement(
+            fleet="f", version=0, round=r, model="logreg", model_config=config,
+            layout=model.layout.to_wire(), layout_hash=model.layout.hash,
+            task=TaskConfig(epochs=1, lr=0.1), payload=info)
+        return trainer.train(ReceivedModel(announcement, model.get_flat(), 0)).num_samples
+
+    assert train_round(1) == 10
+    write_csv(path, digits_rows(25)[2])  # the logger appended readings
+    assert train_round(2) == 25
+    path.write_text("0.5,half a row\n")  # a torn write, mid-append
+    assert train_round(3) == 25 and trainer.reload_failures == 1
+    write_csv(path, digits_rows(40)[2])
+    assert train_round(4) == 40 and (trainer.reloads, len(reads)) == (3, 4)
+
+
+def test_data_reload_without_a_source_is_a_config_error():
+    from edge_agent.config import AgentConfig
+
+    with pytest.raises(ConfigError, match="data_reload needs a data_source"):
+        AgentConfig(device_id="d0", data_reload=True)
+
+
+@pytest.mark.integration
+def test_an_agent_trains_each_round_on_what_its_live_sensor_has_now(broker, tmp_path,
+                                                                     stoppers, processes):
+    """A python: sensor that has more readings every time it is asked: with data_reload
+    each round trains on the readings of that moment (start-up read 30, then 40, 50)."""
+    (tmp_path / "growing_sensor.py").write_text(textwrap.dedent("""
+        import numpy as np
+
+        calls = 0
+
+        def readings():
+            global calls
+            calls += 1
+            rng = np.random.default_rng(calls)
+            n = 20 + 10 * calls
+            yield rng.random((n, 64), dtype=np.float32), rng.integers(0, 10, n)
+    """))
+    service = make_aggregator(broker.url, tmp_path, stoppers, model="logreg", min_updates=1,
+                              rounds=2)
+    processes.append(subprocess.Popen(
+        [*FEDMQ, "agent", "--broker", broker.url, "--fleet", "test", "--device-id", "live0",
+         "--data-source", "python:growing_sensor:readings", "--data-reload"],
+        stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(tmp_path)}))
+    wait_for(service.finished.is_set, "two rounds on a live sensor")
+    assert service.failure is None
+    assert [r.samples for r in service.history] == [40, 50]

@@ -216,3 +216,24 @@ def test_finite_values_that_could_overflow_the_sum_are_refused_before_touching_i
     assert np.all(acc == 1.0)
     codecs.decode_into(codecs.encode(np.full(64, 0.5, np.float32), codec,
                                      rng=np.random.default_rng(0)), acc, 10.0)  # sane: fine
+
+
+@settings(max_examples=40, deadline=None)
+@given(codec=st.sampled_from(["float32", "float16", "q8", "q4b64", "q2b32", "sign", "top0.3+q8"]),
+       size=st.integers(1, 3000), chunk=st.sampled_from([8, 64, 100, 512, 1 << 18]),
+       seed=st.integers(0, 2**16))
+def test_decoding_in_steps_equals_decoding_at_once(codec, size, chunk, seed):
+    """The step size (CHUNK) is a speed knob: any step, aligned to the blocks or not, must
+    give the same sum as one step over the whole tensor."""
+    from edge_agent.codecs import pipeline
+
+    rng = np.random.default_rng(seed)
+    tensor = codecs.encode(rng.normal(0, 1, size).astype(np.float32), codec, rng=rng)
+    base = rng.normal(0, 1, size).astype(np.float32)
+    whole, stepped = base.copy(), base.copy()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pipeline, "CHUNK", 1 << 22)
+        codecs.decode_into(tensor, whole, 2.5)
+        patch.setattr(pipeline, "CHUNK", chunk)
+        codecs.decode_into(tensor, stepped, 2.5)
+    assert np.array_equal(stepped, whole)

@@ -42,6 +42,8 @@ class RoundOptions:
                                   "and report the samples processed (0: no budget)")
     constrained_epochs: int = option(0, "epochs for devices with 1 core, < 1 GB RAM or on "
                                      "battery (0: the same as everyone)")
+    constrained_time_budget_s: float = option(0.0, "seconds of local training for those "
+                                              "devices, to spare batteries (0: time_budget_s)")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -163,6 +165,7 @@ class AggregatorConfig(BrokerConfig, RoundOptions):
     def assignment_policy(self) -> AssignmentPolicy:
         return AssignmentPolicy(constrained_epochs=self.constrained_epochs,
                                 constrained_batch_size=self.constrained_batch_size,
+                                constrained_time_budget_s=self.constrained_time_budget_s,
                                 slow_link_kbps=self.slow_link_kbps,
                                 slow_link_codec=self.slow_link_codec)
 

@@ -48,15 +48,17 @@ def select_cohort(online: list[str], policy: CohortPolicy, *, seed: int,
 class AssignmentPolicy:
     constrained_epochs: int = 0  # epochs for constrained devices (0: the same as everyone)
     constrained_batch_size: int = 0  # their mini-batch, to fit their memory (0: the same)
+    constrained_time_budget_s: float = 0.0  # their training time, to spare batteries (0: same)
     constrained_cpus: int = 1  # a device with at most this many cores is constrained ...
     constrained_ram_mb: int = 1024  # ... as is one with less memory, or one on battery
     slow_link_kbps: float = 0.0  # a device advertising a slower uplink than this ...
     slow_link_codec: str = ""  # ... is assigned this codec ("" or 0 kbps: nobody is)
 
     def __post_init__(self) -> None:
-        if self.constrained_epochs < 0 or self.constrained_batch_size < 0:
-            raise ConfigError("constrained_epochs and constrained_batch_size must be >= 0 "
-                              "(0: no special treatment)")
+        if (self.constrained_epochs < 0 or self.constrained_batch_size < 0
+                or not self.constrained_time_budget_s >= 0):
+            raise ConfigError("constrained_epochs, constrained_batch_size and "
+                              "constrained_time_budget_s must be >= 0 (0: no special treatment)")
         if self.slow_link_codec:
             codecs.get_codec(self.slow_link_codec)
 
@@ -68,6 +70,9 @@ class AssignmentPolicy:
             if self.constrained_batch_size:
                 task = replace(task, batch_size=min(task.batch_size,
                                                     self.constrained_batch_size))
+            if self.constrained_time_budget_s:  # the tighter of the two budgets
+                budget = self.constrained_time_budget_s
+                task = replace(task, time_budget_s=min(task.time_budget_s or budget, budget))
         link = _number(capabilities.get("link_kbps"))
         if self.slow_link_codec and self.slow_link_kbps and 0 < link < self.slow_link_kbps:
             task = replace(task, codec=self.slow_link_codec)

@@ -39,6 +39,26 @@ def test_no_selection_means_everyone_trains():
     assert select_cohort(["a", "b"], CohortPolicy(), seed=0, round=1) is None
 
 
+@pytest.mark.parametrize(("fleet_budget", "constrained", "expected"), [
+    (5.0, 2.0, 2.0),  # the tighter of the two
+    (1.0, 2.0, 1.0),
+    (0.0, 2.0, 2.0),  # no fleet budget: constrained devices still get theirs
+    (5.0, 0.0, 5.0),  # not set: the fleet's
+])
+def test_constrained_devices_get_the_tighter_time_budget(fleet_budget, constrained, expected):
+    base = TaskConfig(epochs=3, time_budget_s=fleet_budget)
+    policy = AssignmentPolicy(constrained_time_budget_s=constrained)
+    on_battery = {"cpus": 4, "ram_mb": 4096, "battery": True}
+    assert policy.task_for(base, on_battery).time_budget_s == expected
+    assert policy.task_for(base, {"cpus": 8, "ram_mb": 16000}) == base
+
+
+def test_a_negative_or_nan_constrained_budget_is_refused():
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(ConfigError, match="constrained_time_budget_s"):
+            AssignmentPolicy(constrained_time_budget_s=bad)
+
+
 def test_weak_devices_get_fewer_epochs_and_thin_links_a_smaller_codec():
     base = TaskConfig(epochs=3, time_budget_s=5.0)
     policy = AssignmentPolicy(constrained_epochs=1, constrained_batch_size=16,

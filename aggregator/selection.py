@@ -56,7 +56,7 @@ class AssignmentPolicy:
 
     def __post_init__(self) -> None:
         if (self.constrained_epochs < 0 or self.constrained_batch_size < 0
-                or not self.constrained_time_budget_s >= 0):
+                or not 0 <= self.constrained_time_budget_s < math.inf):
             raise ConfigError("constrained_epochs, constrained_batch_size and "
                               "constrained_time_budget_s must be >= 0 (0: no special treatment)")
         if self.slow_link_codec:

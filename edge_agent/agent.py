@@ -26,7 +26,7 @@ from . import __version__, codecs, persist
 from .chunking import split_payload
 from .config import AgentConfig
 from .data import Dataset
-from .errors import FedmqError, ProtocolError
+from .errors import DataError, FedmqError, ProtocolError
 from .models import Model, build_model
 from .mqtt import MqttLink, Will
 from .outbox import Outbox, Pending
@@ -49,6 +49,9 @@ RESEND_CHECK_S = 1.0
 # ago: a receipt normally follows within a checkpoint write, and in async mode models
 # arrive many times a second; re-sending what is still in flight would flood the broker.
 RESEND_ON_MODEL_AFTER_S = 5.0
+# How long a round waits for a fresh read of a live data source before it trains on the
+# last good data (the read goes on and serves a later round).
+RELOAD_WAIT_S = 10.0
 
 
 def device_capabilities(config: AgentConfig | None = None) -> dict[str, object]:
@@ -88,10 +91,14 @@ class LocalTrainer:
                  threads: int = 1, reload: Callable[[], Dataset] | None = None) -> None:
         if len(data) == 0:
             raise FedmqError(f"device {device_id} has no training data")
-        # A live source (reload) is read again before every round; a failed read keeps
-        # the last good data: a sensor hiccup costs freshness, never a round.
+        # A live source (reload) is read again before every round, on its own thread: a
+        # failed read keeps the last good data, and a read still going after
+        # RELOAD_WAIT_S (a hung sensor) is left to finish for a later round. A sensor
+        # hiccup costs freshness, never a round, and never blocks stop().
         self.reload = reload
+        self.reload_wait_s = RELOAD_WAIT_S
         self.reloads = self.reload_failures = 0
+        self._read: _Read | None = None  # the read in flight, if any
         self.codec = codec
         self.spec = codecs.get_codec(codec)  # fail at start-up, not mid-round
         self.device_id = device_id
@@ -141,13 +148,27 @@ class LocalTrainer:
     def _refresh_data(self) -> None:
         if self.reload is None:
             return
-        try:
-            self.data = self.reload()
-            self.reloads += 1
-        except FedmqError as exc:
+        if self._read is None:
+            self._read = _Read(self.reload, name=f"{self.device_id}-data")
+        read = self._read
+        deadline = time.monotonic() + self.reload_wait_s
+        while not read.done.wait(0.1) and not self.halt.is_set():
+            if time.monotonic() > deadline:
+                log.warning("%s: reading local data takes over %.0f s; training on the "
+                            "previous %d examples", self.device_id, self.reload_wait_s,
+                            len(self.data))
+                return
+        if not read.done.is_set():
+            return
+        self._read = None
+        if read.error is not None:
             self.reload_failures += 1
             log.warning("%s: re-reading local data failed (%s); training on the previous %d "
-                        "examples", self.device_id, exc, len(self.data))
+                        "examples", self.device_id, read.error, len(self.data))
+            return
+        assert read.data is not None
+        self.data = read.data
+        self.reloads += 1
 
     def train(self, received: ReceivedModel, task: TaskConfig | None = None) -> Update:
         """Train on the model as `task` says (default: the announcement's task for all)."""
@@ -192,6 +213,26 @@ class AgentStats:
     rejected: Counter = field(default_factory=Counter)
     # round -> [bytes uploaded, bytes downloaded]
     traffic: dict[int, list[int]] = field(default_factory=lambda: defaultdict(lambda: [0, 0]))
+
+
+class _Read:
+    """One read of a live data source on a daemon thread: its data or its error."""
+
+    def __init__(self, load: Callable[[], Dataset], *, name: str) -> None:
+        self.data: Dataset | None = None
+        self.error: Exception | None = None
+        self.done = threading.Event()
+        self._load = load
+        threading.Thread(target=self._run, name=name, daemon=True).start()
+
+    def _run(self) -> None:
+        try:
+            self.data = self._load()
+        except Exception as exc:  # the user's file or sensor: any failure is a bad read
+            self.error = exc if isinstance(exc, FedmqError) else DataError(
+                f"{type(exc).__name__}: {exc}")
+        finally:
+            self.done.set()
 
 
 class EdgeAgent:
@@ -324,7 +365,12 @@ class EdgeAgent:
                     self.stats.traffic[entry.round][0] += self._send(entry)  # bytes are bytes
                     self.stats.resent += 1
             if received is not None:
-                self._train_and_publish(received)
+                try:
+                    self._train_and_publish(received)
+                except Exception:  # a bug or a full disk must not end training for good
+                    self.stats.rejected["train_error"] += 1
+                    log.exception("%s: round %d failed; waiting for the next model",
+                                  self.config.device_id, received.announcement.round)
 
     def _send(self, entry: Pending) -> int:
         topic = self.topics.update(self.config.device_id)

@@ -14,6 +14,8 @@ import csv
 import importlib
 import io
 import math
+import zipfile
+import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -268,7 +270,8 @@ class NpzSource(DataSource):
 
     def load(self, spec: InputSpec) -> Dataset:
         try:
-            with np.load(self.path, allow_pickle=False) as npz:
+            # our own handle: np.load leaves its file open when the zip is torn
+            with open(self.path, "rb") as fh, np.load(fh, allow_pickle=False) as npz:
                 missing = [k for k in ("x", "y") if k not in npz.files]
                 if missing:
                     raise DataError(f"{self.path}: no array {' or '.join(missing)}; it holds "
@@ -276,7 +279,8 @@ class NpzSource(DataSource):
                 x, y = npz["x"], npz["y"]
         except FileNotFoundError:
             raise DataError(f"data file {self.path} does not exist") from None
-        except (ValueError, OSError, EOFError) as exc:  # not a zip, truncated, object arrays
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+            # not a zip, truncated (a file caught mid-write), object arrays
             raise DataError(f"{self.path} is not a readable .npz of numeric arrays: {exc}") \
                 from None
         return check_dataset(x, y, spec, str(self.path))

@@ -347,11 +347,6 @@ def test_agent_trains_on_its_own_csv_in_a_real_round(broker, tmp_path, stoppers,
 # -- live data: re-read before every round ----------------------------------------------
 
 def test_a_live_source_is_read_again_every_round_and_a_bad_read_keeps_the_last(tmp_path):
-    from edge_agent.agent import LocalTrainer
-    from edge_agent.models import build_model
-    from edge_agent.protocol import ModelAnnouncement, TaskConfig
-    from edge_agent.transfer import ReceivedModel, encode_model
-
     path = tmp_path / "log.csv"
     write_csv(path, digits_rows(10)[2])
     reads = []
@@ -360,19 +355,7 @@ def test_a_live_source_is_read_again_every_round_and_a_bad_read_keeps_the_last(t
         reads.append(True)
         return load_source(f"csv:{path}", "digits")
 
-    config = {"inputs": 64, "classes": 10}
-    model = build_model("logreg", config, seed=0)
-    info, _ = encode_model(model.get_flat(), codec="float32", version=0)
-    trainer = LocalTrainer(device_id="d0", data=load_source(f"csv:{path}", "digits"),
-                           codec="float32", seed=1, reload=reload)
-
-    def train_round(r: int) -> int:
-        announcement = ModelAnnouncement(
-            fleet="f", version=0, round=r, model="logreg", model_config=config,
-            layout=model.layout.to_wire(), layout_hash=model.layout.hash,
-            task=TaskConfig(epochs=1, lr=0.1), payload=info)
-        return trainer.train(ReceivedModel(announcement, model.get_flat(), 0)).num_samples
-
+    trainer, train_round = _trainer_and_round(load_source(f"csv:{path}", "digits"), reload)
     assert train_round(1) == 10
     write_csv(path, digits_rows(25)[2])  # the logger appended readings
     assert train_round(2) == 25
@@ -382,11 +365,95 @@ def test_a_live_source_is_read_again_every_round_and_a_bad_read_keeps_the_last(t
     assert train_round(4) == 40 and (trainer.reloads, len(reads)) == (3, 4)
 
 
+def _trainer_and_round(data, reload):
+    """A LocalTrainer on `data` with `reload`, and a function that trains one round."""
+    from edge_agent.agent import LocalTrainer
+    from edge_agent.models import build_model
+    from edge_agent.protocol import ModelAnnouncement, TaskConfig
+    from edge_agent.transfer import ReceivedModel, encode_model
+
+    config = {"inputs": 64, "classes": 10}
+    model = build_model("logreg", config, seed=0)
+    info, _ = encode_model(model.get_flat(), codec="float32", version=0)
+    trainer = LocalTrainer(device_id="d0", data=data, codec="float32", seed=1, reload=reload)
+
+    def train_round(r: int) -> int:
+        announcement = ModelAnnouncement(
+            fleet="f", version=0, round=r, model="logreg", model_config=config,
+            layout=model.layout.to_wire(), layout_hash=model.layout.hash,
+            task=TaskConfig(epochs=1, lr=0.1), payload=info)
+        return trainer.train(ReceivedModel(announcement, model.get_flat(), 0)).num_samples
+
+    return trainer, train_round
+
+
+def test_a_torn_npz_or_a_crashing_reader_keeps_the_last_data(tmp_path):
+    path = tmp_path / "log.npz"
+    x, y, _ = digits_rows(12)
+    np.savez(path, x=x, y=y)
+    crash = []
+
+    def reload():
+        if crash:
+            raise RuntimeError("USB unplugged")
+        return load_source(f"npz:{path}", "digits")
+
+    trainer, train_round = _trainer_and_round(reload(), reload)
+    assert train_round(1) == 12
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # caught mid-write
+    assert train_round(2) == 12 and trainer.reload_failures == 1
+    crash.append(True)  # not even a DataError: still only a bad read
+    assert train_round(3) == 12 and trainer.reload_failures == 2
+    crash.clear()
+    np.savez(path, x=np.concatenate([x, x]), y=np.concatenate([y, y]))
+    assert train_round(4) == 24
+
+
+def test_a_hung_sensor_does_not_hold_up_the_round():
+    """A read that does not finish within reload_wait_s is left running; the round trains
+    on the last good data, and the read, once it finishes, serves the next round."""
+    import threading
+
+    release, calls = threading.Event(), []
+    x, y, _ = digits_rows(30)
+
+    def reload():
+        calls.append(True)
+        if len(calls) == 1:
+            release.wait(60)  # the sensor hangs
+        return load_source_rows(x[: 10 * len(calls) + 10], y[: 10 * len(calls) + 10])
+
+    trainer, train_round = _trainer_and_round(load_source_rows(x[:5], y[:5]), reload)
+    trainer.reload_wait_s = 0.3
+    assert train_round(1) == 5  # the read hangs: last good data
+    assert train_round(2) == 5 and len(calls) == 1  # still the same read: no second one
+    release.set()
+    wait_for(lambda: trainer._read is not None and trainer._read.done.is_set(), "the read")
+    assert train_round(3) == 20  # the hung read's data, once it came
+
+
+def load_source_rows(x, y):
+    from edge_agent.data import task_spec
+    from edge_agent.datasource import check_dataset
+
+    return check_dataset(x, y, InputSpec.from_task(task_spec("digits")), "rows")
+
+
 def test_data_reload_without_a_source_is_a_config_error():
     from edge_agent.config import AgentConfig
 
     with pytest.raises(ConfigError, match="data_reload needs a data_source"):
         AgentConfig(device_id="d0", data_reload=True)
+
+
+def test_a_torn_npz_at_start_up_is_a_named_data_error(tmp_path):
+    path = tmp_path / "torn.npz"
+    x, y, _ = digits_rows(12)
+    np.savez(path, x=x, y=y)
+    path.write_bytes(path.read_bytes()[:300])
+    with pytest.raises(DataError, match=r"torn\.npz is not a readable \.npz"):
+        load_source(f"npz:{path}", "digits")
 
 
 @pytest.mark.integration

@@ -162,3 +162,24 @@ def test_registry_keeps_capabilities_across_a_last_will_and_refuses_impostors():
     with pytest.raises(ProtocolError) as exc:
         registry.observe("pi1", DeviceStatus(device_id="pi2", online=True), now=3.0)
     assert exc.value.reason == "wrong_topic"
+
+
+@pytest.mark.integration
+def test_an_unexpected_error_in_one_round_does_not_end_training(broker, tmp_path, stoppers):
+    """A bug or a full disk in one round is logged and counted; the agent trains again on
+    the next model instead of its training thread dying silently."""
+    agents = make_agents(broker.url, stoppers, 2)
+    flaky = agents[1]
+    real_train, failures = flaky.trainer.train, []
+
+    def train_once_broken(*args, **kwargs):
+        if not failures:
+            failures.append(True)
+            raise OSError(28, "No space left on device")
+        return real_train(*args, **kwargs)
+
+    flaky.trainer.train = train_once_broken
+    service = make_aggregator(broker.url, tmp_path, stoppers, rounds=3, min_updates=1)
+    wait_for(service.finished.is_set, "3 rounds")
+    wait_for(lambda: flaky.stats.updates_sent >= 1, "the flaky agent to train again")
+    assert flaky.stats.rejected["train_error"] == 1

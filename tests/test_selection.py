@@ -53,10 +53,17 @@ def test_constrained_devices_get_the_tighter_time_budget(fleet_budget, constrain
     assert policy.task_for(base, {"cpus": 8, "ram_mb": 16000}) == base
 
 
-def test_a_negative_or_nan_constrained_budget_is_refused():
-    for bad in (-1.0, float("nan")):
+def test_a_negative_nan_or_infinite_constrained_budget_is_refused():
+    for bad in (-1.0, float("nan"), float("inf")):
         with pytest.raises(ConfigError, match="constrained_time_budget_s"):
             AssignmentPolicy(constrained_time_budget_s=bad)
+
+
+def test_the_aggregator_config_hands_the_constrained_budget_on():
+    from aggregator.config import AggregatorConfig
+
+    policy = AggregatorConfig(constrained_time_budget_s=2.0).assignment_policy()
+    assert policy.constrained_time_budget_s == 2.0
 
 
 def test_weak_devices_get_fewer_epochs_and_thin_links_a_smaller_codec():

@@ -336,7 +336,7 @@ class EdgeAgent:
             # A new model means the aggregator is up and moving: whatever still lacks a
             # receipt goes out again now (it is counted or refused, either way receipted)
             # instead of waiting out resend_after_s.
-            self.outbox.mark_unsent(older_than_s=RESEND_ON_MODEL_AFTER_S)
+            self.outbox.mark_unsent(older_than_s=RESEND_ON_MODEL_AFTER_S, first_send_only=True)
             self.stats.models_received += 1
             self.stats.traffic[received.announcement.round][1] += received.wire_bytes
             with self._wake:
@@ -379,8 +379,7 @@ class EdgeAgent:
         connected = self.link.connected.is_set()
         for message in messages:
             self.link.publish(topic, message, qos=1)
-        # Sent into a dead link it counts as not sent: re-sent as soon as we are back.
-        entry.last_sent = time.monotonic() if connected else 0.0
+        self.outbox.sent(entry, connected=connected)
         log.debug("%s: sent update %s (round %d, connected=%s)", self.config.device_id,
                   entry.update_id, entry.round, connected)
         return sum(len(message) for message in messages)

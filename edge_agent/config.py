@@ -146,7 +146,8 @@ class AgentConfig(BrokerConfig):
     session_expiry_s: int = option(3600, "seconds the broker keeps this device's session "
                                    "(queued receipts) while it is offline; 0: clean sessions")
     resend_after_s: float = option(30.0, "re-send an update that got no receipt after this "
-                                   "many seconds (and after every reconnect)")
+                                   "many seconds, doubling for each further re-send (and "
+                                   "after every reconnect)")
     state_dir: str = option("", "directory for state that must survive a reboot "
                             "(error-feedback residual, outbox); empty: memory only")
     model_public_key: str = option("", "PEM Ed25519 public key of the aggregator's "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
@@ -43,6 +45,58 @@ def test_a_new_model_resends_only_what_has_had_time_for_a_receipt():
     old.last_sent, fresh.last_sent = 100.0, 108.0
     box.mark_unsent(older_than_s=5.0, now=110.0)  # async: models come many times a second
     assert box.due(resend_after_s=30, now=110.0) == [old]
+
+
+def test_each_resend_of_one_update_waits_twice_as_long(caplog):
+    box = Outbox()
+    entry = box.put("id1", 1, b"x")
+    now, waits = 1000.0, []
+    for _ in range(9):
+        box.sent(entry, connected=True, now=now)
+        wait = next(t for t in range(1, 10_000) if box.due(resend_after_s=30, now=now + t))
+        waits.append(wait)
+        now += wait
+    assert waits == [30, 60, 120, 240, 480, 960, 1920, 3600, 3600]  # capped at MAX_BACKOFF_S
+    assert "sent 4 times without a receipt" in caplog.text
+
+
+def test_a_send_into_a_dead_link_does_not_lengthen_the_backoff():
+    box = Outbox()
+    entry = box.put("id1", 1, b"x")
+    box.sent(entry, connected=False, now=50.0)
+    assert entry.sends == 0 and box.due(resend_after_s=30, now=50.0) == [entry]
+
+
+def test_a_new_model_resends_only_first_sends_reconnects_resend_everything():
+    box = Outbox()
+    once, often = box.put("once", 1, b"x"), box.put("often", 1, b"y")
+    for _ in range(3):
+        box.sent(often, connected=True, now=100.0)
+    box.sent(once, connected=True, now=100.0)
+    box.mark_unsent(older_than_s=5.0, first_send_only=True, now=110.0)
+    assert box.due(resend_after_s=30, now=110.0) == [once]  # "often" waits out its backoff
+    box.mark_unsent(now=111.0)  # a reconnect: whatever was in flight may be gone
+    assert box.due(resend_after_s=30, now=111.0) == [often, once]
+
+
+@pytest.mark.integration
+def test_an_update_refused_unread_is_resent_less_and_less_often(broker, tmp_path, stoppers,
+                                                                 monkeypatch):
+    """An aggregator whose max_update_bytes is below any update refuses every one as
+    too_large before it can name it, so no receipt comes: the device backs off instead of
+    re-sending every resend_after_s forever."""
+    import edge_agent.agent
+
+    monkeypatch.setattr(edge_agent.agent, "RESEND_CHECK_S", 0.02)  # look often for due ones
+    service = make_aggregator(broker.url, tmp_path, stoppers, min_updates=1, rounds=1,
+                              max_update_bytes=2000)
+    [agent] = make_agents(broker.url, stoppers, 1, resend_after_s=0.2)
+    wait_for(lambda: agent.stats.updates_sent == 1, "the first update")
+    first = time.monotonic()
+    wait_for(lambda: agent.stats.resent >= 3, "three re-sends")
+    # re-sends after 0.2, 0.4 and 0.8 s: 1.4 s at least (every 0.2 s would take 0.6 s)
+    assert time.monotonic() - first >= 1.3
+    assert service.rejected["too_large"] >= 4 and service.accepted == 0
 
 
 def machine(min_updates=3):

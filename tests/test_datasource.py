@@ -482,4 +482,7 @@ def test_an_agent_trains_each_round_on_what_its_live_sensor_has_now(broker, tmp_
         env={**os.environ, "PYTHONPATH": str(tmp_path)}))
     wait_for(service.finished.is_set, "two rounds on a live sensor")
     assert service.failure is None
-    assert [r.samples for r in service.history] == [40, 50]
+    first, second = (r.samples for r in service.history)
+    # start-up read 30 readings; each round reads again (40, then 50, more if a model is
+    # ever announced twice): every round trains on more than the one before
+    assert first >= 40 and second > first

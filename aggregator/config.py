@@ -13,6 +13,7 @@ from edge_agent.models import model_names
 from edge_agent.protocol import TaskConfig
 
 from .optimizers import ServerOptConfig, create_optimizer
+from .privacy import CentralDP
 from .rounds import RoundPolicy
 from .selection import AssignmentPolicy, CohortPolicy
 from .staleness import StalenessPolicy
@@ -44,6 +45,11 @@ class RoundOptions:
                                      "battery (0: the same as everyone)")
     constrained_time_budget_s: float = option(0.0, "seconds of local training for those "
                                               "devices, to spare batteries (0: time_budget_s)")
+    dp_noise_multiplier: float = option(0.0, "central differential privacy (DP-FedAvg): "
+                                        "Gaussian noise of this many dp_clip_norms on each "
+                                        "round's sum; devices weigh equally (0: off)")
+    dp_clip_norm: float = option(1.0, "DP: every update is clipped to this L2 norm")
+    dp_delta: float = option(1e-5, "DP: the delta of the (epsilon, delta) reported per round")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -149,13 +155,18 @@ class AggregatorConfig(BrokerConfig, RoundOptions):
 
     def policy(self) -> RoundPolicy:
         sync = self.mode == "sync"
+        target = self.clients_per_round if sync else self.buffer_size
+        dp = None
+        if self.dp_noise_multiplier:
+            dp = CentralDP(clip_norm=self.dp_clip_norm, noise_multiplier=self.dp_noise_multiplier,
+                           denominator=max(target, self.min_updates), delta=self.dp_delta)
         return RoundPolicy(
             min_updates=self.min_updates, deadline_s=self.deadline_s,
-            target_updates=self.clients_per_round if sync else self.buffer_size,
-            on_insufficient=self.on_insufficient,
+            target_updates=target, on_insufficient=self.on_insufficient,
             late_updates=self.late_updates if sync else "fold",
             staleness=StalenessPolicy(kind=self.staleness, a=self.staleness_a,
                                       b=self.staleness_b, max_staleness=self.max_staleness),
+            dp=dp,
         )
 
     def cohort_policy(self) -> CohortPolicy:

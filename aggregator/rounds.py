@@ -17,6 +17,7 @@ from edge_agent.protocol import Update
 
 from .accumulator import WeightedAccumulator
 from .optimizers import ServerOptimizer
+from .privacy import CentralDP
 from .staleness import StalenessPolicy
 
 STATE_FORMAT = 3
@@ -51,6 +52,7 @@ class RoundPolicy:
     on_insufficient: str = "extend"  # "extend" or "rerun"
     late_updates: str = "discard"  # "discard" or "fold"
     staleness: StalenessPolicy = field(default_factory=StalenessPolicy)
+    dp: CentralDP | None = None  # central differential privacy of every round's aggregate
 
     @property
     def close_at(self) -> int:
@@ -69,6 +71,10 @@ class RoundPolicy:
             raise ConfigError(
                 f"on_insufficient {self.on_insufficient!r} must be 'extend' or 'rerun'"
             )
+        if self.dp is not None and self.late_updates != "discard":
+            raise ConfigError("differential privacy needs sync rounds that discard late "
+                              "updates: a folded late update would let one device count twice "
+                              "in a round, doubling what the noise must hide")
 
 
 @dataclass(frozen=True)
@@ -126,6 +132,7 @@ class RoundMachine:
         # (device, update id) -> (round counted in, base version) of every counted update
         # a device might still re-send: see _forget
         self.recent: dict[tuple[str, str], tuple[int, int]] = {}
+        self.dp_rounds = 0  # aggregates released with DP noise: what the privacy budget counts
 
     @property
     def round(self) -> int:
@@ -152,7 +159,8 @@ class RoundMachine:
                 f"device {update.device_id} already contributed to round {self.open.round} "
                 f"with a model v{update.base_version} update", reason="duplicate",
             )
-        samples = float(update.num_samples)
+        # Under DP every device weighs 1: its clipped delta is all it can move the sum by.
+        samples = 1.0 if self.policy.dp else float(update.num_samples)
         self.acc.add_encoded(update.delta, samples * self.policy.staleness.weight(tau)
                              if tau else samples, norm=samples)
         o = self.open
@@ -204,7 +212,9 @@ class RoundMachine:
 
     def close(self, now: float) -> RoundResult:
         """Aggregate the open round into a new global model and open the next round."""
-        mean_delta = self.acc.mean()
+        dp = self.policy.dp
+        mean_delta = self.acc.mean() if dp is None else dp.noised_mean(self.acc.total)
+        self.dp_rounds += dp is not None
         self.params = _frozen(self.optimizer.step(self.params, mean_delta))
         self._optimizer_state = None
         self.version += 1
@@ -268,6 +278,7 @@ class RoundMachine:
                      "stale": o.stale, "max_staleness": o.max_staleness,
                      "partial": o.partial},
             "recent": [[d, u, r, v] for (d, u), (r, v) in self.recent.items()],
+            "dp_rounds": self.dp_rounds,
         }
 
     def load_state_dict(self, state: dict[str, Any], *, now: float) -> None:
@@ -292,6 +303,7 @@ class RoundMachine:
         # entries of older checkpoints have no base version: assume the round's
         self.recent = {(e[0], e[1]): (int(e[2]), int(e[3]) if len(e) > 3 else int(e[2]) - 1)
                        for e in state.get("recent", [])}
+        self.dp_rounds = int(state.get("dp_rounds", 0))
         self._start(int(state["round"]), now)  # the deadline starts afresh
         partial = state.get("open")
         if partial:

@@ -91,6 +91,7 @@ class RoundRecord:
     partial: int = 0  # participants that stopped at their time budget
     cohort: int = 0  # devices selected for the round (0: every device)
     top3: float | None = None  # top-3 accuracy, for tasks that report it (keyboard)
+    epsilon: float | None = None  # DP: privacy spent so far, at the configured dp_delta
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -442,6 +443,7 @@ class AggregatorService:
 
     def _close_round(self, now: float) -> None:
         result: RoundResult = self.machine.close(now)
+        dp = self.machine.policy.dp
         accuracy = test_loss = top3 = None
         if self.test_data is not None:
             self.model.set_flat(self.machine.params)
@@ -454,16 +456,17 @@ class AggregatorService:
             wall_s=time.monotonic() - self._round_started, stale=result.stale,
             partial=result.partial,
             cohort=len(self._cohort[1] or ()) if self._cohort[0] == result.round else 0,
-            top3=top3,
+            top3=top3, epsilon=dp.epsilon(self.machine.dp_rounds) if dp else None,
         )
         self.history.append(record)
         self._checkpoint(wait=True)  # the closed round is on disk before its model goes out
         if self.config.metrics:
             with open(self.config.metrics, "a") as fh:
                 fh.write(record.to_json() + "\n")
-        log.info("round %d closed: %d updates, %d samples, train loss %.4f%s", result.round,
+        log.info("round %d closed: %d updates, %d samples, train loss %.4f%s%s", result.round,
                  result.participants, result.samples, result.train_loss,
-                 f", test accuracy {accuracy:.4f}" if accuracy is not None else "")
+                 f", test accuracy {accuracy:.4f}" if accuracy is not None else "",
+                 f", DP epsilon {record.epsilon:.2f} at delta {dp.delta:g}" if dp else "")
         self._round_started = time.monotonic()
         self._announce()
         if self.exporter is not None:

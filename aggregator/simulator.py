@@ -126,6 +126,7 @@ class SimRound:
     bytes_up: int
     bytes_down: int
     wall_s: float
+    epsilon: float | None = None  # DP: privacy spent after this round
 
 
 @dataclass
@@ -150,8 +151,10 @@ class SimulationResult:
         acc = self.final_accuracy
         if acc is None:  # agents only: the aggregator elsewhere measures accuracy
             return f"devices took part in {len(self.rounds)} rounds, {self.bytes_up} bytes uploaded"
+        epsilon = self.rounds[-1].epsilon
+        privacy = f", differential privacy epsilon {epsilon:.2f}" if epsilon is not None else ""
         return (f"final accuracy {acc:.4f} after {len(self.rounds)} rounds, "
-                f"{self.bytes_up} bytes uploaded")
+                f"{self.bytes_up} bytes uploaded{privacy}")
 
 
 class Simulation:
@@ -311,7 +314,8 @@ class Simulation:
             result.rounds.append(SimRound(
                 round=r.round, accuracy=r.accuracy, top3=r.top3, loss=r.test_loss,
                 train_loss=r.train_loss,
-                participants=r.participants, bytes_up=up, bytes_down=down, wall_s=r.wall_s))
+                participants=r.participants, bytes_up=up, bytes_down=down, wall_s=r.wall_s,
+                epsilon=r.epsilon))
         if self.aggregator is not None:
             result.rejected = dict(self.aggregator.rejected)
         return result

@@ -68,8 +68,14 @@ class UpdateLimits:
 
     @classmethod
     def from_config(cls, config) -> UpdateLimits:
+        norm, policy = config.max_update_norm, config.norm_policy
+        if config.dp_noise_multiplier:  # DP: every update clipped to the noise's scale
+            if norm:
+                raise ConfigError("with dp_noise_multiplier set, dp_clip_norm bounds every "
+                                  "update; leave max_update_norm at 0")
+            norm, policy = config.dp_clip_norm, "clip"
         return cls(require_known_devices=config.require_known_devices,
-                   max_update_norm=config.max_update_norm, norm_policy=config.norm_policy,
+                   max_update_norm=norm, norm_policy=policy,
                    max_update_bytes=config.max_update_bytes)
 
     def payload_limit(self, params: int) -> int:

@@ -52,21 +52,29 @@ class CentralDP:
 
     def noised_mean(self, total: np.ndarray,
                     rng: np.random.Generator | None = None) -> np.ndarray:
-        """(total + N(0, noise_std^2 I)) / denominator. The noise comes from the OS's
-        entropy unless a generator is given (tests): it must not be reproducible."""
+        """(total + N(0, noise_std^2 I)) / denominator. The noise is freshly seeded from
+        the OS unless a generator is given (tests): it must not be reproducible."""
+        # PCG64 seeded with 128 bits from the OS: unpredictable, not a cryptographic stream
         rng = rng if rng is not None else np.random.default_rng(secrets.randbits(128))
         noise = rng.normal(0.0, self.noise_std, total.shape).astype(np.float32)
         return (total + noise) / np.float32(self.denominator)
 
-    def epsilon(self, rounds: int) -> float:
-        return gaussian_epsilon(rounds, self.noise_multiplier, self.delta)
+    @property
+    def rdp_per_round(self) -> float:
+        """r of one round: the Gaussian mechanism is (a, a r)-RDP for every order a > 1.
+        Rounds with different noise compose by adding their r."""
+        return 1.0 / (2.0 * self.noise_multiplier**2)
+
+
+def epsilon_from_rdp(rdp: float, delta: float) -> float:
+    """epsilon at `delta` of a mechanism that is (a, a rdp)-RDP for every a > 1: the
+    minimum over a of a rdp + ln(1/delta) / (a - 1); 0 for nothing released."""
+    if rdp <= 0:
+        return 0.0
+    return rdp + 2.0 * math.sqrt(rdp * math.log(1.0 / delta))
 
 
 def gaussian_epsilon(rounds: int, noise_multiplier: float, delta: float) -> float:
     """epsilon of `rounds` compositions of the Gaussian mechanism (sensitivity 1, std
-    `noise_multiplier`) at `delta`, by RDP; 0 for no rounds."""
-    if rounds <= 0:
-        return 0.0
-    rdp = rounds / (2.0 * noise_multiplier**2)
-    log_inv_delta = math.log(1.0 / delta)
-    return rdp + 2.0 * math.sqrt(rdp * log_inv_delta)
+    `noise_multiplier`) at `delta`, by RDP."""
+    return epsilon_from_rdp(max(rounds, 0) / (2.0 * noise_multiplier**2), delta)

@@ -7,6 +7,7 @@ out what it decides (publish a model, checkpoint, re-announce).
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,7 +18,7 @@ from edge_agent.protocol import Update
 
 from .accumulator import WeightedAccumulator
 from .optimizers import ServerOptimizer
-from .privacy import CentralDP
+from .privacy import CentralDP, epsilon_from_rdp
 from .staleness import StalenessPolicy
 
 STATE_FORMAT = 3
@@ -132,11 +133,20 @@ class RoundMachine:
         # (device, update id) -> (round counted in, base version) of every counted update
         # a device might still re-send: see _forget
         self.recent: dict[tuple[str, str], tuple[int, int]] = {}
-        self.dp_rounds = 0  # aggregates released with DP noise: what the privacy budget counts
+        # Models released with DP noise, and their summed RDP (noise may differ by round)
+        self.dp_rounds, self.dp_rdp = 0, 0.0
 
     @property
     def round(self) -> int:
         return self.open.round
+
+    def epsilon(self) -> float:
+        """Privacy spent by every model released so far, at the policy's dp_delta: infinite
+        once any was released without noise (a checkpoint from before DP was turned on)."""
+        dp = self.policy.dp
+        if dp is None or self.version > self.dp_rounds:
+            return math.inf
+        return epsilon_from_rdp(self.dp_rdp, dp.delta)
 
     def offer(self, update: Update, *, payload_bytes: int = 0) -> bool:
         """Fold a valid update into the open round, or raise ProtocolError with a reason.
@@ -214,7 +224,9 @@ class RoundMachine:
         """Aggregate the open round into a new global model and open the next round."""
         dp = self.policy.dp
         mean_delta = self.acc.mean() if dp is None else dp.noised_mean(self.acc.total)
-        self.dp_rounds += dp is not None
+        if dp is not None:
+            self.dp_rounds += 1
+            self.dp_rdp += dp.rdp_per_round
         self.params = _frozen(self.optimizer.step(self.params, mean_delta))
         self._optimizer_state = None
         self.version += 1
@@ -278,7 +290,7 @@ class RoundMachine:
                      "stale": o.stale, "max_staleness": o.max_staleness,
                      "partial": o.partial},
             "recent": [[d, u, r, v] for (d, u), (r, v) in self.recent.items()],
-            "dp_rounds": self.dp_rounds,
+            "dp_rounds": self.dp_rounds, "dp_rdp": self.dp_rdp,
         }
 
     def load_state_dict(self, state: dict[str, Any], *, now: float) -> None:
@@ -304,6 +316,7 @@ class RoundMachine:
         self.recent = {(e[0], e[1]): (int(e[2]), int(e[3]) if len(e) > 3 else int(e[2]) - 1)
                        for e in state.get("recent", [])}
         self.dp_rounds = int(state.get("dp_rounds", 0))
+        self.dp_rdp = float(state.get("dp_rdp", 0.0))
         self._start(int(state["round"]), now)  # the deadline starts afresh
         partial = state.get("open")
         if partial:

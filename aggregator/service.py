@@ -197,6 +197,11 @@ class AggregatorService:
         self.history = [RoundRecord(**r) for r in state.get("history", [])]
         log.info("resumed from %s at round %d (model v%d)", self.config.checkpoint,
                  self.machine.round, self.machine.version)
+        if self.machine.policy.dp is not None and self.machine.version > self.machine.dp_rounds:
+            log.warning("%d of the %d models in %s were released without DP noise: the "
+                        "epsilon reported is infinite; start from a fresh checkpoint for a "
+                        "private run", self.machine.version - self.machine.dp_rounds,
+                        self.machine.version, self.config.checkpoint)
         if self._done():
             self.finished.set()
 
@@ -205,11 +210,14 @@ class AggregatorService:
         return {"machine": self.machine.state_dict(),
                 "history": [asdict(r) for r in self.history]}
 
-    def _checkpoint(self, *, wait: bool = False) -> None:
+    def _checkpoint(self, *, wait: bool = False) -> bool:
+        """Hand the state to the writer; with `wait`, True once it is on disk (False: the
+        write failed, and the service is failing)."""
         self._dirty = True
         self._commit(force=True)
-        if wait:
-            self.writer.flush()
+        if not wait:
+            return True
+        return self.writer.flush(timeout=None) and not self.writer.failed
 
     def _commit(self, *, force: bool = False) -> None:
         """Hand the held acks and receipts to the writer, behind a snapshot if the state
@@ -456,10 +464,15 @@ class AggregatorService:
             wall_s=time.monotonic() - self._round_started, stale=result.stale,
             partial=result.partial,
             cohort=len(self._cohort[1] or ()) if self._cohort[0] == result.round else 0,
-            top3=top3, epsilon=dp.epsilon(self.machine.dp_rounds) if dp else None,
+            top3=top3, epsilon=self.machine.epsilon() if dp else None,
         )
         self.history.append(record)
-        self._checkpoint(wait=True)  # the closed round is on disk before its model goes out
+        # The closed round is on disk before its model goes out: a model a restart would
+        # close (and, under DP, noise) a second time must never be released.
+        if not self._checkpoint(wait=True):
+            log.error("round %d closed but could not be saved; its model is not announced "
+                      "(a restart closes the round again)", result.round)
+            return
         if self.config.metrics:
             with open(self.config.metrics, "a") as fh:
                 fh.write(record.to_json() + "\n")

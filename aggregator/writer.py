@@ -45,6 +45,11 @@ class CheckpointWriter:
         self._jobs.put((state, callbacks))
 
     @property
+    def failed(self) -> bool:
+        """A write failed: nothing may be acknowledged any more (the service stops)."""
+        return self._failed
+
+    @property
     def idle(self) -> bool:
         """Nothing queued or in flight: a snapshot handed over now is written at once."""
         return self._pending == 0

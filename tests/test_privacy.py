@@ -104,3 +104,96 @@ def test_a_simulated_private_fleet_reports_its_privacy_spent_each_round(tmp_path
         [gaussian_epsilon(t, 0.2, 1e-4) for t in (1, 2, 3)])
     assert "differential privacy epsilon" in result.summary()
     assert result.final_accuracy > 0.3  # it learns (chance: 0.1; 0.64-0.80 in 15 runs)
+
+
+def test_a_closed_round_carries_the_noise_into_the_model():
+    """Through the round machine, not just the noise helper: zero updates, sigma 1, C 1,
+    denominator 2: the new parameters are the noise, N(0, 0.5^2) per coordinate."""
+    from aggregator.optimizers import ServerOptConfig, create_optimizer
+    from aggregator.rounds import RoundMachine, RoundPolicy
+
+    dp = CentralDP(clip_norm=1.0, noise_multiplier=1.0, denominator=2)
+    m = RoundMachine(params=np.zeros(200_000, np.float32),
+                     optimizer=create_optimizer(ServerOptConfig()),
+                     policy=RoundPolicy(min_updates=1, dp=dp), layout_hash="lay", now=0.0)
+    m.offer(update("a", delta=np.zeros(200_000, np.float32)))
+    m.close(now=1.0)
+    assert float(m.params.std()) == pytest.approx(0.5, rel=0.02)
+    assert m.epsilon() == pytest.approx(gaussian_epsilon(1, 1.0, 1e-5))
+
+
+def test_epsilon_adds_up_rounds_of_different_noise_and_is_infinite_after_plain_ones():
+    dp_low = CentralDP(clip_norm=1.0, noise_multiplier=1.0, denominator=1)
+    dp_high = CentralDP(clip_norm=1.0, noise_multiplier=2.0, denominator=1)
+    m = machine(min_updates=1, dp=dp_low)
+    m.offer(update("a"))
+    m.close(now=1.0)
+    resumed = machine(min_updates=1, dp=dp_high)  # restarted with more noise
+    resumed.load_state_dict(m.state_dict(), now=2.0)
+    resumed.offer(update("a", round=2, version=1, uid="u2"))
+    resumed.close(now=3.0)
+    rdp = 1 / 2 + 1 / 8  # one round at sigma 1, one at sigma 2
+    assert resumed.epsilon() == pytest.approx(
+        rdp + 2 * math.sqrt(rdp * math.log(1e5)))
+    plain = machine(min_updates=1)  # a model released without DP ...
+    plain.offer(update("a"))
+    plain.close(now=1.0)
+    private = machine(min_updates=1, dp=dp_low)  # ... then DP turned on
+    private.load_state_dict(plain.state_dict(), now=2.0)
+    assert private.epsilon() == math.inf
+
+
+def test_the_service_clips_an_oversized_update_to_the_dp_norm(tmp_path):
+    from aggregator.service import AggregatorService
+    from edge_agent import codecs
+    from edge_agent.protocol import FleetTopics, Update
+
+    config = AggregatorConfig(broker="mqtt://127.0.0.1:1", fleet="dp", model="logreg",
+                              evaluate=False, min_updates=1, dp_noise_multiplier=1e-9,
+                              dp_clip_norm=0.5, checkpoint=str(tmp_path / "agg.ckpt"),
+                              log_level="ERROR")
+    service = AggregatorService(config)
+    try:
+        size = service.model.layout.size
+        big = np.full(size, 10.0, np.float32)  # norm 10 sqrt(size), far above 0.5
+        payload = Update(device_id="d1", update_id="u1", round=1, base_version=0,
+                         num_samples=1000, loss=0.5, delta=codecs.encode(big),
+                         layout_hash=service.model.layout.hash).to_payload()
+        before = service.machine.params.copy()
+        service._handle_update(FleetTopics("dp").update("d1"), payload)
+        service.machine.close(now=1.0)
+        moved = float(np.linalg.norm(service.machine.params - before))
+        assert moved == pytest.approx(0.5, rel=1e-4)  # clipped to C, divided by 1
+        assert service.screen.clipped == 1
+    finally:
+        service.writer.close()
+
+
+def test_a_round_that_cannot_be_saved_is_never_announced(tmp_path):
+    """Under DP a restart would close such a round again with fresh noise: two releases,
+    one counted. So a failed save stops the model from going out (and the service fails)."""
+    from aggregator.service import AggregatorService
+    from edge_agent import codecs
+    from edge_agent.protocol import FleetTopics, Update
+
+    config = AggregatorConfig(broker="mqtt://127.0.0.1:1", fleet="dp", model="logreg",
+                              evaluate=False, min_updates=1, dp_noise_multiplier=1.0,
+                              checkpoint=str(tmp_path / "agg.ckpt"), log_level="ERROR")
+    service = AggregatorService(config)
+    announced = []
+    service._announce = lambda: announced.append(service.machine.version)
+    try:
+        payload = Update(device_id="d1", update_id="u1", round=1, base_version=0,
+                         num_samples=10, loss=0.5,
+                         delta=codecs.encode(np.zeros(service.model.layout.size, np.float32)),
+                         layout_hash=service.model.layout.hash).to_payload()
+        service._handle_update(FleetTopics("dp").update("d1"), payload)
+
+        def disk_full(_state):
+            raise OSError(28, "No space left on device")
+
+        service.store.save = disk_full
+        service._close_round(now=1.0)
+        assert announced == [] and service.failure is not None
+    finally:
+        service.writer.close()

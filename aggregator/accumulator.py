@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from edge_agent import codecs
-from edge_agent.errors import CodecError
+from edge_agent.errors import CodecError, ConfigError
 from edge_agent.protocol import EncodedTensor
 
 
@@ -57,6 +57,10 @@ class WeightedAccumulator:
         return {"total": self.total.copy(), "weight": self.weight, "count": self.count}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "total" not in state:
+            raise ConfigError(f"the checkpoint's open round was collected for "
+                              f"{state.get('rule', 'a robust rule')}; finish it with that "
+                              "aggregation, then switch to mean")
         total = np.asarray(state["total"], dtype=np.float32)
         if total.shape != self.total.shape:
             raise ValueError(f"saved aggregate has shape {total.shape}, need {self.total.shape}")

@@ -50,6 +50,11 @@ class RoundOptions:
                                         "round's sum; devices weigh equally (0: off)")
     dp_clip_norm: float = option(1.0, "DP: every update is clipped to this L2 norm")
     dp_delta: float = option(1e-5, "DP: the delta of the (epsilon, delta) reported per round")
+    aggregation: str = option("mean", "mean (FedAvg, weighted by samples), or robust to a "
+                              "minority of corrupted updates: median or trimmed_mean "
+                              "(coordinate-wise, unweighted; keeps the round's updates)")
+    trim_fraction: float = option(0.1, "trimmed_mean: fraction cut from each end, per "
+                                  "coordinate (tolerates that share of bad updates)")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -166,7 +171,7 @@ class AggregatorConfig(BrokerConfig, RoundOptions):
             late_updates=self.late_updates if sync else "fold",
             staleness=StalenessPolicy(kind=self.staleness, a=self.staleness_a,
                                       b=self.staleness_b, max_staleness=self.max_staleness),
-            dp=dp,
+            dp=dp, aggregation=self.aggregation, trim_fraction=self.trim_fraction,
         )
 
     def cohort_policy(self) -> CohortPolicy:

@@ -19,6 +19,7 @@ from edge_agent.protocol import Update
 from .accumulator import WeightedAccumulator
 from .optimizers import ServerOptimizer
 from .privacy import CentralDP, epsilon_from_rdp
+from .robust import UpdateCollector, check_rule
 from .staleness import StalenessPolicy
 
 STATE_FORMAT = 3
@@ -54,6 +55,8 @@ class RoundPolicy:
     late_updates: str = "discard"  # "discard" or "fold"
     staleness: StalenessPolicy = field(default_factory=StalenessPolicy)
     dp: CentralDP | None = None  # central differential privacy of every round's aggregate
+    aggregation: str = "mean"  # or a robust rule: "median", "trimmed_mean"
+    trim_fraction: float = 0.1  # trimmed_mean: cut from each end, per coordinate
 
     @property
     def close_at(self) -> int:
@@ -72,6 +75,11 @@ class RoundPolicy:
             raise ConfigError(
                 f"on_insufficient {self.on_insufficient!r} must be 'extend' or 'rerun'"
             )
+        if self.aggregation != "mean":
+            check_rule(self.aggregation, self.trim_fraction)
+            if self.dp is not None:
+                raise ConfigError("differential privacy works on the mean: use aggregation "
+                                  "= mean with dp_noise_multiplier")
         if self.dp is not None and self.late_updates != "discard":
             raise ConfigError("differential privacy needs sync rounds that discard late "
                               "updates: a folded late update would let one device count twice "
@@ -128,7 +136,7 @@ class RoundMachine:
         self.policy = policy
         self.layout_hash = layout_hash
         self.version = version
-        self.acc = WeightedAccumulator(self.params.size)
+        self.acc = self._accumulator()
         self.open = _OpenRound(round=round, deadline_at=now + policy.deadline_s)
         # (device, update id) -> (round counted in, base version) of every counted update
         # a device might still re-send: see _forget
@@ -139,6 +147,12 @@ class RoundMachine:
     @property
     def round(self) -> int:
         return self.open.round
+
+    def _accumulator(self) -> WeightedAccumulator | UpdateCollector:
+        p = self.policy
+        if p.aggregation == "mean":
+            return WeightedAccumulator(self.params.size)
+        return UpdateCollector(self.params.size, rule=p.aggregation, trim=p.trim_fraction)
 
     def epsilon(self) -> float:
         """Privacy spent by every model released so far, at the policy's dp_delta: infinite
@@ -257,7 +271,7 @@ class RoundMachine:
         return self.open.count
 
     def _start(self, round: int, now: float) -> None:
-        self.acc = WeightedAccumulator(self.params.size)
+        self.acc = self._accumulator()
         self.open = _OpenRound(round=round, deadline_at=now + self.policy.deadline_s)
         self.recent = {k: v for k, v in self.recent.items() if self._remember(*v, round)}
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edge_agent import codecs
 from edge_agent.agent import EdgeAgent
 from edge_agent.config import AgentConfig, option
 from edge_agent.data import device_shards, fleet_test_set, task_spec
@@ -63,6 +64,9 @@ class SimulationConfig(RoundOptions):
     timeout_s: float = option(600.0, "give up if the run takes longer than this")
     agents_only: bool = option(False, "run only the devices, against an aggregator started "
                                "separately (`fedmq aggregator`) on --broker and --fleet")
+    byzantine: int = option(0, "this many devices send their delta flipped and scaled by "
+                            "BYZANTINE_SCALE: an attack for --aggregation median or "
+                            "trimmed_mean to withstand")
     dropout: float = option(0.0, "fraction of devices cut off from the broker before every "
                             "round (each device talks through its own fault proxy)")
     profiles: str = option("uniform", "device mix: uniform (all like this host), mixed (Pi "
@@ -80,6 +84,8 @@ class SimulationConfig(RoundOptions):
                 object.__setattr__(self, name, getattr(spec, name))
         if self.devices < 1 or self.rounds < 1:
             raise ConfigError("devices and rounds must be >= 1")
+        if not 0 <= self.byzantine <= self.devices:
+            raise ConfigError(f"byzantine {self.byzantine} must be between 0 and devices")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout {self.dropout} must be in [0, 1)")
         if self.agents_only and not (self.broker and self.fleet):
@@ -157,6 +163,24 @@ class SimulationResult:
                 f"{self.bytes_up} bytes uploaded{privacy}")
 
 
+# A Byzantine device sends -BYZANTINE_SCALE x its honest delta: it pushes the model
+# hard the wrong way, as a poisoning attack would (Blanchard et al. 2017 use the like).
+BYZANTINE_SCALE = 10.0
+
+
+def _turn_byzantine(agent: EdgeAgent) -> None:
+    """Make `agent` an attacker: it trains honestly, then sends its delta reversed and
+    scaled, as float32 (a well-formed update that validation alone cannot tell apart)."""
+    honest = agent.trainer.train
+
+    def poisoned(*args, **kwargs):
+        update = honest(*args, **kwargs)
+        delta = -BYZANTINE_SCALE * codecs.decode(update.delta)
+        return dataclasses.replace(update, delta=codecs.encode(delta, "float32"))
+
+    agent.trainer.train = poisoned
+
+
 class Simulation:
     """Owns every process and thread of one simulated run; `close()` stops them all."""
 
@@ -204,7 +228,10 @@ class Simulation:
                 cpus=profile.cpus, link_kbps=profile.link_kbps, on_battery=profile.battery,
                 slowdown=profile.slowdown, train_threads=1,  # many devices share this host
             )
-            self.agents.append(EdgeAgent(agent_config, shard))
+            agent = EdgeAgent(agent_config, shard)
+            if i < c.byzantine:
+                _turn_byzantine(agent)
+            self.agents.append(agent)
         self._apply_dropout()
         if self.aggregator is not None:
             self.aggregator.start()

@@ -115,3 +115,21 @@ def test_a_simulated_fleet_with_an_attacker_trains_with_the_median_not_the_mean(
         with Simulation(config, workdir=tmp_path / rule) as sim:
             accuracy[rule] = sim.wait().final_accuracy
     assert accuracy["median"] > 0.4 and accuracy["median"] > accuracy["mean"] + 0.15
+
+
+def test_a_median_round_survives_a_restart_through_the_checkpoint_store(tmp_path):
+    from aggregator.checkpoint import CheckpointStore
+
+    m = machine(min_updates=3, aggregation="median")
+    for device, value in (("a", 1.0), ("b", 3.0)):
+        m.offer(update(device, delta=np.full(4, value, np.float32)))
+    store = CheckpointStore(tmp_path / "agg.ckpt")
+    store.save({"machine": m.state_dict(), "history": []})
+    m.offer(update("c", delta=np.full(4, 2.0, np.float32)))
+    store.save({"machine": m.state_dict(), "history": []})  # journaled, not whole
+    store.close()
+    resumed = machine(min_updates=3, aggregation="median")
+    resumed.load_state_dict(CheckpointStore(tmp_path / "agg.ckpt").load()["machine"], now=1.0)
+    assert resumed.acc.count == 3
+    resumed.close(now=2.0)
+    assert np.allclose(resumed.params, 2.0)

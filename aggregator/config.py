@@ -54,7 +54,7 @@ class RoundOptions:
                               "minority of corrupted updates: median or trimmed_mean "
                               "(coordinate-wise, unweighted; keeps the round's updates)")
     trim_fraction: float = option(0.1, "trimmed_mean: fraction cut from each end, per "
-                                  "coordinate (tolerates that share of bad updates)")
+                                  "coordinate (tolerates floor(fraction x updates) bad ones)")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -4,8 +4,10 @@ A weighted mean lets one device move the model anywhere; the norm bound (max_upd
 limits how far, but a few colluding devices inside the bound still steer it. The median,
 or the mean of what is left after cutting the `trim` fraction of largest and smallest
 values per coordinate, stays within the range of the honest updates as long as fewer
-than half (median) or fewer than `trim` of them (trimmed mean) are corrupted. Both are
-unweighted: a device claiming many samples would otherwise buy extra influence.
+than half of a round's K updates (median), or at most floor(trim x K) of them (trimmed
+mean), are corrupted. Both are unweighted: a device claiming many samples would otherwise
+buy extra influence. Each device counts once per round (sync rounds that discard late
+updates), so the share of updates is the share of devices.
 
 Unlike the streaming sum they need every update of the round, so the collector keeps
 each one as it arrived (encoded, so 1-4 bytes a value) and decodes them all when the round
@@ -35,7 +37,7 @@ def coordinate_median(rows: np.ndarray) -> np.ndarray:
 def trimmed_mean(rows: np.ndarray, trim: float) -> np.ndarray:
     """Per coordinate, the mean of the values left after dropping floor(trim * K) of the
     largest and as many of the smallest."""
-    k = math.floor(trim * len(rows))
+    k = trimmed_count(trim, len(rows))
 
     def reduce(block: np.ndarray) -> np.ndarray:
         ordered = np.sort(block, axis=0)
@@ -93,6 +95,23 @@ class UpdateCollector:
                               f"it with aggregation = mean, then switch to {self.rule}")
         self.tensors = [EncodedTensor(codec=c, size=int(n), data=bytes(d))
                         for c, n, d in state["tensors"]]
+
+
+def trimmed_count(trim: float, count: int) -> int:
+    """Values cut from each end of `count`: floor(trim x count), where 0.29 x 100 is 29."""
+    return math.floor(trim * count + 1e-9)
+
+
+def check_round_size(rule: str, trim: float, smallest_round: int) -> None:
+    """A rule must still cut something from the smallest round that may close (at its
+    deadline, with min_updates): the median of two is their mean, and a trimmed mean that
+    cuts nothing is the mean."""
+    if rule == "median" and smallest_round < 3:
+        raise ConfigError(f"the median of {smallest_round} updates is their mean: set "
+                          "min_updates to at least 3")
+    if rule == "trimmed_mean" and trimmed_count(trim, smallest_round) < 1:
+        raise ConfigError(f"trimmed_mean with trim_fraction {trim} cuts nothing from a round "
+                          f"of {smallest_round} updates (min_updates): raise either")
 
 
 def check_rule(rule: str, trim: float) -> None:

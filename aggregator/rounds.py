@@ -19,7 +19,7 @@ from edge_agent.protocol import Update
 from .accumulator import WeightedAccumulator
 from .optimizers import ServerOptimizer
 from .privacy import CentralDP, epsilon_from_rdp
-from .robust import UpdateCollector, check_rule
+from .robust import UpdateCollector, check_round_size, check_rule
 from .staleness import StalenessPolicy
 
 STATE_FORMAT = 3
@@ -80,6 +80,11 @@ class RoundPolicy:
             if self.dp is not None:
                 raise ConfigError("differential privacy works on the mean: use aggregation "
                                   "= mean with dp_noise_multiplier")
+            if self.late_updates != "discard":
+                raise ConfigError(f"{self.aggregation} needs sync rounds that discard late "
+                                  "updates: folded late updates would let one device put "
+                                  "several updates into a round and outvote the others")
+            check_round_size(self.aggregation, self.trim_fraction, self.min_updates)
         if self.dp is not None and self.late_updates != "discard":
             raise ConfigError("differential privacy needs sync rounds that discard late "
                               "updates: a folded late update would let one device count twice "
@@ -333,7 +338,7 @@ class RoundMachine:
         self.dp_rdp = float(state.get("dp_rdp", 0.0))
         self._start(int(state["round"]), now)  # the deadline starts afresh
         partial = state.get("open")
-        if partial:
+        if partial and partial["contributions"]:  # an empty round: any aggregation may go on
             self.acc.load_state_dict(partial["acc"])
             o = self.open
             o.contributions = {(d, int(v)): u for d, v, u in partial["contributions"]}

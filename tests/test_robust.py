@@ -133,3 +133,39 @@ def test_a_median_round_survives_a_restart_through_the_checkpoint_store(tmp_path
     assert resumed.acc.count == 3
     resumed.close(now=2.0)
     assert np.allclose(resumed.params, 2.0)
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    ({"aggregation": "median", "min_updates": 3, "mode": "async"}, "needs sync rounds"),
+    ({"aggregation": "median", "min_updates": 3, "late_updates": "fold"}, "needs sync rounds"),
+    ({"aggregation": "median", "min_updates": 2}, "the median of 2 updates is their mean"),
+    ({"aggregation": "trimmed_mean", "min_updates": 9}, "cuts nothing from a round of 9"),
+])
+def test_robust_rules_refuse_rounds_they_cannot_protect(settings, message):
+    with pytest.raises(ConfigError, match=message):
+        AggregatorConfig(**settings)
+
+
+def test_a_trimmed_mean_configured_by_the_aggregator_cuts_its_share():
+    policy = AggregatorConfig(aggregation="trimmed_mean", trim_fraction=0.25,
+                              min_updates=4).policy()
+    assert (policy.aggregation, policy.trim_fraction) == ("trimmed_mean", 0.25)
+    m = machine(min_updates=4, aggregation="trimmed_mean", trim_fraction=0.25)
+    for device, value in (("a", 0.9), ("b", 1.0), ("c", 1.1), ("evil", 1000.0)):
+        m.offer(update(device, delta=np.full(4, value, np.float32)))
+    m.close(now=1.0)
+    assert np.allclose(m.params, 1.05, atol=1e-6)  # one cut from each end: (1.0 + 1.1) / 2
+    assert robust.trimmed_count(0.29, 100) == 29  # not 28: 0.29 * 100 is 28.999...
+
+
+def test_an_empty_open_round_lets_the_aggregation_change_on_restart():
+    mean_machine = machine(min_updates=3)
+    for device in ("a", "b", "c"):
+        mean_machine.offer(update(device))
+    mean_machine.close(now=1.0)  # the checkpoint now holds an empty mean round
+    switched = machine(min_updates=3, aggregation="median")
+    switched.load_state_dict(mean_machine.state_dict(), now=2.0)
+    assert switched.acc.count == 0 and switched.version == 1
+    back = machine(min_updates=3)
+    back.load_state_dict(switched.state_dict(), now=3.0)
+    assert back.version == 1

@@ -159,11 +159,16 @@ class RoundMachine:
             return WeightedAccumulator(self.params.size)
         return UpdateCollector(self.params.size, rule=p.aggregation, trim=p.trim_fraction)
 
+    @property
+    def plain_releases(self) -> int:
+        """Models released without DP noise (a checkpoint from before DP was turned on)."""
+        return self.version - self.dp_rounds
+
     def epsilon(self) -> float:
         """Privacy spent by every model released so far, at the policy's dp_delta: infinite
         once any was released without noise (a checkpoint from before DP was turned on)."""
         dp = self.policy.dp
-        if dp is None or self.version > self.dp_rounds:
+        if dp is None or self.plain_releases:
             return math.inf
         return epsilon_from_rdp(self.dp_rdp, dp.delta)
 

@@ -197,11 +197,11 @@ class AggregatorService:
         self.history = [RoundRecord(**r) for r in state.get("history", [])]
         log.info("resumed from %s at round %d (model v%d)", self.config.checkpoint,
                  self.machine.round, self.machine.version)
-        if self.machine.policy.dp is not None and self.machine.version > self.machine.dp_rounds:
+        if self.machine.policy.dp is not None and self.machine.plain_releases:
             log.warning("%d of the %d models in %s were released without DP noise: the "
                         "epsilon reported is infinite; start from a fresh checkpoint for a "
-                        "private run", self.machine.version - self.machine.dp_rounds,
-                        self.machine.version, self.config.checkpoint)
+                        "private run", self.machine.plain_releases, self.machine.version,
+                        self.config.checkpoint)
         if self._done():
             self.finished.set()
 

@@ -1,0 +1,1 @@
+"""fedmq aggregator: the server side. Combines device updates into the next global model."""

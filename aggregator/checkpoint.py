@@ -26,7 +26,7 @@ import zlib
 from pathlib import Path
 from typing import Any
 
-from edge_agent import persist
+from fedmq import storage
 
 # Parts of state["machine"] that change only when the model's version does.
 MODEL_KEYS = ("params", "optimizer")
@@ -57,7 +57,7 @@ class CheckpointStore:
         self._seq += 1
         version = state["machine"]["version"]
         if version != self._model_version:
-            persist.save_state(self.path, {**state, "seq": self._seq, "run": self._run})
+            storage.save_state(self.path, {**state, "seq": self._seq, "run": self._run})
             self._model_version = version
             self.full_writes += 1
             return
@@ -66,7 +66,7 @@ class CheckpointStore:
         self.journal_writes += 1
 
     def _write_slot(self, journal: dict[str, Any]) -> None:
-        parts = persist.dump_parts(journal)
+        parts = storage.dump_parts(journal)
         length, crc = 0, 0
         for part in parts:
             length += len(part)
@@ -89,7 +89,7 @@ class CheckpointStore:
             existed = path.exists()
             fd = self._fds[index] = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
             if not existed:  # the new name itself must survive a crash
-                persist.fsync_dir(path.parent)
+                storage.fsync_dir(path.parent)
         return fd
 
     def close(self) -> None:
@@ -101,7 +101,7 @@ class CheckpointStore:
     # -- reading -------------------------------------------------------------------------
     def load(self) -> dict[str, Any] | None:
         """The newest durable state, or None when nothing was saved yet."""
-        state = persist.load_state(self.path)
+        state = storage.load_state(self.path)
         if state is None:
             return None
         seq, run = int(state.pop("seq", 0)), state.pop("run", None)
@@ -132,7 +132,7 @@ def _read_slot(path: Path) -> dict[str, Any] | None:
     if magic != _MAGIC or fmt != _FORMAT or len(body) != length or zlib.crc32(body) != crc:
         return None
     try:
-        journal = persist.load_parts(body)
-    except persist.StateError:
+        journal = storage.load_parts(body)
+    except storage.StateError:
         return None
     return journal if journal.get("seq") == seq else None

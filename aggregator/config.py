@@ -4,20 +4,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from edge_agent import codecs
-from edge_agent.chunking import Reassembler
-from edge_agent.config import BrokerConfig, option
-from edge_agent.data import task_spec
-from edge_agent.errors import ConfigError, ProtocolError
-from edge_agent.models import model_names
-from edge_agent.protocol import TaskConfig
-
-from .optimizers import ServerOptConfig, create_optimizer
-from .privacy import CentralDP
-from .rounds import RoundPolicy
-from .selection import AssignmentPolicy, CohortPolicy
-from .staleness import StalenessPolicy
-from .validation import UpdateLimits
+from aggregator.rounds import RoundPolicy
+from aggregator.selection import AssignmentPolicy, CohortPolicy
+from aggregator.staleness import StalenessPolicy
+from aggregator.strategy.optimizers import ServerOptConfig, create_optimizer
+from aggregator.strategy.privacy import CentralDP
+from aggregator.validation import UpdateLimits
+from fedmq.config import BrokerConfig, option
+from fedmq.core import codecs
+from fedmq.core.chunking import Reassembler
+from fedmq.core.protocol import TaskConfig
+from fedmq.errors import ConfigError, ProtocolError
+from fedmq.models import model_names
+from fedmq.tasks import task_spec
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -30,10 +30,10 @@ from typing import Any
 
 import numpy as np
 
-from edge_agent.datasource import task_class_names
-from edge_agent.errors import ConfigError, FedmqError, MissingExtraError, require
-from edge_agent.models import Model, build_model
-from edge_agent.persist import atomic_write
+from fedmq.errors import ConfigError, FedmqError, MissingExtraError, require
+from fedmq.models import Model, build_model
+from fedmq.storage import atomic_write
+from fedmq.tasks.datasource import task_class_names
 
 log = logging.getLogger(__name__)
 

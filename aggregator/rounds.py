@@ -13,14 +13,13 @@ from typing import Any
 
 import numpy as np
 
-from edge_agent.errors import ConfigError, ProtocolError
-from edge_agent.protocol import Update
-
-from .accumulator import WeightedAccumulator
-from .optimizers import ServerOptimizer
-from .privacy import CentralDP, epsilon_from_rdp
-from .robust import UpdateCollector, check_round_size, check_rule
-from .staleness import StalenessPolicy
+from aggregator.staleness import StalenessPolicy
+from aggregator.strategy.accumulator import WeightedAccumulator
+from aggregator.strategy.optimizers import ServerOptimizer
+from aggregator.strategy.privacy import CentralDP, epsilon_from_rdp
+from aggregator.strategy.robust import UpdateCollector, check_round_size, check_rule
+from fedmq.core.protocol import Update
+from fedmq.errors import ConfigError, ProtocolError
 
 STATE_FORMAT = 3
 # Accepted (device, update id) keys are remembered this many rounds back, so an update

@@ -14,9 +14,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from edge_agent import codecs
-from edge_agent.errors import ConfigError
-from edge_agent.protocol import TaskConfig
+from fedmq.core import codecs
+from fedmq.core.protocol import TaskConfig
+from fedmq.errors import ConfigError
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -20,12 +20,17 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_agent import codecs, persist
-from edge_agent.data import Dataset, split_task
-from edge_agent.errors import ConfigError, FedmqError, ProtocolError
-from edge_agent.models import build_model
-from edge_agent.mqtt import MqttLink, Will
-from edge_agent.protocol import (
+from aggregator.checkpoint import CheckpointStore
+from aggregator.config import AggregatorConfig
+from aggregator.devices import DeviceRegistry
+from aggregator.rounds import Action, RoundMachine, RoundResult
+from aggregator.selection import assign_tasks, select_cohort
+from aggregator.strategy.optimizers import create_optimizer
+from aggregator.validation import RejectionLog, UpdateLimits, UpdateScreen
+from aggregator.writer import CheckpointWriter
+from fedmq import storage
+from fedmq.core import codecs
+from fedmq.core.protocol import (
     AggregatorStatus,
     DeviceStatus,
     FleetTopics,
@@ -36,18 +41,13 @@ from edge_agent.protocol import (
     Receipt,
     Update,
 )
-from edge_agent.protocol.wire import decode_any
-from edge_agent.signing import announcement_sealer
-from edge_agent.transfer import chunk_tensor
-
-from .checkpoint import CheckpointStore
-from .config import AggregatorConfig
-from .optimizers import create_optimizer
-from .registry import DeviceRegistry
-from .rounds import Action, RoundMachine, RoundResult
-from .selection import assign_tasks, select_cohort
-from .validation import RejectionLog, UpdateLimits, UpdateScreen
-from .writer import CheckpointWriter
+from fedmq.core.protocol.wire import decode_any
+from fedmq.core.transfer import chunk_tensor
+from fedmq.errors import ConfigError, FedmqError, ProtocolError
+from fedmq.keyfiles import announcement_sealer
+from fedmq.models import build_model
+from fedmq.tasks import Dataset, split_task
+from fedmq.transport.mqtt import MqttLink, Will
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ class AggregatorService:
         self.model = build_model(config.model_name, config.model_config(), seed=config.seed)
         self.exporter = None  # ONNX files of every new model, written off the loop thread
         if config.onnx_dir:
-            from .onnx_export import BackgroundExporter, ModelExporter
+            from aggregator.onnx_export import BackgroundExporter, ModelExporter
 
             self.exporter = BackgroundExporter(
                 ModelExporter(config.onnx_dir, keep=config.onnx_keep),
@@ -188,7 +188,7 @@ class AggregatorService:
     def _restore(self) -> None:
         try:
             state = self.store.load()
-        except persist.StateError as exc:
+        except storage.StateError as exc:
             raise ConfigError(f"checkpoint {self.config.checkpoint}: {exc}; move it (and its "
                               ".round-0/.round-1 journal) away to start fresh") from None
         if state is None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from edge_agent.errors import ConfigError
+from fedmq.errors import ConfigError
 
 STALENESS_KINDS = ("constant", "polynomial", "hinge")
 

@@ -18,12 +18,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edge_agent import codecs
-from edge_agent.codecs.pipeline import MAX_WEIGHTED_VALUE
-from edge_agent.errors import ConfigError, ProtocolError
-from edge_agent.protocol import Part, Update
-
-from .registry import DeviceRegistry
+from aggregator.devices import DeviceRegistry
+from fedmq.core import codecs
+from fedmq.core.codecs.pipeline import MAX_WEIGHTED_VALUE
+from fedmq.core.protocol import Part, Update
+from fedmq.errors import ConfigError, ProtocolError
 
 # A device that stops cleanly publishes its offline status right after its last update,
 # and statuses skip the update queue: give the update this long to catch up.

@@ -15,7 +15,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from .checkpoint import CheckpointStore
+from aggregator.checkpoint import CheckpointStore
 
 log = logging.getLogger(__name__)
 

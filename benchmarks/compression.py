@@ -14,9 +14,9 @@ import statistics
 import sys
 import time
 
-from aggregator.broker import LocalMosquitto
-from aggregator.simulator import Simulation, SimulationConfig
-from edge_agent.codecs import PRESETS
+from fedmq.core.codecs import PRESETS
+from simulator.broker import LocalMosquitto
+from simulator.fleet import Simulation, SimulationConfig
 
 GOAL_RATIO = 32.0
 MAX_LOSS_POINTS = 1.0

@@ -27,8 +27,8 @@ import json, resource, sys, time
 task, model_name = sys.argv[1], sys.argv[2]
 t0 = time.perf_counter()
 import edge_agent.agent  # noqa: F401  what `fedmq agent` imports
-from edge_agent.data import device_shard, task_spec
-from edge_agent.models import build_model
+from fedmq.tasks import device_shard, task_spec
+from fedmq.models import build_model
 import numpy as np
 import_s = time.perf_counter() - t0
 spec = task_spec(task)
@@ -41,7 +41,7 @@ start = model.get_flat()
 result = model.train(data.x, data.y, epochs=spec.epochs, batch_size=spec.batch_size,
                      lr=spec.lr, rng=np.random.default_rng(0), max_steps=spec.max_steps)
 delta = model.get_flat() - start
-from edge_agent import codecs
+from fedmq.core import codecs
 codecs.encode(delta, "q8", rng=np.random.default_rng(0))
 per_epoch = result.seconds / max(1, spec.epochs) if result.complete else result.seconds
 print(json.dumps({

@@ -19,8 +19,8 @@ import sys
 import time
 from dataclasses import dataclass
 
-from aggregator.broker import LocalMosquitto
-from aggregator.simulator import Simulation, SimulationConfig
+from simulator.broker import LocalMosquitto
+from simulator.fleet import Simulation, SimulationConfig
 
 
 @dataclass

@@ -27,10 +27,10 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # "one core": no BLAS threads any
 
 import numpy as np
 
-from aggregator.accumulator import WeightedAccumulator
-from edge_agent import codecs
-from edge_agent.mqtt import BrokerAddress
-from edge_agent.protocol import FleetTopics, Update
+from aggregator.strategy.accumulator import WeightedAccumulator
+from fedmq.core import codecs
+from fedmq.core.protocol import FleetTopics, Update
+from fedmq.transport.mqtt import BrokerAddress
 
 PARAMS = 1_000_000
 GOAL_DECODE_PER_S = 600
@@ -84,7 +84,7 @@ def rss_child(codec: str, count: int) -> None:
 # -- part 2: through a real broker --------------------------------------------------------
 def publisher_child(url: str, fleet: str, name: str, count: int, layout_hash: str) -> None:
     """Connect, build `count` distinct-device payloads, wait for 'go' on stdin, flood."""
-    from edge_agent.mqtt import MqttLink
+    from fedmq.transport.mqtt import MqttLink
 
     topics = FleetTopics(fleet)
     base = Update.from_payload(make_update("q8", "x", size=PARAMS_1M_MLP,
@@ -140,7 +140,7 @@ def raw_broker_rate(url: str, publishers: int, per: int, *, plain: bool) -> floa
     fedmq's MqttLink, whose receive path the aggregator uses (the stricter baseline)."""
     import paho.mqtt.client as mqtt
 
-    from edge_agent.mqtt import MqttLink
+    from fedmq.transport.mqtt import MqttLink
 
     total = publishers * per
     fleet = "rawbench"
@@ -235,7 +235,7 @@ def main() -> int:
         print(f"{codec:8s} {nbytes / 1024:10.0f} {codec_only:13.0f} {full:12.0f} "
               f"{rss10:10.1f} {rss1000:12.1f}")
 
-    from aggregator.broker import LocalMosquitto
+    from simulator.broker import LocalMosquitto
 
     per = max(1, args.flood // args.publishers)
     print(f"\n(2) end to end through mosquitto: {args.publishers} publisher processes x {per} "

@@ -1,7 +1,5 @@
-"""fedmq edge agent: trains on local data and publishes model updates over MQTT.
+"""fedmq edge agent: the device side. Trains on local data and publishes model updates.
 
-The wire protocol and codecs live here because both the agent and the aggregator need
-them, and the agent must install on its own with only paho-mqtt, numpy and msgpack.
+What the agent shares with the aggregator (protocol, codecs, transport, models) lives in
+the `fedmq` package; this one holds only the device's service around it.
 """
-
-__version__ = "0.1.0"

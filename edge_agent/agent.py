@@ -22,15 +22,12 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__, codecs, persist
-from .chunking import split_payload
-from .config import AgentConfig
-from .data import Dataset
-from .errors import DataError, FedmqError, ProtocolError
-from .models import Model, build_model
-from .mqtt import MqttLink, Will
-from .outbox import Outbox, Pending
-from .protocol import (
+from edge_agent.config import AgentConfig
+from edge_agent.outbox import Outbox, Pending
+from fedmq import __version__, storage
+from fedmq.core import codecs
+from fedmq.core.chunking import split_payload
+from fedmq.core.protocol import (
     DeviceStatus,
     FleetTopics,
     ModelAnnouncement,
@@ -39,8 +36,12 @@ from .protocol import (
     TaskConfig,
     Update,
 )
-from .signing import AnnouncementOpener
-from .transfer import DELTA, FULL, ModelReceiver, ReceivedModel
+from fedmq.core.transfer import DELTA, FULL, ModelReceiver, ReceivedModel
+from fedmq.errors import DataError, FedmqError, ProtocolError
+from fedmq.keyfiles import opener_for_config
+from fedmq.models import Model, build_model
+from fedmq.tasks import Dataset
+from fedmq.transport.mqtt import MqttLink, Will
 
 log = logging.getLogger(__name__)
 # How often the training thread looks for updates whose receipt is overdue.
@@ -109,7 +110,7 @@ class LocalTrainer:
         self.feedback = codecs.ErrorFeedback(self.spec)
         self.state_path = Path(state_path) if state_path else None
         if self.state_path is not None:
-            state = persist.load_state(self.state_path)
+            state = storage.load_state(self.state_path)
             if state is not None:
                 self.feedback.load_state_dict(state.get("feedback", {}))
         self._model: Model | None = None
@@ -142,7 +143,7 @@ class LocalTrainer:
         self.feedback.spec = spec
         encoded = self.feedback.encode(delta, rng=rng)
         if self.state_path is not None:
-            persist.save_state(self.state_path, {"feedback": self.feedback.state_dict()})
+            storage.save_state(self.state_path, {"feedback": self.feedback.state_dict()})
         return encoded
 
     def _refresh_data(self) -> None:
@@ -246,7 +247,7 @@ class EdgeAgent:
         seed = config.seed if config.seed >= 0 else zlib.crc32(config.device_id.encode())
         reload = None
         if config.data_reload:
-            from .datasource import load_source
+            from fedmq.tasks.datasource import load_source
 
             reload = functools.partial(load_source, config.data_source, config.task,
                                        label=config.data_label,
@@ -257,7 +258,7 @@ class EdgeAgent:
                                     or os.cpu_count() or 1, reload=reload)
         self.receiver = ModelReceiver()
         # With model_public_key set, only announcements the aggregator signed get through.
-        self.announcements = AnnouncementOpener.for_config(config.model_public_key)
+        self.announcements = opener_for_config(config.model_public_key)
         self.stats = AgentStats()
         self.outbox = Outbox(Path(config.state_dir) / "outbox" if config.state_dir else None)
         self._pending: ReceivedModel | None = None

@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .persist import atomic_write
+from fedmq.storage import atomic_write
 
 log = logging.getLogger(__name__)
 _NAME = re.compile(r"(\d{10})-([0-9A-Za-z_.-]{1,64})\.upd")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DataError, require
+from fedmq.errors import DataError, require
 
 META_PREFIX = "fedmq."
 _ORT_DTYPES = {"tensor(float)": "float32", "tensor(double)": "float64",
@@ -137,7 +137,7 @@ def _fits(shape: tuple[int, ...], expected: tuple[int, ...]) -> bool:
 def load_inputs(path: str | Path, info: ModelInfo) -> tuple[np.ndarray, np.ndarray | None]:
     """(x, labels or None) from an .npz (`x`, optional `y`) or a .csv of feature rows
     (one more column than the model's input width: the last one is a label)."""
-    from .datasource import read_csv
+    from fedmq.tasks.datasource import read_csv
 
     path = Path(path)
     if path.suffix == ".npz":
@@ -163,7 +163,9 @@ def load_inputs(path: str | Path, info: ModelInfo) -> tuple[np.ndarray, np.ndarr
     return values[:, :-1], values[:, -1]
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def configure(parser: argparse.ArgumentParser) -> None:
+    """`fedmq predict`: arguments, and run() as what it does."""
+    parser.set_defaults(func=run)
     parser.add_argument("--model", required=True, metavar="ONNX",
                         help="model file written by the aggregator (e.g. latest.onnx)")
     what = parser.add_mutually_exclusive_group(required=True)
@@ -228,7 +230,7 @@ def _write_csv(header: list[str], rows: list[list], output: str | None) -> None:
 
 def _run_text(predictor: OnnxPredictor, args: argparse.Namespace) -> int:
     """Keyboard models: the next characters after `args.text`, most likely first."""
-    from .data import keyboard
+    from fedmq.tasks import keyboard
 
     info = predictor.info
     if info.input_dtype.kind not in "iu" or len(info.input_shape) != 1 or info.width < 1:

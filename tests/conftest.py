@@ -7,8 +7,8 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from aggregator.broker import LocalMosquitto
-from aggregator.certs import Pki
+from fedmq.ops.certs import Pki
+from simulator.broker import LocalMosquitto
 
 
 @pytest.fixture

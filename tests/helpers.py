@@ -9,7 +9,7 @@ from aggregator.config import AggregatorConfig
 from aggregator.service import AggregatorService
 from edge_agent.agent import EdgeAgent
 from edge_agent.config import AgentConfig
-from edge_agent.data import partition, split_task
+from fedmq.tasks import partition, split_task
 
 # Generous: a shared 2-core CI box can stall a thread for seconds.
 WAIT_S = 60.0

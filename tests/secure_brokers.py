@@ -2,7 +2,7 @@
 
 Only paths, ports and the central broker's address are rewritten, and every rewrite must
 apply, so a path renamed in a shipped file fails loudly instead of pointing a test at /etc.
-Certificates come from aggregator/certs.py and passwords from mosquitto_passwd, exactly as
+Certificates come from fedmq/ops/certs.py and passwords from mosquitto_passwd, exactly as
 an operator makes them (broker_config/README.md).
 """
 
@@ -15,12 +15,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from aggregator.broker import LocalMosquitto, as_invoking_user, free_port
-from aggregator.certs import Pki
-from aggregator.enroll import add_password
 from edge_agent.agent import EdgeAgent
-from edge_agent.mqtt import MqttLink
-from edge_agent.tls import TlsFiles
+from fedmq.ops.certs import Pki
+from fedmq.ops.enroll import add_password
+from fedmq.transport.mqtt import MqttLink
+from fedmq.transport.tls import TlsFiles
+from simulator.broker import LocalMosquitto, as_invoking_user, free_port
 
 from .helpers import make_agents, wait_for
 

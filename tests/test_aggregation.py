@@ -6,11 +6,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from aggregator.accumulator import WeightedAccumulator
-from aggregator.optimizers import ServerOptConfig, create_optimizer, optimizer_names
-from edge_agent import codecs
-from edge_agent.errors import CodecError, ConfigError
-from edge_agent.protocol import EncodedTensor
+from aggregator.strategy.accumulator import WeightedAccumulator
+from aggregator.strategy.optimizers import ServerOptConfig, create_optimizer, optimizer_names
+from fedmq.core import codecs
+from fedmq.core.protocol import EncodedTensor
+from fedmq.errors import CodecError, ConfigError
 
 values = st.floats(-100, 100, allow_nan=False, width=32)
 
@@ -134,7 +134,7 @@ def test_registry():
 
 def test_config_rejects_unknown_optimizer_and_model_at_load():
     from aggregator.config import AggregatorConfig
-    from edge_agent.config import load_config
+    from fedmq.config import load_config
 
     with pytest.raises(ConfigError, match="choose one of"):
         load_config(AggregatorConfig, None, {"optimizer": "sgd"})

@@ -2,7 +2,7 @@
 
 Every broker here runs a shipped file with only paths and ports rewritten
 (tests/secure_brokers.py); every client is the project's MqttLink, so the client side of
-TLS (edge_agent/tls.py) is exercised too. A "never receives" check always waits for a
+TLS (fedmq/transport/tls.py) is exercised too. A "never receives" check always waits for a
 message the same subscriber is allowed to get and that the broker handled later: once that
 arrived, the forbidden one would have arrived before it.
 """
@@ -16,12 +16,12 @@ import threading
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from aggregator.broker import DEV_SETTINGS, LocalMosquitto, as_invoking_user, free_port
-from aggregator.certs import Pki
-from edge_agent.errors import BrokerError, ConfigError
-from edge_agent.mqtt import MqttLink
-from edge_agent.protocol import FleetTopics
-from edge_agent.tls import TlsFiles
+from fedmq.core.protocol import FleetTopics
+from fedmq.errors import BrokerError, ConfigError
+from fedmq.ops.certs import Pki
+from fedmq.transport.mqtt import MqttLink
+from fedmq.transport.tls import TlsFiles
+from simulator.broker import DEV_SETTINGS, LocalMosquitto, as_invoking_user, free_port
 
 from .helpers import wait_for
 from .secure_brokers import (
@@ -265,7 +265,7 @@ def _directives(text: str) -> list[str]:
 def test_dev_conf_agrees_with_the_simulator_broker():
     dev = _directives(read_shipped("dev.conf"))
     missing = [line for line in _directives(DEV_SETTINGS) if line not in dev]
-    assert not missing, f"dev.conf lacks {missing} from aggregator/broker.py DEV_SETTINGS"
+    assert not missing, f"dev.conf lacks {missing} from simulator/broker.py DEV_SETTINGS"
     assert "listener 1883 127.0.0.1" in dev and "persistence true" in dev
 
 
@@ -362,7 +362,7 @@ def test_agents_and_aggregator_train_over_tls_with_passwords_and_acls(secure, tm
     message a round needs through (births, models, updates, receipts)."""
     from edge_agent.agent import EdgeAgent
     from edge_agent.config import AgentConfig
-    from edge_agent.data import partition, split_task
+    from fedmq.tasks import partition, split_task
 
     from .helpers import make_aggregator
 

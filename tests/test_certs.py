@@ -10,13 +10,14 @@ import pytest
 from cryptography import x509
 from cryptography.x509.verification import PolicyBuilder, Store
 
-from aggregator.certs import Pki, client_uri
 from aggregator.config import AggregatorConfig
-from aggregator.enroll import add_password, enroll, password_users
-from edge_agent.cli import main
-from edge_agent.config import AgentConfig, load_config
-from edge_agent.errors import BrokerError, ConfigError, MissingExtraError
-from edge_agent.mqtt import MqttLink
+from edge_agent.config import AgentConfig
+from fedmq.cli import main
+from fedmq.config import load_config
+from fedmq.errors import BrokerError, ConfigError, MissingExtraError
+from fedmq.ops.certs import Pki, client_uri
+from fedmq.ops.enroll import add_password, enroll, password_users
+from fedmq.transport.mqtt import MqttLink
 
 from .secure_brokers import production_broker, running
 

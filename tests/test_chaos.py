@@ -10,13 +10,13 @@ import threading
 import pytest
 
 from aggregator.checkpoint import CheckpointStore
-from edge_agent.protocol import AggregatorStatus, FleetTopics
+from fedmq.core.protocol import AggregatorStatus, FleetTopics
 
 from .helpers import make_agents, wait_for
 from .test_cli import RetainedWatcher
 
 pytestmark = pytest.mark.integration
-FEDMQ = [sys.executable, "-m", "edge_agent.cli"]
+FEDMQ = [sys.executable, "-m", "fedmq.cli"]
 
 
 def counted_in(checkpoint) -> int:
@@ -112,7 +112,7 @@ def test_broker_killed_mid_round_and_restarted_empty(broker, tmp_path, stoppers,
 @pytest.fixture
 def fast_reconnects(monkeypatch):
     """Links built after this retry within 0.3 s: cut devices rejoin promptly."""
-    import edge_agent.mqtt as mqtt_module
+    import fedmq.transport.mqtt as mqtt_module
 
     monkeypatch.setattr(mqtt_module, "RECONNECT_MAX_S", 0.3)
     monkeypatch.setattr(mqtt_module, "RECONNECT_MIN_S", 0.05)
@@ -129,7 +129,7 @@ def proxied_agents(broker, stoppers, pool, count, *, fleet):
 
 def test_a_device_offline_for_three_rounds_rejoins_on_the_latest_model(
         broker, tmp_path, stoppers, fast_reconnects):
-    from aggregator.faultproxy import ProxyPool
+    from simulator.faultproxy import ProxyPool
 
     from .helpers import make_aggregator
 
@@ -162,7 +162,7 @@ def test_training_completes_when_30_percent_of_devices_drop_every_round(
         broker, tmp_path, stoppers, fast_reconnects):
     import random
 
-    from aggregator.faultproxy import ProxyPool
+    from simulator.faultproxy import ProxyPool
 
     from .helpers import make_aggregator
 
@@ -197,8 +197,8 @@ def test_training_completes_when_30_percent_of_devices_drop_every_round(
 def test_an_agent_process_sigkilled_before_its_update_got_out_sends_it_after_restart(
         broker, tmp_path, stoppers, processes, fast_reconnects):
     """(e) with a real `fedmq agent`: trained and stored, its link down, then SIGKILL."""
-    from aggregator.faultproxy import ProxyPool
     from edge_agent.outbox import Outbox
+    from simulator.faultproxy import ProxyPool
 
     from .helpers import make_aggregator
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from aggregator.checkpoint import CheckpointStore
-from edge_agent import persist
+from fedmq import storage
 
 
 def state(version: int, round: int, contributions: int, *, size: int = 64) -> dict:
@@ -109,7 +109,7 @@ def test_a_restarted_store_numbers_on_and_rewrites_the_whole_state_first(tmp_pat
 def test_a_corrupt_whole_state_file_is_an_error_not_a_fresh_start(tmp_path):
     path = tmp_path / "agg.ckpt"
     path.write_bytes(b"\x92\x01")
-    with pytest.raises(persist.StateError):
+    with pytest.raises(storage.StateError):
         CheckpointStore(path).load()
 
 

@@ -10,11 +10,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge_agent.chunking import Reassembler, frame, split_payload
-from edge_agent.errors import ConfigError, ProtocolError
-from edge_agent.mqtt import MqttLink, publish_overhead
-from edge_agent.protocol import Part
-from edge_agent.protocol.wire import peek_kind
+from fedmq.core.chunking import Reassembler, frame, split_payload
+from fedmq.core.protocol import Part
+from fedmq.core.protocol.wire import peek_kind
+from fedmq.errors import ConfigError, ProtocolError
+from fedmq.transport.mqtt import MqttLink, publish_overhead
 
 TIMEOUT_S = 10.0
 
@@ -215,7 +215,7 @@ def test_random_bytes_never_escape_peek_kind_as_other_errors(data):
 
 def test_frame_is_shared_and_fits_any_message():
     """The model's chunks are cut by the same function (transfer.encode_model)."""
-    from edge_agent.protocol import ModelChunk
+    from fedmq.core.protocol import ModelChunk
 
     chunks = frame(bytes(10_000), max_payload=1000,
                    make=lambda i, k, d: ModelChunk(version=7, index=i, count=k, data=d))
@@ -241,7 +241,7 @@ def test_effective_max_payload_is_the_smaller_of_config_and_broker_limit():
 
 def test_every_link_backs_off_on_its_own_jittered_schedule():
     """After a broker restart a fleet must not reconnect in lockstep."""
-    import edge_agent.mqtt as mqtt_module
+    import fedmq.transport.mqtt as mqtt_module
 
     delays = {MqttLink(client_id=f"d{i}", broker="mqtt://127.0.0.1:1").reconnect_delays
               for i in range(20)}

@@ -9,10 +9,10 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from aggregator.broker import LocalMosquitto
-from edge_agent.chunking import split_payload
-from edge_agent.mqtt import MqttLink
-from edge_agent.protocol import FleetTopics, Part
+from fedmq.core.chunking import split_payload
+from fedmq.core.protocol import FleetTopics, Part
+from fedmq.transport.mqtt import MqttLink
+from simulator.broker import LocalMosquitto
 
 from .helpers import make_agents, make_aggregator, wait_for
 

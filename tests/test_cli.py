@@ -12,12 +12,12 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edge_agent.protocol import AggregatorStatus, DeviceStatus, FleetTopics
+from fedmq.core.protocol import AggregatorStatus, DeviceStatus, FleetTopics
 
 from .helpers import wait_for
 
 pytestmark = pytest.mark.integration
-FEDMQ = [sys.executable, "-m", "edge_agent.cli"]
+FEDMQ = [sys.executable, "-m", "fedmq.cli"]
 
 
 def test_simulate_runs_a_fleet_and_writes_metrics_and_plot(tmp_path):

@@ -11,13 +11,13 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from edge_agent import codecs
-from edge_agent.codecs import lossless
-from edge_agent.codecs.bitpack import pack, unpack, varint_decode, varint_encode
-from edge_agent.codecs.pipeline import _levels
-from edge_agent.codecs.spec import CodecSpec, parse_spec
-from edge_agent.errors import CodecError, ConfigError
-from edge_agent.protocol import EncodedTensor
+from fedmq.core import codecs
+from fedmq.core.codecs import lossless
+from fedmq.core.codecs.bitpack import pack, unpack, varint_decode, varint_encode
+from fedmq.core.codecs.pipeline import _levels
+from fedmq.core.codecs.spec import CodecSpec, parse_spec
+from fedmq.core.protocol import EncodedTensor
+from fedmq.errors import CodecError, ConfigError
 
 finite = st.floats(-1e3, 1e3, allow_nan=False, width=32)
 vectors = arrays(np.float32, st.integers(1, 700), elements=finite)
@@ -225,7 +225,7 @@ def test_finite_values_that_could_overflow_the_sum_are_refused_before_touching_i
 def test_decoding_in_steps_equals_decoding_at_once(codec, size, chunk, seed):
     """The step size (CHUNK) is a speed knob: any step, aligned to the blocks or not, must
     give the same sum as one step over the whole tensor."""
-    from edge_agent.codecs import pipeline
+    from fedmq.core.codecs import pipeline
 
     rng = np.random.default_rng(seed)
     tensor = codecs.encode(rng.normal(0, 1, size).astype(np.float32), codec, rng=rng)

@@ -4,9 +4,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from edge_agent import codecs
-from edge_agent.errors import CodecError, ConfigError
-from edge_agent.protocol import EncodedTensor
+from fedmq.core import codecs
+from fedmq.core.protocol import EncodedTensor
+from fedmq.errors import CodecError, ConfigError
 
 finite = st.floats(-1e4, 1e4, allow_nan=False, width=32)
 

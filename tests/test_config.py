@@ -1,9 +1,10 @@
 import pytest
 
 from aggregator.config import AggregatorConfig
-from edge_agent.cli import build_parser
-from edge_agent.config import AgentConfig, load_config
-from edge_agent.errors import ConfigError
+from edge_agent.config import AgentConfig
+from fedmq.cli import build_parser
+from fedmq.config import load_config
+from fedmq.errors import ConfigError
 
 
 def test_toml_then_flags(tmp_path):

@@ -3,10 +3,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge_agent.data import device_shard, load_task, split_task
-from edge_agent.data.partition import dirichlet_partition, iid_partition, train_test_split
-from edge_agent.errors import ConfigError
-from edge_agent.models import build_model
+from fedmq.errors import ConfigError
+from fedmq.models import build_model
+from fedmq.tasks import device_shard, load_task, split_task
+from fedmq.tasks.partition import dirichlet_partition, iid_partition, train_test_split
 
 
 def _check_disjoint_cover(parts, n):

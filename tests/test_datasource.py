@@ -14,7 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from edge_agent.datasource import (
+from fedmq.errors import ConfigError, DataError
+from fedmq.tasks.datasource import (
     CsvSource,
     InputSpec,
     NpzSource,
@@ -23,11 +24,10 @@ from edge_agent.datasource import (
     load_source,
     parse_source,
 )
-from edge_agent.errors import ConfigError, DataError
 
 from .helpers import make_aggregator, wait_for
 
-FEDMQ = [sys.executable, "-m", "edge_agent.cli"]
+FEDMQ = [sys.executable, "-m", "fedmq.cli"]
 DIGITS = InputSpec(task="digits", shape=(64,), dtype=np.dtype("float32"), classes=10)
 KEYS = InputSpec(task="keyboard", shape=(8,), dtype=np.dtype("int64"), classes=96, vocab=96)
 SENSOR = InputSpec(task="sensor", shape=(6, 5), dtype=np.dtype("float32"), classes=4,
@@ -99,7 +99,7 @@ def test_csv_labels_may_be_class_names(tmp_path):
 
 
 def test_text_becomes_windows_of_the_keyboard_vocabulary(tmp_path):
-    from edge_agent.data import keyboard
+    from fedmq.tasks import keyboard
 
     text = "the quick brown fox jumps over the lazy dog"
     (tmp_path / "typing.txt").write_text(text, encoding="utf-8")
@@ -368,9 +368,9 @@ def test_a_live_source_is_read_again_every_round_and_a_bad_read_keeps_the_last(t
 def _trainer_and_round(data, reload):
     """A LocalTrainer on `data` with `reload`, and a function that trains one round."""
     from edge_agent.agent import LocalTrainer
-    from edge_agent.models import build_model
-    from edge_agent.protocol import ModelAnnouncement, TaskConfig
-    from edge_agent.transfer import ReceivedModel, encode_model
+    from fedmq.core.protocol import ModelAnnouncement, TaskConfig
+    from fedmq.core.transfer import ReceivedModel, encode_model
+    from fedmq.models import build_model
 
     config = {"inputs": 64, "classes": 10}
     model = build_model("logreg", config, seed=0)
@@ -434,8 +434,8 @@ def test_a_hung_sensor_does_not_hold_up_the_round():
 
 
 def load_source_rows(x, y):
-    from edge_agent.data import task_spec
-    from edge_agent.datasource import check_dataset
+    from fedmq.tasks import task_spec
+    from fedmq.tasks.datasource import check_dataset
 
     return check_dataset(x, y, InputSpec.from_task(task_spec("digits")), "rows")
 

@@ -7,12 +7,12 @@ import time
 import numpy as np
 import pytest
 
-from aggregator.optimizers import ServerOptConfig, create_optimizer
 from aggregator.rounds import RoundMachine, RoundPolicy
-from edge_agent import codecs
-from edge_agent.errors import ProtocolError
+from aggregator.strategy.optimizers import ServerOptConfig, create_optimizer
 from edge_agent.outbox import Outbox
-from edge_agent.protocol import Receipt, Update
+from fedmq.core import codecs
+from fedmq.core.protocol import Receipt, Update
+from fedmq.errors import ProtocolError
 
 from .helpers import make_agents, make_aggregator, wait_for
 
@@ -205,8 +205,8 @@ def test_the_aggregator_keeps_a_registry_of_device_births_and_deaths(broker, tmp
 
 
 def test_registry_keeps_capabilities_across_a_last_will_and_refuses_impostors():
-    from aggregator.registry import DeviceRegistry
-    from edge_agent.protocol import DeviceStatus
+    from aggregator.devices import DeviceRegistry
+    from fedmq.core.protocol import DeviceStatus
 
     registry = DeviceRegistry()
     registry.observe("pi1", DeviceStatus(device_id="pi1", online=True,

@@ -16,11 +16,11 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 
-from aggregator.broker import free_port
-from aggregator.faultproxy import FaultProxy, LinkProfile, ProxyPool, TokenBucket
-from edge_agent import mqtt as edge_mqtt
-from edge_agent.errors import BrokerError, ConfigError
-from edge_agent.mqtt import MqttLink, Will
+from fedmq.errors import BrokerError, ConfigError
+from fedmq.transport import mqtt as edge_mqtt
+from fedmq.transport.mqtt import MqttLink, Will
+from simulator.broker import free_port
+from simulator.faultproxy import FaultProxy, LinkProfile, ProxyPool, TokenBucket
 
 from .helpers import wait_for
 

@@ -2,12 +2,12 @@
 
 import numpy as np
 
-from edge_agent import codecs
 from edge_agent.agent import LocalTrainer
-from edge_agent.data import device_shard
-from edge_agent.models import build_model
-from edge_agent.protocol import ModelAnnouncement, TaskConfig
-from edge_agent.transfer import ReceivedModel, encode_model
+from fedmq.core import codecs
+from fedmq.core.protocol import ModelAnnouncement, TaskConfig
+from fedmq.core.transfer import ReceivedModel, encode_model
+from fedmq.models import build_model
+from fedmq.tasks import device_shard
 
 
 def trained_delta_norm(prox_mu: float) -> float:

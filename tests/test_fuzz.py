@@ -37,12 +37,12 @@ from paho.mqtt.enums import CallbackAPIVersion
 from aggregator.config import AggregatorConfig
 from aggregator.service import AggregatorService
 from aggregator.validation import UpdateLimits
-from edge_agent import codecs
-from edge_agent.models import build_model
-from edge_agent.mqtt import publish_overhead
-from edge_agent.protocol import DeviceStatus, FleetTopics, Update
-from edge_agent.protocol.wire import KIND_KEY, MAX_DECODED_BYTES, PROTOCOL_VERSION, VERSION_KEY
-from edge_agent.tls import TlsFiles
+from fedmq.core import codecs
+from fedmq.core.protocol import DeviceStatus, FleetTopics, Update
+from fedmq.core.protocol.wire import KIND_KEY, MAX_DECODED_BYTES, PROTOCOL_VERSION, VERSION_KEY
+from fedmq.models import build_model
+from fedmq.transport.mqtt import publish_overhead
+from fedmq.transport.tls import TlsFiles
 
 from .helpers import wait_for
 from .secure_brokers import (

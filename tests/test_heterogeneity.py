@@ -66,7 +66,7 @@ def test_async_fedbuff_steps_every_k_updates_and_folds_stale_ones(broker, tmp_pa
 
 
 def test_a_simulated_fleet_of_stragglers_and_flaky_links_trains_through(tmp_path):
-    from aggregator.simulator import Simulation, SimulationConfig
+    from simulator.fleet import Simulation, SimulationConfig
 
     config = SimulationConfig(devices=10, rounds=4, profiles="stragglers", clients_per_round=4,
                               time_budget_s=0.05, prox_mu=0.01, epochs=5, lr=0.05,
@@ -86,8 +86,8 @@ def test_a_round_whose_cohort_went_silent_asks_other_devices_at_the_deadline(
         broker, tmp_path, stoppers):
     """Nine devices are online by their births but never train (gone, in effect): a
     one-device cohort of one of them must not hold the round forever."""
-    from edge_agent.mqtt import MqttLink
-    from edge_agent.protocol import DeviceStatus, FleetTopics
+    from fedmq.core.protocol import DeviceStatus, FleetTopics
+    from fedmq.transport.mqtt import MqttLink
 
     topics = FleetTopics("test")
     ghosts = MqttLink(client_id="ghost-births", broker=broker.url)
@@ -107,8 +107,8 @@ def test_a_round_whose_cohort_went_silent_asks_other_devices_at_the_deadline(
 
 
 def test_simulate_passes_the_async_and_staleness_settings_to_the_aggregator(tmp_path):
-    from aggregator.simulator import Simulation, SimulationConfig
     from aggregator.staleness import StalenessPolicy
+    from simulator.fleet import Simulation, SimulationConfig
 
     config = SimulationConfig(devices=4, rounds=2, mode="async", buffer_size=3,
                               staleness="hinge", staleness_a=2.0, staleness_b=1.0,

@@ -10,7 +10,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from aggregator.checkpoint import CheckpointStore
-from edge_agent.protocol import EncodedTensor, FleetTopics, Update
+from fedmq.core.protocol import EncodedTensor, FleetTopics, Update
 
 from .helpers import make_agents, make_aggregator, wait_for
 
@@ -117,8 +117,8 @@ def test_training_continues_after_the_broker_restarts(broker, tmp_path, stoppers
 
 
 def test_missing_mosquitto_says_how_to_install_it(monkeypatch):
-    from aggregator import broker as broker_module
-    from edge_agent.errors import BrokerError
+    from fedmq.errors import BrokerError
+    from simulator import broker as broker_module
 
     monkeypatch.setattr(broker_module.shutil, "which", lambda _name: None)
     monkeypatch.setattr(broker_module, "_sbin", lambda _name: None)
@@ -174,8 +174,8 @@ def test_delta_broadcast_cuts_download_bytes_and_late_joiners_take_the_full_mode
 
 def test_agents_only_simulation_joins_a_separately_started_aggregator(broker, tmp_path,
                                                                       stoppers):
-    from aggregator.simulator import Simulation, SimulationConfig
-    from edge_agent.errors import ConfigError
+    from fedmq.errors import ConfigError
+    from simulator.fleet import Simulation, SimulationConfig
 
     service = make_aggregator(broker.url, tmp_path, stoppers, rounds=3, min_updates=3,
                               fleet="ao")
@@ -194,8 +194,8 @@ def test_agents_only_simulation_joins_a_separately_started_aggregator(broker, tm
 
 
 def test_simulation_with_dropout_cuts_a_random_share_of_devices_every_round(tmp_path):
-    from aggregator.simulator import Simulation, SimulationConfig
-    from edge_agent.errors import ConfigError
+    from fedmq.errors import ConfigError
+    from simulator.fleet import Simulation, SimulationConfig
 
     config = SimulationConfig(devices=6, rounds=5, dropout=0.34, model="logreg", epochs=3,
                               timeout_s=120)

@@ -26,8 +26,8 @@ from paho.mqtt.exception import MalformedPacket
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from edge_agent.leanclient import LeanClient, publish_header_length
-from edge_agent.mqtt import MqttLink
+from fedmq.transport.leanclient import LeanClient, publish_header_length
+from fedmq.transport.mqtt import MqttLink
 
 from .helpers import WAIT_S
 

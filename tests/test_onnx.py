@@ -19,19 +19,19 @@ from aggregator.onnx_export import (
     check_exportable,
     export_onnx,
 )
-from edge_agent.data import split_task, task_spec
-from edge_agent.datasource import task_class_names
-from edge_agent.errors import ConfigError, DataError
-from edge_agent.models import build_model
-from edge_agent.models.numpy_models import NumpyModel
-from edge_agent.mqtt import MqttLink
 from edge_agent.predict import OnnxPredictor
-from edge_agent.protocol import FleetTopics, ModelAnnouncement, ModelChunk
-from edge_agent.transfer import ModelReceiver, ReceivedModel
+from fedmq.core.protocol import FleetTopics, ModelAnnouncement, ModelChunk
+from fedmq.core.transfer import ModelReceiver, ReceivedModel
+from fedmq.errors import ConfigError, DataError
+from fedmq.models import build_model
+from fedmq.models.numpy_models import NumpyModel
+from fedmq.tasks import split_task, task_spec
+from fedmq.tasks.datasource import task_class_names
+from fedmq.transport.mqtt import MqttLink
 
 from .helpers import make_agents, make_aggregator, wait_for
 
-FEDMQ = [sys.executable, "-m", "edge_agent.cli"]
+FEDMQ = [sys.executable, "-m", "fedmq.cli"]
 TOL = 1e-4
 SMALL_GRU = {"vocab": 96, "seq_len": 10, "embed": 8, "hidden": 16}
 SMALL_CNN = {"channels": 6, "steps": 20, "classes": 4, "width": 4}
@@ -193,7 +193,7 @@ def test_failed_export_leaves_the_directory_as_it_was(tmp_path):
     exporter = ModelExporter(tmp_path, keep=3)
     exporter.export(_logreg(1), version=1, round=1)
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
-    from edge_agent.models import ParamLayout
+    from fedmq.models import ParamLayout
 
     weird = _Unexportable(ParamLayout((("w", (64, 10)),)), seed=0)
     with pytest.raises(ExportError, match="no ONNX graph for numpy model 'weird'"):
@@ -415,7 +415,7 @@ def test_predicting_never_imports_torch(torch_exports, digits_model, tmp_path):
 import sys
 import numpy as np
 from edge_agent.predict import OnnxPredictor
-from edge_agent.cli import main
+from fedmq.cli import main
 
 OnnxPredictor({str(paths["har_cnn"])!r}).predict(np.zeros((2, 6, 20), np.float32))
 assert main(["predict", "--model", {str(mlp)!r}, "--input", {str(tmp_path / "in.npz")!r}]) == 0

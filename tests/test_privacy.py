@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from aggregator.config import AggregatorConfig
-from aggregator.privacy import CentralDP, gaussian_epsilon
+from aggregator.strategy.privacy import CentralDP, gaussian_epsilon
 from aggregator.validation import UpdateLimits
 
 from .test_rounds import machine, update
@@ -52,7 +52,7 @@ def test_the_noise_has_the_promised_spread_and_is_fresh_every_time():
     ({"denominator": 0}, "denominator"),
 ])
 def test_bad_privacy_settings_are_config_errors(kwargs, message):
-    from edge_agent.errors import ConfigError
+    from fedmq.errors import ConfigError
 
     settings = {"clip_norm": 1.0, "noise_multiplier": 1.0, "denominator": 2, **kwargs}
     with pytest.raises(ConfigError, match=message):
@@ -74,7 +74,7 @@ def test_under_dp_devices_weigh_equally_and_the_sum_is_divided_by_the_target():
 
 
 def test_dp_refuses_what_would_let_one_device_count_for_more():
-    from edge_agent.errors import ConfigError
+    from fedmq.errors import ConfigError
 
     dp = CentralDP(clip_norm=1.0, noise_multiplier=1.0, denominator=2)
     with pytest.raises(ConfigError, match="discard late updates"):
@@ -93,7 +93,7 @@ def test_the_update_screen_clips_every_update_to_the_dp_norm():
 
 
 def test_a_simulated_private_fleet_reports_its_privacy_spent_each_round(tmp_path):
-    from aggregator.simulator import Simulation, SimulationConfig
+    from simulator.fleet import Simulation, SimulationConfig
 
     config = SimulationConfig(devices=4, rounds=3, model="logreg", epochs=2, lr=0.1,
                               dp_noise_multiplier=0.2, dp_clip_norm=1.0, dp_delta=1e-4,
@@ -109,8 +109,8 @@ def test_a_simulated_private_fleet_reports_its_privacy_spent_each_round(tmp_path
 def test_a_closed_round_carries_the_noise_into_the_model():
     """Through the round machine, not just the noise helper: zero updates, sigma 1, C 1,
     denominator 2: the new parameters are the noise, N(0, 0.5^2) per coordinate."""
-    from aggregator.optimizers import ServerOptConfig, create_optimizer
     from aggregator.rounds import RoundMachine, RoundPolicy
+    from aggregator.strategy.optimizers import ServerOptConfig, create_optimizer
 
     dp = CentralDP(clip_norm=1.0, noise_multiplier=1.0, denominator=2)
     m = RoundMachine(params=np.zeros(200_000, np.float32),
@@ -145,8 +145,8 @@ def test_epsilon_adds_up_rounds_of_different_noise_and_is_infinite_after_plain_o
 
 def test_the_service_clips_an_oversized_update_to_the_dp_norm(tmp_path):
     from aggregator.service import AggregatorService
-    from edge_agent import codecs
-    from edge_agent.protocol import FleetTopics, Update
+    from fedmq.core import codecs
+    from fedmq.core.protocol import FleetTopics, Update
 
     config = AggregatorConfig(broker="mqtt://127.0.0.1:1", fleet="dp", model="logreg",
                               evaluate=False, min_updates=1, dp_noise_multiplier=1e-9,
@@ -173,8 +173,8 @@ def test_a_round_that_cannot_be_saved_is_never_announced(tmp_path):
     """Under DP a restart would close such a round again with fresh noise: two releases,
     one counted. So a failed save stops the model from going out (and the service fails)."""
     from aggregator.service import AggregatorService
-    from edge_agent import codecs
-    from edge_agent.protocol import FleetTopics, Update
+    from fedmq.core import codecs
+    from fedmq.core.protocol import FleetTopics, Update
 
     config = AggregatorConfig(broker="mqtt://127.0.0.1:1", fleet="dp", model="logreg",
                               evaluate=False, min_updates=1, dp_noise_multiplier=1.0,

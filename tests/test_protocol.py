@@ -4,8 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from edge_agent.errors import ConfigError, ProtocolError
-from edge_agent.protocol import (
+from fedmq.core.protocol import (
     AggregatorStatus,
     DeviceStatus,
     EncodedTensor,
@@ -16,7 +15,8 @@ from edge_agent.protocol import (
     TaskConfig,
     Update,
 )
-from edge_agent.protocol.wire import KIND_KEY, VERSION_KEY, decode_any, wire
+from fedmq.core.protocol.wire import KIND_KEY, VERSION_KEY, decode_any, wire
+from fedmq.errors import ConfigError, ProtocolError
 
 names = st.from_regex(r"[A-Za-z0-9_.-]{1,64}", fullmatch=True)
 

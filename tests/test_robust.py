@@ -10,13 +10,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from aggregator import robust
-from aggregator.accumulator import WeightedAccumulator
 from aggregator.config import AggregatorConfig
-from aggregator.robust import UpdateCollector, coordinate_median, trimmed_mean
-from edge_agent import codecs
-from edge_agent.errors import CodecError, ConfigError
-from edge_agent.protocol import EncodedTensor
+from aggregator.strategy import robust
+from aggregator.strategy.accumulator import WeightedAccumulator
+from aggregator.strategy.robust import UpdateCollector, coordinate_median, trimmed_mean
+from fedmq.core import codecs
+from fedmq.core.protocol import EncodedTensor
+from fedmq.errors import CodecError, ConfigError
 
 from .test_rounds import machine, update
 
@@ -106,7 +106,7 @@ def test_bad_robust_settings_are_config_errors(settings, message):
 def test_a_simulated_fleet_with_an_attacker_trains_with_the_median_not_the_mean(tmp_path):
     """One of six devices sends its delta reversed and scaled by 10: the mean follows it,
     the median does not (both runs deterministic for this seed)."""
-    from aggregator.simulator import Simulation, SimulationConfig
+    from simulator.fleet import Simulation, SimulationConfig
 
     accuracy = {}
     for rule in ("mean", "median"):

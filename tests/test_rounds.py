@@ -5,12 +5,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from aggregator.optimizers import ServerOptConfig, create_optimizer
 from aggregator.rounds import Action, RoundMachine, RoundPolicy
 from aggregator.staleness import StalenessPolicy
-from edge_agent import codecs
-from edge_agent.errors import ConfigError, ProtocolError
-from edge_agent.protocol import Update
+from aggregator.strategy.optimizers import ServerOptConfig, create_optimizer
+from fedmq.core import codecs
+from fedmq.core.protocol import Update
+from fedmq.errors import ConfigError, ProtocolError
 
 
 def machine(min_updates=2, deadline_s=10.0, on_insufficient="extend", size=4, **policy):

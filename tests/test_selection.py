@@ -6,10 +6,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from aggregator.profiles import MIXES, fleet_profiles
 from aggregator.selection import AssignmentPolicy, CohortPolicy, assign_tasks, select_cohort
-from edge_agent.errors import ConfigError
-from edge_agent.protocol import ModelAnnouncement, PayloadInfo, TaskConfig
+from fedmq.core.protocol import ModelAnnouncement, PayloadInfo, TaskConfig
+from fedmq.errors import ConfigError
+from simulator.profiles import MIXES, fleet_profiles
 
 device_ids = st.lists(st.from_regex(r"[a-z][a-z0-9]{0,8}", fullmatch=True), unique=True,
                       max_size=40)

@@ -16,23 +16,24 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aggregator.enroll import password_users
-from edge_agent.cli import main
-from edge_agent.config import AgentConfig, load_config
-from edge_agent.errors import ConfigError, MissingExtraError, ProtocolError
-from edge_agent.models.layout import ParamLayout
-from edge_agent.mqtt import MqttLink
-from edge_agent.protocol import FleetTopics, ModelAnnouncement, PayloadInfo, TaskConfig
-from edge_agent.signing import (
+from edge_agent.config import AgentConfig
+from fedmq.cli import main
+from fedmq.config import load_config
+from fedmq.core.layout import ParamLayout
+from fedmq.core.protocol import FleetTopics, ModelAnnouncement, PayloadInfo, TaskConfig
+from fedmq.core.signing import PUBLIC_NAME, AnnouncementOpener, SignedAnnouncement
+from fedmq.core.transfer import encode_model
+from fedmq.errors import ConfigError, MissingExtraError, ProtocolError
+from fedmq.keyfiles import (
     PRIVATE_NAME,
-    PUBLIC_NAME,
-    AnnouncementOpener,
-    AnnouncementSigner,
-    SignedAnnouncement,
     announcement_sealer,
     generate_keypair,
+    load_opener,
+    load_signer,
+    opener_for_config,
 )
-from edge_agent.transfer import encode_model
+from fedmq.ops.enroll import password_users
+from fedmq.transport.mqtt import MqttLink
 
 from .helpers import make_aggregator, wait_for
 from .secure_brokers import AGGREGATOR, ProductionBroker, enrolled_agents, production_broker
@@ -80,43 +81,43 @@ def test_keys_init_writes_a_0600_private_and_0644_public_key_and_refuses_to_over
     assert main(["keys", "init", "--out", str(out), "--force"]) == 0
     assert (out / PRIVATE_NAME).read_bytes() != before
     assert stat.S_IMODE((out / PRIVATE_NAME).stat().st_mode) == 0o600
-    signer = AnnouncementSigner.from_file(out / PRIVATE_NAME)
-    assert AnnouncementOpener.from_file(out / PUBLIC_NAME).key_id == signer.key_id
+    signer = load_signer(out / PRIVATE_NAME)
+    assert load_opener(out / PUBLIC_NAME).key_id == signer.key_id
 
 
 def test_bad_key_files_are_config_errors_that_say_what_to_do(tmp_path, keys):
     with pytest.raises(ConfigError, match="keys init"):
-        AnnouncementSigner.from_file(tmp_path / "missing.key")
+        load_signer(tmp_path / "missing.key")
     (tmp_path / "junk.pem").write_text("not a key")
     with pytest.raises(ConfigError, match="not an unencrypted PEM private key"):
-        AnnouncementSigner.from_file(tmp_path / "junk.pem")
+        load_signer(tmp_path / "junk.pem")
     with pytest.raises(ConfigError, match="not a PEM public key"):
-        AnnouncementOpener.from_file(keys.private)  # the private half where the public belongs
-    from aggregator.certs import Pki
+        load_opener(keys.private)  # the private half where the public belongs
+    from fedmq.ops.certs import Pki
 
     ec = Pki(tmp_path / "pki").init()  # an EC P-256 key: right format, wrong algorithm
     with pytest.raises(ConfigError, match="Ed25519"):
-        AnnouncementSigner.from_file(ec.key)
+        load_signer(ec.key)
 
 
 def test_without_cryptography_keys_need_the_secure_extra_but_unsigned_fleets_do_not(
         monkeypatch, keys):
     monkeypatch.setitem(sys.modules, "cryptography.hazmat.primitives.serialization", None)
     with pytest.raises(MissingExtraError, match=r"'cryptography' package: .*fedmq\[secure\]"):
-        AnnouncementOpener.for_config(str(keys.public))
+        opener_for_config(str(keys.public))
     with pytest.raises(MissingExtraError, match=r"fedmq\[secure\]"):
         announcement_sealer(str(keys.private))
     a = announcement()
-    assert AnnouncementOpener.for_config("").open(announcement_sealer("")(a)) == a
+    assert opener_for_config("").open(announcement_sealer("")(a)) == a
 
 
 # -- sign and verify (pure) ---------------------------------------------------------------
 
 def test_a_signed_announcement_opens_to_the_same_announcement(keys):
     a = announcement()
-    sealed = AnnouncementSigner.from_file(keys.private).seal(a)
+    sealed = load_signer(keys.private).seal(a)
     assert SignedAnnouncement.from_payload(sealed).announcement == a.to_payload()
-    assert AnnouncementOpener.from_file(keys.public).open(sealed) == a
+    assert load_opener(keys.public).open(sealed) == a
     assert AnnouncementOpener().open(sealed) == a  # no key: accepted, unverified
     assert AnnouncementOpener().open(a.to_payload()) == a  # unsigned fleets keep working
 
@@ -124,11 +125,11 @@ def test_a_signed_announcement_opens_to_the_same_announcement(keys):
 def test_a_device_with_the_key_refuses_unsigned_foreign_and_altered_announcements(
         keys, other_keys):
     a = announcement()
-    opener = AnnouncementOpener.from_file(keys.public)
+    opener = load_opener(keys.public)
     assert reason(lambda: opener.open(a.to_payload())) == "unsigned"
-    foreign = AnnouncementSigner.from_file(other_keys.private).seal(a)
+    foreign = load_signer(other_keys.private).seal(a)
     assert reason(lambda: opener.open(foreign)) == "wrong_key"
-    genuine = SignedAnnouncement.from_payload(AnnouncementSigner.from_file(keys.private).seal(a))
+    genuine = SignedAnnouncement.from_payload(load_signer(keys.private).seal(a))
     other_model = dataclasses.replace(a, version=9).to_payload()
     swapped = dataclasses.replace(genuine, announcement=other_model).to_payload()
     assert reason(lambda: opener.open(swapped)) == "bad_signature"
@@ -143,12 +144,12 @@ def test_a_device_with_the_key_refuses_unsigned_foreign_and_altered_announcement
 @settings(max_examples=300, deadline=None)
 @given(data=st.data())
 def test_flipping_any_bits_of_any_byte_of_a_signed_announcement_is_refused(keys, data):
-    sealed = AnnouncementSigner.from_file(keys.private).seal(announcement())
+    sealed = load_signer(keys.private).seal(announcement())
     index = data.draw(st.integers(0, len(sealed) - 1), label="index")
     mask = data.draw(st.integers(1, 255), label="mask")
     flipped = bytearray(sealed)
     flipped[index] ^= mask
-    opener = AnnouncementOpener.from_file(keys.public)
+    opener = load_opener(keys.public)
     with pytest.raises(ProtocolError):  # whatever the reason: never an announcement
         opener.open(bytes(flipped))
 
@@ -172,7 +173,7 @@ def test_enroll_prints_a_device_config_that_trusts_only_the_aggregators_key(
     config = load_config(AgentConfig, snippet)  # valid TOML with only known keys
     assert (config.device_id, config.username) == ("dev-1", "dev-1")
     assert config.model_public_key == str(keys.public)
-    opener = AnnouncementOpener.for_config(config.model_public_key)  # what the agent builds
+    opener = opener_for_config(config.model_public_key)  # what the agent builds
     assert opener.verifying and opener.key_id == keys.key_id
     assert reason(lambda: opener.open(announcement().to_payload())) == "unsigned"
     assert f"{PUBLIC_NAME} -> {keys.public}" in printed.err  # what to copy where
@@ -309,14 +310,14 @@ def test_an_agent_with_the_key_refuses_forged_models_and_keeps_its_own(
     flipped[len(flipped) // 2] ^= 0x01  # one byte of the genuine, signed announcement
     forge(dataclasses.replace(genuine, announcement=bytes(flipped)).to_payload(),
           "bad_signature", "signature does not verify")
-    forge(AnnouncementSigner.from_file(other_keys.private).seal(v1), "wrong_key",
+    forge(load_signer(other_keys.private).seal(v1), "wrong_key",
           f"signed by key {other_keys.key_id}")
 
     # A correctly signed announcement whose chunk was altered: the SHA-256 it commits to
     # catches the flipped byte.
     bad_chunk = dataclasses.replace(chunk, data=bytes([chunk.data[0] ^ 0x80]) + chunk.data[1:])
     forger.retain(forger.topics.model_payload_chunk(0), bad_chunk.to_payload())
-    forge(AnnouncementSigner.from_file(keys.private).seal(v1), "bad_hash", "SHA-256")
+    forge(load_signer(keys.private).seal(v1), "bad_hash", "SHA-256")
     assert agent.stats.updates_sent == 1  # it trained on nothing new
 
     # The intact chunk completes the signed model: verification was the only obstacle.

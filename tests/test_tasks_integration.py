@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from aggregator.simulator import Simulation, SimulationConfig
-from edge_agent.data import fleet_test_set
+from fedmq.tasks import fleet_test_set
+from simulator.fleet import Simulation, SimulationConfig
 
 pytestmark = pytest.mark.integration
 

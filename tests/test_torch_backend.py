@@ -6,12 +6,12 @@ import sys
 import numpy as np
 import pytest
 
-from edge_agent.data import device_shard, split_task, task_spec
-from edge_agent.errors import ConfigError, DataError
-from edge_agent.models import build_model
+from fedmq.errors import ConfigError, DataError
+from fedmq.models import build_model
+from fedmq.tasks import device_shard, split_task, task_spec
 
 torch = pytest.importorskip("torch")
-from edge_agent.models.torch_backend import TorchModel  # noqa: E402
+from fedmq.models.torch_backend import TorchModel  # noqa: E402
 
 # A small keyboard model: the architecture of the real one, a fraction of its cost.
 SMALL_GRU = {"vocab": 96, "seq_len": 64, "embed": 8, "hidden": 16, "layers": 1}
@@ -196,16 +196,16 @@ def _python(code: str) -> subprocess.CompletedProcess:
 
 
 def test_registering_models_and_tasks_does_not_import_torch():
-    done = _python("import sys, edge_agent.models, edge_agent.data, edge_agent.agent\n"
-                   "assert 'char_gru' in edge_agent.models.model_names()\n"
+    done = _python("import sys, fedmq.models, fedmq.tasks, edge_agent.agent\n"
+                   "assert 'char_gru' in fedmq.models.model_names()\n"
                    "assert 'torch' not in sys.modules, 'torch imported'\n")
     assert done.returncode == 0, done.stderr
 
 
 def test_building_without_torch_names_the_extra():
     done = _python("import sys\nsys.modules['torch'] = None\n"
-                   "from edge_agent.models import build_model\n"
-                   "from edge_agent.errors import MissingExtraError\n"
+                   "from fedmq.models import build_model\n"
+                   "from fedmq.errors import MissingExtraError\n"
                    "try:\n    build_model('har_cnn', {'channels': 6, 'steps': 40, 'classes': 4})\n"
                    "except MissingExtraError as exc:\n    print(exc)\n")
     assert done.returncode == 0, done.stderr

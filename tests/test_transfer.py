@@ -3,9 +3,9 @@ import random
 import numpy as np
 import pytest
 
-from edge_agent.errors import ProtocolError
-from edge_agent.protocol import ModelAnnouncement, ModelChunk, TaskConfig
-from edge_agent.transfer import ModelReceiver, encode_model
+from fedmq.core.protocol import ModelAnnouncement, ModelChunk, TaskConfig
+from fedmq.core.transfer import ModelReceiver, encode_model
+from fedmq.errors import ProtocolError
 
 
 def model_messages(params, *, version=1, round=1, max_payload=4096):
@@ -85,8 +85,8 @@ def test_a_restarted_aggregator_reannouncing_the_same_round_gets_devices_to_trai
 
 
 def _announce_with_delta(base, new, *, version, delta_codec="q8", full_codec="float32"):
-    from edge_agent import codecs
-    from edge_agent.transfer import chunk_tensor
+    from fedmq.core import codecs
+    from fedmq.core.transfer import chunk_tensor
 
     info, chunks = chunk_tensor(codecs.encode(new, full_codec), version=version, max_payload=4096)
     delta = codecs.encode(new - base, delta_codec, rng=np.random.default_rng(0))
@@ -98,7 +98,7 @@ def _announce_with_delta(base, new, *, version, delta_codec="q8", full_codec="fl
 
 
 def test_a_device_holding_the_base_takes_the_small_delta_and_others_the_full_model():
-    from edge_agent.transfer import DELTA, FULL
+    from fedmq.core.transfer import DELTA, FULL
 
     rng = np.random.default_rng(0)
     v0 = rng.normal(size=3000).astype(np.float32)

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from aggregator.config import AggregatorConfig
-from aggregator.registry import DeviceRegistry
+from aggregator.devices import DeviceRegistry
 from aggregator.validation import (
     LOG_EVERY,
     MAX_WEIGHTED_VALUE,
@@ -27,9 +27,9 @@ from aggregator.validation import (
     clip_factor,
     l2_norm,
 )
-from edge_agent import codecs
-from edge_agent.errors import ConfigError, ProtocolError
-from edge_agent.protocol import DeviceStatus, EncodedTensor, Part, Update
+from fedmq.core import codecs
+from fedmq.core.protocol import DeviceStatus, EncodedTensor, Part, Update
+from fedmq.errors import ConfigError, ProtocolError
 
 from .helpers import make_agents, make_aggregator, wait_for
 
@@ -220,7 +220,7 @@ def test_the_service_folds_a_clipped_update_or_nothing(tmp_path, stoppers, polic
 def test_with_require_known_devices_the_fleet_trains_and_strangers_are_refused(
         broker, tmp_path, stoppers):
     """Births reach the registry before the first update, so no honest update is lost."""
-    from edge_agent.mqtt import MqttLink
+    from fedmq.transport.mqtt import MqttLink
 
     service = make_aggregator(broker.url, tmp_path, stoppers, rounds=2, min_updates=2,
                               require_known_devices=True)

@@ -1,0 +1,27 @@
+"""`fedmq aggregator`: run the aggregator service until SIGTERM/SIGINT or its last round."""
+
+from __future__ import annotations
+
+import argparse
+
+from aggregator.config import AggregatorConfig
+from fedmq.runtime import add_config_flags, config_from_args, setup_logging, wait_for_signal
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    add_config_flags(parser, AggregatorConfig, with_file=True)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from aggregator.service import AggregatorService
+
+    config = config_from_args(AggregatorConfig, args)
+    setup_logging(config.log_level)
+    service = AggregatorService(config)
+    service.start()
+    try:
+        wait_for_signal(service.finished)
+    finally:
+        service.stop()
+    return 1 if service.failure is not None else 0

@@ -1,0 +1,1 @@
+"""How updates become the next model: aggregation rules, server optimizers, central DP."""

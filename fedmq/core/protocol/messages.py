@@ -1,0 +1,235 @@
+"""Every payload fedmq puts on the wire, as frozen dataclasses (see docs/protocol.md)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from fedmq.core.protocol.topics import check_name
+from fedmq.core.protocol.wire import MAX_DECODED_BYTES, Message, WireObject, wire
+from fedmq.errors import ProtocolError
+
+
+def _require(condition: bool, message: str, reason: str = "bad_field") -> None:
+    if not condition:
+        raise ProtocolError(message, reason=reason)
+
+
+@dataclass(frozen=True, slots=True)
+class EncodedTensor(WireObject):
+    """A flat float vector after a codec, which `codec` names; `size` floats when decoded."""
+
+    codec: str = wire("c")
+    size: int = wire("n")
+    data: bytes = wire("d")
+
+    def __post_init__(self) -> None:
+        _require(0 <= self.size <= 1 << 31, f"tensor size {self.size} out of range")
+
+
+@dataclass(frozen=True, slots=True)
+class TaskConfig(WireObject):
+    """What the server asks devices to do with the model this round."""
+
+    epochs: int = wire("e", 1)
+    batch_size: int = wire("b", 32)
+    lr: float = wire("lr", 0.05)
+    deadline_s: float = wire("dl", 60.0)
+    # FedProx (Li et al. 2020): mu/2 ||w - w_global||^2 keeps partial local work useful.
+    prox_mu: float = wire("mu", 0.0)
+    # A device stops local training after this many seconds or steps (0: no limit) and
+    # reports the samples it actually processed, which is what its update is weighted by.
+    time_budget_s: float = wire("tb", 0.0)
+    max_steps: int = wire("ms", 0)
+    codec: str = wire("cd", "")  # the codec assigned to this device ("": its own)
+
+    def __post_init__(self) -> None:
+        _require(1 <= self.epochs <= 1000, f"epochs {self.epochs} out of range")
+        _require(1 <= self.batch_size <= 1 << 20, f"batch size {self.batch_size} out of range")
+        _require(math.isfinite(self.lr) and self.lr > 0, f"learning rate {self.lr} is not > 0")
+        _require(math.isfinite(self.deadline_s) and self.deadline_s > 0, "deadline must be > 0")
+        _require(math.isfinite(self.prox_mu) and self.prox_mu >= 0, "prox_mu must be >= 0")
+        _require(math.isfinite(self.time_budget_s) and self.time_budget_s >= 0,
+                 "time budget must be >= 0 seconds")
+        _require(self.max_steps >= 0, "max_steps must be >= 0")
+        _require(len(self.codec) <= 64, "codec name too long")
+
+
+@dataclass(frozen=True, slots=True)
+class PayloadInfo(WireObject):
+    """Where and how the model parameters of one version travel (chunked for big models)."""
+
+    codec: str = wire("c")
+    size: int = wire("n")  # encoded bytes of the whole model payload
+    sha256: str = wire("h")
+    chunks: int = wire("k", 1)
+
+    def __post_init__(self) -> None:
+        _require(self.chunks >= 1, "a model payload has at least one chunk")
+        _require(self.size >= 0, "payload size must be >= 0")
+        _require(len(self.sha256) == 64 and all(c in "0123456789abcdef" for c in self.sha256),
+                 "sha256 must be 64 lowercase hex characters")
+
+
+@dataclass(frozen=True, slots=True)
+class ModelAnnouncement(Message):
+    """Retained on `model/current`: what the current global model is and how to train it."""
+
+    KIND = "model"
+    fleet: str = wire("f")
+    version: int = wire("v")
+    round: int = wire("r")
+    model: str = wire("m")
+    model_config: dict[str, Any] = wire("mc")
+    layout: list[Any] = wire("lay")
+    layout_hash: str = wire("lh")
+    task: TaskConfig = wire("t")
+    payload: PayloadInfo = wire("p")
+    # A new id for the same (version, round) asks devices to train again: a restarted
+    # aggregator lost the open round's updates. Reconnects republish the same id.
+    announce_id: str = wire("aid", "")
+    issued_at: float = wire("ts", 0.0)
+    # Devices holding the model of version `delta_base` may fetch this (much smaller)
+    # delta from `model/delta/{i}` instead of the full payload.
+    delta: PayloadInfo | None = wire("dp", None)
+    delta_base: int = wire("db", -1)
+    # Who trains this round (None: every device) and, per device, which of `tiers`
+    # replaces `task` for it (capability-based assignment); devices not listed use `task`.
+    cohort: list[str] | None = wire("co", None)
+    tiers: list[TaskConfig] = wire("ti", default_factory=list)
+    assign: dict[str, int] = wire("as", default_factory=dict)
+
+    @property
+    def key(self) -> tuple[int, int, str]:
+        return (self.version, self.round, self.announce_id)
+
+    def __post_init__(self) -> None:
+        check_name(self.fleet, "fleet name")
+        _require(self.version >= 0 and self.round >= 0, "version and round must be >= 0")
+        _require(all(isinstance(t, int) and 0 <= t < len(self.tiers)
+                     for t in self.assign.values()), "device assigned a missing tier")
+
+    def task_for(self, device_id: str) -> TaskConfig | None:
+        """What `device_id` should do with this model; None: sit this round out."""
+        if self.cohort is not None and device_id not in self.cohort:
+            return None
+        tier = self.assign.get(device_id)
+        return self.task if tier is None else self.tiers[tier]
+
+
+@dataclass(frozen=True, slots=True)
+class ModelChunk(Message):
+    """Retained on `model/payload/{index}`: one piece of an encoded model version."""
+
+    KIND = "mchunk"
+    version: int = wire("v")
+    index: int = wire("i")
+    count: int = wire("k")
+    data: bytes = wire("d")
+
+    def __post_init__(self) -> None:
+        _require(0 <= self.index < self.count, f"chunk {self.index} of {self.count} is invalid")
+
+
+@dataclass(frozen=True, slots=True)
+class Part(Message):
+    """One piece of a payload too big for one MQTT message (see chunking.py).
+
+    Every part repeats the manifest (count, size, sha256), so the receiver can start
+    reassembling from whichever part arrives first.
+    """
+
+    KIND = "part"
+    transfer_id: bytes = wire("t")  # random per payload; the receiver keys on (sender, id)
+    index: int = wire("i")
+    count: int = wire("k")
+    size: int = wire("n")  # bytes of the whole payload
+    sha256: bytes = wire("h")  # digest of the whole payload
+    data: bytes = wire("d")
+
+    def __post_init__(self) -> None:
+        _require(1 <= len(self.transfer_id) <= 16, "transfer id must be 1-16 bytes")
+        _require(0 <= self.index < self.count, f"part {self.index} of {self.count} is invalid")
+        _require(self.count <= self.size <= MAX_DECODED_BYTES,
+                 f"{self.count} parts of a {self.size}-byte payload: every part carries at "
+                 f"least one byte and payloads stay below {MAX_DECODED_BYTES} bytes")
+        _require(len(self.data) <= self.size,
+                 f"part holds {len(self.data)} bytes of a {self.size}-byte payload")
+        _require(len(self.sha256) == 32, "sha256 must be the 32-byte digest")
+
+
+@dataclass(frozen=True, slots=True)
+class Update(Message):
+    """QoS 1 on `update/{device_id}`: a device's trained delta against the model it received."""
+
+    KIND = "upd"
+    device_id: str = wire("dev")
+    update_id: str = wire("id")
+    round: int = wire("r")
+    base_version: int = wire("bv")
+    num_samples: int = wire("ns")
+    loss: float = wire("l")
+    delta: EncodedTensor = wire("x")
+    layout_hash: str = wire("lh", "")
+    train_s: float = wire("s", 0.0)
+    steps: int = wire("st", 0)
+    complete: bool = wire("cp", True)  # False: stopped at its time budget or step cap
+
+    def __post_init__(self) -> None:
+        check_name(self.device_id, "device id")
+        _require(0 < len(self.update_id) <= 64, "update id must be 1-64 characters")
+        _require(self.round >= 0 and self.base_version >= 0, "round/version must be >= 0")
+        _require(self.num_samples > 0, f"num_samples {self.num_samples} must be > 0",
+                 "bad_samples")
+        _require(math.isfinite(self.loss), f"training loss {self.loss} is not finite",
+                 "non_finite")
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceStatus(Message):
+    """Retained on `device/{id}/status`: birth (online, capabilities) or Last Will (offline)."""
+
+    KIND = "dev"
+    device_id: str = wire("dev")
+    online: bool = wire("on")
+    capabilities: dict[str, Any] = wire("cap", default_factory=dict)
+    agent_version: str = wire("av", "")
+    ts: float = wire("ts", 0.0)
+
+    def __post_init__(self) -> None:
+        check_name(self.device_id, "device id")
+
+
+@dataclass(frozen=True, slots=True)
+class AggregatorStatus(Message):
+    """Retained on `aggregator/status`: online with progress, or the Last Will's offline."""
+
+    KIND = "agg"
+    online: bool = wire("on")
+    round: int = wire("r", 0)
+    version: int = wire("v", 0)
+    ts: float = wire("ts", 0.0)
+
+
+RECEIPT_STATUSES = ("accepted", "duplicate", "rejected")
+
+
+@dataclass(frozen=True, slots=True)
+class Receipt(Message):
+    """QoS 1 on `receipt/{device_id}`: the aggregator durably holds (or refuses) an update.
+
+    A broker PUBACK is not delivery; only this lets a device drop the update from its
+    outbox. `accepted`: counted (also sent again for a re-sent update already counted);
+    `duplicate`: another update of this device already counts for the round; `rejected`:
+    refused for `reason` (e.g. stale_round) and will never count.
+    """
+
+    KIND = "rcpt"
+    update_id: str = wire("id")
+    round: int = wire("r")
+    status: str = wire("st")
+    reason: str = wire("why", "")
+
+    def __post_init__(self) -> None:
+        _require(self.status in RECEIPT_STATUSES, f"unknown receipt status {self.status!r}")

@@ -1,0 +1,160 @@
+"""Moving a global model: announcement + chunked payload out, verified reassembly in.
+
+Pure (no MQTT): the aggregator turns parameters into messages, the agent feeds received
+messages to a `ModelReceiver` and gets the model back once every chunk and the hash agree.
+Chunks are cut and verified by chunking.py's `frame` and `join_verified`, like update Parts;
+they stay their own message because the announcement carries their manifest and the
+receiver keeps the newest model version only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import msgpack
+import numpy as np
+
+from fedmq.core import codecs
+from fedmq.core.chunking import DEFAULT_MAX_PAYLOAD, frame, join_verified
+from fedmq.core.layout import ParamLayout
+from fedmq.core.protocol import EncodedTensor, ModelAnnouncement, ModelChunk, PayloadInfo
+from fedmq.core.protocol.wire import unpack
+from fedmq.errors import ProtocolError
+
+
+def chunk_tensor(tensor: EncodedTensor, *, version: int,
+                 max_payload: int = DEFAULT_MAX_PAYLOAD) -> tuple[PayloadInfo, list[ModelChunk]]:
+    """An encoded tensor as chunks that each encode to at most `max_payload` bytes, and the
+    PayloadInfo (size, sha256, count) the announcement carries for them."""
+    blob = msgpack.packb(tensor.to_wire(), use_bin_type=True)
+
+    def make(index: int, count: int, data: bytes) -> ModelChunk:
+        return ModelChunk(version=version, index=index, count=count, data=data)
+
+    chunks = frame(blob, max_payload=max_payload, make=make)
+    info = PayloadInfo(codec=tensor.codec, size=len(blob),
+                       sha256=hashlib.sha256(blob).hexdigest(), chunks=len(chunks))
+    return info, chunks
+
+
+def encode_model(params: np.ndarray, *, codec: str, version: int,
+                 max_payload: int = DEFAULT_MAX_PAYLOAD) -> tuple[PayloadInfo, list[ModelChunk]]:
+    return chunk_tensor(codecs.encode(params, codec), version=version, max_payload=max_payload)
+
+
+@dataclass(frozen=True)
+class ReceivedModel:
+    announcement: ModelAnnouncement
+    params: np.ndarray
+    wire_bytes: int  # announcement + chunk bytes received for this version
+
+
+FULL = "full"
+DELTA = "delta"
+
+
+class _ChunkSet:
+    """Chunks of the newest version seen on one stream."""
+
+    def __init__(self) -> None:
+        self.version = -1
+        self.chunks: dict[int, ModelChunk] = {}
+        self.bytes = 0
+
+    def add(self, chunk: ModelChunk, size: int) -> None:
+        if chunk.version < self.version:
+            return
+        if chunk.version > self.version:
+            self.__init__()
+            self.version = chunk.version
+        if chunk.index not in self.chunks:
+            self.chunks[chunk.index] = chunk
+            self.bytes += size
+
+    def join(self, info: PayloadInfo, what: str) -> bytes | None:
+        """The verified blob once all `info.chunks` are here, else None."""
+        if len(self.chunks) < info.chunks:
+            return None
+        if any(c.count != info.chunks for c in self.chunks.values()):
+            raise ProtocolError(f"{what}: chunk counts disagree with the announcement",
+                                reason="bad_chunks")
+        try:
+            return join_verified((self.chunks[i].data for i in range(info.chunks)),
+                                 size=info.size, sha256=bytes.fromhex(info.sha256), what=what)
+        except ProtocolError:
+            self.chunks.clear()
+            raise
+
+
+class ModelReceiver:
+    """Assembles the newest announced model version from the chunks of one stream.
+
+    A device that holds the announced delta's base version takes the small delta stream,
+    any other the full payload; `wanted()` says which, so the caller subscribes to that
+    stream only. Chunks may arrive before their announcement and in any order; only the
+    newest version per stream is kept, so memory is bounded by one model.
+    """
+
+    def __init__(self) -> None:
+        self.announcement: ModelAnnouncement | None = None
+        self._announcement_bytes = 0
+        self._streams = {FULL: _ChunkSet(), DELTA: _ChunkSet()}
+        self._delivered: tuple[int, int, str] | None = None
+        self.held_version = -1
+        self._held: np.ndarray | None = None
+
+    def wanted(self) -> str | None:
+        """The stream the pending announcement needs, or None when nothing is pending."""
+        a = self.announcement
+        if a is None or a.key == self._delivered or a.version == self.held_version:
+            return None
+        if a.delta is not None and self._held is not None and self.held_version == a.delta_base:
+            return DELTA
+        return FULL
+
+    def offer_announcement(
+        self, announcement: ModelAnnouncement, size: int
+    ) -> ReceivedModel | None:
+        current = self.announcement
+        if current is not None and announcement.version < current.version:
+            return None  # an older retained copy arriving late
+        if current is not None and announcement.key == current.key:
+            return None  # the same announcement again (a reconnect)
+        self.announcement = announcement
+        self._announcement_bytes = size
+        return self._try_complete()
+
+    def offer_chunk(self, chunk: ModelChunk, size: int, stream: str = FULL) -> ReceivedModel | None:
+        self._streams[stream].add(chunk, size)
+        return self._try_complete()
+
+    def _try_complete(self) -> ReceivedModel | None:
+        a = self.announcement
+        if a is None or a.key == self._delivered:
+            return None
+        if a.version == self.held_version and self._held is not None:
+            # the model we hold, announced for a new round: nothing to download
+            return self._deliver(a, self._held, 0)
+        stream = self.wanted()
+        assert stream is not None
+        chunks = self._streams[stream]
+        info = a.delta if stream == DELTA else a.payload
+        if chunks.version != a.version or info is None:
+            return None
+        blob = chunks.join(info, f"model v{a.version} ({stream})")
+        if blob is None:
+            return None
+        decoded = codecs.decode(EncodedTensor.from_wire(unpack(blob)))
+        expected = ParamLayout.from_wire(a.layout).size
+        if decoded.size != expected:
+            raise ProtocolError(f"model v{a.version}: {decoded.size} parameters where the "
+                                f"layout has {expected}", reason="bad_shape")
+        params = self._held + decoded if stream == DELTA else decoded
+        return self._deliver(a, params, chunks.bytes)
+
+    def _deliver(self, a: ModelAnnouncement, params: np.ndarray, chunk_bytes: int
+                 ) -> ReceivedModel:
+        self._delivered = a.key
+        self.held_version, self._held = a.version, params
+        return ReceivedModel(a, params.copy(), self._announcement_bytes + chunk_bytes)

@@ -1,0 +1,80 @@
+"""The one interface every model backend implements: flat parameters in, training, evaluation."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedmq.core.layout import ParamLayout
+
+
+@dataclass(frozen=True, slots=True)
+class TrainResult:
+    """What a device reports about its local work: aggregation weights by `num_samples`."""
+
+    num_samples: int  # samples actually processed (epochs x examples seen)
+    loss: float  # mean training loss over those samples
+    seconds: float
+    steps: int = 0  # optimizer steps taken
+    complete: bool = True  # False: stopped at the time budget or step cap before `epochs`
+
+
+@dataclass(frozen=True, slots=True)
+class EvalResult:
+    loss: float
+    accuracy: float  # top-1
+    num_samples: int
+    top3: float | None = None  # share with the label among the 3 best (keyboard), if reported
+
+
+def batches(n: int, *, epochs: int, batch_size: int,
+            rng: np.random.Generator) -> Iterator[np.ndarray]:
+    """Index arrays of shuffled mini-batches, epoch after epoch (shared by every backend)."""
+    for _ in range(epochs):
+        order = rng.permutation(n)
+        for lo in range(0, n, batch_size):
+            yield order[lo : lo + batch_size]
+
+
+def budget_spent(start: float, steps: int, time_budget_s: float, max_steps: int) -> bool:
+    """True once a device has used its time budget or step cap (0 means no limit)."""
+    if max_steps and steps >= max_steps:
+        return True
+    return bool(time_budget_s) and time.perf_counter() - start >= time_budget_s
+
+
+class Model:
+    """A trainable model whose state is one flat float32 vector with a fixed layout."""
+
+    name: str
+    layout: ParamLayout
+
+    def get_flat(self) -> np.ndarray:
+        raise NotImplementedError
+
+    def set_flat(self, flat: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def train(
+        self,
+        x: np.ndarray,
+        y: np.ndarray,
+        *,
+        epochs: int,
+        batch_size: int,
+        lr: float,
+        rng: np.random.Generator,
+        prox_mu: float = 0.0,
+        time_budget_s: float = 0.0,
+        max_steps: int = 0,
+    ) -> TrainResult:
+        """Train in place for `epochs`, stopping early (between batches) once `time_budget_s`
+        seconds have passed or `max_steps` steps were taken (0: no limit). At least one
+        step is always taken, so a slow device still contributes."""
+        raise NotImplementedError
+
+    def evaluate(self, x: np.ndarray, y: np.ndarray) -> EvalResult:
+        raise NotImplementedError

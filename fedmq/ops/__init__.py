@@ -1,0 +1,1 @@
+"""Operator tooling: certificates, device enrollment, signing keys (never on the hot path)."""

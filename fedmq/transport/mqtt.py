@@ -1,0 +1,358 @@
+"""Thin adapter over one paho-mqtt 2.x client (MQTT v5): connect, reconnect, route messages.
+
+Handlers run on paho's network thread and must be quick; exceptions in them are logged
+and counted here so a bad message can never stop the network loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import ssl
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from fedmq.core.chunking import DEFAULT_MAX_PAYLOAD
+from fedmq.errors import BrokerError, ConfigError
+from fedmq.transport.leanclient import LeanClient
+from fedmq.transport.tls import TlsFiles, describe_tls_failure
+
+log = logging.getLogger(__name__)
+
+# Reconnect backoff bounds: fast first retry for a blip, capped so a device that lost its
+# link for hours still comes back within half a minute of the link returning.
+RECONNECT_MIN_S = 0.5
+RECONNECT_MAX_S = 30.0
+# Each link scales both bounds by its own random factor in [1 - J, 1 + J]: after a broker
+# restart a fleet does not come back in lockstep, doubling its delays in unison.
+RECONNECT_JITTER = 0.5
+KEEPALIVE_S = 30
+
+Handler = Callable[[mqtt.MQTTMessage], None]
+
+# CONNACK reasons that only an operator can fix, with what to do about them.
+_CREDENTIALS_HINT = ("check username and password in the config (empty: anonymous, which a "
+                     "production broker refuses); `fedmq enroll DEVICE_ID` on the broker "
+                     "creates an account")
+_REFUSAL_HINTS = {
+    "Not authorized": _CREDENTIALS_HINT,
+    "Bad user name or password": _CREDENTIALS_HINT,
+    "Client identifier not valid": "check device_id / client_id",
+    "Banned": "the broker banned this client",
+}
+# A TLS broker that hangs up before CONNACK rejected the handshake after it completed on
+# our side (TLS 1.3 verifies the client certificate late).
+TLS_CLOSED = ("the broker probably requires a client certificate signed by its CA; check "
+              "cert_file and key_file (`fedmq enroll DEVICE_ID --cert` issues them)")
+
+
+def _refusal_hint(reason: str) -> str:
+    hint = _REFUSAL_HINTS.get(reason)
+    return f"; {hint}" if hint else ""
+
+
+def publish_overhead(topic: str, *, qos: int) -> int:
+    """Bytes an MQTT v5 PUBLISH adds around its payload: what a broker's packet limit
+    counts beyond the payload itself."""
+    fixed_header = 1 + 4  # packet type and flags, remaining length (a varint of up to 4 bytes)
+    topic_name = 2 + len(topic.encode("utf-8"))
+    packet_id = 2 if qos > 0 else 0
+    properties = 1  # publish() sends none: a one-byte zero length
+    return fixed_header + topic_name + packet_id + properties
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerAddress:
+    host: str
+    port: int
+    tls: bool = False
+
+    @classmethod
+    def parse(cls, url: str) -> BrokerAddress:
+        parsed = urlparse(url if "://" in url else f"mqtt://{url}")
+        if parsed.scheme not in ("mqtt", "mqtts") or not parsed.hostname:
+            raise ConfigError(f"broker URL {url!r} must look like mqtt://host:port")
+        tls = parsed.scheme == "mqtts"
+        try:
+            port = parsed.port or (8883 if tls else 1883)
+        except ValueError:
+            raise ConfigError(f"broker URL {url!r} has a bad port") from None
+        return cls(parsed.hostname, port, tls)
+
+    def __str__(self) -> str:
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Will:
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = True
+
+
+class MqttLink:
+    """One MQTT v5 client that reconnects by itself and re-subscribes on every connect."""
+
+    def __init__(
+        self, *, client_id: str, broker: str, username: str = "", password: str = "",
+        will: Will | None = None, on_connect: Callable[[bool], None] | None = None,
+        max_payload: int = DEFAULT_MAX_PAYLOAD, session_expiry_s: int = 0,
+        manual_ack: bool = False, tls: TlsFiles | None = None,
+    ) -> None:
+        """session_expiry_s > 0: a persistent session (clean_start false) the broker keeps
+        that long after a disconnect, queueing QoS 1 messages for us. manual_ack: QoS 1
+        messages are acknowledged only by `ack()`, after the caller stored them. tls: CA and
+        client certificate for an mqtts:// broker (mqtts:// alone: the system's CAs)."""
+        self.address = BrokerAddress.parse(broker)
+        self.session_expiry_s = session_expiry_s
+        self.client_id = client_id
+        self.max_payload = max_payload
+        # The broker's Maximum Packet Size from its last CONNACK (None: it set no limit).
+        self.max_packet_size: int | None = None
+        # filter -> QoS of every active subscription (renewed on every connect)
+        self._subscriptions: dict[str, int] = {}
+        self._on_connect_cb = on_connect
+        self.connected = threading.Event()
+        self._disconnected = threading.Event()
+        self._started_before = False
+        # Set once the broker acknowledged every subscription of the current connection:
+        # from then on, nothing published to our filters is missed.
+        self.subscribed = threading.Event()
+        self._pending_subacks: set[int] = set()
+        self._lock = threading.Lock()
+        self.handler_errors = 0
+        self._client = LeanClient(
+            callback_api_version=CallbackAPIVersion.VERSION2, client_id=client_id,
+            protocol=mqtt.MQTTv5,
+        )
+        if manual_ack:
+            self._client.manual_ack_set(True)
+        if username:
+            self._client.username_pw_set(username, password or None)
+        self._setup_tls(tls or TlsFiles(), has_password=bool(password))
+        # Why the broker last turned us away (CONNACK reason or TLS failure), until we connect.
+        self.refusal: str | None = None
+        self._connack: bool | None = None  # this connection's CONNACK: accepted, refused, none
+        self._client.on_connect_fail = self._handle_connect_fail
+        if will is not None:
+            self._client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
+        jitter = random.uniform(1.0 - RECONNECT_JITTER, 1.0 + RECONNECT_JITTER)
+        self.reconnect_delays = (RECONNECT_MIN_S * jitter, RECONNECT_MAX_S * jitter)
+        self._client.reconnect_delay_set(*self.reconnect_delays)
+        self._client.on_connect = self._handle_connect
+        self._client.on_disconnect = self._handle_disconnect
+        self._client.on_subscribe = self._handle_subscribe
+
+    def route(self, topic_filter: str, handler: Handler, qos: int = 1, *,
+              active: bool = True) -> None:
+        """Send messages on `topic_filter` to `handler`; subscribe now and after every
+        reconnect, or (active=False) only once `activate` is called."""
+        self._client.message_callback_add(topic_filter, self._guard(handler))
+        if active:
+            self.activate(topic_filter, qos)
+
+    def activate(self, topic_filter: str, qos: int = 1) -> None:
+        """Subscribe to a routed filter (no-op if already subscribed: a second SUBSCRIBE
+        would make the broker send every retained message again)."""
+        with self._lock:
+            if topic_filter in self._subscriptions:
+                return
+            self._subscriptions[topic_filter] = qos
+        if self.connected.is_set():
+            self._subscribe([(topic_filter, qos)])
+
+    def deactivate(self, topic_filter: str) -> None:
+        with self._lock:
+            if self._subscriptions.pop(topic_filter, None) is None:
+                return
+        if self.connected.is_set():
+            self._client.unsubscribe(topic_filter)
+
+    def _guard(self, handler: Handler) -> Callable:
+        def call(_client, _userdata, message: mqtt.MQTTMessage) -> None:
+            try:
+                handler(message)
+            except Exception:
+                self.handler_errors += 1
+                log.exception("%s: handler for %s failed", self.client_id, message.topic)
+        return call
+
+    def start(self) -> None:
+        """Connect in the background; paho keeps retrying while the broker is away."""
+        props = Properties(PacketTypes.CONNECT)
+        if self.session_expiry_s > 0:
+            props.SessionExpiryInterval = self.session_expiry_s
+        try:
+            self._client.connect_async(self.address.host, self.address.port,
+                                       keepalive=KEEPALIVE_S,
+                                       clean_start=self.session_expiry_s <= 0, properties=props)
+        except (OSError, ValueError) as exc:
+            raise BrokerError(f"cannot connect to {self.address}: {exc}") from exc
+        if self._started_before:
+            # paho 2.2's loop_start() opens a new wake-up socket pair without closing the
+            # one the previous loop left behind; close it so a restarted link leaks nothing.
+            self._client._reset_sockets(sockpair_only=True)
+        self._started_before = True
+        self._client.loop_start()
+
+    def wait_connected(self, timeout: float) -> None:
+        """Block until connected; fail early once the broker refused us (bad credentials,
+        TLS), since retrying the same credentials will not help."""
+        deadline = time.monotonic() + timeout
+        while not self.connected.wait(min(0.1, max(0.0, deadline - time.monotonic()))):
+            refusal = self.refusal
+            if refusal is not None:
+                raise BrokerError(f"{self.client_id}: {self.address} refused the connection: "
+                                  f"{refusal}")
+            if time.monotonic() >= deadline:
+                break
+        if not self.connected.is_set():
+            raise BrokerError(
+                f"{self.client_id}: no connection to {self.address} after {timeout:.0f} s; "
+                "is the broker running and reachable?"
+            )
+
+    def publish(self, topic: str, payload: bytes, *, qos: int = 1,
+                retain: bool = False) -> mqtt.MQTTMessageInfo:
+        info = self._client.publish(topic, payload, qos=qos, retain=retain)
+        if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+            log.warning("%s: publish to %s failed: %s", self.client_id, topic,
+                        mqtt.error_string(info.rc))
+        return info
+
+    def ack(self, mid: int, qos: int) -> None:
+        """Acknowledge a QoS 1 message received under manual_ack (after storing it)."""
+        if qos > 0:
+            self._client.ack(mid, qos)
+
+    def effective_max_payload(self, topic: str, *, qos: int = 1) -> int:
+        """The largest payload to publish on `topic`: max_payload, or less when the broker's
+        packet limit leaves less room after the PUBLISH headers."""
+        if self.max_packet_size is None:
+            return self.max_payload
+        return min(self.max_payload, self.max_packet_size - publish_overhead(topic, qos=qos))
+
+    def stop(self, *, final: tuple[str, bytes] | None = None, timeout: float = 5.0) -> None:
+        """Disconnect cleanly, first publishing `final` (e.g. a retained offline status)."""
+        if final is not None and self.connected.is_set():
+            info = self.publish(final[0], final[1], qos=1, retain=True)
+            try:
+                info.wait_for_publish(timeout)
+            except (RuntimeError, ValueError):
+                log.warning("%s: final status not delivered", self.client_id)
+        if self.connected.is_set():
+            self._disconnected.clear()
+            self._client.disconnect()
+            # loop_stop() right away can drop the DISCONNECT and leave the socket open: the
+            # broker would go on routing messages to a client that no longer reads them.
+            if not self._disconnected.wait(timeout):
+                log.warning("%s: broker did not confirm the disconnect", self.client_id)
+        else:
+            self._client.disconnect()
+        self._client.loop_stop()
+        # paho leaves its wake-up socket pair open until garbage collection, which then
+        # may warn about unclosed sockets; close it now (start() makes a new one).
+        self._client._reset_sockets(sockpair_only=True)
+        self.connected.clear()
+
+    def _handle_connect(self, client, _userdata, flags, reason_code, props) -> None:
+        self._connack = not reason_code.is_failure
+        if reason_code.is_failure:
+            self.refusal = f"{reason_code}{_refusal_hint(str(reason_code))}"
+            log.error("%s: broker %s refused the connection: %s (retrying with backoff)",
+                      self.client_id, self.address, self.refusal)
+            return
+        self.refusal = None
+        self._note_packet_limit(getattr(props, "MaximumPacketSize", None))
+        with self._lock:
+            active = list(self._subscriptions.items())
+        self._subscribe(active)
+        self.connected.set()
+        log.info("%s: connected to %s", self.client_id, self.address)
+        if self._on_connect_cb is not None:
+            try:
+                self._on_connect_cb(bool(flags.session_present))
+            except Exception:
+                self.handler_errors += 1
+                log.exception("%s: on-connect hook failed", self.client_id)
+
+    def _setup_tls(self, tls: TlsFiles, *, has_password: bool) -> None:
+        """TLS for mqtts:// only: TLS files with mqtt:// would silently go unused."""
+        if not self.address.tls:
+            if tls:
+                raise ConfigError(f"ca_file/cert_file/key_file are set but the broker URL "
+                                  f"{self.address} is not TLS; use mqtts://")
+            if has_password and self.address.host not in ("127.0.0.1", "localhost", "::1"):
+                log.warning("%s: sending a password in clear text to %s; use mqtts://",
+                            self.client_id, self.address)
+            return
+        self._client.tls_set_context(tls.context())
+
+    def _handle_connect_fail(self, _client, _userdata) -> None:
+        """TCP or TLS connect failed; paho retries. Called inside paho's `except OSError`,
+        so the exception is still current and can be named."""
+        exc = sys.exc_info()[1]
+        if self.address.tls and isinstance(exc, ssl.SSLError):
+            self.refusal = describe_tls_failure(exc)
+            log.error("%s: TLS connection to %s failed: %s", self.client_id, self.address,
+                      self.refusal)
+        else:
+            log.debug("%s: cannot reach %s: %s", self.client_id, self.address, exc)
+
+    def _note_packet_limit(self, limit: int | None) -> None:
+        """Keep the broker's limit; say so once when it lowers max_payload."""
+        if limit == self.max_packet_size:
+            return
+        self.max_packet_size = limit
+        room = self.effective_max_payload("")
+        if room < self.max_payload:
+            log.info("%s: broker %s accepts packets of at most %d bytes, so payloads are split "
+                     "above %d bytes less the topic length instead of above max_payload %d",
+                     self.client_id, self.address, limit, room, self.max_payload)
+
+    def _subscribe(self, subscriptions: list[tuple[str, int]]) -> None:
+        with self._lock:
+            self.subscribed.clear()
+            for topic_filter, qos in subscriptions:
+                rc, mid = self._client.subscribe(topic_filter, qos=qos)
+                if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and mid is not None:
+                    self._pending_subacks.add(mid)
+            if not self._pending_subacks:
+                self.subscribed.set()
+
+    def _handle_subscribe(self, _client, _userdata, mid, reason_codes, _props) -> None:
+        for code in reason_codes:
+            if code.is_failure:
+                log.error("%s: broker refused a subscription: %s", self.client_id, code)
+        with self._lock:
+            self._pending_subacks.discard(mid)
+            if not self._pending_subacks:
+                self.subscribed.set()
+
+    def _handle_disconnect(self, _client, _userdata, _flags, reason_code, _props) -> None:
+        connack, self._connack = self._connack, None
+        self.connected.clear()
+        self._disconnected.set()
+        self.subscribed.clear()
+        with self._lock:
+            self._pending_subacks.clear()
+        if connack is False:
+            return  # refused in CONNACK: logged there
+        if connack is None and self.address.tls and reason_code != 0:
+            self.refusal = TLS_CLOSED
+            log.error("%s: %s closed the TLS connection before answering CONNECT: %s",
+                      self.client_id, self.address, self.refusal)
+            return
+        if reason_code != 0:
+            log.warning("%s: disconnected from %s (%s); reconnecting", self.client_id,
+                        self.address, reason_code)

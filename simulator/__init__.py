@@ -1,0 +1,1 @@
+"""The fleet simulator: many agents, an aggregator and a private broker on one machine."""

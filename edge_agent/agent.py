@@ -107,12 +107,11 @@ class LocalTrainer:
         self.seed = seed
         # One residual, whatever codec the server assigns: what was not sent is owed
         # regardless of how the next delta is compressed.
-        self.feedback = codecs.ErrorFeedback(self.spec)
+        # Restored under the codec it was saved with (the server's, when it assigned one).
         self.state_path = Path(state_path) if state_path else None
-        if self.state_path is not None:
-            state = storage.load_state(self.state_path)
-            if state is not None:
-                self.feedback.load_state_dict(state.get("feedback", {}))
+        state = storage.load_state(self.state_path) if self.state_path is not None else None
+        self.feedback = codecs.ErrorFeedback.resume((state or {}).get("feedback", {}),
+                                                    default=self.spec)
         self._model: Model | None = None
         self._model_key: tuple | None = None
         if not slowdown >= 1.0:

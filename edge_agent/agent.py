@@ -41,6 +41,7 @@ from fedmq.errors import DataError, FedmqError, ProtocolError
 from fedmq.keyfiles import opener_for_config
 from fedmq.models import Model, build_model
 from fedmq.tasks import Dataset
+from fedmq.transport.message import Message
 from fedmq.transport.mqtt import MqttLink, Will
 
 log = logging.getLogger(__name__)
@@ -291,7 +292,7 @@ class EdgeAgent:
         with self._wake:
             self._wake.notify()
 
-    def _on_receipt(self, message) -> None:
+    def _on_receipt(self, message: Message) -> None:
         try:
             receipt = Receipt.from_payload(message.payload)
         except ProtocolError as exc:
@@ -309,12 +310,12 @@ class EdgeAgent:
             log.warning("%s: update %s for round %d dropped: %s %s", self.config.device_id,
                         receipt.update_id, receipt.round, receipt.status, receipt.reason)
 
-    def _on_announcement(self, message) -> None:
+    def _on_announcement(self, message: Message) -> None:
         self._receive(lambda: self.receiver.offer_announcement(
             self.announcements.open(message.payload), len(message.payload)), message.payload)
 
     def _chunk_handler(self, stream: str):
-        def on_chunk(message) -> None:
+        def on_chunk(message: Message) -> None:
             self._receive(lambda: self.receiver.offer_chunk(
                 ModelChunk.from_payload(message.payload), len(message.payload), stream),
                 message.payload)

@@ -13,11 +13,11 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import paho.mqtt.client as mqtt
 import pytest
 
 from fedmq.errors import BrokerError, ConfigError
 from fedmq.transport import mqtt as edge_mqtt
+from fedmq.transport.message import Message
 from fedmq.transport.mqtt import MqttLink, Will
 from simulator.broker import free_port
 from simulator.faultproxy import FaultProxy, LinkProfile, ProxyPool, TokenBucket
@@ -37,7 +37,7 @@ class Inbox:
     def __init__(self) -> None:
         self.items: list[tuple[float, str, bytes]] = []
 
-    def __call__(self, message: mqtt.MQTTMessage) -> None:
+    def __call__(self, message: Message) -> None:
         self.items.append((time.monotonic(), message.topic, message.payload))
 
     def __len__(self) -> int:

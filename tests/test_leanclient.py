@@ -27,7 +27,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from fedmq.transport.leanclient import LeanClient, publish_header_length
-from fedmq.transport.mqtt import MqttLink
+from fedmq.transport.message import Message
+from fedmq.transport.mqtt import MqttLink, message_from_paho
 
 from .helpers import WAIT_S
 
@@ -303,25 +304,26 @@ def publish_all(url: str, stoppers, samples) -> None:
         info.wait_for_publish(WAIT_S)
 
 
-def check_received(received: list[mqtt.MQTTMessage], samples) -> None:
+def check_received(received: list[Message], samples) -> None:
     by_topic = {message.topic: message for message in received}
     assert len(received) == len(samples) and by_topic.keys() == samples.keys()
     for topic, (payload, qos, props) in samples.items():
         message = by_topic[topic]
+        assert type(message) is Message, "paho's MQTTMessage must never reach a handler"
         assert bytes(message.payload) == payload, topic
         assert message.qos == qos, topic
         if props is not None:
-            assert message.properties.UserProperty == props.UserProperty
+            assert list(message.user_properties) == props.UserProperty
             # the broker forwards what is left of the expiry interval
-            assert 0 < message.properties.MessageExpiryInterval <= 3600
+            assert 0 < message.expiry_s <= 3600
 
 
-def collector(expected: int) -> tuple[list[mqtt.MQTTMessage], threading.Event,
-                                     Callable[[mqtt.MQTTMessage], None]]:
-    received: list[mqtt.MQTTMessage] = []
+def collector(expected: int) -> tuple[list[Message], threading.Event,
+                                     Callable[[Message], None]]:
+    received: list[Message] = []
     done = threading.Event()
 
-    def collect(message: mqtt.MQTTMessage) -> None:
+    def collect(message: Message) -> None:
         received.append(message)
         if len(received) >= expected:
             done.set()
@@ -365,7 +367,7 @@ def test_a_plain_paho_client_beside_it_is_unchanged(broker, stoppers):
     assert mqtt.Client._handle_publish is not LeanClient._handle_publish
     plain.on_connect = lambda c, _u, _f, _rc, _p: c.subscribe(FILTER, qos=2)
     plain.on_subscribe = lambda *_: subscribed.set()
-    plain.on_message = lambda _c, _u, message: plain_collect(message)
+    plain.on_message = lambda _c, _u, message: plain_collect(message_from_paho(message))
     plain.on_disconnect = lambda *_: disconnected.set()
     plain.connect("127.0.0.1", broker.port)
     plain.loop_start()
@@ -386,3 +388,25 @@ def test_a_plain_paho_client_beside_it_is_unchanged(broker, stoppers):
     check_received(lean_received, samples)
     assert not hasattr(plain, "split_publishes")
     assert listener._client.split_publishes == lean_paths(samples)
+
+
+def test_handlers_get_a_frozen_fedmq_message_sharing_the_payload_object():
+    """MqttLink's guard hands handlers fedmq's Message, never paho's, with the very payload
+    object received (no copy beside LeanClient's one)."""
+    import dataclasses
+
+    raw = mqtt.MQTTMessage(mid=7, topic=b"f/x")
+    raw.payload, raw.qos, raw.retain, raw.dup = b"\x00" * 1000, 1, True, True
+    raw.properties = Properties(PacketTypes.PUBLISH)
+    raw.properties.UserProperty = ("k", "v")
+    raw.properties.MessageExpiryInterval = 60
+    seen: list[Message] = []
+    link = MqttLink(client_id="guard", broker="mqtt://127.0.0.1:1")
+    link._guard(seen.append)(None, None, raw)
+    (message,) = seen
+    assert message == Message(topic="f/x", payload=raw.payload, qos=1, retain=True, mid=7,
+                              dup=True, user_properties=(("k", "v"),), expiry_s=60)
+    assert message.payload is raw.payload
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        message.payload = b""  # type: ignore[misc]
+    assert message_from_paho(mqtt.MQTTMessage(topic=b"t")).user_properties == ()

@@ -24,6 +24,7 @@ from paho.mqtt.properties import Properties
 from fedmq.core.chunking import DEFAULT_MAX_PAYLOAD
 from fedmq.errors import BrokerError, ConfigError
 from fedmq.transport.leanclient import LeanClient
+from fedmq.transport.message import Message
 from fedmq.transport.tls import TlsFiles, describe_tls_failure
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,8 @@ RECONNECT_MAX_S = 30.0
 RECONNECT_JITTER = 0.5
 KEEPALIVE_S = 30
 
-Handler = Callable[[mqtt.MQTTMessage], None]
+# Handlers get fedmq's own Message: paho's MQTTMessage never reaches them.
+Handler = Callable[[Message], None]
 
 # CONNACK reasons that only an operator can fix, with what to do about them.
 _CREDENTIALS_HINT = ("check username and password in the config (empty: anonymous, which a "
@@ -68,6 +70,20 @@ def publish_overhead(topic: str, *, qos: int) -> int:
     packet_id = 2 if qos > 0 else 0
     properties = 1  # publish() sends none: a one-byte zero length
     return fixed_header + topic_name + packet_id + properties
+
+
+def message_from_paho(message: mqtt.MQTTMessage) -> Message:
+    """paho's message as fedmq's, the payload object passed on as it is (no copy)."""
+    payload = message.payload
+    if type(payload) is not bytes:  # paho's own parser may leave a bytearray slice
+        payload = bytes(payload)
+    props = message.properties
+    return Message(
+        topic=message.topic, payload=payload, qos=message.qos, retain=bool(message.retain),
+        mid=message.mid, dup=bool(message.dup),
+        user_properties=tuple(getattr(props, "UserProperty", ())) if props else (),
+        expiry_s=getattr(props, "MessageExpiryInterval", None) if props else None,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,7 +197,7 @@ class MqttLink:
     def _guard(self, handler: Handler) -> Callable:
         def call(_client, _userdata, message: mqtt.MQTTMessage) -> None:
             try:
-                handler(message)
+                handler(message_from_paho(message))
             except Exception:
                 self.handler_errors += 1
                 log.exception("%s: handler for %s failed", self.client_id, message.topic)

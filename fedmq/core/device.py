@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from fedmq.core.outbox import Outbox
 from fedmq.core.protocol import FleetTopics, ModelChunk, Receipt, TaskConfig, Update
@@ -183,11 +184,6 @@ class DeviceMachine:
         self._stream_filters = {FULL: self.topics.model_payload_filter,
                                 DELTA: self.topics.model_delta_filter}
         self.following: str | None = None  # the chunk stream subscribed to, if any
-        self._handlers = {
-            Connected: self._connected, AnnouncementIn: self._announcement,
-            ChunkIn: self._chunk, ReceiptIn: self._receipt, Trained: self._trained,
-            Sent: self._sent, Tick: self._tick,
-        }
 
     @property
     def always_subscribed(self) -> tuple[str, ...]:
@@ -199,7 +195,8 @@ class DeviceMachine:
         return self._stream_filters[stream]
 
     def handle(self, event: Event) -> list[Decision]:
-        return self._handlers[type(event)](event)
+        """What to do about `event`, in the order to do it."""
+        return _DISPATCH[type(event)](self, event)
 
     # -- link and time ------------------------------------------------------------------
     def _connected(self, event: Connected) -> list[Decision]:
@@ -291,3 +288,10 @@ class DeviceMachine:
             return [Ignored("receipt", "settled")]
         return [Settled(receipt)]
 
+
+# One table for all machines: a device costs its state, not a dict of bound methods.
+_DISPATCH: dict[type, Callable[[DeviceMachine, Any], list[Decision]]] = {
+    Connected: DeviceMachine._connected, AnnouncementIn: DeviceMachine._announcement,
+    ChunkIn: DeviceMachine._chunk, ReceiptIn: DeviceMachine._receipt,
+    Trained: DeviceMachine._trained, Sent: DeviceMachine._sent, Tick: DeviceMachine._tick,
+}

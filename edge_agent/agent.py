@@ -1,8 +1,9 @@
 """The edge agent: receive the global model, train on local data, publish the delta.
 
 `LocalTrainer` is the pure part (model in, Update out) and is tested without a broker;
-`EdgeAgent` wires it to MQTT and runs training on its own thread so the network loop
-keeps answering pings while a device trains.
+the protocol decisions are fedmq/core/device.py's `DeviceMachine`; `EdgeAgent` wires both
+to MQTT and to disk and runs training on its own thread so the network loop keeps
+answering pings while a device trains.
 """
 
 from __future__ import annotations
@@ -23,20 +24,32 @@ from pathlib import Path
 import numpy as np
 
 from edge_agent.config import AgentConfig
-from edge_agent.outbox import Outbox, Pending
+from edge_agent.outbox import Outbox
 from fedmq import __version__, storage
 from fedmq.core import codecs
 from fedmq.core.chunking import split_payload
-from fedmq.core.protocol import (
-    DeviceStatus,
-    FleetTopics,
-    ModelAnnouncement,
-    ModelChunk,
-    Receipt,
-    TaskConfig,
-    Update,
+from fedmq.core.device import (
+    AnnouncementIn,
+    ChunkIn,
+    Connected,
+    Decision,
+    DeviceMachine,
+    Event,
+    Ignored,
+    ReceiptIn,
+    Rejected,
+    Send,
+    Sent,
+    Settled,
+    SitOut,
+    Subscribe,
+    Tick,
+    Train,
+    Trained,
+    Unsubscribe,
 )
-from fedmq.core.transfer import DELTA, FULL, ModelReceiver, ReceivedModel
+from fedmq.core.protocol import DeviceStatus, FleetTopics, ModelAnnouncement, TaskConfig, Update
+from fedmq.core.transfer import DELTA, FULL, ReceivedModel
 from fedmq.errors import DataError, FedmqError, ProtocolError
 from fedmq.keyfiles import opener_for_config
 from fedmq.models import Model, build_model
@@ -45,12 +58,8 @@ from fedmq.transport.message import Message
 from fedmq.transport.mqtt import MqttLink, Will
 
 log = logging.getLogger(__name__)
-# How often the training thread looks for updates whose receipt is overdue.
+# How often the training thread ticks the machine for updates whose receipt is overdue.
 RESEND_CHECK_S = 1.0
-# A new model re-sends unreceipted updates at once, but only those sent at least this long
-# ago: a receipt normally follows within a checkpoint write, and in async mode models
-# arrive many times a second; re-sending what is still in flight would flood the broker.
-RESEND_ON_MODEL_AFTER_S = 5.0
 # How long a round waits for a fresh read of a live data source before it trains on the
 # last good data (the read goes on and serves a later round).
 RELOAD_WAIT_S = 10.0
@@ -108,12 +117,11 @@ class LocalTrainer:
         self.seed = seed
         # One residual, whatever codec the server assigns: what was not sent is owed
         # regardless of how the next delta is compressed.
-        self.feedback = codecs.ErrorFeedback(self.spec)
+        # Restored under the codec it was saved with (the server's, when it assigned one).
         self.state_path = Path(state_path) if state_path else None
-        if self.state_path is not None:
-            state = storage.load_state(self.state_path)
-            if state is not None:
-                self.feedback.load_state_dict(state.get("feedback", {}))
+        state = storage.load_state(self.state_path) if self.state_path is not None else None
+        self.feedback = codecs.ErrorFeedback.resume((state or {}).get("feedback", {}),
+                                                    default=self.spec)
         self._model: Model | None = None
         self._model_key: tuple | None = None
         if not slowdown >= 1.0:
@@ -238,7 +246,13 @@ class _Read:
 
 
 class EdgeAgent:
-    """One device: an MQTT client plus a training thread."""
+    """One device: DeviceMachine's decisions carried out over MQTT, a durable outbox, and
+    a training thread (so the network loop keeps answering pings while the device trains).
+
+    Every protocol decision (what to download, what to train, what to send again and
+    when, what a receipt settles) is fedmq/core/device.py's; this class only feeds it
+    events and executes what it returns.
+    """
 
     def __init__(self, config: AgentConfig, data: Dataset) -> None:
         self.config = config
@@ -257,12 +271,19 @@ class EdgeAgent:
                                     seed=seed, state_path=state_path, slowdown=config.slowdown,
                                     threads=config.train_threads or config.cpus
                                     or os.cpu_count() or 1, reload=reload)
-        self.receiver = ModelReceiver()
+        self.stats = AgentStats()
+        # Written to disk before anything is published (the machine's ledger writes through).
+        self.outbox = Outbox(Path(config.state_dir) / "outbox" if config.state_dir else None)
         # With model_public_key set, only announcements the aggregator signed get through.
         self.announcements = opener_for_config(config.model_public_key)
-        self.stats = AgentStats()
-        self.outbox = Outbox(Path(config.state_dir) / "outbox" if config.state_dir else None)
-        self._pending: ReceivedModel | None = None
+        self.machine = DeviceMachine(device_id=config.device_id, fleet=config.fleet,
+                                     resend_after_s=config.resend_after_s, outbox=self.outbox,
+                                     opener=self.announcements)
+        self.receiver = self.machine.receiver
+        # The machine is driven from paho's thread (messages) and the training thread
+        # (ticks, trained updates); decisions are carried out outside this lock.
+        self._machine_lock = threading.Lock()
+        self._pending: Train | None = None
         self._wake = threading.Condition()
         self._stopping = False
         self._worker: threading.Thread | None = None
@@ -275,83 +296,96 @@ class EdgeAgent:
         )
         self.link.route(self.topics.receipt(config.device_id), self._on_receipt)
         self.link.route(self.topics.model_current, self._on_announcement)
-        # The model streams are subscribed only while needed, and only the one needed: a
-        # device holding the previous version downloads the delta, never the full model.
-        self._stream_filters = {FULL: self.topics.model_payload_filter,
-                                DELTA: self.topics.model_delta_filter}
-        for stream, topic_filter in self._stream_filters.items():
-            self.link.route(topic_filter, self._chunk_handler(stream), active=False)
+        # Chunk streams are subscribed only when the machine says so (Subscribe).
+        for stream in (FULL, DELTA):
+            self.link.route(self.machine.stream_filter(stream), self._chunk_handler(stream),
+                            active=False)
 
-    # -- MQTT side (paho thread): decode, verify, hand over ------------------------------
+    # -- events in -------------------------------------------------------------------------
+    def _handle(self, event: Event) -> int:
+        """Feed `event` to the machine and carry out its decisions; bytes published."""
+        with self._machine_lock:
+            decisions = self.machine.handle(event)
+        return sum(self._carry_out(decision) for decision in decisions)
+
     def _on_connect(self, _session_present: bool) -> None:
         birth = DeviceStatus(device_id=self.config.device_id, online=True,
                              capabilities=device_capabilities(self.config),
                              agent_version=__version__, ts=time.time())
         self.link.publish(self.topics.device_status(self.config.device_id), birth.to_payload(),
                           qos=1, retain=True)
-        self.outbox.mark_unsent()  # whatever was in flight may be gone: send it again
-        with self._wake:
-            self._wake.notify()
+        self._handle(Connected(time.monotonic()))
+        self._wake_worker()
 
     def _on_receipt(self, message: Message) -> None:
-        try:
-            receipt = Receipt.from_payload(message.payload)
-        except ProtocolError as exc:
-            self.stats.rejected[exc.reason] += 1
-            log.warning("%s: bad receipt: %s", self.config.device_id, exc)
-            return
-        entry = self.outbox.remove(receipt.update_id)
-        if entry is None:
-            return  # a receipt for something already settled (a re-send's second receipt)
-        self.stats.receipts[receipt.status] += 1
-        if receipt.status == "accepted":
-            log.debug("%s: update %s counted in round %d", self.config.device_id,
-                      receipt.update_id, receipt.round)
-        else:
-            log.warning("%s: update %s for round %d dropped: %s %s", self.config.device_id,
-                        receipt.update_id, receipt.round, receipt.status, receipt.reason)
+        self._handle(ReceiptIn(message.payload, time.monotonic()))
 
     def _on_announcement(self, message: Message) -> None:
-        self._receive(lambda: self.receiver.offer_announcement(
-            self.announcements.open(message.payload), len(message.payload)), message.payload)
+        self._handle(AnnouncementIn(message.payload, time.monotonic()))
 
-    def _chunk_handler(self, stream: str):
+    def _chunk_handler(self, stream: str) -> Callable[[Message], None]:
         def on_chunk(message: Message) -> None:
-            self._receive(lambda: self.receiver.offer_chunk(
-                ModelChunk.from_payload(message.payload), len(message.payload), stream),
-                message.payload)
+            self._handle(ChunkIn(stream, message.payload, time.monotonic()))
         return on_chunk
 
-    def _receive(self, offer, payload: bytes) -> None:
-        if not payload:
-            return  # an empty retained message only deletes an old chunk
-        try:
-            received = offer()
-        except ProtocolError as exc:
-            self.stats.rejected[exc.reason] += 1
-            log.warning("%s: rejected model message (%s): %s", self.config.device_id,
-                        exc.reason, exc)
-            return
-        finally:
-            self._follow_wanted_stream()
-        if received is not None:
-            # A new model means the aggregator is up and moving: whatever still lacks a
-            # receipt goes out again now (it is counted or refused, either way receipted)
-            # instead of waiting out resend_after_s.
-            self.outbox.mark_unsent(older_than_s=RESEND_ON_MODEL_AFTER_S, first_send_only=True)
-            self.stats.models_received += 1
-            self.stats.traffic[received.announcement.round][1] += received.wire_bytes
-            with self._wake:
-                self._pending = received  # newest wins: never train on a superseded model
-                self._wake.notify()
+    # -- decisions out ---------------------------------------------------------------------
+    def _carry_out(self, decision: Decision) -> int:
+        device = self.config.device_id
+        match decision:
+            case Subscribe(topic_filters=filters):
+                for topic_filter in filters:
+                    self.link.activate(topic_filter)
+            case Unsubscribe(topic_filters=filters):
+                for topic_filter in filters:
+                    self.link.deactivate(topic_filter)
+            case Train(model=model) | SitOut(model=model):
+                self.stats.models_received += 1
+                self.stats.traffic[model.announcement.round][1] += model.wire_bytes
+                if isinstance(decision, SitOut):
+                    self.stats.sat_out += 1
+                    log.debug("%s: not in round %d's cohort; holding model v%d", device,
+                              model.announcement.round, model.announcement.version)
+                # newest wins: never train on a superseded model; and the worker re-sends
+                # what a new model makes due
+                self._wake_worker(decision if isinstance(decision, Train) else None)
+            case Send():
+                sent = self._send(decision)
+                self.stats.traffic[decision.round][0] += sent  # bytes are bytes
+                self.stats.resent += decision.resend
+                return sent
+            case Settled(receipt=receipt):
+                self.stats.receipts[receipt.status] += 1
+                if receipt.status == "accepted":
+                    log.debug("%s: update %s counted in round %d", device, receipt.update_id,
+                              receipt.round)
+                else:
+                    log.warning("%s: update %s for round %d dropped: %s %s", device,
+                                receipt.update_id, receipt.round, receipt.status,
+                                receipt.reason)
+            case Ignored(what=what, why=why):
+                log.debug("%s: ignoring %s (%s)", device, what, why)
+            case Rejected(what=what, reason=reason, detail=detail):
+                self.stats.rejected[reason] += 1
+                log.warning("%s: rejected %s message (%s): %s", device, what, reason, detail)
+        return 0
 
-    def _follow_wanted_stream(self) -> None:
-        wanted = self.receiver.wanted()
-        for stream, topic_filter in self._stream_filters.items():
-            if stream == wanted:
-                self.link.activate(topic_filter)
-            else:
-                self.link.deactivate(topic_filter)
+    def _wake_worker(self, *pending: Train | None) -> None:
+        """Wake the training thread; with `pending`, replace the model it is to train next."""
+        with self._wake:
+            if pending:
+                self._pending = pending[0]
+            self._wake.notify()
+
+    def _send(self, send: Send) -> int:
+        messages = split_payload(send.payload,
+                                 max_payload=self.link.effective_max_payload(send.topic))
+        connected = self.link.connected.is_set()
+        for message in messages:
+            self.link.publish(send.topic, message, qos=1)
+        self._handle(Sent(send.update_id, connected, time.monotonic()))
+        log.debug("%s: sent update %s (round %d, connected=%s)", self.config.device_id,
+                  send.update_id, send.round, connected)
+        return sum(len(message) for message in messages)
 
     # -- training thread -----------------------------------------------------------------
     def _run(self) -> None:
@@ -361,53 +395,31 @@ class EdgeAgent:
                     self._wake.wait(RESEND_CHECK_S)
                 if self._stopping:
                     return
-                received, self._pending = self._pending, None
-            if self.link.subscribed.is_set():  # receipts can reach us: re-send what waits
-                for entry in self.outbox.due(resend_after_s=self.config.resend_after_s):
-                    self.stats.traffic[entry.round][0] += self._send(entry)  # bytes are bytes
-                    self.stats.resent += 1
-            if received is not None:
+                train, self._pending = self._pending, None
+            # receipts can reach us once subscribed: re-send what is due
+            self._handle(Tick(time.monotonic(), online=self.link.subscribed.is_set()))
+            if train is not None:
                 try:
-                    self._train_and_publish(received)
+                    self._train_and_publish(train)
                 except Exception:  # a bug or a full disk must not end training for good
                     self.stats.rejected["train_error"] += 1
                     log.exception("%s: round %d failed; waiting for the next model",
-                                  self.config.device_id, received.announcement.round)
+                                  self.config.device_id, train.model.announcement.round)
 
-    def _send(self, entry: Pending) -> int:
-        topic = self.topics.update(self.config.device_id)
-        messages = split_payload(entry.payload,
-                                 max_payload=self.link.effective_max_payload(topic))
-        connected = self.link.connected.is_set()
-        for message in messages:
-            self.link.publish(topic, message, qos=1)
-        self.outbox.sent(entry, connected=connected)
-        log.debug("%s: sent update %s (round %d, connected=%s)", self.config.device_id,
-                  entry.update_id, entry.round, connected)
-        return sum(len(message) for message in messages)
-
-    def _train_and_publish(self, received: ReceivedModel) -> None:
-        a = received.announcement
-        task = a.task_for(self.config.device_id)
-        if task is None:
-            self.stats.sat_out += 1
-            log.debug("%s: not in round %d's cohort; holding model v%d", self.config.device_id,
-                      a.round, a.version)
-            return
+    def _train_and_publish(self, train: Train) -> None:
+        a = train.model.announcement
         log.info("%s: round %d: training on model v%d", self.config.device_id, a.round,
                  a.version)
         try:
-            update = self.trainer.train(received, task)
+            update = self.trainer.train(train.model, train.task)
         except FedmqError as exc:
             self.stats.rejected[getattr(exc, "reason", "train_failed")] += 1
             log.error("%s: cannot train on model v%d: %s", self.config.device_id, a.version, exc)
             return
-        entry = self.outbox.put(update.update_id, a.round, update.to_payload())
-        sent = self._send(entry)
+        sent = self._handle(Trained(update, time.monotonic()))
         self.stats.updates_sent += 1
         self.stats.partial += not update.complete
         self.stats.codecs[update.delta.codec] += 1
-        self.stats.traffic[a.round][0] += sent
         log.info("%s: round %d: trained on %d samples (loss %.4f), sent %d bytes",
                  self.config.device_id, a.round, update.num_samples, update.loss, sent)
 

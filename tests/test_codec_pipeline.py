@@ -135,6 +135,18 @@ def test_error_feedback_state_survives_a_restart_but_not_a_codec_change():
     assert c.residual is None
 
 
+def test_resumed_error_feedback_keeps_the_spec_its_residual_was_saved_under():
+    a = codecs.ErrorFeedback(parse_spec("top5-q4-ef"))
+    a.encode(np.arange(100, dtype=np.float32), rng=np.random.default_rng(0))
+    b = codecs.ErrorFeedback.resume(a.state_dict(), default=parse_spec("float32"))
+    assert b.spec == a.spec and np.array_equal(a.residual, b.residual)
+    fresh = codecs.ErrorFeedback.resume({}, default=parse_spec("sign-ef"))
+    assert fresh.spec == parse_spec("sign-ef") and fresh.residual is None
+    unknown = codecs.ErrorFeedback.resume({**a.state_dict(), "spec": "top5-q9-ef"},
+                                          default=parse_spec("sign-ef"))
+    assert unknown.residual is None  # a codec this build cannot parse: nothing to resume
+
+
 @given(st.integers(1, 5), st.sampled_from(ALL_SPECS), st.floats(0.5, 5000), st.data())
 def test_decode_into_the_sum_equals_decode_then_add(seed, name, weight, data):
     x = data.draw(vectors)

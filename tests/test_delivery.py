@@ -237,3 +237,39 @@ def test_an_unexpected_error_in_one_round_does_not_end_training(broker, tmp_path
     wait_for(service.finished.is_set, "3 rounds")
     wait_for(lambda: flaky.stats.updates_sent >= 1, "the flaky agent to train again")
     assert flaky.stats.rejected["train_error"] == 1
+
+
+@pytest.mark.parametrize("configured", ["float32", "top5-q4-ef"])
+def test_the_residual_survives_a_restart_whatever_codec_the_server_assigned(tmp_path,
+                                                                             configured):
+    """A slow-link device configured with one codec and assigned an error-feedback codec
+    by the aggregator (AssignmentPolicy.slow_link_codec, through the announcement's task
+    tiers) owes the same residual after a reboot as before it."""
+    from edge_agent.agent import LocalTrainer
+    from fedmq.core.protocol import ModelAnnouncement, TaskConfig
+    from fedmq.core.transfer import ReceivedModel, encode_model
+    from fedmq.models import build_model
+    from fedmq.tasks import device_shard
+
+    config = {"inputs": 64, "classes": 10}
+    model = build_model("logreg", config, seed=0)
+    info, _ = encode_model(model.get_flat(), codec="float32", version=0)
+    announcement = ModelAnnouncement(
+        fleet="f", version=0, round=1, model="logreg", model_config=config,
+        layout=model.layout.to_wire(), layout_hash=model.layout.hash,
+        task=TaskConfig(epochs=1, lr=0.1), payload=info,
+        tiers=[TaskConfig(epochs=1, lr=0.1, codec="top2-sign-ef")], assign={"d0": 0})
+    data = device_shard("digits", device_index=0, device_count=4, alpha=0.5, seed=0)
+    state = tmp_path / "agent-state.bin"
+
+    def trainer() -> LocalTrainer:
+        return LocalTrainer(device_id="d0", data=data, codec=configured, seed=1,
+                            state_path=state)
+
+    before = trainer()
+    before.train(ReceivedModel(announcement, model.get_flat(), 0),
+                 announcement.task_for("d0"))
+    assert before.feedback.residual is not None and np.any(before.feedback.residual)
+    after = trainer()  # the reboot
+    assert after.feedback.residual is not None, "the residual was lost on restart"
+    assert np.array_equal(after.feedback.residual, before.feedback.residual)

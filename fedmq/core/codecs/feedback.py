@@ -11,8 +11,9 @@ from typing import Any
 import numpy as np
 
 from fedmq.core.codecs.pipeline import decode, encode
-from fedmq.core.codecs.spec import CodecSpec
+from fedmq.core.codecs.spec import CodecSpec, parse_spec
 from fedmq.core.protocol import EncodedTensor
+from fedmq.errors import ConfigError
 
 
 class ErrorFeedback:
@@ -36,3 +37,16 @@ class ErrorFeedback:
         """Resume the residual; a residual saved under another codec is dropped, not mixed."""
         if state.get("spec") == str(self.spec) and state.get("residual") is not None:
             self.residual = np.asarray(state["residual"], dtype=np.float32)
+
+    @classmethod
+    def resume(cls, state: dict[str, Any], *, default: CodecSpec) -> ErrorFeedback:
+        """The feedback saved in `state`, under the spec it was saved with: a device whose
+        server assigns codecs owes its residual whichever codec sends the next delta.
+        `default` when nothing was saved, or under a codec this build cannot parse."""
+        try:
+            spec = parse_spec(state["spec"]) if state.get("spec") else default
+        except (ConfigError, TypeError):
+            spec = default
+        feedback = cls(spec)
+        feedback.load_state_dict(state)
+        return feedback

@@ -338,16 +338,17 @@ class EdgeAgent:
             case Unsubscribe(topic_filters=filters):
                 for topic_filter in filters:
                     self.link.deactivate(topic_filter)
-            case Train(model=model) | SitOut(model=model):
+            case Train(model=model):
                 self.stats.models_received += 1
                 self.stats.traffic[model.announcement.round][1] += model.wire_bytes
-                if isinstance(decision, SitOut):
-                    self.stats.sat_out += 1
-                    log.debug("%s: not in round %d's cohort; holding model v%d", device,
-                              model.announcement.round, model.announcement.version)
                 # newest wins: never train on a superseded model; and the worker re-sends
                 # what a new model makes due
-                self._wake_worker(decision if isinstance(decision, Train) else None)
+                self._wake_worker(decision)
+            case SitOut(announcement=a):
+                self.stats.sat_out += 1
+                log.debug("%s: not in round %d's cohort (model v%d): not downloading it",
+                          device, a.round, a.version)
+                self._wake_worker(None)
             case Send():
                 sent = self._send(decision)
                 self.stats.traffic[decision.round][0] += sent  # bytes are bytes

@@ -146,9 +146,16 @@ def test_the_model_held_announced_for_a_new_round_trains_without_a_download():
     assert isinstance(train, Train) and train.model.announcement.round == 2
 
 
-def test_a_device_outside_the_cohort_sits_out_and_an_assigned_tier_is_its_task():
-    out = download(machine(), 0, cohort=["d1"])
-    assert isinstance(out[-1], SitOut)
+def test_a_device_outside_the_cohort_sits_out_without_downloading_and_a_tier_is_its_task():
+    m = machine()
+    sat_out, _, _ = model_messages(0, cohort=["d1"])
+    out = m.handle(AnnouncementIn(sat_out, 0.0))
+    assert [type(d) for d in out] == [SitOut]  # no Subscribe: the model is not downloaded
+    assert m.receiver.wanted() is None and m.receiver.held_version == -1
+    assert m.handle(AnnouncementIn(sat_out, 0.0)) == [Ignored("announcement", "repeat")]
+    asked_later, _, _ = model_messages(0, round=2, announce_id="later", cohort=["d0"])
+    (subscribe,) = m.handle(AnnouncementIn(asked_later, 0.0))  # asked now: full download
+    assert subscribe == Subscribe((FULL_FILTER,))
     tier = TaskConfig(epochs=3, codec="top2-sign-ef")
     assigned = download(machine(), 0, cohort=["d0"], tiers=[tier], assign={"d0": 0})
     assert assigned[-1].task == tier

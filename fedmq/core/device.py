@@ -20,7 +20,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from fedmq.core.outbox import Outbox
-from fedmq.core.protocol import FleetTopics, ModelChunk, Receipt, TaskConfig, Update
+from fedmq.core.protocol import (
+    FleetTopics,
+    ModelAnnouncement,
+    ModelChunk,
+    Receipt,
+    TaskConfig,
+    Update,
+)
 from fedmq.core.signing import AnnouncementOpener
 from fedmq.core.transfer import DELTA, FULL, ModelReceiver, ReceivedModel
 from fedmq.errors import ConfigError, ProtocolError
@@ -116,10 +123,13 @@ class Train:
 
 @dataclass(frozen=True, slots=True)
 class SitOut:
-    """`model` arrived but this device is not in its round's cohort: hold it, train
-    nothing (and drop any Train not yet started: it is superseded)."""
+    """This device is not in the cohort of `announcement`'s round: train nothing (and drop
+    any Train not yet started: it is superseded). Nothing is downloaded for a round a
+    device sits out: with a few hundred devices asked out of thousands, the broker's
+    fan-out and the devices' radios carry the model only where it is trained; a device
+    asked later downloads it then (the full model: it holds no base for the delta)."""
 
-    model: ReceivedModel
+    announcement: ModelAnnouncement
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,6 +225,13 @@ class DeviceMachine:
 
         def offer() -> ReceivedModel | None:
             announcement = self.opener.open(event.payload)
+            if announcement.task_for(self.device_id) is None:
+                if self.receiver.pass_over(announcement):
+                    self._model_arrived(event.now)
+                    decisions.append(SitOut(announcement))
+                else:
+                    decisions.append(Ignored("announcement", "repeat"))
+                return None
             received = self.receiver.offer_announcement(announcement, len(event.payload))
             held = self.receiver.announcement
             if held is not announcement and held is not None:
@@ -243,15 +260,19 @@ class DeviceMachine:
         decisions.extend(self._follow(self.receiver.wanted()))
         if received is None:
             return decisions
-        # A new model means the aggregator is up and moving: whatever still lacks a
-        # receipt goes out again at the next Tick (it is counted or refused, either way
-        # receipted) instead of waiting out resend_after_s; but only first sends: what
-        # was re-sent already waits for its backoff.
-        self.outbox.mark_unsent(now=event.now, older_than_s=RESEND_ON_MODEL_AFTER_S,
-                                first_send_only=True)
+        self._model_arrived(event.now)
         task = received.announcement.task_for(self.device_id)
-        decisions.append(SitOut(received) if task is None else Train(received, task))
+        assert task is not None  # a device outside the cohort never downloads
+        decisions.append(Train(received, task))
         return decisions
+
+    def _model_arrived(self, now: float) -> None:
+        """A new model means the aggregator is up and moving: whatever still lacks a
+        receipt goes out again at the next Tick (it is counted or refused, either way
+        receipted) instead of waiting out resend_after_s; but only first sends: what was
+        re-sent already waits for its backoff."""
+        self.outbox.mark_unsent(now=now, older_than_s=RESEND_ON_MODEL_AFTER_S,
+                                first_send_only=True)
 
     def _follow(self, wanted: str | None) -> list[Decision]:
         """Subscribe to the one chunk stream the pending model needs, and only while needed:

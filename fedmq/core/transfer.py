@@ -125,6 +125,17 @@ class ModelReceiver:
         self._announcement_bytes = size
         return self._try_complete()
 
+    def pass_over(self, announcement: ModelAnnouncement) -> bool:
+        """Note an announcement this device sits out, downloading nothing for it (a pending
+        download of an older version stops: superseded). False: older, or a repeat."""
+        current = self.announcement
+        if current is not None and (announcement.version < current.version
+                                    or announcement.key == current.key):
+            return False
+        self.announcement = announcement
+        self._delivered = announcement.key  # nothing pending: wanted() is None
+        return True
+
     def offer_chunk(self, chunk: ModelChunk, size: int, stream: str = FULL) -> ReceivedModel | None:
         self._streams[stream].add(chunk, size)
         return self._try_complete()

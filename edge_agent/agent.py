@@ -85,11 +85,15 @@ class LocalTrainer:
 
     With an error-feedback codec the residual the codec dropped is kept here and, when
     `state_path` is set, saved atomically after every update so a reboot does not lose it.
+
+    `update_transform`, when given, rewrites each delta before it is encoded: how a
+    simulated attacker sends a poisoned (yet well-formed) update.
     """
 
     def __init__(self, *, device_id: str, data: Dataset, codec: str, seed: int,
                  state_path: str | Path | None = None, slowdown: float = 1.0,
-                 threads: int = 1, reload: Callable[[], Dataset] | None = None) -> None:
+                 threads: int = 1, reload: Callable[[], Dataset] | None = None,
+                 update_transform: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
         if len(data) == 0:
             raise FedmqError(f"device {device_id} has no training data")
         # A live source (reload) is read again before every round, on its own thread: a
@@ -120,6 +124,7 @@ class LocalTrainer:
         self.slowdown = slowdown
         self.threads = max(1, threads)  # the device's budget, whatever the model config says
         self.halt = threading.Event()  # cuts a simulated slow device's wait short on stop
+        self.update_transform = update_transform
 
     def _model_for(self, a: ModelAnnouncement) -> Model:
         key = (a.model, tuple(sorted(a.model_config.items())))
@@ -188,6 +193,8 @@ class LocalTrainer:
         if self.slowdown > 1.0:
             self.halt.wait(result.seconds * (self.slowdown - 1.0))
         delta = model.get_flat() - received.params
+        if self.update_transform is not None:
+            delta = self.update_transform(delta)
         try:
             encoded = self._encode(delta, task.codec, rng)
         except FedmqError as exc:  # a codec this build does not know: ours still works
@@ -237,9 +244,13 @@ class _Read:
 
 
 class EdgeAgent:
-    """One device: an MQTT client plus a training thread."""
+    """One device: an MQTT client plus a training thread.
 
-    def __init__(self, config: AgentConfig, data: Dataset) -> None:
+    `update_transform` is handed to the LocalTrainer (see there).
+    """
+
+    def __init__(self, config: AgentConfig, data: Dataset, *,
+                 update_transform: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
         self.config = config
         self.topics = FleetTopics(config.fleet)
         state_path = Path(config.state_dir) / "agent-state.bin" if config.state_dir else None
@@ -255,7 +266,8 @@ class EdgeAgent:
         self.trainer = LocalTrainer(device_id=config.device_id, data=data, codec=config.codec,
                                     seed=seed, state_path=state_path, slowdown=config.slowdown,
                                     threads=config.train_threads or config.cpus
-                                    or os.cpu_count() or 1, reload=reload)
+                                    or os.cpu_count() or 1, reload=reload,
+                                    update_transform=update_transform)
         self.receiver = ModelReceiver()
         # With model_public_key set, only announcements the aggregator signed get through.
         self.announcements = opener_for_config(config.model_public_key)
@@ -280,6 +292,12 @@ class EdgeAgent:
                                 DELTA: self.topics.model_delta_filter}
         for stream, topic_filter in self._stream_filters.items():
             self.link.route(topic_filter, self._chunk_handler(stream), active=False)
+
+    @property
+    def announced_round(self) -> int:
+        """The newest round this device has heard announced (0: none yet)."""
+        a = self.receiver.announcement
+        return 0 if a is None else a.round
 
     # -- MQTT side (paho thread): decode, verify, hand over ------------------------------
     def _on_connect(self, _session_present: bool) -> None:

@@ -64,8 +64,13 @@ def _borrowed() -> type:
     return cls
 
 
+BorrowedOptions = _borrowed()
+
+
 @dataclass(frozen=True, kw_only=True)
-class SimulationConfig(_borrowed()):  # type: ignore[misc]
+class SimulationConfig(BorrowedOptions):
+    """A simulated run: the simulator's own keys below, the borrowed ones above."""
+
     devices: int = option(10, "number of simulated devices")
     metrics: str = option("", "write per-round JSON lines here and a PNG plot next to it")
     timeout_s: float = option(600.0, "give up if the run takes longer than this")

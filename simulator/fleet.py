@@ -31,7 +31,7 @@ from simulator.faultproxy import ProxyPool
 from simulator.profiles import DeviceProfile, fleet_profiles
 
 __all__ = ["BYZANTINE_SCALE", "Simulation", "SimulationConfig", "SimulationResult",
-           "plot_metrics", "write_metrics"]
+           "plot_metrics", "poison", "write_metrics"]
 
 log = logging.getLogger(__name__)
 

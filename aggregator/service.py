@@ -7,7 +7,6 @@ races with the network and a slow aggregation never stalls keep-alives.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import queue
@@ -15,7 +14,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +22,7 @@ import numpy as np
 from aggregator.checkpoint import CheckpointStore
 from aggregator.config import AggregatorConfig
 from aggregator.devices import DeviceRegistry
+from aggregator.records import RoundRecord
 from aggregator.rounds import Action, RoundMachine, RoundResult
 from aggregator.selection import assign_tasks, select_cohort
 from aggregator.strategy.optimizers import create_optimizer
@@ -71,30 +71,6 @@ class _Broadcast:
     full_chunks: list[ModelChunk]
     delta_info: PayloadInfo | None
     delta_chunks: list[ModelChunk]
-
-
-@dataclass(frozen=True)
-class RoundRecord:
-    """One line of the metrics file."""
-
-    round: int
-    version: int
-    accuracy: float | None
-    test_loss: float | None
-    train_loss: float
-    participants: int
-    samples: int
-    bytes_up: int
-    model_bytes: int
-    wall_s: float
-    stale: int = 0  # participants trained on an older model (folded in with s(tau))
-    partial: int = 0  # participants that stopped at their time budget
-    cohort: int = 0  # devices selected for the round (0: every device)
-    top3: float | None = None  # top-3 accuracy, for tasks that report it (keyboard)
-    epsilon: float | None = None  # DP: privacy spent so far, at the configured dp_delta
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self))
 
 
 class AggregatorService:
@@ -194,7 +170,7 @@ class AggregatorService:
         if state is None:
             return
         self.machine.load_state_dict(state["machine"], now=self.clock())
-        self.history = [RoundRecord(**r) for r in state.get("history", [])]
+        self.history = [RoundRecord.from_dict(r) for r in state.get("history", [])]
         log.info("resumed from %s at round %d (model v%d)", self.config.checkpoint,
                  self.machine.round, self.machine.version)
         if self.machine.policy.dp is not None and self.machine.plain_releases:
@@ -208,7 +184,7 @@ class AggregatorService:
     def _snapshot(self) -> dict:
         """The state to checkpoint; state_dict copies the arrays, so the loop may go on."""
         return {"machine": self.machine.state_dict(),
-                "history": [asdict(r) for r in self.history]}
+                "history": [r.to_dict() for r in self.history]}
 
     def _checkpoint(self, *, wait: bool = False) -> bool:
         """Hand the state to the writer; with `wait`, True once it is on disk (False: the
@@ -458,7 +434,7 @@ class AggregatorService:
             ev = self.model.evaluate(self.test_data.x, self.test_data.y)
             accuracy, test_loss, top3 = ev.accuracy, ev.loss, ev.top3
         record = RoundRecord(
-            round=result.round, version=result.version, accuracy=accuracy, test_loss=test_loss,
+            round=result.round, version=result.version, accuracy=accuracy, loss=test_loss,
             train_loss=result.train_loss, participants=result.participants,
             samples=result.samples, bytes_up=result.bytes_up, model_bytes=self.model_bytes,
             wall_s=time.monotonic() - self._round_started, stale=result.stale,

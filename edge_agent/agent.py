@@ -95,11 +95,15 @@ class LocalTrainer:
 
     With an error-feedback codec the residual the codec dropped is kept here and, when
     `state_path` is set, saved atomically after every update so a reboot does not lose it.
+
+    `update_transform`, when given, rewrites each delta before it is encoded: how a
+    simulated attacker sends a poisoned (yet well-formed) update.
     """
 
     def __init__(self, *, device_id: str, data: Dataset, codec: str, seed: int,
                  state_path: str | Path | None = None, slowdown: float = 1.0,
-                 threads: int = 1, reload: Callable[[], Dataset] | None = None) -> None:
+                 threads: int = 1, reload: Callable[[], Dataset] | None = None,
+                 update_transform: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
         if len(data) == 0:
             raise FedmqError(f"device {device_id} has no training data")
         # A live source (reload) is read again before every round, on its own thread: a
@@ -129,6 +133,7 @@ class LocalTrainer:
         self.slowdown = slowdown
         self.threads = max(1, threads)  # the device's budget, whatever the model config says
         self.halt = threading.Event()  # cuts a simulated slow device's wait short on stop
+        self.update_transform = update_transform
 
     def _model_for(self, a: ModelAnnouncement) -> Model:
         key = (a.model, tuple(sorted(a.model_config.items())))
@@ -197,6 +202,8 @@ class LocalTrainer:
         if self.slowdown > 1.0:
             self.halt.wait(result.seconds * (self.slowdown - 1.0))
         delta = model.get_flat() - received.params
+        if self.update_transform is not None:
+            delta = self.update_transform(delta)
         try:
             encoded = self._encode(delta, task.codec, rng)
         except FedmqError as exc:  # a codec this build does not know: ours still works
@@ -251,10 +258,12 @@ class EdgeAgent:
 
     Every protocol decision (what to download, what to train, what to send again and
     when, what a receipt settles) is fedmq/core/device.py's; this class only feeds it
-    events and executes what it returns.
+    events and executes what it returns. `update_transform` is handed to the LocalTrainer
+    (see there).
     """
 
-    def __init__(self, config: AgentConfig, data: Dataset) -> None:
+    def __init__(self, config: AgentConfig, data: Dataset, *,
+                 update_transform: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
         self.config = config
         self.topics = FleetTopics(config.fleet)
         state_path = Path(config.state_dir) / "agent-state.bin" if config.state_dir else None
@@ -270,7 +279,8 @@ class EdgeAgent:
         self.trainer = LocalTrainer(device_id=config.device_id, data=data, codec=config.codec,
                                     seed=seed, state_path=state_path, slowdown=config.slowdown,
                                     threads=config.train_threads or config.cpus
-                                    or os.cpu_count() or 1, reload=reload)
+                                    or os.cpu_count() or 1, reload=reload,
+                                    update_transform=update_transform)
         self.stats = AgentStats()
         # Written to disk before anything is published (the machine's ledger writes through).
         self.outbox = Outbox(Path(config.state_dir) / "outbox" if config.state_dir else None)
@@ -307,6 +317,12 @@ class EdgeAgent:
         with self._machine_lock:
             decisions = self.machine.handle(event)
         return sum(self._carry_out(decision) for decision in decisions)
+
+    @property
+    def announced_round(self) -> int:
+        """The newest round this device has heard announced (0: none yet)."""
+        a = self.receiver.announcement
+        return 0 if a is None else a.round
 
     def _on_connect(self, _session_present: bool) -> None:
         birth = DeviceStatus(device_id=self.config.device_id, online=True,

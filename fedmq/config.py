@@ -12,6 +12,7 @@ import dataclasses
 import socket
 import sys
 import typing
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -30,6 +31,41 @@ C = TypeVar("C")
 def option(default: Any, help: str) -> Any:
     """A config field with its help text (shown by --help and in the example configs)."""
     return dataclasses.field(default=default, metadata={"help": help})
+
+
+@dataclasses.dataclass(frozen=True)
+class Default:
+    """Another default for a borrowed option, with the help text that explains it."""
+
+    value: Any
+    help: str = ""  # empty: the original help
+
+
+def borrow_options(source: type, *, keys: Iterable[str] | None = None,
+                   exclude: Iterable[str] = (),
+                   defaults: Mapping[str, Default] | None = None) -> list[tuple[str, Any, Any]]:
+    """Fields of another config class, for `dataclasses.make_dataclass`: a config that
+    composes another takes its options (all, or `keys`, less `exclude`) with their types
+    and help as they are declared there, and only states the defaults it changes."""
+    hints = typing.get_type_hints(source)
+    fields = {f.name: f for f in dataclasses.fields(source)}
+    skipped = set(exclude)
+    chosen = [n for n in (fields if keys is None else keys) if n not in skipped]
+    changed = dict(defaults or {})
+    unknown = (set(chosen) | skipped | set(changed)) - set(fields)
+    if unknown:
+        raise ConfigError(f"{source.__name__} has no option {', '.join(sorted(unknown))}")
+    if set(changed) - set(chosen):
+        raise ConfigError(f"defaults given for options not borrowed from {source.__name__}: "
+                          f"{', '.join(sorted(set(changed) - set(chosen)))}")
+    out = []
+    for name in chosen:
+        f = fields[name]
+        new = changed.get(name)
+        default, help_text = (f.default, f.metadata.get("help", "")) if new is None else (
+            new.value, new.help or f.metadata.get("help", ""))
+        out.append((name, hints[name], option(default, help_text)))
+    return out
 
 
 def _flag(name: str) -> str:

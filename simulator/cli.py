@@ -74,5 +74,7 @@ def _print_table(result: SimulationResult) -> None:
         table.add_row(str(r.round), f"{r.accuracy:.4f}" if r.accuracy is not None else "-",
                       *top3,
                       f"{r.loss:.4f}" if r.loss is not None else "-", str(r.participants),
-                      f"{r.bytes_up / 1024:.1f}", f"{r.bytes_down / 1024:.1f}", f"{r.wall_s:.2f}")
+                      f"{r.bytes_up / 1024:.1f}",
+                      f"{r.bytes_down / 1024:.1f}" if r.bytes_down is not None else "-",
+                      f"{r.wall_s:.2f}")
     rich_console.Console().print(table)

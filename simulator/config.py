@@ -1,0 +1,154 @@
+"""`fedmq simulate`'s configuration: the simulator's own keys, plus the aggregator's and a
+few of the device's, each declared once where it belongs (aggregator/config.py,
+edge_agent/config.py). What the simulator means differently by a borrowed key is said
+here, in SIMULATOR_DEFAULTS, and nowhere else; `fedmq simulate --help` shows it."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from aggregator.config import AggregatorConfig
+from edge_agent.config import AgentConfig
+from fedmq.config import Default, borrow_options, option
+from fedmq.errors import ConfigError
+from fedmq.tasks import task_spec
+from simulator.profiles import DeviceProfile, fleet_profiles
+
+# Aggregator keys the simulator sets itself on every run, so not flags of `fedmq simulate`.
+SET_BY_SIMULATOR = (
+    "client_id",  # {fleet}-aggregator
+    "checkpoint",  # in the run's temporary directory
+    "metrics",  # the simulator's own --metrics, which has the devices' downloads too
+    "log_level",  # --verbose
+    # the simulated devices log in as nobody, so the aggregator does too
+    "username", "password", "ca_file", "cert_file", "key_file",
+)
+
+# Aggregator keys whose default (or meaning) differs in a simulation, and why.
+SIMULATOR_DEFAULTS: dict[str, Default] = {
+    "broker": Default("", "use this broker instead of starting a private mosquitto"),
+    "fleet": Default("", "fleet name (empty: a fresh sim-XXXXXX)"),
+    # same default; it seeds the devices' data too
+    "seed": Default(0, "seed of data split, partition, model init and local shuffling"),
+    # a simulation ends (the service runs until stopped), and the task knows how to train
+    "rounds": Default(0, "federated rounds to run (0: the task's default, 20)"),
+    "epochs": Default(0, "local epochs per round (0: the task's default)"),
+    "batch_size": Default(0, "local mini-batch size (0: the task's default)"),
+    "lr": Default(0.0, "local learning rate (0: the task's default)"),
+    # the simulator knows its fleet: wait for all of it, or a quarter of it in async mode
+    "min_updates": Default(0, "updates that close a round (0: every device not cut off)"),
+    "buffer_size": Default(0, "async: updates per server step (0: a quarter of the devices)"),
+    "deadline_s": Default(30.0),
+    # the cellular links of `--profiles mixed` are slower than this
+    "slow_link_kbps": Default(256.0),
+}
+
+# Device keys every simulated device shares.
+AGENT_KEYS = ("codec", "alpha")
+AGENT_DEFAULTS: dict[str, Default] = {
+    "codec": Default("float32", "update codec of every device (see `fedmq codecs`)"),
+    "alpha": Default(0.5, "Dirichlet label skew across devices (0 = IID)"),
+}
+
+
+def _borrowed() -> type:
+    """The aggregator's and the devices' keys, as a base class of SimulationConfig."""
+    cls = dataclasses.make_dataclass(
+        "BorrowedOptions",
+        borrow_options(AggregatorConfig, exclude=SET_BY_SIMULATOR, defaults=SIMULATOR_DEFAULTS)
+        + borrow_options(AgentConfig, keys=AGENT_KEYS, defaults=AGENT_DEFAULTS),
+        frozen=True, kw_only=True)
+    cls.__module__ = __name__
+    cls.__doc__ = "AggregatorConfig's and AgentConfig's options, with the simulator's defaults."
+    return cls
+
+
+BorrowedOptions = _borrowed()
+
+
+@dataclass(frozen=True, kw_only=True)
+class SimulationConfig(BorrowedOptions):
+    """A simulated run: the simulator's own keys below, the borrowed ones above."""
+
+    devices: int = option(10, "number of simulated devices")
+    metrics: str = option("", "write per-round JSON lines here and a PNG plot next to it")
+    timeout_s: float = option(600.0, "give up if the run takes longer than this")
+    agents_only: bool = option(False, "run only the devices, against an aggregator started "
+                               "separately (`fedmq aggregator`) on --broker and --fleet")
+    byzantine: int = option(0, "this many devices send their delta flipped and scaled by "
+                            "BYZANTINE_SCALE: an attack for --aggregation median or "
+                            "trimmed_mean to withstand")
+    dropout: float = option(0.0, "fraction of devices cut off from the broker before every "
+                            "round (each device talks through its own fault proxy)")
+    profiles: str = option("uniform", "device mix: uniform (all like this host), mixed (Pi "
+                           "4s, Pi Zeros, cellular links: slower compute, thin uplinks, "
+                           "advertised in each birth) or stragglers (30%% 10x slower, 30%% "
+                           "on a link down about 3 s of every 7)")
+
+    def __post_init__(self) -> None:
+        spec = task_spec(self.task)  # an unknown task fails here
+        for name in ("rounds", "epochs", "batch_size", "lr"):  # 0: the task's default
+            if not getattr(self, name):
+                object.__setattr__(self, name, getattr(spec, name))
+        if self.devices < 1 or self.rounds < 1:
+            raise ConfigError("devices and rounds must be >= 1")
+        if not 0 <= self.byzantine <= self.devices:
+            raise ConfigError(f"byzantine {self.byzantine} must be between 0 and devices")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout {self.dropout} must be in [0, 1)")
+        if self.agents_only and not (self.broker and self.fleet):
+            raise ConfigError("--agents-only needs --broker and --fleet: those of the "
+                              "aggregator the devices should join")
+        fleet_profiles(self.profiles, 0, seed=0)  # an unknown mix fails here
+        if self.clients_per_round > self.devices:
+            raise ConfigError(f"clients_per_round {self.clients_per_round} > devices "
+                              f"{self.devices}")
+        if self.min_updates > self.devices:
+            raise ConfigError(f"min_updates {self.min_updates} > devices {self.devices}")
+        # every aggregator key is checked now, by the aggregator's own rules
+        self.aggregator_config(broker=self.broker or "mqtt://127.0.0.1:1883",
+                               fleet=self.fleet or "sim", checkpoint="")
+
+    @property
+    def dropped_per_round(self) -> int:
+        return round(self.dropout * self.devices)
+
+    @property
+    def quorum(self) -> int:
+        """Updates that close a round (or an async step): K with selection, the buffer in
+        async mode, else all devices that are not cut off; min_updates wins when set."""
+        if self.min_updates:
+            return self.min_updates
+        if self.mode == "async":
+            return self.buffer
+        if self.clients_per_round:
+            return min(self.clients_per_round, self.devices)
+        return max(1, self.devices - self.dropped_per_round)
+
+    @property
+    def buffer(self) -> int:
+        return self.buffer_size or max(1, self.devices // 4)
+
+    def aggregator_config(self, *, broker: str, fleet: str, checkpoint: str) -> AggregatorConfig:
+        """The aggregator of this run: every borrowed key as given, the rest derived."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(AggregatorConfig)
+                  if f.name not in SET_BY_SIMULATOR}
+        values.update(
+            broker=broker, fleet=fleet, client_id=f"{fleet}-aggregator", checkpoint=checkpoint,
+            log_level="WARNING", buffer_size=self.buffer,
+            # with selection, the cohort's K closes a round; in async mode, the buffer
+            min_updates=self.quorum if self.mode == "sync" and not self.clients_per_round else 1)
+        return AggregatorConfig(**values)
+
+    def agent_config(self, index: int, *, broker: str, fleet: str,
+                     profile: DeviceProfile) -> AgentConfig:
+        """Device `index` of this run, shaped by its profile."""
+        return AgentConfig(
+            broker=broker, fleet=fleet, device_id=f"{fleet}-dev{index:03d}", task=self.task,
+            device_index=index, device_count=self.devices, partition_seed=self.seed,
+            alpha=self.alpha, codec=self.codec, seed=self.seed * 1_000_003 + index,
+            log_level="WARNING", cpus=profile.cpus, link_kbps=profile.link_kbps,
+            on_battery=profile.battery, slowdown=profile.slowdown,
+            train_threads=1,  # many devices share this host
+        )

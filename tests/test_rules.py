@@ -89,3 +89,10 @@ def test_a_collector_copies_a_decoded_delta_it_keeps():
         rule.add(buffer, 1.0)
         buffer *= 2  # the caller reuses its buffer
     assert np.array_equal(rule.result(), [2.0, 2.0])
+
+
+def test_a_robust_rule_checks_the_trim_fraction_it_is_configured_with():
+    for name in ("median", "trimmed_mean"):
+        with pytest.raises(ConfigError, match=r"trim_fraction 0\.7"):
+            create_rule(name, 3, trim_fraction=0.7)
+    create_rule("mean", 3, trim_fraction=0.7)  # the mean has no use for it

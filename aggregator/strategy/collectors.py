@@ -24,6 +24,11 @@ class UpdateCollector(AggregationRule):
 
     streams = False
 
+    @classmethod
+    def build(cls, size: int, *, trim_fraction: float = 0.1) -> AggregationRule:
+        check_trim(trim_fraction)  # set for a robust rule, so checked for each
+        return cls(size)
+
     def __init__(self, size: int) -> None:
         self.size = size
         self.tensors: list[EncodedTensor] = []
@@ -83,9 +88,7 @@ class TrimmedMean(UpdateCollector):
     name = "trimmed_mean"
 
     def __init__(self, size: int, *, trim_fraction: float = 0.1) -> None:
-        if not 0.0 <= trim_fraction < 0.5:
-            raise ConfigError(f"trim_fraction {trim_fraction} must be in [0, 0.5): the "
-                              "fraction cut from each end")
+        check_trim(trim_fraction)
         super().__init__(size)
         self.trim = trim_fraction
 
@@ -102,3 +105,9 @@ class TrimmedMean(UpdateCollector):
 
     def result(self) -> np.ndarray:
         return robust.trimmed_mean(self.rows(), self.trim)
+
+
+def check_trim(trim_fraction: float) -> None:
+    if not 0.0 <= trim_fraction < 0.5:
+        raise ConfigError(f"trim_fraction {trim_fraction} must be in [0, 0.5): the "
+                          "fraction cut from each end")

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from aggregator.ingest import UpdateLimits
 from aggregator.rounds import RoundPolicy
 from aggregator.selection import AssignmentPolicy, CohortPolicy
 from aggregator.staleness import StalenessPolicy
 from aggregator.strategy.optimizers import ServerOptConfig, create_optimizer
 from aggregator.strategy.privacy import CentralDP
-from aggregator.validation import UpdateLimits
 from fedmq.config import BrokerConfig, option
 from fedmq.core import codecs
 from fedmq.core.chunking import Reassembler
@@ -171,6 +171,7 @@ class AggregatorConfig(BrokerConfig, RoundOptions):
             staleness=StalenessPolicy(kind=self.staleness, a=self.staleness_a,
                                       b=self.staleness_b, max_staleness=self.max_staleness),
             dp=dp, aggregation=self.aggregation, trim_fraction=self.trim_fraction,
+            cohort=self.cohort_policy(),
         )
 
     def cohort_policy(self) -> CohortPolicy:

@@ -1,7 +1,9 @@
 """The synchronous round as a pure state machine: updates and clock ticks in, decisions out.
 
 No MQTT, no disk, no wall clock: the service feeds it messages and `now`, and carries
-out what it decides (publish a model, checkpoint, re-announce).
+out what it decides (publish a model, checkpoint, re-announce). It owns all round state:
+the open round's aggregate (an AggregationRule chosen by name), who was asked to train
+it (the Cohort), and what was already counted.
 """
 
 from __future__ import annotations
@@ -13,11 +15,13 @@ from typing import Any
 
 import numpy as np
 
+from aggregator.cohort import Cohort
+from aggregator.selection import CohortPolicy
 from aggregator.staleness import StalenessPolicy
-from aggregator.strategy.accumulator import WeightedAccumulator
 from aggregator.strategy.optimizers import ServerOptimizer
 from aggregator.strategy.privacy import CentralDP, epsilon_from_rdp
-from aggregator.strategy.robust import UpdateCollector, check_round_size, check_rule
+from aggregator.strategy.rule import AggregationRule
+from aggregator.strategy.rules import create_rule
 from fedmq.core.protocol import Update
 from fedmq.errors import ConfigError, ProtocolError
 
@@ -54,12 +58,17 @@ class RoundPolicy:
     late_updates: str = "discard"  # "discard" or "fold"
     staleness: StalenessPolicy = field(default_factory=StalenessPolicy)
     dp: CentralDP | None = None  # central differential privacy of every round's aggregate
-    aggregation: str = "mean"  # or a robust rule: "median", "trimmed_mean"
+    aggregation: str = "mean"  # a registered rule (strategy/rules.py): median, trimmed_mean
     trim_fraction: float = 0.1  # trimmed_mean: cut from each end, per coordinate
+    cohort: CohortPolicy = field(default_factory=CohortPolicy)  # who is asked to train
 
     @property
     def close_at(self) -> int:
         return max(self.target_updates, self.min_updates)
+
+    def rule(self, size: int) -> AggregationRule:
+        """A fresh aggregate for one round of `size`-parameter updates."""
+        return create_rule(self.aggregation, size, trim_fraction=self.trim_fraction)
 
     def __post_init__(self) -> None:
         if self.min_updates < 1:
@@ -74,16 +83,15 @@ class RoundPolicy:
             raise ConfigError(
                 f"on_insufficient {self.on_insufficient!r} must be 'extend' or 'rerun'"
             )
-        if self.aggregation != "mean":
-            check_rule(self.aggregation, self.trim_fraction)
-            if self.dp is not None:
-                raise ConfigError("differential privacy works on the mean: use aggregation "
-                                  "= mean with dp_noise_multiplier")
-            if self.late_updates != "discard":
-                raise ConfigError(f"{self.aggregation} needs sync rounds that discard late "
-                                  "updates: folded late updates would let one device put "
-                                  "several updates into a round and outvote the others")
-            check_round_size(self.aggregation, self.trim_fraction, self.min_updates)
+        rule = self.rule(0)  # an unknown name or bad settings fail here
+        if self.dp is not None and rule.name != "mean":
+            raise ConfigError("differential privacy works on the mean: use aggregation "
+                              "= mean with dp_noise_multiplier")
+        if not rule.streams and self.late_updates != "discard":
+            raise ConfigError(f"{rule.name} needs sync rounds that discard late "
+                              "updates: folded late updates would let one device put "
+                              "several updates into a round and outvote the others")
+        rule.check_round_size(self.min_updates)
         if self.dp is not None and self.late_updates != "discard":
             raise ConfigError("differential privacy needs sync rounds that discard late "
                               "updates: a folded late update would let one device count twice "
@@ -102,6 +110,7 @@ class RoundResult:
     stale: int = 0  # of the participants, how many were trained on an older model
     max_staleness: int = 0
     partial: int = 0  # of the participants, how many stopped at their time budget
+    cohort: int = 0  # devices asked to train the round (0: every device)
 
 
 @dataclass
@@ -132,7 +141,7 @@ class RoundMachine:
 
     def __init__(
         self, *, params: np.ndarray, optimizer: ServerOptimizer, policy: RoundPolicy,
-        layout_hash: str, now: float, round: int = 1, version: int = 0,
+        layout_hash: str, now: float, round: int = 1, version: int = 0, seed: int = 0,
     ) -> None:
         self.params = _frozen(params)
         self._optimizer_state: dict[str, Any] | None = None  # cached between steps
@@ -140,8 +149,10 @@ class RoundMachine:
         self.policy = policy
         self.layout_hash = layout_hash
         self.version = version
-        self.acc = self._accumulator()
+        self.seed = seed  # of the cohort sampling
+        self.acc = policy.rule(self.params.size)
         self.open = _OpenRound(round=round, deadline_at=now + policy.deadline_s)
+        self.cohort = Cohort()
         # (device, update id) -> (round counted in, base version) of every counted update
         # a device might still re-send: see _forget
         self.recent: dict[tuple[str, str], tuple[int, int]] = {}
@@ -151,12 +162,6 @@ class RoundMachine:
     @property
     def round(self) -> int:
         return self.open.round
-
-    def _accumulator(self) -> WeightedAccumulator | UpdateCollector:
-        p = self.policy
-        if p.aggregation == "mean":
-            return WeightedAccumulator(self.params.size)
-        return UpdateCollector(self.params.size, rule=p.aggregation, trim=p.trim_fraction)
 
     @property
     def plain_releases(self) -> int:
@@ -171,9 +176,38 @@ class RoundMachine:
             return math.inf
         return epsilon_from_rdp(self.dp_rdp, dp.delta)
 
-    def offer(self, update: Update, *, payload_bytes: int = 0) -> bool:
+    def plan(self, online: list[str]) -> list[str] | None:
+        """The devices to ask in this announcement of the open round, from those online
+        (None: everyone may train). Each plan of the same round asks devices not asked
+        yet, and the round closes on min(K, devices asked)."""
+        self.cohort, chosen = self.cohort.plan(self.open.round, online, self.policy.cohort,
+                                               seed=self.seed)
+        self._retarget()
+        return chosen
+
+    @property
+    def selective(self) -> bool:
+        """The open round asked only some devices: a short round should ask others."""
+        return self.cohort.size(self.open.round) > 0
+
+    def check_selected(self, update: Update) -> None:
+        """Raise ProtocolError (`not_selected`) for an update from a device the open round
+        did not ask."""
+        self.cohort.check_selected(update)
+
+    def _retarget(self) -> None:
+        """Close this round on min(K, cohort) updates: with fewer devices online than K,
+        waiting for K would always run into the deadline."""
+        asked = self.cohort.size(self.open.round)
+        if asked:
+            self.open.target = max(self.policy.min_updates, min(self.policy.close_at, asked))
+
+    def offer(self, update: Update, *, payload_bytes: int = 0,
+              decoded: np.ndarray | None = None) -> bool:
         """Fold a valid update into the open round, or raise ProtocolError with a reason.
 
+        `decoded`: its delta, already decoded (and validated, maybe clipped) by the
+        caller, so it is not decoded again; None: the rule decodes `update.delta` itself.
         Idempotent on (device, update id): an update that already counts (a redelivery or
         a device re-sending what it never got a receipt for) returns False and changes
         nothing; a newly counted one returns True.
@@ -194,8 +228,11 @@ class RoundMachine:
             )
         # Under DP every device weighs 1: its clipped delta is all it can move the sum by.
         samples = 1.0 if self.policy.dp else float(update.num_samples)
-        self.acc.add_encoded(update.delta, samples * self.policy.staleness.weight(tau)
-                             if tau else samples, norm=samples)
+        weight = samples * self.policy.staleness.weight(tau) if tau else samples
+        if decoded is None:
+            self.acc.add_encoded(update.delta, weight, norm=samples)
+        else:
+            self.acc.add(decoded, weight, norm=samples)
         o = self.open
         o.contributions[key] = update.update_id
         o.samples += update.num_samples
@@ -246,11 +283,11 @@ class RoundMachine:
     def close(self, now: float) -> RoundResult:
         """Aggregate the open round into a new global model and open the next round."""
         dp = self.policy.dp
-        mean_delta = self.acc.mean() if dp is None else dp.noised_mean(self.acc.total)
+        delta = self.acc.result() if dp is None else dp.noised_mean(self.acc.total)
         if dp is not None:
             self.dp_rounds += 1
             self.dp_rdp += dp.rdp_per_round
-        self.params = _frozen(self.optimizer.step(self.params, mean_delta))
+        self.params = _frozen(self.optimizer.step(self.params, delta))
         self._optimizer_state = None
         self.version += 1
         o = self.open
@@ -258,18 +295,16 @@ class RoundMachine:
             round=o.round, version=self.version, participants=o.count, samples=o.samples,
             train_loss=o.loss_sum / o.samples if o.samples else float("nan"),
             bytes_up=o.bytes_up, devices=tuple(sorted(o.devices)), stale=o.stale,
-            max_staleness=o.max_staleness, partial=o.partial,
+            max_staleness=o.max_staleness, partial=o.partial, cohort=self.cohort.size(o.round),
         )
         self._start(o.round + 1, now)
         return result
 
-    def retarget(self, cohort_size: int) -> None:
-        """Close this round on min(K, cohort) updates: with fewer devices online than K,
-        waiting for K would always run into the deadline."""
-        self.open.target = max(self.policy.min_updates, min(self.policy.close_at, cohort_size))
-
-    def extend(self, now: float) -> None:
+    def extend(self, now: float) -> bool:
+        """Wait another deadline; True if the round should be planned (and announced)
+        again, asking other devices: the ones asked may have gone away."""
         self.open.deadline_at = now + self.policy.deadline_s
+        return self.selective
 
     def rerun(self, now: float) -> int:
         """Re-open the too-small round under a new number on the same model, so devices that
@@ -280,7 +315,7 @@ class RoundMachine:
         return self.open.count
 
     def _start(self, round: int, now: float) -> None:
-        self.acc = self._accumulator()
+        self.acc = self.policy.rule(self.params.size)
         self.open = _OpenRound(round=round, deadline_at=now + self.policy.deadline_s)
         self.recent = {k: v for k, v in self.recent.items() if self._remember(*v, round)}
 
@@ -294,8 +329,9 @@ class RoundMachine:
                 and self.version - base_version <= self.policy.staleness.max_staleness)
 
     def state_dict(self) -> dict[str, Any]:
-        """The model, the optimizer and the open round's partial aggregate: after a crash
-        every update that got a receipt is still counted.
+        """The model, the optimizer, the open round's partial aggregate and its cohort:
+        after a crash every update that got a receipt is still counted, and every device
+        asked may still deliver.
 
         Taken after every batch of updates, so only what changes within a round is copied:
         the parameters are read-only and shared, the optimizer's state is copied once per
@@ -314,6 +350,7 @@ class RoundMachine:
                      "partial": o.partial},
             "recent": [[d, u, r, v] for (d, u), (r, v) in self.recent.items()],
             "dp_rounds": self.dp_rounds, "dp_rdp": self.dp_rdp,
+            "cohort": self.cohort.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any], *, now: float) -> None:
@@ -341,6 +378,10 @@ class RoundMachine:
         self.dp_rounds = int(state.get("dp_rounds", 0))
         self.dp_rdp = float(state.get("dp_rdp", 0.0))
         self._start(int(state["round"]), now)  # the deadline starts afresh
+        # older checkpoints have no cohort: everyone may deliver until the next plan
+        self.cohort = (Cohort.from_state(state["cohort"], open_round=self.open.round)
+                       if state.get("cohort") is not None else Cohort())
+        self._retarget()
         partial = state.get("open")
         if partial and partial["contributions"]:  # an empty round: any aggregation may go on
             self.acc.load_state_dict(partial["acc"])

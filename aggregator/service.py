@@ -1,7 +1,9 @@
 """The aggregator service: the round machine wired to MQTT, a checkpoint file and metrics.
 
-paho's thread only enqueues; one loop thread owns the round machine, so the math never
-races with the network and a slow aggregation never stalls keep-alives.
+paho's thread only enqueues (updates and device statuses alike, in the order they came);
+one loop thread owns the round machine and the device registry, so the math never races
+with the network and a slow aggregation never stalls keep-alives. Checks live in
+ingest.py, round state in rounds.py: this queues, commits and replies.
 """
 
 from __future__ import annotations
@@ -22,11 +24,12 @@ import numpy as np
 from aggregator.checkpoint import CheckpointStore
 from aggregator.config import AggregatorConfig
 from aggregator.devices import DeviceRegistry
+from aggregator.ingest import Accepted, UpdateIngest, UpdateLimits
 from aggregator.records import RoundRecord
+from aggregator.rejections import RejectionLog
 from aggregator.rounds import Action, RoundMachine, RoundResult
-from aggregator.selection import assign_tasks, select_cohort
+from aggregator.selection import assign_tasks
 from aggregator.strategy.optimizers import create_optimizer
-from aggregator.validation import RejectionLog, UpdateLimits, UpdateScreen
 from aggregator.writer import CheckpointWriter
 from fedmq import storage
 from fedmq.core import codecs
@@ -36,12 +39,9 @@ from fedmq.core.protocol import (
     FleetTopics,
     ModelAnnouncement,
     ModelChunk,
-    Part,
     PayloadInfo,
     Receipt,
-    Update,
 )
-from fedmq.core.protocol.wire import decode_any
 from fedmq.core.transfer import chunk_tensor
 from fedmq.errors import ConfigError, FedmqError, ProtocolError
 from fedmq.keyfiles import announcement_sealer
@@ -62,6 +62,17 @@ BATCH_MAX = 64
 _REPUBLISH = object()  # same announcement again: devices ignore it
 _REANNOUNCE = object()  # fresh announce_id: devices train on the model again
 _WRITER_IDLE = object()  # the checkpoint writer finished: hand it what piled up meanwhile
+
+
+@dataclass(frozen=True, slots=True)
+class _Inbound:
+    """An MQTT message for the loop thread: an update (or one of its Parts) or a status."""
+
+    topic: str
+    payload: bytes
+    mid: int
+    qos: int
+    status: bool = False
 
 
 @dataclass(frozen=True)
@@ -97,6 +108,7 @@ class AggregatorService:
         self.machine = RoundMachine(
             params=self.model.get_flat(), optimizer=create_optimizer(config.optimizer_config()),
             policy=config.policy(), layout_hash=self.model.layout.hash, now=clock(),
+            seed=config.seed,
         )
         self.history: list[RoundRecord] = []
         self.accepted = 0  # updates counted
@@ -112,9 +124,6 @@ class AggregatorService:
         self._chain: tuple[int, np.ndarray] | None = None  # what delta followers hold
         self.model_bytes = 0
         self._published: tuple[tuple[int, int], list[tuple[str, bytes]]] | None = None
-        # Devices asked to train the open round (every announcement of it adds its cohort);
-        # None: everyone may.
-        self._cohort: tuple[int, set[str] | None] = (-1, None)
         self.store = CheckpointStore(config.checkpoint)
         self._restore()
         self._inbox: queue.Queue = queue.Queue()
@@ -131,34 +140,36 @@ class AggregatorService:
             max_payload=config.max_payload, session_expiry_s=config.session_expiry_s,
             manual_ack=True,
         )
-        self.link.route(self.topics.update_filter,
-                        lambda m: self._inbox.put((m.topic, m.payload, m.mid, m.qos)), qos=1)
-        self.registry = DeviceRegistry()
-        self.screen = UpdateScreen(UpdateLimits.from_config(config),
-                                   params=self.model.layout.size, registry=self.registry)
+        self.link.route(self.topics.update_filter, lambda m: self._inbox.put(
+            _Inbound(m.topic, m.payload, m.mid, m.qos)), qos=1)
+        self.registry = DeviceRegistry()  # births and Last Wills, applied on the loop thread
+        self.ingest = UpdateIngest(UpdateLimits.from_config(config),
+                                   params=self.model.layout.size, topics=self.topics,
+                                   registry=self.registry, reassembler=self.reassembler,
+                                   machine=self.machine)
         self.rejections = RejectionLog(self.rejected, log)  # counted per reason, logged sparingly
         self.seal = announcement_sealer(config.signing_key)  # signed when a key is set
-        self.link.route(self.topics.device_status_filter, self._on_status, qos=1)
+        self.link.route(self.topics.device_status_filter, lambda m: self._inbox.put(
+            _Inbound(m.topic, m.payload, m.mid, m.qos, status=True)), qos=1)
 
     def _on_connect(self, session_present: bool) -> None:
         """Re-announce on every connect. Without a session, updates sent while we were away
         are gone: a fresh announcement makes devices train again (duplicates are refused)."""
         self._inbox.put(_REPUBLISH if session_present else _REANNOUNCE)
 
-    def _on_status(self, message) -> None:
-        """Births and Last Wills (paho thread): cheap, so handled here, then acked."""
+    def _handle_status(self, topic: str, payload: bytes) -> None:
+        """A birth or Last Will, in its place among the updates: a device's last update
+        before it stops is handled before its offline status."""
         try:
-            device = self.topics.device_from_status_topic(message.topic)
-            if message.payload:  # an empty retained message only clears a status
-                info = self.registry.observe(device, DeviceStatus.from_payload(message.payload),
+            device = self.topics.device_from_status_topic(topic)
+            if payload:  # an empty retained message only clears a status
+                info = self.registry.observe(device, DeviceStatus.from_payload(payload),
                                              self.clock())
                 log.info("device %s is %s (%d online)", device,
                          "online" if info.online else "offline", len(self.registry.online()))
         except ProtocolError as exc:
             self.rejected[f"status_{exc.reason}"] += 1
-            log.warning("rejected status on %s (%s): %s", message.topic, exc.reason, exc)
-        finally:
-            self.link.ack(message.mid, message.qos)
+            log.warning("rejected status on %s (%s): %s", topic, exc.reason, exc)
 
     # -- state ---------------------------------------------------------------------------
     def _restore(self) -> None:
@@ -273,32 +284,18 @@ class AggregatorService:
                  m.round, self.model_bytes, len(messages))
 
     def _plan_round(self) -> tuple[list[str] | None, list, dict[str, int]]:
-        """The cohort of the open round and the devices' task tiers, from the registry.
-
-        Planned again for the same round (a deadline passed short of the quorum, or a
-        reconnect), it asks devices not asked yet: the first cohort may have gone away.
-        Everyone asked so far may still deliver.
-        """
+        """The cohort the machine asks in this announcement (from the devices online) and
+        the devices' task tiers."""
         m, c = self.machine, self.config
         online = self.registry.online()
-        round_no, before = self._cohort
-        asked = before if round_no == m.round and before is not None else set()
-        fresh = [d for d in online if d not in asked] or online
-        cohort = select_cohort(fresh, c.cohort_policy(), seed=c.seed + len(asked), round=m.round)
-        if cohort is None:
-            self._cohort = (m.round, None)
-        else:
-            self._cohort = (m.round, asked | set(cohort))
-            m.retarget(len(self._cohort[1]))
+        asked_before = m.cohort.size(m.round)
+        cohort = m.plan(online)
+        if cohort is not None:
             log.info("round %d: selected %d of %d online devices%s", m.round, len(cohort),
-                     len(online), f" ({len(asked)} asked before)" if asked else "")
+                     len(online), f" ({asked_before} asked before)" if asked_before else "")
         devices = {d: self.registry.devices[d].capabilities for d in (cohort or online)}
         tiers, assign = assign_tasks(c.task_config(), devices, c.assignment_policy())
         return cohort, tiers, assign
-
-    def _selected(self, update: Update) -> bool:
-        round_no, cohort = self._cohort
-        return cohort is None or round_no != update.round or update.device_id in cohort
 
     def _chunk_messages(self, topic_of, chunks: list) -> list[tuple[str, bytes]]:
         """Retained chunk messages of one stream, plus empty retained payloads that delete
@@ -312,43 +309,23 @@ class AggregatorService:
 
     # -- the loop ------------------------------------------------------------------------
     def _handle_update(self, topic: str, payload: bytes) -> tuple[str, Receipt] | None:
-        """An Update, whole or in Parts (reassembled first); both end in the same checks.
-
-        Returns the receipt owed to the device, or None (more parts to come, or a payload
-        no device can be held to: garbage, or an update on another device's topic).
-        """
-        update = None
-        try:
-            claimed = self.topics.device_from_update_topic(topic)
-            wire_bytes = len(payload)
-            self.screen.sender(claimed, self.clock())
-            self.screen.payload(payload)
-            message = decode_any(payload, Update, Part)
-            if isinstance(message, Part):
-                part = self.screen.part(message)
-                assembled = self.reassembler.offer(claimed, part,
-                                                   self.clock(), wire_bytes=wire_bytes)
-                if assembled is None:
-                    return None
-                message, wire_bytes = Update.from_payload(assembled.payload), assembled.wire_bytes
-            update = message
-            if claimed != update.device_id:
-                raise ProtocolError(f"update for {update.device_id} arrived on {topic}",
-                                    reason="wrong_topic")
-            if not self._selected(update):
-                raise ProtocolError(f"{update.device_id} is not in round {update.round}'s "
-                                    "cohort", reason="not_selected")
-            update = self.screen.contents(update)  # may be clipped to max_update_norm
-            counted = self.machine.offer(update, payload_bytes=wire_bytes)
-        except ProtocolError as exc:
-            self.rejections.record(exc.reason, topic,
-                                   f"rejected update on {topic} ({exc.reason}): {exc}")
-            if update is None or exc.reason == "wrong_topic":
+        """An update (or one of its Parts) through the ingest path: the receipt owed to
+        the device, or None (more parts to come, or a payload no device can be held to:
+        garbage, or an update on another device's topic)."""
+        result = self.ingest.receive(topic, payload, self.clock())
+        if result is None:
+            return None
+        update = result.update
+        if not isinstance(result, Accepted):
+            self.rejections.record(result.reason, topic,
+                                   f"rejected update on {topic} ({result.reason}): "
+                                   f"{result.message}")
+            if update is None:
                 return None
-            status = "duplicate" if exc.reason == "duplicate" else "rejected"
+            status = "duplicate" if result.reason == "duplicate" else "rejected"
             return update.device_id, Receipt(update_id=update.update_id, round=update.round,
-                                             status=status, reason=exc.reason)
-        if counted:
+                                             status=status, reason=result.reason)
+        if result.counted:
             self.accepted += 1
             self._dirty = True
             log.debug("accepted update %s from %s for round %d", update.update_id,
@@ -378,17 +355,20 @@ class AggregatorService:
         checkpoint holding it is on disk: after a crash the broker redelivers whatever we
         had not acked, and devices re-send whatever has no receipt.
         """
-        replies = []
         for item in batch:
             if item is _REANNOUNCE:
                 self._published = None
                 self._announce()
             elif item is _REPUBLISH:
                 self._announce()
-            elif item is not _WRITER_IDLE:
-                topic, payload, mid, qos = item
-                replies.append((mid, qos, self._handle_update(topic, payload)))
-        self._held += [functools.partial(self._reply, *r) for r in replies]
+            elif item is _WRITER_IDLE:
+                pass
+            elif item.status:  # acked in order with the updates around it
+                self._handle_status(item.topic, item.payload)
+                self._held.append(functools.partial(self.link.ack, item.mid, item.qos))
+            else:
+                reply = self._handle_update(item.topic, item.payload)
+                self._held.append(functools.partial(self._reply, item.mid, item.qos, reply))
         self._commit()
 
     def _reply(self, mid: int, qos: int, reply: tuple[str, Receipt] | None) -> None:
@@ -400,7 +380,7 @@ class AggregatorService:
 
     def _tick(self) -> None:
         now = self.clock()
-        dropped = self.reassembler.expire(now)
+        dropped = self.ingest.expire(now)
         if dropped:
             self.rejected["incomplete"] += dropped
             log.warning("dropped %d chunked update(s) that got no new part for %.0f s",
@@ -414,8 +394,7 @@ class AggregatorService:
             log.warning("round %d: only %d of %d updates by the deadline; extending",
                         self.machine.round, self.machine.open.count,
                         self.config.min_updates)
-            self.machine.extend(now)
-            if self._cohort[1] is not None:  # ask more devices: the cohort may be gone
+            if self.machine.extend(now):  # ask more devices: the cohort may be gone
                 self._published = None
                 self._announce()
         elif action is Action.RERUN:
@@ -439,7 +418,7 @@ class AggregatorService:
             samples=result.samples, bytes_up=result.bytes_up, model_bytes=self.model_bytes,
             wall_s=time.monotonic() - self._round_started, stale=result.stale,
             partial=result.partial,
-            cohort=len(self._cohort[1] or ()) if self._cohort[0] == result.round else 0,
+            cohort=result.cohort,
             top3=top3, epsilon=self.machine.epsilon() if dp else None,
         )
         self.history.append(record)

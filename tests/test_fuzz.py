@@ -35,8 +35,8 @@ from hypothesis import strategies as st
 from paho.mqtt.enums import CallbackAPIVersion
 
 from aggregator.config import AggregatorConfig
+from aggregator.ingest import UpdateLimits
 from aggregator.service import AggregatorService
-from aggregator.validation import UpdateLimits
 from fedmq.core import codecs
 from fedmq.core.protocol import DeviceStatus, FleetTopics, Update
 from fedmq.core.protocol.wire import KIND_KEY, MAX_DECODED_BYTES, PROTOCOL_VERSION, VERSION_KEY

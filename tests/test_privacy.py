@@ -10,8 +10,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from aggregator.config import AggregatorConfig
+from aggregator.ingest import UpdateLimits
 from aggregator.strategy.privacy import CentralDP, gaussian_epsilon
-from aggregator.validation import UpdateLimits
 
 from .test_rounds import machine, update
 
@@ -164,7 +164,7 @@ def test_the_service_clips_an_oversized_update_to_the_dp_norm(tmp_path):
         service.machine.close(now=1.0)
         moved = float(np.linalg.norm(service.machine.params - before))
         assert moved == pytest.approx(0.5, rel=1e-4)  # clipped to C, divided by 1
-        assert service.screen.clipped == 1
+        assert service.ingest.clipped == 1
     finally:
         service.writer.close()
 

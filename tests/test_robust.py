@@ -13,7 +13,8 @@ from hypothesis.extra.numpy import arrays
 from aggregator.config import AggregatorConfig
 from aggregator.strategy import robust
 from aggregator.strategy.accumulator import WeightedAccumulator
-from aggregator.strategy.robust import UpdateCollector, coordinate_median, trimmed_mean
+from aggregator.strategy.collectors import CoordinateMedian
+from aggregator.strategy.robust import coordinate_median, trimmed_mean
 from fedmq.core import codecs
 from fedmq.core.protocol import EncodedTensor
 from fedmq.errors import CodecError, ConfigError
@@ -69,15 +70,15 @@ def test_no_trim_is_the_plain_mean_and_column_steps_change_nothing(rows, columns
 
 
 def test_the_collector_refuses_a_bad_update_at_once_and_survives_a_restart():
-    collector = UpdateCollector(4, rule="median")
+    collector = CoordinateMedian(4)
     for value in (1.0, 2.0, 50.0):
         collector.add_encoded(codecs.encode(np.full(4, value, np.float32), "q8"), 10.0)
     with pytest.raises(CodecError):
         collector.add_encoded(EncodedTensor(codec="q8", size=4, data=b"\x01"), 1.0)
     assert collector.count == 3
-    restored = UpdateCollector(4, rule="median")
+    restored = CoordinateMedian(4)
     restored.load_state_dict(collector.state_dict())
-    assert np.allclose(restored.mean(), 2.0, atol=0.02)  # q8 rounding, not the outlier
+    assert np.allclose(restored.result(), 2.0, atol=0.02)  # q8 rounding, not the outlier
     with pytest.raises(ConfigError, match="collected for median"):
         WeightedAccumulator(4).load_state_dict(collector.state_dict())
     with pytest.raises(ConfigError, match="summed for the mean"):

@@ -396,6 +396,7 @@ def test_an_update_queued_before_its_devices_offline_status_is_accepted(tmp_path
         return _Inbound(topics.update("pi1"), u.to_payload(), 0, 0)
 
     service._process([status(True), sent("last"), status(False), sent("after")])
+    service._commit()
     assert service.writer.flush(timeout=30)
     assert service.accepted == 1 and service.rejected == Counter(offline_device=1)
     assert not service.registry.devices["pi1"].online

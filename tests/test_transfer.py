@@ -141,3 +141,54 @@ def test_the_held_model_announced_for_a_new_round_needs_no_download():
     receiver.offer_chunk(chunks[0], 1)
     again = receiver.offer_announcement(dataclasses.replace(a, round=6, announce_id="x"), 7)
     assert again is not None and again.wire_bytes == 7 and receiver.wanted() is None
+
+
+def inline_announcement(params, *, tamper: bool = False):
+    from fedmq.core import codecs
+    from fedmq.core.transfer import chunk_tensor
+
+    info, chunks = chunk_tensor(codecs.encode(params, "float32"), version=1, max_payload=4096,
+                                inline_max=1 << 20)
+    if tamper:
+        import dataclasses
+
+        info = dataclasses.replace(info, data=bytes([info.data[0] ^ 1]) + info.data[1:])
+    return ModelAnnouncement(
+        fleet="f", version=1, round=1, model="logreg", model_config={},
+        layout=[["w", [params.size]]], layout_hash="h", task=TaskConfig(), payload=info), chunks
+
+
+def test_a_small_model_inline_in_its_announcement_needs_no_chunk_stream():
+    params = np.arange(300, dtype=np.float32)
+    announcement, chunks = inline_announcement(params)
+    assert announcement.payload.data and chunks  # the chunks still go out, for older devices
+    receiver = ModelReceiver()
+    received = receiver.offer_announcement(announcement, 10)
+    assert received is not None and np.array_equal(received.params, params)
+    assert receiver.wanted() is None
+    # the chunks alone still make the model (what a device that predates the field takes)
+    assert ModelAnnouncement.from_payload(announcement.to_payload()) == announcement
+    from fedmq.core.chunking import join_verified
+    from fedmq.core.protocol.wire import unpack
+
+    blob = join_verified((c.data for c in chunks), size=announcement.payload.size,
+                         sha256=bytes.fromhex(announcement.payload.sha256), what="chunks")
+    assert blob == announcement.payload.data and unpack(blob)
+
+
+def test_a_tampered_inline_model_fails_the_hash():
+    announcement, _ = inline_announcement(np.arange(300, dtype=np.float32), tamper=True)
+    with pytest.raises(ProtocolError) as info:
+        ModelReceiver().offer_announcement(announcement, 10)
+    assert info.value.reason == "bad_hash"
+
+
+def test_only_models_up_to_the_inline_limit_travel_inline():
+    from fedmq.core import codecs
+    from fedmq.core.transfer import chunk_tensor
+
+    small, _ = chunk_tensor(codecs.encode(np.zeros(10, np.float32), "float32"), version=1,
+                            inline_max=1024)
+    big, _ = chunk_tensor(codecs.encode(np.zeros(1000, np.float32), "float32"), version=1,
+                          inline_max=1024)
+    assert small.data and not big.data

@@ -24,9 +24,11 @@ from fedmq.errors import ProtocolError
 
 
 def chunk_tensor(tensor: EncodedTensor, *, version: int,
-                 max_payload: int = DEFAULT_MAX_PAYLOAD) -> tuple[PayloadInfo, list[ModelChunk]]:
+                 max_payload: int = DEFAULT_MAX_PAYLOAD,
+                 inline_max: int = 0) -> tuple[PayloadInfo, list[ModelChunk]]:
     """An encoded tensor as chunks that each encode to at most `max_payload` bytes, and the
-    PayloadInfo (size, sha256, count) the announcement carries for them."""
+    PayloadInfo (size, sha256, count) the announcement carries for them; with the whole
+    payload inline too when it is at most `inline_max` bytes."""
     blob = msgpack.packb(tensor.to_wire(), use_bin_type=True)
 
     def make(index: int, count: int, data: bytes) -> ModelChunk:
@@ -34,7 +36,8 @@ def chunk_tensor(tensor: EncodedTensor, *, version: int,
 
     chunks = frame(blob, max_payload=max_payload, make=make)
     info = PayloadInfo(codec=tensor.codec, size=len(blob),
-                       sha256=hashlib.sha256(blob).hexdigest(), chunks=len(chunks))
+                       sha256=hashlib.sha256(blob).hexdigest(), chunks=len(chunks),
+                       data=blob if len(blob) <= inline_max else b"")
     return info, chunks
 
 
@@ -105,13 +108,28 @@ class ModelReceiver:
         self._held: np.ndarray | None = None
 
     def wanted(self) -> str | None:
-        """The stream the pending announcement needs, or None when nothing is pending."""
+        """The chunk stream the pending announcement needs, or None when nothing is pending
+        or the payload it needs came inline."""
+        stream = self._stream()
+        if stream is None or self._info(stream).data:
+            return None
+        return stream
+
+    def _stream(self) -> str | None:
+        """Which payload the pending announcement needs (delta or full), if any."""
         a = self.announcement
         if a is None or a.key == self._delivered or a.version == self.held_version:
             return None
         if a.delta is not None and self._held is not None and self.held_version == a.delta_base:
             return DELTA
         return FULL
+
+    def _info(self, stream: str) -> PayloadInfo:
+        a = self.announcement
+        assert a is not None
+        info = a.delta if stream == DELTA else a.payload
+        assert info is not None  # _stream() picks DELTA only when there is a delta
+        return info
 
     def offer_announcement(
         self, announcement: ModelAnnouncement, size: int
@@ -147,22 +165,28 @@ class ModelReceiver:
         if a.version == self.held_version and self._held is not None:
             # the model we hold, announced for a new round: nothing to download
             return self._deliver(a, self._held, 0)
-        stream = self.wanted()
+        stream = self._stream()
         assert stream is not None
+        info = self._info(stream)
         chunks = self._streams[stream]
-        info = a.delta if stream == DELTA else a.payload
-        if chunks.version != a.version or info is None:
-            return None
-        blob = chunks.join(info, f"model v{a.version} ({stream})")
-        if blob is None:
-            return None
+        if info.data:
+            blob = join_verified((info.data,), size=info.size, sha256=bytes.fromhex(info.sha256),
+                                 what=f"model v{a.version} ({stream}, inline)")
+            chunk_bytes = 0
+        else:
+            if chunks.version != a.version:
+                return None
+            blob = chunks.join(info, f"model v{a.version} ({stream})")
+            if blob is None:
+                return None
+            chunk_bytes = chunks.bytes
         decoded = codecs.decode(EncodedTensor.from_wire(unpack(blob)))
         expected = ParamLayout.from_wire(a.layout).size
         if decoded.size != expected:
             raise ProtocolError(f"model v{a.version}: {decoded.size} parameters where the "
                                 f"layout has {expected}", reason="bad_shape")
         params = self._held + decoded if stream == DELTA else decoded
-        return self._deliver(a, params, chunks.bytes)
+        return self._deliver(a, params, chunk_bytes)
 
     def _deliver(self, a: ModelAnnouncement, params: np.ndarray, chunk_bytes: int
                  ) -> ReceivedModel:

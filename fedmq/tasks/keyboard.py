@@ -162,9 +162,9 @@ def device_roles(*, device_count: int, seed: int, test_fraction: float) -> list[
     roles = role_order(seed=seed, test_fraction=test_fraction)
     if not 1 <= device_count <= len(roles):
         raise ConfigError(
-            f"the keyboard task has {len(roles)} roles with at least {MIN_ROLE_CHARS} "
-            f"characters, one per device: device_count {device_count} must be in "
-            f"[1, {len(roles)}]"
+            f"cannot give {device_count} devices a keyboard role each: the largest fleet "
+            f"it allows is {len(roles)} (it has {len(roles)} roles with at least "
+            f"{MIN_ROLE_CHARS} characters); use 1 to {len(roles)} devices"
         )
     return roles[:device_count]
 

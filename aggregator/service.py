@@ -244,10 +244,7 @@ class AggregatorService:
             self.topics.model_payload_chunk(MAX_MODEL_CHUNKS - 1))
         rng = np.random.default_rng([c.seed, m.version])
         full = codecs.encode(m.params, c.model_codec, rng=rng)
-        # Both payloads inline too when small, within what one announcement may carry.
         inline = min(INLINE_MODEL_BYTES, limit // 4)
-        full_info, full_chunks = chunk_tensor(full, version=m.version, max_payload=limit,
-                                              inline_max=inline)
         delta_info, delta_chunks = None, []
         chain = self._chain
         if c.model_delta_codec and chain is not None and chain[0] == m.version - 1:
@@ -257,6 +254,12 @@ class AggregatorService:
             self._chain = (m.version, chain[1] + codecs.decode(delta))
         else:
             self._chain = (m.version, codecs.decode(full))
+        # One payload inline, the one most devices need: the delta when there is one (the
+        # devices that took the last model), else the full model. Both inline would make
+        # every device download both.
+        full_info, full_chunks = chunk_tensor(
+            full, version=m.version, max_payload=limit,
+            inline_max=0 if delta_info is not None else inline)
         self._broadcast = _Broadcast(m.version, full_info, full_chunks, delta_info, delta_chunks)
         return self._broadcast
 
@@ -296,6 +299,10 @@ class AggregatorService:
         """The cohort the machine asks in this announcement (from the devices online) and
         the devices' task tiers."""
         m, c = self.machine, self.config
+        if self._done():
+            # The final model: announced for devices to hold, asked of nobody (training on
+            # it would upload updates no round will ever count).
+            return [], [], {}
         online = self.registry.online()
         asked_before = m.cohort.size(m.round)
         cohort = m.plan(online)

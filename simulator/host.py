@@ -66,6 +66,14 @@ class HostStats:
     rejected: collections.Counter = field(default_factory=collections.Counter)
     train_errors: int = 0
     bytes_up: int = 0
+    announced_round: int = 0  # the newest round any hosted device heard announced
+    # round -> [bytes uploaded, bytes downloaded] by the hosted devices, as they counted
+    traffic: dict[int, list[int]] = field(default_factory=dict)
+
+    def count(self, round_no: int, *, up: int = 0, down: int = 0) -> None:
+        slot = self.traffic.setdefault(round_no, [0, 0])
+        slot[0] += up
+        slot[1] += down
 
 
 class HostedDevice:
@@ -86,13 +94,16 @@ class DeviceHost:
                  data_for: Callable[[int], Dataset], id_prefix: str = "dev",
                  codec: str = "float32", seed: int = 0, resend_after_s: float = 30.0,
                  train_workers: int = 1, capabilities: dict | None = None,
-                 update_transform: Callable | None = None) -> None:
+                 update_transform_for: Callable[[int], Callable | None] | None = None,
+                 ) -> None:
+        """update_transform_for(index): what device `index` does to its delta before
+        encoding it (None: sends it honestly); see LocalTrainer."""
         self.loop = SessionLoop(broker, name="fedmq-host")
         self.topics = FleetTopics(fleet)
         self.data_for = data_for
         self.codec = codec
         self.seed = seed
-        self.update_transform = update_transform
+        self.update_transform_for = update_transform_for or (lambda _index: None)
         self.stats = HostStats()
         self._pool = ThreadPoolExecutor(max_workers=max(1, train_workers),
                                         thread_name_prefix="fedmq-train")
@@ -167,6 +178,9 @@ class DeviceHost:
             if isinstance(d, Send):
                 self._send(device, d)
             elif isinstance(d, Train):
+                a = d.model.announcement
+                self.stats.announced_round = max(self.stats.announced_round, a.round)
+                self.stats.count(a.round, down=d.model.wire_bytes)
                 self._pool.submit(self._train, device, d)
             elif isinstance(d, Subscribe):
                 self.loop.subscribe(session, d.topic_filters)
@@ -178,6 +192,8 @@ class DeviceHost:
                     self._pending.discard(device)
             elif isinstance(d, SitOut):
                 self.stats.sat_out += 1
+                self.stats.announced_round = max(self.stats.announced_round,
+                                                 d.announcement.round)
             elif isinstance(d, Rejected):
                 self.stats.rejected[d.reason] += 1
                 log.debug("%s: %s refused (%s): %s", device.machine.device_id, d.what,
@@ -192,6 +208,7 @@ class DeviceHost:
             for piece in pieces:
                 self.loop.publish(session, send.topic, piece, qos=1)
                 self.stats.bytes_up += len(piece)
+                self.stats.count(send.round, up=len(piece))
             if send.resend:
                 self.stats.resent += 1
             else:
@@ -224,7 +241,7 @@ class DeviceHost:
             trainer = LocalTrainer(device_id=machine.device_id,
                                    data=self.data_for(device.index), codec=self.codec,
                                    seed=self.seed * 1_000_003 + device.index,
-                                   update_transform=self.update_transform)
+                                   update_transform=self.update_transform_for(device.index))
             update = trainer.train(train.model, train.task)
         except Exception as exc:  # one device's failure must not stop the fleet
             self.stats.train_errors += 1

@@ -29,6 +29,17 @@ def test_three_agents_three_rounds_accuracy_rises(broker, tmp_path, stoppers):
     assert service.accepted == 9 and not service.rejected
 
 
+def test_nobody_trains_on_the_final_model(broker, tmp_path, stoppers):
+    """After the last round the model is announced for devices to hold, asked of nobody:
+    training on it would upload updates no round will ever count."""
+    service = make_aggregator(broker.url, tmp_path, stoppers, rounds=2)
+    agents = make_agents(broker.url, stoppers, 3)
+    wait_for(service.finished.is_set, "2 rounds")
+    wait_for(lambda: all(a.stats.sat_out >= 1 for a in agents), "the final announcement")
+    assert [a.stats.updates_sent for a in agents] == [2, 2, 2]
+    assert service.accepted == 6 and not service.rejected
+
+
 def test_aggregator_restarts_between_rounds_and_resumes_from_checkpoint(broker, tmp_path,
                                                                        stoppers):
     first = make_aggregator(broker.url, tmp_path, stoppers, rounds=2)
@@ -157,12 +168,15 @@ def test_updates_lost_while_the_aggregator_was_away_are_trained_again(broker, tm
 
 def test_delta_broadcast_cuts_download_bytes_and_late_joiners_take_the_full_model(
         broker, tmp_path, stoppers):
-    service = make_aggregator(broker.url, tmp_path, stoppers, rounds=4, min_updates=2,
+    # Rounds to spare: a round of this fleet takes milliseconds, the late joiner's connect
+    # longer, and the final model is asked of nobody (no download for it).
+    service = make_aggregator(broker.url, tmp_path, stoppers, rounds=500, min_updates=2,
                               model_delta_codec="q8")
     agents = make_agents(broker.url, stoppers, 2, total=3)
     wait_for(lambda: len(service.history) >= 3, "3 rounds with delta broadcasts")
     late = make_agents(broker.url, stoppers, 1, total=3, first=2)[0]
-    wait_for(service.finished.is_set, "4 rounds")
+    wait_for(lambda: any(d for _up, d in late.stats.traffic.values()),
+             "the late joiner's first download")
     assert service.history[-1].accuracy > service.history[0].accuracy
     down = [agents[0].stats.traffic[r][1] for r in (1, 2, 3)]
     assert down[1] * 2.5 < down[0] and down[2] * 2.5 < down[0]  # q8 delta vs float32 full

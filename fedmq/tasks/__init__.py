@@ -268,6 +268,25 @@ def device_shards(name: str, *, device_count: int, alpha: float, seed: int,
                          test_fraction=test_fraction)
 
 
+
+def device_data(name: str, *, device_count: int, alpha: float, seed: int,
+                test_fraction: float = 0.2) -> Callable[[int], Dataset]:
+    """Device i's training data, as a function: a synthetic device's is generated when asked
+    (a big simulated fleet holds no data for devices that are not training); any other
+    task's fleet is partitioned once, here, and indexed."""
+    task_spec(name)
+    if synthetic.parse(name) is not None:
+        if device_count < 1:
+            raise ConfigError(f"need at least one device, got {device_count}")
+
+        def generated(index: int) -> Dataset:
+            return device_shard(name, device_index=index, device_count=device_count,
+                                alpha=alpha, seed=seed, test_fraction=test_fraction)
+        return generated
+    shards = device_shards(name, device_count=device_count, alpha=alpha, seed=seed,
+                           test_fraction=test_fraction)
+    return shards.__getitem__
+
 def fleet_test_set(name: str, *, device_count: int, seed: int,
                    test_fraction: float = 0.2) -> Dataset:
     """The held-out set a simulated fleet is scored on. keyboard: the held-out lines of the

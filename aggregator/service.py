@@ -8,6 +8,7 @@ ingest.py, round state in rounds.py: this queues, commits and replies.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -67,6 +68,20 @@ BATCH_MAX = 64
 _REPUBLISH = object()  # same announcement again: devices ignore it
 _REANNOUNCE = object()  # fresh announce_id: devices train on the model again
 _WRITER_IDLE = object()  # the checkpoint writer finished: hand it what piled up meanwhile
+# A fresh announcement plans its round's cohort from the devices known online, so it waits
+# until the retained births its subscription brings are in: the aggregator publishes a
+# marker to itself, which the broker delivers after them. If it does not come back (an ACL
+# without aggregator/sync) it announces anyway after this long, and says so.
+SYNC_WAIT_S = 15.0
+
+
+@dataclass(frozen=True, slots=True)
+class _Synced:
+    """The aggregator's marker came back: every retained birth before it is in the inbox."""
+
+    nonce: bytes
+    mid: int
+    qos: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,6 +171,11 @@ class AggregatorService:
         self.seal = announcement_sealer(config.signing_key)  # signed when a key is set
         self.link.route(self.topics.device_status_filter, lambda m: self._inbox.put(
             _Inbound(m.topic, m.payload, m.mid, m.qos, status=True)), qos=1)
+        # QoS 1, as the births are: a QoS 0 marker would overtake births the broker still
+        # holds back behind its in-flight window.
+        self.link.route(self.topics.aggregator_sync, lambda m: self._inbox.put(
+            _Synced(m.payload, m.mid, m.qos)), qos=1)
+        self._sync: tuple[bytes, float] | None = None  # the marker awaited, and until when
 
     def _on_connect(self, session_present: bool) -> None:
         """Re-announce on every connect. Without a session, updates sent while we were away
@@ -170,8 +190,10 @@ class AggregatorService:
             if payload:  # an empty retained message only clears a status
                 info = self.registry.observe(device, DeviceStatus.from_payload(payload),
                                              self.clock())
-                log.info("device %s is %s (%d online)", device,
-                         "online" if info.online else "offline", len(self.registry.online()))
+                if log.isEnabledFor(logging.DEBUG):  # counting is O(fleet): 10,000 births
+                    log.debug("device %s is %s (%d online)", device,
+                              "online" if info.online else "offline",
+                              len(self.registry.online()))
         except ProtocolError as exc:
             self.rejected[f"status_{exc.reason}"] += 1
             log.warning("rejected status on %s (%s): %s", topic, exc.reason, exc)
@@ -274,12 +296,19 @@ class AggregatorService:
         if self._published is None or self._published[0] != (m.version, m.round):
             b = self._encode_broadcast()
             cohort, tiers, assign = self._plan_round()
+            full_info, delta_info = b.full_info, b.delta_info
+            if cohort is not None:
+                # Not everyone trains: the devices that do fetch the chunks, the rest (who
+                # download nothing) are not sent a model inside every announcement.
+                full_info = dataclasses.replace(full_info, data=b"")
+                if delta_info is not None:
+                    delta_info = dataclasses.replace(delta_info, data=b"")
             announcement = ModelAnnouncement(
                 fleet=c.fleet, version=m.version, round=m.round, model=c.model_name,
                 model_config=c.model_config(), layout=self.model.layout.to_wire(),
-                layout_hash=m.layout_hash, task=c.task_config(), payload=b.full_info,
+                layout_hash=m.layout_hash, task=c.task_config(), payload=full_info,
                 announce_id=os.urandom(6).hex(), issued_at=time.time(),
-                delta=b.delta_info, delta_base=m.version - 1 if b.delta_info else -1,
+                delta=delta_info, delta_base=m.version - 1 if delta_info else -1,
                 cohort=cohort, tiers=tiers, assign=assign,
             )
             messages = (self._chunk_messages(self.topics.model_payload_chunk, b.full_chunks)
@@ -373,18 +402,33 @@ class AggregatorService:
         """
         for item in batch:
             if item is _REANNOUNCE:
-                self._published = None
-                self._announce()
+                self._await_births()
+            elif isinstance(item, _Synced):
+                self.link.ack(item.mid, item.qos)
+                if self._sync is not None and item.nonce == self._sync[0]:
+                    self._sync = None
+                    self._published = None
+                    self._announce()
             elif item is _REPUBLISH:
                 self._announce()
             elif item is _WRITER_IDLE:
                 pass
-            elif item.status:  # acked in order with the updates around it
+            elif item.status:
+                # Acked at once: the registry is not checkpointed (after a restart the
+                # retained births come again), so nothing waits for a write; and births
+                # acked late would hold the broker's in-flight window for a whole fleet.
                 self._handle_status(item.topic, item.payload)
-                self._held.append(functools.partial(self.link.ack, item.mid, item.qos))
+                self.link.ack(item.mid, item.qos)
             else:
                 reply = self._handle_update(item.topic, item.payload)
                 self._held.append(functools.partial(self._reply, item.mid, item.qos, reply))
+
+    def _await_births(self) -> None:
+        """Announce afresh once the retained births are in (see SYNC_WAIT_S)."""
+        self.link.subscribed.wait(SYNC_WAIT_S)
+        nonce = os.urandom(8)
+        self._sync = (nonce, self.clock() + SYNC_WAIT_S)
+        self.link.publish(self.topics.aggregator_sync, nonce, qos=1, retain=False)
 
     def _reply(self, mid: int, qos: int, reply: tuple[str, Receipt] | None) -> None:
         self.link.ack(mid, qos)
@@ -400,6 +444,13 @@ class AggregatorService:
             self.rejected["incomplete"] += dropped
             log.warning("dropped %d chunked update(s) that got no new part for %.0f s",
                         dropped, self.reassembler.timeout_s)
+        if self._sync is not None and now > self._sync[1]:
+            log.warning("no echo on %s within %.0f s: announcing without waiting for the "
+                        "devices' births (the broker's ACL should let the aggregator read and "
+                        "write it)", self.topics.aggregator_sync, SYNC_WAIT_S)
+            self._sync = None
+            self._published = None
+            self._announce()
         if self.finished.is_set():
             return
         action = self.machine.due(now)

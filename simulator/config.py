@@ -44,6 +44,17 @@ SIMULATOR_DEFAULTS: dict[str, Default] = {
     "slow_link_kbps": Default(256.0),
 }
 
+def device_id(fleet: str, index: int) -> str:
+    """Simulated device `index`'s id (its MQTT client id and topic level)."""
+    return DEVICE_ID.format(fleet=fleet, index=index)
+
+
+DEVICE_ID = "{fleet}-dev{index:03d}"
+
+# `--engine auto` runs devices hosted (many per event loop) above this many devices.
+HOSTED_ABOVE = 200
+ENGINES = ("auto", "agents", "hosted")
+
 # Device keys every simulated device shares.
 AGENT_KEYS = ("codec", "alpha")
 AGENT_DEFAULTS: dict[str, Default] = {
@@ -85,6 +96,11 @@ class SimulationConfig(BorrowedOptions):
                            "4s, Pi Zeros, cellular links: slower compute, thin uplinks, "
                            "advertised in each birth) or stragglers (30%% 10x slower, 30%% "
                            "on a link down about 3 s of every 7)")
+    engine: str = option("auto", "how devices run: agents (each a real EdgeAgent: its own "
+                         "MQTT client and thread; every feature, up to a few hundred), "
+                         "hosted (DeviceMachines on one event loop per process: 10,000s of "
+                         "devices, uniform profiles, no --dropout) or auto (hosted above "
+                         f"{HOSTED_ABOVE} devices when nothing needs agents)")
 
     def __post_init__(self) -> None:
         spec = task_spec(self.task)  # an unknown task fails here
@@ -101,6 +117,11 @@ class SimulationConfig(BorrowedOptions):
             raise ConfigError("--agents-only needs --broker and --fleet: those of the "
                               "aggregator the devices should join")
         fleet_profiles(self.profiles, 0, seed=0)  # an unknown mix fails here
+        if self.engine not in ENGINES:
+            raise ConfigError(f"engine {self.engine!r} must be one of {', '.join(ENGINES)}")
+        if self.engine == "hosted" and self._needs_agents():
+            raise ConfigError(f"--engine hosted runs uniform devices without fault proxies; "
+                              f"{self._needs_agents()} needs --engine agents")
         if self.clients_per_round > self.devices:
             raise ConfigError(f"clients_per_round {self.clients_per_round} > devices "
                               f"{self.devices}")
@@ -109,6 +130,21 @@ class SimulationConfig(BorrowedOptions):
         # every aggregator key is checked now, by the aggregator's own rules
         self.aggregator_config(broker=self.broker or "mqtt://127.0.0.1:1883",
                                fleet=self.fleet or "sim", checkpoint="")
+
+    def _needs_agents(self) -> str:
+        """What in this run only EdgeAgents can do ('' if nothing)."""
+        if self.profiles != "uniform":
+            return f"--profiles {self.profiles}"
+        if self.dropout:
+            return "--dropout"
+        return ""
+
+    @property
+    def hosted(self) -> bool:
+        """Whether devices run hosted (DeviceMachines on event loops) or as EdgeAgents."""
+        if self.engine == "auto":
+            return self.devices > HOSTED_ABOVE and not self._needs_agents()
+        return self.engine == "hosted"
 
     @property
     def dropped_per_round(self) -> int:
@@ -145,7 +181,7 @@ class SimulationConfig(BorrowedOptions):
                      profile: DeviceProfile) -> AgentConfig:
         """Device `index` of this run, shaped by its profile."""
         return AgentConfig(
-            broker=broker, fleet=fleet, device_id=f"{fleet}-dev{index:03d}", task=self.task,
+            broker=broker, fleet=fleet, device_id=device_id(fleet, index), task=self.task,
             device_index=index, device_count=self.devices, partition_seed=self.seed,
             alpha=self.alpha, codec=self.codec, seed=self.seed * 1_000_003 + index,
             log_level="WARNING", cpus=profile.cpus, link_kbps=profile.link_kbps,

@@ -1,8 +1,10 @@
-"""A whole fleet on one machine: a broker, the real aggregator and N real agents.
+"""A whole fleet on one machine: a broker, the real aggregator and N devices.
 
-Each agent is its own MQTT client with its own training thread; nothing is shortcut
-around the broker, so what the simulator measures (bytes, rounds, accuracy) is what a
-real fleet would see.
+Devices run as real EdgeAgents (each its own MQTT client and training thread: every
+feature, a few hundred devices) or hosted (each a DeviceMachine, the agent's own protocol
+logic, on one event loop per child process: tens of thousands). Nothing is shortcut around
+the broker, so what the simulator measures (bytes, rounds, accuracy) is what a real fleet
+would see.
 """
 
 from __future__ import annotations
@@ -26,8 +28,9 @@ from edge_agent.agent import EdgeAgent
 from fedmq.errors import BrokerError, FedmqError, require
 from fedmq.tasks import device_shards, fleet_test_set
 from simulator.broker import LocalMosquitto
-from simulator.config import SimulationConfig
+from simulator.config import DEVICE_ID, SimulationConfig
 from simulator.faultproxy import ProxyPool
+from simulator.hostproc import HostPlan, HostProcess, HostReport, merged
 from simulator.profiles import DeviceProfile, fleet_profiles
 
 __all__ = ["BYZANTINE_SCALE", "Simulation", "SimulationConfig", "SimulationResult",
@@ -43,6 +46,11 @@ class SimulationResult:
     rounds: list[RoundRecord] = field(default_factory=list)
     wall_s: float = 0.0
     rejected: dict[str, int] = field(default_factory=dict)
+    devices: int = 0
+    # hosted devices that never came online, and why sessions failed (cause -> count)
+    never_connected: list[str] = field(default_factory=list)
+    never_connected_count: int = 0
+    connect_failures: dict[str, int] = field(default_factory=dict)
 
     @property
     def final_accuracy(self) -> float | None:
@@ -63,8 +71,25 @@ class SimulationResult:
         epsilon = self.rounds[-1].epsilon
         privacy = f", differential privacy epsilon {epsilon:.2f}" if epsilon is not None else ""
         return (f"final accuracy {acc:.4f} after {len(self.rounds)} rounds, "
-                f"{self.bytes_up} bytes uploaded{privacy}")
+                f"{self.bytes_up} bytes uploaded{privacy}{self.offline_note()}")
 
+    def offline_note(self) -> str:
+        if not self.never_connected_count:
+            return ""
+        shown = ", ".join(self.never_connected[:5])
+        more = self.never_connected_count - min(5, len(self.never_connected))
+        causes = "; ".join(f"{c} x{n}" for c, n in self.connect_failures.items())
+        return (f"; {self.never_connected_count} of {self.devices} devices never came online "
+                f"({shown}{f' and {more} more' if more > 0 else ''}: {causes or 'no answer'})")
+
+
+# Devices per host process: each session is a file descriptor, and this machine allows a
+# process 20,000; half of that leaves room and spreads big fleets over both cores.
+HOSTED_PER_PROCESS = 10_000
+# How long a hosted fleet may take to come online before the aggregator starts anyway
+# (10,000 devices take a few seconds), and how often the simulator looks meanwhile.
+ONLINE_WAIT_S = 60.0
+HOST_POLL_S = 0.1
 
 # A Byzantine device sends -BYZANTINE_SCALE x its honest delta: it pushes the model
 # hard the wrong way, as a poisoning attack would (Blanchard et al. 2017 use the like).
@@ -87,6 +112,9 @@ class Simulation:
         self.broker: LocalMosquitto | None = None
         self.aggregator: AggregatorService | None = None
         self.agents: list[EdgeAgent] = []
+        self.hosts: list[HostProcess] = []
+        self._hosted = HostReport()
+        self.online_s = 0.0  # seconds the hosted fleet took to come online
         self.records: list[RoundRecord] = []
         self.round_closed = threading.Condition()
         self.proxies: ProxyPool | None = None  # one fault proxy per device, with --dropout
@@ -104,9 +132,12 @@ class Simulation:
             url = self.broker.url
         fleet = c.fleet or f"sim-{os.urandom(3).hex()}"
         test = fleet_test_set(c.task, device_count=c.devices, seed=c.seed)
-        shards = device_shards(c.task, device_count=c.devices, alpha=c.alpha, seed=c.seed)
         if not c.agents_only:
             self._start_aggregator(url, fleet, test)
+        if c.hosted:
+            self._start_hosts(url, fleet)
+            return
+        shards = device_shards(c.task, device_count=c.devices, alpha=c.alpha, seed=c.seed)
         profiles = fleet_profiles(c.profiles, c.devices, seed=c.seed)
         if c.dropout > 0 or any(p.link_kbps or p.flaky for p in profiles):
             self.proxies = ProxyPool.for_broker(url)
@@ -126,6 +157,46 @@ class Simulation:
             self.aggregator.start()
         for agent in self.agents:
             agent.start()
+
+    def _start_hosts(self, url: str, fleet: str) -> None:
+        """Devices first, in their own processes; the aggregator once they are online (or
+        ONLINE_WAIT_S passed), so its first round selects from the whole fleet."""
+        c = self.config
+        for first in range(0, c.devices, HOSTED_PER_PROCESS):
+            plan = HostPlan(broker=url, fleet=fleet, first=first,
+                            count=min(HOSTED_PER_PROCESS, c.devices - first),
+                            device_count=c.devices, task=c.task, alpha=c.alpha, seed=c.seed,
+                            codec=c.codec, id_format=DEVICE_ID, byzantine=c.byzantine,
+                            log_level="WARNING")
+            self.hosts.append(HostProcess(plan))
+        for host in self.hosts:
+            host.start()
+        started = time.monotonic()
+        while self._poll_hosts().ready < c.devices:
+            if time.monotonic() - started > ONLINE_WAIT_S:
+                report = self._hosted
+                log.warning("%d of %d devices online after %.0f s; starting anyway (%s)",
+                            report.ready, c.devices, ONLINE_WAIT_S,
+                            "; ".join(f"{k} x{n}" for k, n in report.failures.items())
+                            or "no failures reported yet")
+                break
+            time.sleep(HOST_POLL_S)
+        self.online_s = time.monotonic() - started
+        log.info("%d devices online in %.1f s, hosted in %d process(es)", self._hosted.ready,
+                 self.online_s, len(self.hosts))
+        if self.aggregator is not None:
+            self.aggregator.start()
+
+    def _poll_hosts(self) -> HostReport:
+        if self.hosts:
+            self._hosted = merged([h.poll() for h in self.hosts])
+        return self._hosted
+
+    def online(self) -> int:
+        """Devices connected now."""
+        if self.hosts:
+            return self._poll_hosts().ready
+        return sum(1 for a in self.agents if a.link.connected.is_set())
 
     def _apply_dropout(self) -> None:
         """Before each round, cut a fresh random set of devices off and restore the rest."""
@@ -153,7 +224,8 @@ class Simulation:
 
     def announced_round(self) -> int:
         """The newest round any simulated device has heard announced."""
-        return max((a.announced_round for a in self.agents), default=0)
+        return max([a.announced_round for a in self.agents]
+                   + [self._hosted.announced_round], default=0)
 
     def rounds_done(self) -> int:
         if self.aggregator is not None:
@@ -166,7 +238,12 @@ class Simulation:
             o = self.aggregator.machine.open
             return o.round, o.count
         r = self.announced_round()
-        return r, sum(1 for a in self.agents if a.stats.traffic.get(r, (0, 0))[0] > 0)
+        return r, self._uploaders(r)
+
+    def _uploaders(self, round_no: int) -> int:
+        """Agents that uploaded for `round_no` (hosted devices: their updates, counted)."""
+        agents = sum(1 for a in self.agents if a.stats.traffic.get(round_no, (0, 0))[0] > 0)
+        return agents + (1 if self._hosted.traffic.get(round_no, (0, 0))[0] else 0)
 
     def _finished(self) -> bool:
         if self.aggregator is not None:
@@ -194,6 +271,7 @@ class Simulation:
                 )
             with self.round_closed:
                 self.round_closed.wait(0.1)
+            self._poll_hosts()
             self._apply_dropout()
             if progress is not None:
                 shown = progress(self, shown)
@@ -204,14 +282,21 @@ class Simulation:
     def _traffic(self, round_no: int) -> tuple[int, int]:
         """(bytes uploaded, bytes downloaded) of all devices for one round, as they counted."""
         seen = [a.stats.traffic.get(round_no, (0, 0)) for a in self.agents]
+        seen.append(self._hosted.traffic.get(round_no, (0, 0)))
         return sum(up for up, _ in seen), sum(down for _, down in seen)
 
     def _result(self, wall_s: float) -> SimulationResult:
-        result = SimulationResult(wall_s=wall_s)
+        if self.hosts:  # counts as of now, not of the last periodic report
+            self._hosted = merged([h.fresh() for h in self.hosts])
+        hosted = self._hosted
+        result = SimulationResult(wall_s=wall_s, devices=self.config.devices,
+                                  never_connected=hosted.never_connected,
+                                  never_connected_count=hosted.never_connected_count,
+                                  connect_failures=hosted.failures)
         if self.aggregator is None:  # agents only: what the devices themselves saw
             self.records = [RoundRecord(
                 round=r, version=r, accuracy=None, loss=None, train_loss=float("nan"),
-                participants=sum(1 for a in self.agents if a.stats.traffic.get(r, (0, 0))[0]),
+                participants=self._uploaders(r),
                 samples=0, bytes_up=self._traffic(r)[0], model_bytes=0, wall_s=0.0)
                 for r in range(1, self.rounds_done() + 1)]
         result.rounds = [dataclasses.replace(r, bytes_down=self._traffic(r.round)[1])
@@ -220,13 +305,25 @@ class Simulation:
             result.rejected = dict(self.aggregator.rejected)
         return result
 
-    def close(self) -> None:
+    def stop_devices(self) -> HostReport:
+        """Stop every device (hosts in parallel: seconds at any fleet size); the hosted
+        devices' final counts, who never came online among them."""
         if self.proxies is not None:  # let every device say goodbye through a working link
             for proxy in self.proxies.proxies.values():
                 proxy.restore()
         for agent in self.agents:
             with contextlib.suppress(Exception):
                 agent.stop()
+        self.agents = []
+        if self.hosts:
+            for host in self.hosts:  # all told first, then all awaited
+                host.request_stop()
+            self._hosted = merged([host.stop() for host in self.hosts])
+            self.hosts = []
+        return self._hosted
+
+    def close(self) -> None:
+        self.stop_devices()
         if self.proxies is not None:
             self.proxies.stop()
         if self.aggregator is not None:

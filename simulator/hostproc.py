@@ -41,6 +41,7 @@ class HostPlan:
     alpha: float
     seed: int
     codec: str = "float32"
+    id_format: str = "dev{index}"  # device ids: id_format.format(index=i)
     byzantine: int = 0  # devices 0 .. byzantine-1 of the fleet attack
     train_workers: int = 1
     log_level: str = "WARNING"
@@ -52,7 +53,8 @@ class HostReport:
 
     ready: int = 0
     sessions: int = 0
-    never_connected: list[str] = field(default_factory=list)
+    never_connected: list[str] = field(default_factory=list)  # the first few ids
+    never_connected_count: int = 0
     failures: dict[str, int] = field(default_factory=dict)
     trained: int = 0
     sat_out: int = 0
@@ -64,6 +66,7 @@ class HostReport:
     announced_round: int = 0
     traffic: dict[int, list[int]] = field(default_factory=dict)  # round -> [up, down]
     final: bool = False
+    answers: int = 0  # the number of the last report request this report answers
 
 
 def serve(plan: HostPlan, conn: Connection) -> None:
@@ -78,15 +81,19 @@ def serve(plan: HostPlan, conn: Connection) -> None:
                            seed=plan.seed)
     attackers = range(plan.byzantine)
     host = DeviceHost(broker=plan.broker, fleet=plan.fleet, count=plan.count, first=plan.first,
-                      data_for=data_for, id_prefix=f"{plan.fleet}-dev", codec=plan.codec,
+                      data_for=data_for, id_format=plan.id_format, codec=plan.codec,
                       seed=plan.seed, train_workers=plan.train_workers,
-                      update_transform=lambda i: poison if i in attackers else None)
+                      update_transform_for=lambda i: poison if i in attackers else None)
     host.start()
+    answered = 0
     try:
         while True:
-            if conn.poll(REPORT_S) and conn.recv() == "stop":
-                break
-            conn.send(_report(host, final=False))
+            if conn.poll(REPORT_S):
+                request = conn.recv()
+                if request == "stop":
+                    break
+                answered = request  # a report asked for: sent now
+            conn.send(_report(host, final=False, answers=answered))
     except (EOFError, BrokenPipeError, OSError):
         pass  # the simulator has gone: stop too
     finally:
@@ -96,15 +103,16 @@ def serve(plan: HostPlan, conn: Connection) -> None:
         conn.close()
 
 
-def _report(host, *, final: bool) -> HostReport:
+def _report(host, *, final: bool, answers: int = 0) -> HostReport:
     s = host.stats
+    never = host.never_connected()
     return HostReport(
         ready=host.loop.ready_count, sessions=len(host.devices),
-        never_connected=host.never_connected()[:20] if final else [],
+        never_connected=never[:20], never_connected_count=len(never),
         failures=dict(host.loop.failures), trained=s.trained, sat_out=s.sat_out,
         sent=s.sent, resent=s.resent, settled=dict(s.settled), rejected=dict(s.rejected),
         train_errors=s.train_errors, announced_round=s.announced_round,
-        traffic={r: list(v) for r, v in s.traffic.items()}, final=final)
+        traffic={r: list(v) for r, v in s.traffic.items()}, final=final, answers=answers)
 
 
 class HostProcess:
@@ -118,6 +126,7 @@ class HostProcess:
                                        name=f"fedmq-host-{plan.first}")
         self.report = HostReport(sessions=plan.count)
         self._heard = 0.0
+        self._asked = 0
 
     def start(self) -> None:
         self.process.start()
@@ -139,10 +148,29 @@ class HostProcess:
                                   f"reported for {SILENT_S:.0f} s")
         return self.report
 
-    def stop(self, timeout: float = 30.0) -> HostReport:
-        """Stop the devices (clean disconnects) and return the final report."""
+    def fresh(self, timeout: float = 30.0) -> HostReport:
+        """A report made after this call (the periodic one may be half a second old)."""
+        if self.report.final:
+            return self.report
+        self._asked += 1
+        with contextlib.suppress(OSError, BrokenPipeError):
+            self._conn.send(self._asked)
+        deadline = time.monotonic() + timeout
+        while self.poll().answers < self._asked and not self.report.final:
+            if time.monotonic() > deadline:
+                raise BrokerError(f"the device host for devices from {self.plan.first} did "
+                                  f"not answer within {timeout:.0f} s")
+            self._conn.poll(0.05)
+        return self.report
+
+    def request_stop(self) -> None:
+        """Ask the host to stop (returns at once; `stop` waits)."""
         with contextlib.suppress(OSError, BrokenPipeError):
             self._conn.send("stop")
+
+    def stop(self, timeout: float = 30.0) -> HostReport:
+        """Stop the devices (clean disconnects) and return the final report."""
+        self.request_stop()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and not self.report.final:
             with contextlib.suppress(EOFError, OSError):

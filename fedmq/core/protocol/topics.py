@@ -82,6 +82,12 @@ class FleetTopics:
     def aggregator_status(self) -> str:
         return f"{self.prefix}/aggregator/status"
 
+    @property
+    def aggregator_sync(self) -> str:
+        """The aggregator's own echo: what it publishes here comes back after every retained
+        device birth its subscription brought (the broker keeps one client's order)."""
+        return f"{self.prefix}/aggregator/sync"
+
     def device_from_update_topic(self, topic: str) -> str:
         """The device id a message on `update/{device_id}` claims to come from."""
         return self._device_at(topic, f"{self.prefix}/update/", "")

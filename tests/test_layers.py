@@ -61,23 +61,31 @@ def test_the_recorder_sees_server_modules_when_they_are_loaded(tmp_path):
 @pytest.mark.integration
 def test_a_running_agent_loads_no_server_or_simulator_module(broker, tmp_path, stoppers,
                                                               processes):
+    service, modules = one_round_by_an_agent_process(
+        broker, tmp_path, stoppers, processes, "--device-count", "4",
+        "--state-dir", str(tmp_path / "state"))
+    assert service.history[0].participants == 1
+    assert {"edge_agent.agent", "fedmq.transport.mqtt", "fedmq.core.codecs"} <= modules
+    assert server_side(modules) == []
+
+
+def one_round_by_an_agent_process(broker, tmp_path, stoppers, processes, *agent_args: str,
+                                  prelude: str = ""):
+    """A real `fedmq agent` process trains one round; (the service, the modules it loaded)."""
     service = make_aggregator(broker.url, tmp_path, stoppers, model="logreg", min_updates=1,
                               rounds=1)
     out = tmp_path / "modules"
-    agent = subprocess.Popen(
-        fedmq_recording_modules(out, "agent", "--broker", broker.url, "--fleet", "test",
-                                "--device-id", "pi0", "--device-count", "4",
-                                "--state-dir", str(tmp_path / "state")),
-        stderr=subprocess.PIPE, text=True)
+    command = fedmq_recording_modules(out, "agent", "--broker", broker.url, "--fleet", "test",
+                                      "--device-id", "pi0", *agent_args)
+    command[2] = prelude + command[2]
+    agent = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     processes.append(agent)
     wait_for(service.finished.is_set, "a round trained by the agent process")
-    assert service.failure is None and service.history[0].participants == 1
+    assert service.failure is None
     agent.send_signal(signal.SIGTERM)
     _, stderr = agent.communicate(timeout=60)
     assert agent.returncode == 0, stderr[-2000:]
-    modules = loaded(out)
-    assert {"edge_agent.agent", "fedmq.transport.mqtt", "fedmq.core.codecs"} <= modules
-    assert server_side(modules) == []
+    return service, loaded(out)
 
 
 def test_import_fedmq_is_the_public_root():
@@ -106,18 +114,8 @@ def test_an_agent_with_only_the_base_dependencies_trains_on_its_own_data(
     from .test_datasource import _header, digits_rows, write_csv
 
     data = write_csv(tmp_path / "mine.csv", digits_rows(30)[2], _header().split(","))
-    service = make_aggregator(broker.url, tmp_path, stoppers, model="logreg", min_updates=1,
-                              rounds=1)
-    out = tmp_path / "modules"
-    command = fedmq_recording_modules(
-        out, "agent", "--broker", broker.url, "--fleet", "test", "--device-id", "pi0",
-        "--data-source", f"csv:{data}", "--data-label", "label")
-    command[2] = BASE_ONLY + command[2]
-    agent = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
-    processes.append(agent)
-    wait_for(service.finished.is_set, "a round trained by the base-install agent")
-    assert service.failure is None and service.history[0].samples == 30
-    agent.send_signal(signal.SIGTERM)
-    _, stderr = agent.communicate(timeout=60)
-    assert agent.returncode == 0, stderr[-2000:]
-    assert not {m.split(".")[0] for m in loaded(out)} & set(EXTRAS)
+    service, modules = one_round_by_an_agent_process(
+        broker, tmp_path, stoppers, processes, "--data-source", f"csv:{data}",
+        "--data-label", "label", prelude=BASE_ONLY)
+    assert service.history[0].samples == 30
+    assert not {m.split(".")[0] for m in modules} & set(EXTRAS)

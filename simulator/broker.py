@@ -21,8 +21,10 @@ from fedmq.errors import BrokerError
 # Settings for a loopback development broker; the comment on each says why.
 DEV_SETTINGS = """\
 allow_anonymous true
-# Devices that reconnect find their queued QoS 1 messages.
-max_queued_messages 10000
+# Devices that reconnect find their queued QoS 1 messages; and the aggregator's queue holds
+# a whole fleet's retained births (sent at once when it subscribes) and a round of its
+# updates: past the limit mosquitto drops QoS 1 messages silently, PUBACK already sent.
+max_queued_messages 100000
 # The default in-flight window of 20 throttles 1 KB QoS 1 traffic ~15x on a busy box.
 max_inflight_messages 100
 # Nagle's algorithm plus delayed ACKs stall each small reply (PUBACK, receipt) ~40 ms.

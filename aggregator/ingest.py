@@ -158,6 +158,7 @@ class UpdateIngest:
         self.topics = topics
         self.registry = registry
         self.reassembler = reassembler
+        self._superseded_counted = reassembler.superseded
         self.machine = machine
         self.max_bytes = limits.payload_limit(params)
         self.clipped = 0  # updates scaled down to max_update_norm
@@ -237,3 +238,10 @@ class UpdateIngest:
     def expire(self, now: float) -> int:
         """Drop chunked updates that got no new part for the timeout; how many."""
         return self.reassembler.expire(now)
+
+    def take_superseded(self) -> int:
+        """Chunked updates dropped, since the last call, for a newer transfer from the same
+        sender (see Reassembler): counted once each, like an expired one."""
+        new = self.reassembler.superseded - self._superseded_counted
+        self._superseded_counted = self.reassembler.superseded
+        return new

@@ -444,6 +444,11 @@ class AggregatorService:
             self.rejected["incomplete"] += dropped
             log.warning("dropped %d chunked update(s) that got no new part for %.0f s",
                         dropped, self.reassembler.timeout_s)
+        superseded = self.ingest.take_superseded()
+        if superseded:  # incomplete too: whether it expired first is a matter of timing
+            self.rejected["incomplete"] += superseded
+            log.info("dropped %d incomplete chunked update(s) for a newer transfer from the "
+                     "same device", superseded)
         if self._sync is not None and now > self._sync[1]:
             log.warning("no echo on %s within %.0f s: announcing without waiting for the "
                         "devices' births (the broker's ACL should let the aggregator read and "

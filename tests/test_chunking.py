@@ -251,3 +251,20 @@ def test_every_link_backs_off_on_its_own_jittered_schedule():
         assert low * mqtt_module.RECONNECT_MIN_S <= first <= high * mqtt_module.RECONNECT_MIN_S
         assert cap / first == pytest.approx(mqtt_module.RECONNECT_MAX_S
                                             / mqtt_module.RECONNECT_MIN_S)
+
+
+def test_one_sender_cannot_fill_the_budget_that_every_multi_part_update_needs():
+    """A device starting transfer after transfer (one part each, each declaring a big size)
+    keeps one open at a time; an honest device's transfer is still admitted."""
+    budget = 10_000
+    reassembler = Reassembler(timeout_s=60.0, max_pending_bytes=budget)
+    for i in range(310):
+        hostile = Part(transfer_id=i.to_bytes(8, "big"), index=0, count=2, size=budget // 2,
+                       sha256=bytes(32), data=b"x")
+        assert reassembler.offer("mallory", hostile, float(i)) is None
+    assert reassembler.pending_transfers == 1 and reassembler.superseded == 309
+    assert reassembler.reserved_bytes == budget // 2
+    payload = bytes(range(200)) * 10
+    parts = split_payload(payload, max_payload=600)
+    results = [reassembler.offer("honest", Part.from_payload(p), 400.0) for p in parts]
+    assert results[-1] is not None and results[-1].payload == payload

@@ -101,6 +101,12 @@ class Reassembler:
     declared size fits under `max_pending_bytes` beside the transfers already open, and none
     may hold more than it declared, so a hostile sender cannot exhaust memory; a transfer
     that got no new part for `timeout_s` is dropped by `expire`.
+
+    A sender has one transfer open at a time: a new transfer id from it supersedes the one
+    it had open. A device sends its parts in order over one connection, so a new transfer
+    means it gave up on (or re-sent) the old one; and one sender starting transfer after
+    transfer can hold no more of the shared budget than one update's size, instead of
+    filling it and stalling every other device's multi-part update.
     """
 
     def __init__(self, *, timeout_s: float, max_pending_bytes: int) -> None:
@@ -113,7 +119,9 @@ class Reassembler:
         self.pending_bytes = 0  # part data held by incomplete transfers
         self.reserved_bytes = 0  # their declared sizes: never above max_pending_bytes
         self.ignored_parts = 0  # duplicates, and late parts of finished transfers
+        self.superseded = 0  # open transfers dropped for a newer one from the same sender
         self._open: dict[tuple[str, bytes], _Transfer] = {}
+        self._open_by_source: dict[str, bytes] = {}  # sender -> its open transfer's id
         self._finished: dict[tuple[str, bytes], float] = {}
 
     @property
@@ -173,6 +181,10 @@ class Reassembler:
         return len(stale)
 
     def _admit(self, key: tuple[str, bytes], part: Part, now: float) -> _Transfer:
+        older = self._open_by_source.get(key[0])
+        if older is not None:
+            self._finish((key[0], older), now)
+            self.superseded += 1
         if self.reserved_bytes + part.size > self.max_pending_bytes:
             raise ProtocolError(
                 f"{_describe(key)} declares {part.size} bytes; with {self.reserved_bytes} bytes "
@@ -182,11 +194,14 @@ class Reassembler:
             )
         transfer = _Transfer(manifest=(part.count, part.size, part.sha256), touched=now)
         self._open[key] = transfer
+        self._open_by_source[key[0]] = key[1]
         self.reserved_bytes += part.size
         return transfer
 
     def _finish(self, key: tuple[str, bytes], now: float) -> None:
         transfer = self._open.pop(key)
+        if self._open_by_source.get(key[0]) == key[1]:
+            del self._open_by_source[key[0]]
         self.reserved_bytes -= transfer.manifest[1]
         self.pending_bytes -= transfer.held
         self._finished[key] = now

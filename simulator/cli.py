@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
+import sys
 
 from fedmq.errors import require
 from fedmq.runtime import add_config_flags, config_from_args
@@ -21,6 +23,10 @@ def run(args: argparse.Namespace) -> int:
     config = config_from_args(SimulationConfig, args)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.ERROR,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # A closed terminal (SIGHUP) or a kill (SIGTERM) unwinds like Ctrl-C, so the private
+    # broker, the device processes and the temporary directory go with the run.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _exit_on)
     with Simulation(config) as sim:
         result = sim.wait() if args.quiet else _wait_with_progress(sim, config)
     if not args.quiet:
@@ -32,6 +38,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"rejected updates: {result.rejected}")
     print(result.summary())
     return 0
+
+
+def _exit_on(signum: int, _frame) -> None:
+    sys.exit(128 + signum)
 
 
 def _wait_with_progress(sim: Simulation, config: SimulationConfig) -> SimulationResult:

@@ -114,3 +114,44 @@ def test_agent_with_bad_config_exits_with_a_clear_message(tmp_path):
                           text=True, timeout=60)
     assert proc.returncode == 2
     assert "codec 'zip9'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    """PIDs whose command line mentions `text` (live processes only)."""
+    from pathlib import Path
+
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            state = (proc / "stat").read_text().split(") ")[-1][:1]
+        except OSError:
+            continue
+        if text in cmdline and state != "Z":
+            found.append(int(proc.name))
+    return found
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_simulate_stopped_by_a_signal_leaves_no_broker_and_no_files(tmp_path, sig, processes):
+    import os
+
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    proc = subprocess.Popen([*FEDMQ, "simulate", "--devices", "3", "--rounds", "100000",
+                             "--quiet", "--timeout-s", "600"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    processes.append(proc)
+    try:
+        wait_for(lambda: _processes_mentioning(str(tmp_path / "fedmq-sim-")),
+                 "the simulation's private mosquitto")
+        wait_for(lambda: any(tmp_path.glob("fedmq-sim-*/aggregator.ckpt*")),
+                 "rounds under way")
+        proc.send_signal(sig)
+        assert proc.wait(60) == 128 + sig
+        wait_for(lambda: not _processes_mentioning(str(tmp_path)), "the broker to be gone")
+        assert not list(tmp_path.glob("fedmq-sim-*"))
+    finally:  # what the run left behind, if it failed to clean up after itself
+        for pid in _processes_mentioning(str(tmp_path)):
+            os.kill(pid, signal.SIGKILL)

@@ -16,7 +16,7 @@ from fedmq.core.chunking import Reassembler
 from fedmq.core.protocol import TaskConfig
 from fedmq.errors import ConfigError, ProtocolError
 from fedmq.models import model_names
-from fedmq.tasks import task_spec
+from fedmq.tasks import TASKS, task_spec
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -61,7 +61,7 @@ class AggregatorConfig(BrokerConfig, RoundOptions):
     client_id: str = option("fedmq-aggregator", "the aggregator's MQTT client id")
     session_expiry_s: int = option(3600, "seconds the broker keeps the aggregator's session "
                                    "(queued updates) while it is away; 0: clean sessions")
-    task: str = option("digits", "task: digits keyboard sensor sensor-features; sets the "
+    task: str = option("digits", f"task: {' '.join(TASKS)}, or synthetic-ALPHA-BETA; sets the "
                        "model's input/output sizes and the test set")
     model: str = option("", "model architecture (empty: the task's own: mlp for digits, "
                         "char_gru for keyboard, har_cnn for sensor); mlp or logreg fit "

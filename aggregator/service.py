@@ -8,7 +8,6 @@ ingest.py, round state in rounds.py: this queues, commits and replies.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import os
@@ -20,8 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
+from aggregator.broadcast import ModelBroadcast
 from aggregator.checkpoint import CheckpointStore
 from aggregator.config import AggregatorConfig
 from aggregator.devices import DeviceRegistry
@@ -33,28 +31,18 @@ from aggregator.selection import assign_tasks
 from aggregator.strategy.optimizers import create_optimizer
 from aggregator.writer import CheckpointWriter
 from fedmq import storage
-from fedmq.core import codecs
 from fedmq.core.protocol import (
     AggregatorStatus,
     DeviceStatus,
     FleetTopics,
-    ModelAnnouncement,
-    ModelChunk,
-    PayloadInfo,
     Receipt,
 )
-from fedmq.core.transfer import chunk_tensor
 from fedmq.errors import ConfigError, FedmqError, ProtocolError
 from fedmq.keyfiles import announcement_sealer
 from fedmq.models import build_model
 from fedmq.tasks import Dataset, split_task
 from fedmq.transport.mqtt import MqttLink, Will
 
-# Model payloads up to this size also travel inside the announcement: a device starts
-# training on the first message instead of subscribing to a chunk stream and waiting for
-# it (one broker round trip per round; measured ~1-2 ms of a ~15 ms digits round).
-# 32 KiB keeps the announcement small next to managed brokers' 128 KiB limit.
-INLINE_MODEL_BYTES = 32 * 1024
 log = logging.getLogger(__name__)
 
 # How often the loop looks at the clock when no update arrives: deadlines are in seconds,
@@ -95,15 +83,6 @@ class _Inbound:
     status: bool = False
 
 
-@dataclass(frozen=True)
-class _Broadcast:
-    version: int
-    full_info: PayloadInfo
-    full_chunks: list[ModelChunk]
-    delta_info: PayloadInfo | None
-    delta_chunks: list[ModelChunk]
-
-
 class AggregatorService:
     def __init__(
         self, config: AggregatorConfig, *, test_data: Dataset | None = None,
@@ -139,11 +118,7 @@ class AggregatorService:
         self.reassembler = config.reassembler()  # updates that arrive in Parts
         self.finished = threading.Event()  # set when all rounds are done, or on failure
         self.failure: BaseException | None = None
-        self._chunk_slots: dict[str, int] = {}  # retained chunk topics filled, per stream
-        self._broadcast: _Broadcast | None = None
-        self._chain: tuple[int, np.ndarray] | None = None  # what delta followers hold
         self.model_bytes = 0
-        self._published: tuple[tuple[int, int], list[tuple[str, bytes]]] | None = None
         self.store = CheckpointStore(config.checkpoint)
         self._restore()
         self._inbox: queue.Queue = queue.Queue()
@@ -168,7 +143,10 @@ class AggregatorService:
                                    registry=self.registry, reassembler=self.reassembler,
                                    machine=self.machine)
         self.rejections = RejectionLog(self.rejected, log)  # counted per reason, logged sparingly
-        self.seal = announcement_sealer(config.signing_key)  # signed when a key is set
+        self.broadcast = ModelBroadcast(
+            topics=self.topics, seal=announcement_sealer(config.signing_key),  # signed if set
+            model_codec=config.model_codec, delta_codec=config.model_delta_codec,
+            seed=config.seed)
         self.link.route(self.topics.device_status_filter, lambda m: self._inbox.put(
             _Inbound(m.topic, m.payload, m.mid, m.qos, status=True)), qos=1)
         # QoS 1, as the births are: a QoS 0 marker would overtake births the broker still
@@ -249,73 +227,13 @@ class AggregatorService:
         return self.config.rounds > 0 and self.machine.version >= self.config.rounds
 
     # -- publishing ----------------------------------------------------------------------
-    def _encode_broadcast(self) -> _Broadcast:
-        """The current model's full payload and, for devices holding the previous version,
-        a delta; built once per version.
-
-        The delta is taken against the chain view: exactly what a device that followed
-        every delta holds, so quantization error never accumulates on such devices (it is
-        fed back into the next delta). A device that took the full payload holds a view
-        within one quantization step of the chain's; either way its update is a delta
-        against what it holds, so aggregation stays unbiased.
-        """
-        m, c = self.machine, self.config
-        if self._broadcast is not None and self._broadcast.version == m.version:
-            return self._broadcast
+    def _announce(self) -> None:
+        """Publish the current model (see ModelBroadcast) and the aggregator's status."""
+        m = self.machine
         limit = self.link.effective_max_payload(
             self.topics.model_payload_chunk(MAX_MODEL_CHUNKS - 1))
-        rng = np.random.default_rng([c.seed, m.version])
-        full = codecs.encode(m.params, c.model_codec, rng=rng)
-        inline = min(INLINE_MODEL_BYTES, limit // 4)
-        delta_info, delta_chunks = None, []
-        chain = self._chain
-        if c.model_delta_codec and chain is not None and chain[0] == m.version - 1:
-            delta = codecs.encode(m.params - chain[1], c.model_delta_codec, rng=rng)
-            delta_info, delta_chunks = chunk_tensor(delta, version=m.version, max_payload=limit,
-                                                    inline_max=inline)
-            self._chain = (m.version, chain[1] + codecs.decode(delta))
-        else:
-            self._chain = (m.version, codecs.decode(full))
-        # One payload inline, the one most devices need: the delta when there is one (the
-        # devices that took the last model), else the full model. Both inline would make
-        # every device download both.
-        full_info, full_chunks = chunk_tensor(
-            full, version=m.version, max_payload=limit,
-            inline_max=0 if delta_info is not None else inline)
-        self._broadcast = _Broadcast(m.version, full_info, full_chunks, delta_info, delta_chunks)
-        return self._broadcast
-
-    def _announce(self) -> None:
-        """Publish the current model: chunks first, then the retained announcement.
-
-        The messages of one (version, round) are built once per process and republished
-        unchanged after a reconnect, so devices do not train twice; a restarted process
-        builds them anew with a fresh announce_id, so devices train again.
-        """
-        m, c = self.machine, self.config
-        if self._published is None or self._published[0] != (m.version, m.round):
-            b = self._encode_broadcast()
-            cohort, tiers, assign = self._plan_round()
-            full_info, delta_info = b.full_info, b.delta_info
-            if cohort is not None:
-                # Not everyone trains: the devices that do fetch the chunks, the rest (who
-                # download nothing) are not sent a model inside every announcement.
-                full_info = dataclasses.replace(full_info, data=b"")
-                if delta_info is not None:
-                    delta_info = dataclasses.replace(delta_info, data=b"")
-            announcement = ModelAnnouncement(
-                fleet=c.fleet, version=m.version, round=m.round, model=c.model_name,
-                model_config=c.model_config(), layout=self.model.layout.to_wire(),
-                layout_hash=m.layout_hash, task=c.task_config(), payload=full_info,
-                announce_id=os.urandom(6).hex(), issued_at=time.time(),
-                delta=delta_info, delta_base=m.version - 1 if delta_info else -1,
-                cohort=cohort, tiers=tiers, assign=assign,
-            )
-            messages = (self._chunk_messages(self.topics.model_payload_chunk, b.full_chunks)
-                        + self._chunk_messages(self.topics.model_delta_chunk, b.delta_chunks))
-            messages.append((self.topics.model_current, self.seal(announcement)))
-            self._published = ((m.version, m.round), messages)
-        messages = self._published[1]
+        messages = self.broadcast.messages(params=m.params, version=m.version, round=m.round,
+                                           limit=limit, fields=self._announcement_fields)
         for topic, payload in messages:
             self.link.publish(topic, payload, retain=True)
         self.model_bytes = sum(len(payload) for _, payload in messages)
@@ -323,6 +241,15 @@ class AggregatorService:
         self.link.publish(self.topics.aggregator_status, status.to_payload(), retain=True)
         log.info("announced model v%d for round %d (%d bytes in %d messages)", m.version,
                  m.round, self.model_bytes, len(messages))
+
+    def _announcement_fields(self) -> dict:
+        """What an announcement of this round says besides the model: the model's shape,
+        the task, and who is asked to train (planned now)."""
+        m, c = self.machine, self.config
+        cohort, tiers, assign = self._plan_round()
+        return dict(fleet=c.fleet, model=c.model_name, model_config=c.model_config(),
+                    layout=self.model.layout.to_wire(), layout_hash=m.layout_hash,
+                    task=c.task_config(), cohort=cohort, tiers=tiers, assign=assign)
 
     def _plan_round(self) -> tuple[list[str] | None, list, dict[str, int]]:
         """The cohort the machine asks in this announcement (from the devices online) and
@@ -341,16 +268,6 @@ class AggregatorService:
         devices = {d: self.registry.devices[d].capabilities for d in (cohort or online)}
         tiers, assign = assign_tasks(c.task_config(), devices, c.assignment_policy())
         return cohort, tiers, assign
-
-    def _chunk_messages(self, topic_of, chunks: list) -> list[tuple[str, bytes]]:
-        """Retained chunk messages of one stream, plus empty retained payloads that delete
-        the chunks a bigger earlier payload left behind."""
-        stream = topic_of(0)
-        filled = self._chunk_slots.get(stream, 0)
-        messages = [(topic_of(ch.index), ch.to_payload()) for ch in chunks]
-        messages += [(topic_of(i), b"") for i in range(len(chunks), filled)]
-        self._chunk_slots[stream] = max(filled, len(chunks))
-        return messages
 
     # -- the loop ------------------------------------------------------------------------
     def _handle_update(self, topic: str, payload: bytes) -> tuple[str, Receipt] | None:
@@ -407,7 +324,7 @@ class AggregatorService:
                 self.link.ack(item.mid, item.qos)
                 if self._sync is not None and item.nonce == self._sync[0]:
                     self._sync = None
-                    self._published = None
+                    self.broadcast.forget()
                     self._announce()
             elif item is _REPUBLISH:
                 self._announce()
@@ -454,7 +371,7 @@ class AggregatorService:
                         "devices' births (the broker's ACL should let the aggregator read and "
                         "write it)", self.topics.aggregator_sync, SYNC_WAIT_S)
             self._sync = None
-            self._published = None
+            self.broadcast.forget()
             self._announce()
         if self.finished.is_set():
             return
@@ -466,7 +383,7 @@ class AggregatorService:
                         self.machine.round, self.machine.open.count,
                         self.config.min_updates)
             if self.machine.extend(now):  # ask more devices: the cohort may be gone
-                self._published = None
+                self.broadcast.forget()
                 self._announce()
         elif action is Action.RERUN:
             kept = self.machine.rerun(now)

@@ -15,8 +15,10 @@ synthetic task, min(200, N) devices per round. Measured per run:
   peak B/dev: the same with VmHWM (peak RSS) of the hosts after the last round;
 - broker: CPU seconds per round (utime+stime from /proc/PID/stat, over the rounds, divided
   by the rounds), and VmRSS when idle / VmHWM at the end;
-- sim MiB: VmHWM of this process (aggregator, simulator) during the run (reset by
-  /proc/self/clear_refs before each run);
+- sim MiB: VmHWM of the process that ran the simulation (aggregator, simulator): each run
+  is a fresh child process of this script;
+- round 1 s: the first round's wall time (warm-up: the devices' first announcement), and
+  online at 50% / 90% / 100%: seconds until that share of the fleet was online;
 - accuracy after the last round, KiB uploaded and downloaded per round (all devices).
 
 Goals: 10,000 devices with <= 4 KB of RSS per idle device and start-up <= 10 s; 19,000 as
@@ -30,6 +32,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import json
 import logging
 import os
 import statistics
@@ -40,6 +44,7 @@ import traceback
 from dataclasses import dataclass, field
 
 from simulator.fleet import HOSTED_PER_PROCESS, Simulation, SimulationConfig
+from simulator.hostproc import HostReport
 
 GOAL_DEVICES = 10_000
 GOAL_IDLE_BYTES = 4 * 1024
@@ -64,14 +69,25 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICK  # fields 14 and 15 of stat(5)
 
 
-def reset_own_peak() -> bool:
-    """Reset this process's VmHWM to its current RSS (Linux >= 4.0)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
+class TimedSimulation(Simulation):
+    """A Simulation that notes when 50%, 90% and all of its devices were online (it
+    hooks the private poll the simulator makes while it waits for them)."""
+
+    def __init__(self, config: SimulationConfig) -> None:
+        super().__init__(config)
+        self.started = time.monotonic()
+        self.reached: dict[float, float] = {}
+
+    def _poll_hosts(self) -> HostReport:
+        report = super()._poll_hosts()
+        for share in (0.5, 0.9, 1.0):
+            if share not in self.reached and report.ready >= share * self.config.devices:
+                self.reached[share] = time.monotonic() - self.started
+        return report
+
+    def _start_hosts(self, url: str, fleet: str) -> None:
+        self.started = time.monotonic()
+        super()._start_hosts(url, fleet)
 
 
 @dataclass
@@ -81,6 +97,8 @@ class Run:
     hosts: int = 0
     online_s: float = 0.0
     round_s: list[float] = field(default_factory=list)  # rounds 2..R
+    round1_s: float = 0.0
+    online_at: dict[str, float] = field(default_factory=dict)  # share -> seconds
     idle_kib: int = 0  # VmRSS of all hosts, devices online
     peak_kib: int = 0  # VmHWM of all hosts at the end
     broker_start_cpu_s: float = 0.0  # until the devices were online
@@ -103,9 +121,9 @@ def run(devices: int, rounds: int, repeat: int, seed: int) -> Run:
     config = SimulationConfig(devices=devices, task="synthetic", seed=seed,
                               clients_per_round=min(PER_ROUND, devices), rounds=rounds,
                               engine="hosted", timeout_s=600.0)
-    own_peak = reset_own_peak()
     try:
-        with Simulation(config) as sim:
+        with TimedSimulation(config) as sim:
+            out.online_at = {f"{k:.0%}": v for k, v in sim.reached.items()}
             hosts = [h.process.pid for h in sim.hosts]
             broker = sim.broker.process.pid  # type: ignore[union-attr]
             out.hosts = len(hosts)
@@ -122,6 +140,7 @@ def run(devices: int, rounds: int, repeat: int, seed: int) -> Run:
             out.broker_peak_kib = status_kib(broker, "VmHWM")
             out.rounds_done = len(result.rounds)
             out.round_s = [r.wall_s for r in result.rounds[1:]]
+            out.round1_s = result.rounds[0].wall_s if result.rounds else 0.0
             out.accuracy = result.final_accuracy
             n = max(1, len(result.rounds))
             out.kib_up = result.bytes_up / 1024 / n
@@ -133,8 +152,20 @@ def run(devices: int, rounds: int, repeat: int, seed: int) -> Run:
     except Exception as exc:  # a size that fails is reported, and the next one runs
         out.error = f"{type(exc).__name__}: {exc}"
         traceback.print_exc()
-    out.sim_peak_kib = status_kib(os.getpid(), "VmHWM") if own_peak else 0
+    out.sim_peak_kib = status_kib(os.getpid(), "VmHWM")
     return out
+
+
+def run_child(devices: int, rounds: int, repeat: int, seed: int) -> Run:
+    """`run` in a fresh process, so each run's peak RSS is its own."""
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", str(devices),
+                           str(rounds), str(repeat), str(seed)],
+                          stdout=subprocess.PIPE, text=True)
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode or not lines:
+        return Run(devices=devices, repeat=repeat,
+                   error=f"child exited with code {proc.returncode}")
+    return Run(**json.loads(lines[-1]))
 
 
 def per_device(r: Run, base: Run, total: str) -> float | None:
@@ -157,7 +188,9 @@ def describe(r: Run, base: Run) -> str:
         return f"N={r.devices} repeat {r.repeat}: FAILED {r.error}"
     idle, peak = per_device(r, base, "idle_kib"), per_device(r, base, "peak_kib")
     rounds = ", ".join(f"{s:.2f}" for s in r.round_s)
-    return (f"N={r.devices} repeat {r.repeat}: online {r.online_s:.2f} s, rounds 2.. [{rounds}] s, "
+    reached = " ".join(f"{k} {v:.2f}" for k, v in r.online_at.items())
+    return (f"N={r.devices} repeat {r.repeat}: online {r.online_s:.2f} s ({reached}), "
+            f"round 1 {r.round1_s:.2f} s, rounds 2.. [{rounds}] s, "
             f"hosts RSS idle {r.idle_kib / 1024:.1f} MiB peak {r.peak_kib / 1024:.1f} MiB "
             f"({'-' if idle is None else f'{idle:.0f}'} / "
             f"{'-' if peak is None else f'{peak:.0f}'} B/device), "
@@ -165,11 +198,12 @@ def describe(r: Run, base: Run) -> str:
             f"{r.broker_start_cpu_s:.2f} s, {r.broker_cpu_per_round:.3f} s/round, broker RSS "
             f"{r.broker_idle_kib / 1024:.1f}/{r.broker_peak_kib / 1024:.1f} MiB, sim peak "
             f"{r.sim_peak_kib / 1024:.0f} MiB, accuracy {r.accuracy}, "
-            f"{r.rounds_done} rounds, never online {r.never_online}")
+            f"{r.rounds_done} rounds, never online {r.never_online} {r.failures or ''}")
 
 
 def table(runs: list[Run], bases: dict[int, Run]) -> list[str]:
-    head = (f"{'devices':>7s} {'hosts':>5s} {'ok':>3s} {'online s':>10s} {'s/round med':>11s} "
+    head = (f"{'devices':>7s} {'hosts':>5s} {'ok':>3s} {'online s':>11s} {'round 1 s':>11s} "
+            f"{'s/round med':>11s} "
             f"{'s/round range':>13s} {'idle B/dev':>11s} {'peak B/dev':>11s} "
             f"{'brk CPU s/rd':>12s} {'brk RSS MiB':>11s} {'brk peak MiB':>12s} "
             f"{'sim MiB':>8s} {'accuracy':>11s} {'KiB up/rd':>9s} {'KiB dn/rd':>9s} "
@@ -183,7 +217,8 @@ def table(runs: list[Run], bases: dict[int, Run]) -> list[str]:
         lines.append(
             f"{devices:7d} {span([r.hosts for r in good], 'd'):>5s} "
             f"{len(good):>1d}/{len(mine):<1d} "
-            f"{span([r.online_s for r in good], '.2f'):>10s} {med:>11s} "
+            f"{span([r.online_s for r in good], '.2f'):>11s} "
+            f"{span([r.round1_s for r in good], '.2f'):>11s} {med:>11s} "
             f"{span(rounds, '.2f'):>13s} "
             f"{span([per_device(r, bases[r.repeat], 'idle_kib') for r in good], '.0f'):>11s} "
             f"{span([per_device(r, bases[r.repeat], 'peak_kib') for r in good], '.0f'):>11s} "
@@ -218,9 +253,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--repeat", type=int, default=1, help="run every size this many times")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--child", type=int, nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.child:  # one run, its figures as the last line of stdout
+        print(json.dumps(dataclasses.asdict(run(*args.child))))
+        return 0
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
     print(f"fleet_scale {time.strftime('%Y-%m-%d %H:%M:%S %Z')} commit "
@@ -230,12 +269,12 @@ def main(argv: list[str] | None = None) -> int:
     runs: list[Run] = []
     bases: dict[int, Run] = {}
     for repeat in range(1, args.repeat + 1):
-        bases[repeat] = base = run(1, args.rounds, repeat, args.seed)
+        bases[repeat] = base = run_child(1, args.rounds, repeat, args.seed)
         failed = f"; FAILED {base.error}" if base.error else ""
         print(f"baseline (one host, one device): hosts RSS idle {base.idle_kib / 1024:.1f} MiB, "
               f"peak {base.peak_kib / 1024:.1f} MiB{failed}", flush=True)
         for devices in args.sizes:
-            runs.append(run(devices, args.rounds, repeat, args.seed))
+            runs.append(run_child(devices, args.rounds, repeat, args.seed))
             print(describe(runs[-1], base), flush=True)
     print()
     print("\n".join(table(runs, bases)))

@@ -12,6 +12,10 @@ LOG_EVERY = 1000
 # a flood from ever-new device ids cannot grow memory.
 MAX_LOG_KEYS = 4096
 OTHER_SOURCES = "*"
+# Refusals that are the protocol working as designed, logged at INFO: an over-selected
+# device's update arriving after its round closed, a re-send already counted. In a fleet of
+# thousands they happen every round, and a WARNING should mean something is wrong.
+ROUTINE = frozenset({"stale_round", "duplicate", "not_selected"})
 
 
 class RejectionLog:
@@ -35,11 +39,12 @@ class RejectionLog:
         if key not in self._seen and len(self._seen) >= self.max_keys:
             key = (reason, OTHER_SOURCES)
         seen = self._seen[key] = self._seen.get(key, 0) + 1
+        level = logging.INFO if reason in ROUTINE else logging.WARNING
         if seen == 1:
-            self.logger.warning("%s", message)
+            self.logger.log(level, "%s", message)
         elif seen % self.every == 0:
-            self.logger.warning("%s (%d %s rejections from %s so far)", message, seen, reason,
-                                key[1])
+            self.logger.log(level, "%s (%d %s rejections from %s so far)", message, seen,
+                            reason, key[1])
         else:
             return False
         return True

@@ -1,14 +1,16 @@
 """Flower's side of benchmarks/vs_flower.py: a legacy gRPC server or client on the same task.
 
-Runs with the python of the scratch venv vs_flower.py creates (flwr, numpy; no fedmq):
+Runs with the python of the scratch venv vs_flower.py creates (flwr, numpy; fedmq is not
+installed there, its pure-numpy models are found on PYTHONPATH):
 
     python flower_side.py server --port P --rounds 20 --out DIR
     python flower_side.py client --port P --data shard-0.npz --seed 1 --out DIR --name c0
 
-The client trains fedmq's logreg with the same numpy operations, seeds and batch order as
-fedmq's LocalTrainer (rng = default_rng([seed, round]), zero init, SGD), so both sides
-should end on the same model up to float rounding. Every process writes its events (wall
-clock, time.time()) and its peak RSS to OUT/NAME.json for the launcher to read.
+The client trains with fedmq's own LogisticRegression (fedmq/models/numpy_models.py, numpy
+only), with the seeds and batch order of fedmq's LocalTrainer (rng = default_rng([seed,
+round]), zero init, SGD), so both sides end on the same model up to float rounding. Every
+process writes its events (wall clock, time.time()) and its peak RSS to OUT/NAME.json for
+the launcher to read.
 """
 
 from __future__ import annotations
@@ -27,34 +29,6 @@ INPUTS, CLASSES = 64, 10
 
 def peak_rss_kb() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-
-
-# -- fedmq's LogisticRegression.train, operation for operation ----------------------------
-def _softmax_xent(logits: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    exp = np.exp(shifted)
-    probs = exp / exp.sum(axis=1, keepdims=True)
-    n = logits.shape[0]
-    loss = float(-np.log(probs[np.arange(n), y] + 1e-12).mean())
-    probs[np.arange(n), y] -= 1.0
-    return loss, probs / n
-
-
-def train_logreg(w: np.ndarray, b: np.ndarray, x: np.ndarray, y: np.ndarray, *, epochs: int,
-                 batch_size: int, lr: float, rng: np.random.Generator) -> tuple[int, float]:
-    """SGD in place on (w, b); returns (samples processed, mean loss)."""
-    total, seen = 0.0, 0
-    for _ in range(epochs):
-        order = rng.permutation(len(x))
-        for lo in range(0, len(x), batch_size):
-            idx = order[lo : lo + batch_size]
-            xb = x[idx]
-            loss, dlogits = _softmax_xent(xb @ w + b, y[idx])
-            w -= np.float32(lr) * (xb.T @ dlogits)
-            b -= np.float32(lr) * dlogits.sum(axis=0)
-            total += loss * len(idx)
-            seen += len(idx)
-    return seen, total / seen
 
 
 # -- processes ----------------------------------------------------------------------------
@@ -103,6 +77,9 @@ def run_server(args: argparse.Namespace) -> int:
 def run_client(args: argparse.Namespace) -> int:
     import flwr as fl
 
+    from fedmq.models.numpy_models import LogisticRegression  # what fedmq's agents train
+
+    model = LogisticRegression(inputs=INPUTS, classes=CLASSES)
     data = np.load(args.data)
     x, y = data["x"].astype(np.float32), data["y"].astype(np.int64)
     events: list[dict] = []
@@ -114,13 +91,15 @@ def run_client(args: argparse.Namespace) -> int:
         def fit(self, parameters, config):
             rnd = int(config["round"])
             events.append({"event": "fit_start", "round": rnd, "t": time.time()})
-            w, b = (np.array(p, dtype=np.float32) for p in parameters)
+            model.set_flat(np.concatenate([np.asarray(p, np.float32).ravel()
+                                           for p in parameters]))
             rng = np.random.default_rng([args.seed, rnd])
-            seen, loss = train_logreg(w, b, x, y, epochs=int(config["epochs"]),
-                                      batch_size=int(config["batch_size"]),
-                                      lr=float(config["lr"]), rng=rng)
+            result = model.train(x, y, epochs=int(config["epochs"]),
+                                 batch_size=int(config["batch_size"]), lr=float(config["lr"]),
+                                 rng=rng)
             events.append({"event": "fit_end", "round": rnd, "t": time.time()})
-            return [w, b], seen, {"loss": loss}
+            return ([model.p["w"].copy(), model.p["b"].copy()], result.num_samples,
+                    {"loss": result.loss})
 
     fl.client.start_client(server_address=f"127.0.0.1:{args.port}",
                            client=Client().to_client(), insecure=True, transport="grpc-bidi")

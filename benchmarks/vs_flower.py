@@ -435,7 +435,8 @@ def run_flower(args: argparse.Namespace, work: Path, python: Path) -> Side:
     port = free_port()
     common = ["--port", str(port), "--out", str(work)]
     procs: dict[str, subprocess.Popen] = {}
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    # fedmq's numpy models (the training code both sides run) from this checkout
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
     with WireCounter(port) as wire:
         try:
             procs["server"] = subprocess.Popen(

@@ -161,8 +161,8 @@ class DeviceHost:
 
     def close(self) -> None:
         self._stop.set()
+        self.loop.close()  # first: no message may ask the pool for work once it is shut
         self._pool.shutdown(wait=False, cancel_futures=True)
-        self.loop.close()
         if self._ticker is not None:
             self._ticker.join(5)
 
@@ -200,7 +200,7 @@ class DeviceHost:
         for d in decisions:
             if isinstance(d, Send):
                 self._send(device, d)
-            elif isinstance(d, Train):
+            elif isinstance(d, Train) and not self._stop.is_set():
                 a = d.model.announcement
                 self.stats.announced_round = max(self.stats.announced_round, a.round)
                 self.stats.count(a.round, down=d.model.wire_bytes)

@@ -41,9 +41,9 @@ log = logging.getLogger(__name__)
 MAX_CONNECTING = 48
 # Above ~14,000 connections from one source address to one broker port, connect() slows
 # tenfold in the kernel (its search for a free ephemeral port); loopback brokers get
-# connections spread over 127.0.0.1-5 instead.
+# connections spread round-robin over 127.0.0.1-5 instead (so several host processes
+# together stay far below it too).
 LOOPBACK_SOURCES = ("127.0.0.1", "127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5")
-SESSIONS_PER_SOURCE = 10_000
 # Reconnect backoff, as MqttLink's: quick after a blip, capped, jittered per session.
 RECONNECT_MIN_S = 0.5
 RECONNECT_MAX_S = 30.0
@@ -186,8 +186,7 @@ class SessionLoop:
             userdata: object = None) -> Session:
         """A new session; it connects once the loop runs (paced, in the order added)."""
         session = Session(spec, handler, on_ready, userdata)
-        session._source = self._sources[(len(self.sessions) // SESSIONS_PER_SOURCE)
-                                        % len(self._sources)]
+        session._source = self._sources[len(self.sessions) % len(self._sources)]
         self.sessions.append(session)
         self._call(lambda: self._queue.append(session))
         return session

@@ -400,3 +400,12 @@ def test_an_update_queued_before_its_devices_offline_status_is_accepted(tmp_path
     assert service.writer.flush(timeout=30)
     assert service.accepted == 1 and service.rejected == Counter(offline_device=1)
     assert not service.registry.devices["pi1"].online
+
+
+def test_routine_refusals_are_logged_at_info_and_hostile_ones_at_warning(caplog):
+    rejections = RejectionLog(Counter(), logging.getLogger("test.routine"))
+    with caplog.at_level(logging.INFO, logger="test.routine"):
+        rejections.record("stale_round", "a", "late: the round closed")
+        rejections.record("malformed", "a", "garbage")
+    assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
+        (logging.INFO, "late: the round closed"), (logging.WARNING, "garbage")]

@@ -34,3 +34,25 @@ def test_every_broker_config_we_ship_or_generate_turns_off_nagle():
     for name in ("dev.conf", "production.conf"):
         lines = (root / name).read_text().splitlines()
         assert "set_tcp_nodelay true" in lines, name
+
+
+@pytest.mark.integration
+def test_a_broker_that_cannot_be_reached_is_said_once_at_warning(caplog):
+    import logging
+
+    from .helpers import wait_for as wait
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    link = MqttLink(client_id="lonely", broker=f"mqtt://127.0.0.1:{port}")
+    with caplog.at_level(logging.DEBUG, logger="fedmq.transport.mqtt"):
+        link.start()
+        try:
+            wait(lambda: sum("cannot reach" in r.getMessage() for r in caplog.records) >= 2,
+                 "two failed attempts")
+        finally:
+            link.stop()
+    said = [r for r in caplog.records if "cannot reach" in r.getMessage()]
+    assert said[0].levelno == logging.WARNING and "lonely" in said[0].getMessage()
+    assert all(r.levelno == logging.DEBUG for r in said[1:])  # the same cause: once

@@ -170,6 +170,7 @@ class MqttLink:
         self._setup_tls(tls or TlsFiles(), has_password=bool(password))
         # Why the broker last turned us away (CONNACK reason or TLS failure), until we connect.
         self.refusal: str | None = None
+        self._unreachable: str | None = None  # the last connect failure said, until connected
         self._connack: bool | None = None  # this connection's CONNACK: accepted, refused, none
         self._client.on_connect_fail = self._handle_connect_fail
         if will is not None:
@@ -307,6 +308,7 @@ class MqttLink:
             active = list(self._subscriptions.items())
         self._subscribe(active)
         self.connected.set()
+        self._unreachable = None
         log.info("%s: connected to %s", self.client_id, self.address)
         if self._on_connect_cb is not None:
             try:
@@ -336,7 +338,13 @@ class MqttLink:
             log.error("%s: TLS connection to %s failed: %s", self.client_id, self.address,
                       self.refusal)
         else:
-            log.debug("%s: cannot reach %s: %s", self.client_id, self.address, exc)
+            # Said once per cause until a connection succeeds (paho retries every few
+            # seconds; a WARNING each time would bury the log), then at DEBUG.
+            cause = f"{type(exc).__name__}: {exc}" if exc is not None else "unknown error"
+            level = logging.DEBUG if cause == self._unreachable else logging.WARNING
+            self._unreachable = cause
+            log.log(level, "%s: cannot reach the broker at %s (%s); retrying with backoff",
+                    self.client_id, self.address, exc)
 
     def _note_packet_limit(self, limit: int | None) -> None:
         """Keep the broker's limit; say so once when it lowers max_payload."""

@@ -12,6 +12,7 @@ import functools
 import logging
 import os
 import queue
+import secrets
 import threading
 import time
 from collections import Counter
@@ -184,7 +185,10 @@ class AggregatorService:
             raise ConfigError(f"checkpoint {self.config.checkpoint}: {exc}; move it (and its "
                               ".round-0/.round-1 journal) away to start fresh") from None
         if state is None:
+            self.lineage = secrets.token_hex(6)  # a new line of models (see ModelAnnouncement)
             return
+        # A checkpoint from before lineages continues the line its devices know as "".
+        self.lineage = state.get("lineage", "")
         self.machine.load_state_dict(state["machine"], now=self.clock())
         self.history = [RoundRecord.from_dict(r) for r in state.get("history", [])]
         log.info("resumed from %s at round %d (model v%d)", self.config.checkpoint,
@@ -199,7 +203,7 @@ class AggregatorService:
 
     def _snapshot(self) -> dict:
         """The state to checkpoint; state_dict copies the arrays, so the loop may go on."""
-        return {"machine": self.machine.state_dict(),
+        return {"machine": self.machine.state_dict(), "lineage": self.lineage,
                 "history": [r.to_dict() for r in self.history]}
 
     def _checkpoint(self, *, wait: bool = False) -> bool:
@@ -249,7 +253,8 @@ class AggregatorService:
         cohort, tiers, assign = self._plan_round()
         return dict(fleet=c.fleet, model=c.model_name, model_config=c.model_config(),
                     layout=self.model.layout.to_wire(), layout_hash=m.layout_hash,
-                    task=c.task_config(), cohort=cohort, tiers=tiers, assign=assign)
+                    task=c.task_config(), cohort=cohort, tiers=tiers, assign=assign,
+                    lineage=self.lineage)
 
     def _plan_round(self) -> tuple[list[str] | None, list, dict[str, int]]:
         """The cohort the machine asks in this announcement (from the devices online) and

@@ -36,6 +36,7 @@ from fedmq.core.device import (
     DeviceMachine,
     Event,
     Ignored,
+    NewLineage,
     ReceiptIn,
     Rejected,
     Send,
@@ -360,6 +361,9 @@ class EdgeAgent:
                 # newest wins: never train on a superseded model; and the worker re-sends
                 # what a new model makes due
                 self._wake_worker(decision)
+            case NewLineage(lineage=lineage):
+                log.warning("%s: the aggregator started over (model lineage %s): dropping the "
+                            "model held and following the new one", device, lineage or "-")
             case SitOut(announcement=a):
                 self.stats.sat_out += 1
                 log.debug("%s: not in round %d's cohort (model v%d): not downloading it",

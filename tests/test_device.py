@@ -17,6 +17,7 @@ from fedmq.core.device import (
     Connected,
     DeviceMachine,
     Ignored,
+    NewLineage,
     ReceiptIn,
     Rejected,
     Send,
@@ -317,3 +318,22 @@ def test_no_order_of_events_loses_an_update_or_sends_one_early(ops):
     left = m.handle(Tick(now, online=True))
     assert sorted(sends(left)) == sorted(set(trained) - receipted)
 
+
+
+def test_a_model_of_another_lineage_is_taken_even_when_its_version_is_older():
+    """The aggregator started over (its checkpoint gone): a device holding v5 of the old
+    line takes v3 of the new one, downloads it whole, and says so."""
+    m = machine()
+    download(m, 5, lineage="old")
+    announcement, chunks, _ = model_messages(3, round=1, lineage="new", value=7.0,
+                                             delta_from=(5, np.zeros(SIZE, np.float32)))
+    decisions = m.handle(AnnouncementIn(announcement, 0.0))
+    assert decisions[0] == NewLineage("new")
+    assert Subscribe((FULL_FILTER,)) in decisions  # never a delta on another line's model
+    for chunk in chunks:
+        decisions += m.handle(ChunkIn(FULL, chunk, 0.0))
+    train = decisions[-1]
+    assert isinstance(train, Train) and np.array_equal(train.model.params,
+                                                       np.full(SIZE, 7.0, np.float32))
+    old, _, _ = model_messages(2, lineage="new")  # within a line, older is still ignored
+    assert m.handle(AnnouncementIn(old, 0.0)) == [Ignored("announcement", "older")]

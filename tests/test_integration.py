@@ -224,3 +224,20 @@ def test_simulation_with_dropout_cuts_a_random_share_of_devices_every_round(tmp_
     assert result.final_accuracy > 0.7
     with pytest.raises(ConfigError, match="dropout"):
         SimulationConfig(dropout=1.0)
+
+
+def test_a_fresh_aggregator_is_followed_by_a_fleet_holding_a_newer_model(broker, tmp_path,
+                                                                          stoppers):
+    """#17: the checkpoint deleted (as deploy/README.md permits), a new aggregator starts at
+    v0 while the devices hold v3 of the old one; they follow the new lineage and train."""
+    first = make_aggregator(broker.url, tmp_path, stoppers, rounds=3, model="logreg")
+    agents = make_agents(broker.url, stoppers, 3)
+    wait_for(first.finished.is_set, "3 rounds of the first aggregator")
+    first.stop()
+    for path in tmp_path.glob("aggregator.ckpt*"):
+        path.unlink()
+    second = make_aggregator(broker.url, tmp_path, stoppers, rounds=2, model="logreg")
+    wait_for(second.finished.is_set, "2 rounds of a fresh aggregator, same devices")
+    assert [r.participants for r in second.history] == [3, 3]
+    assert second.lineage != first.lineage
+    assert all(a.receiver.lineage_changes == 1 for a in agents)

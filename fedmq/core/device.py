@@ -170,7 +170,16 @@ class Rejected:
     detail: str
 
 
-Decision = Subscribe | Unsubscribe | Train | SitOut | Send | Settled | Ignored | Rejected
+@dataclass(frozen=True, slots=True)
+class NewLineage:
+    """The aggregator started over (a model of another lineage, see ModelAnnouncement):
+    the model held is dropped and the new line followed, whatever its versions."""
+
+    lineage: str
+
+
+Decision = (Subscribe | Unsubscribe | Train | SitOut | Send | Settled | Ignored | Rejected
+            | NewLineage)
 
 
 class DeviceMachine:
@@ -225,6 +234,14 @@ class DeviceMachine:
 
         def offer() -> ReceivedModel | None:
             announcement = self.opener.open(event.payload)
+            changes = self.receiver.lineage_changes
+            try:
+                return take(announcement)
+            finally:
+                if self.receiver.lineage_changes != changes:
+                    decisions.insert(0, NewLineage(announcement.lineage))
+
+        def take(announcement: ModelAnnouncement) -> ReceivedModel | None:
             if announcement.task_for(self.device_id) is None:
                 if self.receiver.pass_over(announcement):
                     self._model_arrived(event.now)

@@ -100,6 +100,11 @@ class ModelReceiver:
     """
 
     def __init__(self) -> None:
+        self.lineage_changes = 0  # times the aggregator was seen to start over
+        self._forget()
+
+    def _forget(self) -> None:
+        """Hold nothing: no announcement, no chunks, no model."""
         self.announcement: ModelAnnouncement | None = None
         self._announcement_bytes = 0
         self._streams = {FULL: _ChunkSet(), DELTA: _ChunkSet()}
@@ -134,6 +139,7 @@ class ModelReceiver:
     def offer_announcement(
         self, announcement: ModelAnnouncement, size: int
     ) -> ReceivedModel | None:
+        self._follow_lineage(announcement)
         current = self.announcement
         if current is not None and announcement.version < current.version:
             return None  # an older retained copy arriving late
@@ -146,6 +152,7 @@ class ModelReceiver:
     def pass_over(self, announcement: ModelAnnouncement) -> bool:
         """Note an announcement this device sits out, downloading nothing for it (a pending
         download of an older version stops: superseded). False: older, or a repeat."""
+        self._follow_lineage(announcement)
         current = self.announcement
         if current is not None and (announcement.version < current.version
                                     or announcement.key == current.key):
@@ -153,6 +160,16 @@ class ModelReceiver:
         self.announcement = announcement
         self._delivered = announcement.key  # nothing pending: wanted() is None
         return True
+
+    def _follow_lineage(self, announcement: ModelAnnouncement) -> None:
+        """A model of another lineage (the aggregator started over): forget what we hold
+        and download, so its versions are neither refused as older nor taken as deltas of
+        a model from another line."""
+        current = self.announcement
+        if current is None or current.lineage == announcement.lineage:
+            return
+        self._forget()
+        self.lineage_changes += 1
 
     def offer_chunk(self, chunk: ModelChunk, size: int, stream: str = FULL) -> ReceivedModel | None:
         self._streams[stream].add(chunk, size)

@@ -105,6 +105,12 @@ class ModelAnnouncement(Message):
     cohort: list[str] | None = wire("co", None)
     tiers: list[TaskConfig] = wire("ti", default_factory=list)
     assign: dict[str, int] = wire("as", default_factory=dict)
+    # Which line of models this is: drawn when an aggregator starts without a checkpoint
+    # and kept across its restarts. A device holding a newer version of another lineage
+    # takes this one anyway (the aggregator started over; it would otherwise refuse the
+    # device's updates forever), and never as a delta of what it holds. Empty: an
+    # aggregator that predates the field.
+    lineage: str = wire("ln", "")
 
     @property
     def key(self) -> tuple[int, int, str]:

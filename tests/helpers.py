@@ -54,3 +54,25 @@ def make_agents(broker_url: str, stoppers, count: int, *, total: int | None = No
             stoppers(agent.stop)
         agents.append(agent)
     return agents
+
+
+def trained_digits_delta(task, **trainer_options):
+    """Device 0 of 4 trains a digits MLP (v0, as `task` says) once; its decoded delta."""
+    from edge_agent.agent import LocalTrainer
+    from fedmq.core import codecs
+    from fedmq.core.protocol import ModelAnnouncement
+    from fedmq.core.transfer import ReceivedModel, encode_model
+    from fedmq.models import build_model
+    from fedmq.tasks import device_shard
+
+    config = {"inputs": 64, "classes": 10, "hidden": 16}
+    model = build_model("mlp", config, seed=0)
+    params = model.get_flat()
+    info, _ = encode_model(params, codec="float32", version=0)
+    announcement = ModelAnnouncement(
+        fleet="f", version=0, round=1, model="mlp", model_config=config,
+        layout=model.layout.to_wire(), layout_hash=model.layout.hash, task=task, payload=info)
+    data = device_shard("digits", device_index=0, device_count=4, alpha=0.5, seed=0)
+    trainer = LocalTrainer(device_id="d0", data=data, codec="float32", seed=1,
+                           **trainer_options)
+    return codecs.decode(trainer.train(ReceivedModel(announcement, params, 0)).delta)

@@ -2,27 +2,14 @@
 
 import numpy as np
 
-from edge_agent.agent import LocalTrainer
-from fedmq.core import codecs
-from fedmq.core.protocol import ModelAnnouncement, TaskConfig
-from fedmq.core.transfer import ReceivedModel, encode_model
-from fedmq.models import build_model
-from fedmq.tasks import device_shard
+from fedmq.core.protocol import TaskConfig
+
+from .helpers import trained_digits_delta
 
 
 def trained_delta_norm(prox_mu: float) -> float:
-    config = {"inputs": 64, "classes": 10, "hidden": 16}
-    model = build_model("mlp", config, seed=0)
-    params = model.get_flat()
-    info, _ = encode_model(params, codec="float32", version=0)
-    announcement = ModelAnnouncement(
-        fleet="f", version=0, round=1, model="mlp", model_config=config,
-        layout=model.layout.to_wire(), layout_hash=model.layout.hash,
-        task=TaskConfig(epochs=3, lr=0.1, prox_mu=prox_mu), payload=info)
-    data = device_shard("digits", device_index=0, device_count=4, alpha=0.5, seed=0)
-    trainer = LocalTrainer(device_id="d0", data=data, codec="float32", seed=1)
-    update = trainer.train(ReceivedModel(announcement, params, 0))
-    return float(np.linalg.norm(codecs.decode(update.delta)))
+    task = TaskConfig(epochs=3, lr=0.1, prox_mu=prox_mu)
+    return float(np.linalg.norm(trained_digits_delta(task)))
 
 
 def test_devices_apply_the_announced_proximal_term():

@@ -9,20 +9,18 @@ import numpy as np
 import pytest
 
 from aggregator.config import AggregatorConfig
-from edge_agent.agent import LocalTrainer
 from edge_agent.config import AgentConfig
 from fedmq.cli import build_parser
 from fedmq.config import Default, borrow_options
-from fedmq.core import codecs
-from fedmq.core.protocol import ModelAnnouncement, TaskConfig
-from fedmq.core.transfer import ReceivedModel, encode_model
+from fedmq.core.protocol import TaskConfig
 from fedmq.errors import ConfigError
-from fedmq.models import build_model
 from fedmq.runtime import config_from_args
-from fedmq.tasks import device_shard, task_spec
+from fedmq.tasks import task_spec
 from simulator.config import AGENT_KEYS, SET_BY_SIMULATOR, SIMULATOR_DEFAULTS
 from simulator.fleet import BYZANTINE_SCALE, SimulationConfig, poison
 from simulator.profiles import fleet_profiles
+
+from .helpers import trained_digits_delta
 
 
 def simulate_flags() -> dict[str, str]:
@@ -109,18 +107,7 @@ def test_borrowing_an_option_that_does_not_exist_is_an_error():
 
 
 def trained_delta(**trainer_options) -> np.ndarray:
-    config = {"inputs": 64, "classes": 10, "hidden": 16}
-    model = build_model("mlp", config, seed=0)
-    params = model.get_flat()
-    info, _ = encode_model(params, codec="float32", version=0)
-    announcement = ModelAnnouncement(
-        fleet="f", version=0, round=1, model="mlp", model_config=config,
-        layout=model.layout.to_wire(), layout_hash=model.layout.hash,
-        task=TaskConfig(epochs=1, lr=0.1), payload=info)
-    data = device_shard("digits", device_index=0, device_count=4, alpha=0.5, seed=0)
-    trainer = LocalTrainer(device_id="d0", data=data, codec="float32", seed=1,
-                           **trainer_options)
-    return codecs.decode(trainer.train(ReceivedModel(announcement, params, 0)).delta)
+    return trained_digits_delta(TaskConfig(epochs=1, lr=0.1), **trainer_options)
 
 
 def test_an_attacker_trains_honestly_and_sends_its_delta_reversed_and_scaled():

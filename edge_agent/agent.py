@@ -437,6 +437,9 @@ class EdgeAgent:
             self.stats.rejected[getattr(exc, "reason", "train_failed")] += 1
             log.error("%s: cannot train on model v%d: %s", self.config.device_id, a.version, exc)
             return
+        # What is due goes out before the new update (a stored one from before a restart
+        # whose receipt the link could not hear when training began): same order as made.
+        self._handle(Tick(time.monotonic(), online=self.link.subscribed.is_set()))
         sent = self._handle(Trained(update, time.monotonic()))
         self.stats.updates_sent += 1
         self.stats.partial += not update.complete

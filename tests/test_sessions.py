@@ -61,14 +61,30 @@ def test_a_refused_session_is_said_counted_and_retried(broker_factory, caplog):
 
 
 def test_sessions_come_back_after_the_broker_restarts(broker, stoppers):
+    """After a restart every session reconnects and renews its subscription, the one it
+    was created with and the one added at run time."""
+    got: dict[str, set[str]] = {}
     loop = SessionLoop(broker.url)
-    for i in range(20):
-        loop.add(SessionSpec(f"r{i}"), lambda s, m: None)
+    sessions = [loop.add(SessionSpec(f"r{i}", subscriptions=(("fixed", 1),)),
+                         lambda s, m: got.setdefault(m.topic, set()).add(s.client_id))
+                for i in range(20)]
     loop.start()
     stoppers(loop.close)
     wait_for(lambda: loop.ready_count == 20, "20 sessions")
+    for session in sessions:
+        loop.subscribe(session, ("added",))
     broker.stop()
     wait_for(lambda: loop.ready_count == 0, "the sessions to notice")
     broker.start()
-    wait_for(lambda: loop.connects >= 40 and loop.ready_count == 20,
-             "all 20 sessions reconnected", timeout=120)
+    wait_for(lambda: loop.ready_count == 20, "all 20 sessions reconnected", timeout=120)
+    assert loop.connects == 40 and all(s.connected_once for s in sessions)
+    sink = MqttLink(client_id="after", broker=broker.url)
+    sink.start()
+    stoppers(sink.stop)
+    wait_for(sink.connected.is_set, "a publisher")
+    sink.publish("fixed", b"1", retain=False)
+    sink.publish("added", b"2", retain=False)
+    everyone = {f"r{i}" for i in range(20)}
+    wait_for(lambda: got.get("fixed") == everyone and got.get("added") == everyone,
+             "both messages at every session")
+    assert set(got) == {"fixed", "added"}

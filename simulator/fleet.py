@@ -241,9 +241,9 @@ class Simulation:
         return r, self._uploaders(r)
 
     def _uploaders(self, round_no: int) -> int:
-        """Agents that uploaded for `round_no` (hosted devices: their updates, counted)."""
+        """Devices that uploaded for `round_no`, agents and hosted ones."""
         agents = sum(1 for a in self.agents if a.stats.traffic.get(round_no, (0, 0))[0] > 0)
-        return agents + (1 if self._hosted.traffic.get(round_no, (0, 0))[0] else 0)
+        return agents + self._hosted.traffic.get(round_no, (0, 0, 0))[2]
 
     def _finished(self) -> bool:
         if self.aggregator is not None:
@@ -282,7 +282,7 @@ class Simulation:
     def _traffic(self, round_no: int) -> tuple[int, int]:
         """(bytes uploaded, bytes downloaded) of all devices for one round, as they counted."""
         seen = [a.stats.traffic.get(round_no, (0, 0)) for a in self.agents]
-        seen.append(self._hosted.traffic.get(round_no, (0, 0)))
+        seen.append(self._hosted.traffic.get(round_no, (0, 0))[:2])
         return sum(up for up, _ in seen), sum(down for _, down in seen)
 
     def _result(self, wall_s: float) -> SimulationResult:

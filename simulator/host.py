@@ -58,7 +58,6 @@ MAX_PAYLOAD = 128 * 1024
 class HostStats:
     """What the fleet did, summed over devices (read from any thread: plain counters)."""
 
-    ready: int = 0
     trained: int = 0
     sat_out: int = 0
     sent: int = 0
@@ -68,13 +67,15 @@ class HostStats:
     train_errors: int = 0
     bytes_up: int = 0
     announced_round: int = 0  # the newest round any hosted device heard announced
-    # round -> [bytes uploaded, bytes downloaded] by the hosted devices, as they counted
+    # round -> [bytes uploaded, bytes downloaded, devices that uploaded] by the hosted
+    # devices, as they counted
     traffic: dict[int, list[int]] = field(default_factory=dict)
 
-    def count(self, round_no: int, *, up: int = 0, down: int = 0) -> None:
-        slot = self.traffic.setdefault(round_no, [0, 0])
+    def count(self, round_no: int, *, up: int = 0, down: int = 0, uploaders: int = 0) -> None:
+        slot = self.traffic.setdefault(round_no, [0, 0, 0])
         slot[0] += up
         slot[1] += down
+        slot[2] += uploaders
 
 
 class SharedOpener(AnnouncementOpener):
@@ -178,7 +179,6 @@ class DeviceHost:
                              ts=time.time())
         self.loop.publish(session, self.topics.device_status(machine.device_id),
                           birth.to_payload(), qos=1, retain=True)
-        self.stats.ready = self.loop.ready_count
         self._carry_out(device, machine.handle(Connected(now=time.monotonic())))
 
     def _on_message(self, session: Session, message: Message) -> None:
@@ -236,6 +236,7 @@ class DeviceHost:
                 self.stats.resent += 1
             else:
                 self.stats.sent += 1
+                self.stats.count(send.round, uploaders=1)
         self._pending.add(device)
         self._carry_out(device, device.machine.handle(
             Sent(send.update_id, connected=connected, now=time.monotonic())))

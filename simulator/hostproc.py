@@ -64,7 +64,8 @@ class HostReport:
     rejected: dict[str, int] = field(default_factory=dict)
     train_errors: int = 0
     announced_round: int = 0
-    traffic: dict[int, list[int]] = field(default_factory=dict)  # round -> [up, down]
+    # round -> [bytes up, bytes down, devices that uploaded]
+    traffic: dict[int, list[int]] = field(default_factory=dict)
     final: bool = False
     answers: int = 0  # the number of the last report request this report answers
 
@@ -201,10 +202,10 @@ def merged(reports: list[HostReport]) -> HostReport:
             elif f.name == "never_connected":
                 mine.extend(theirs)
             elif f.name == "traffic":
-                for round_no, (up, down) in theirs.items():
-                    slot = mine.setdefault(round_no, [0, 0])
-                    slot[0] += up
-                    slot[1] += down
+                for round_no, counts in theirs.items():
+                    slot = mine.setdefault(round_no, [0] * len(counts))
+                    for i, n in enumerate(counts):
+                        slot[i] += n
             elif f.name == "announced_round":
                 total.announced_round = max(mine, theirs)
             elif f.name == "final":

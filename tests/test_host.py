@@ -39,6 +39,9 @@ def test_hosted_devices_train_rounds_with_a_cohort(broker, tmp_path, stoppers):
     wait_for(lambda: sum(host.stats.settled.values()) == host.stats.trained, "every receipt")
     assert host.stats.sat_out >= 3 * 6 and host.stats.settled["accepted"] >= 12
     assert host.stats.rejected == {} and host.stats.train_errors == 0
+    # per round: who uploaded (first sends), what went up and came down
+    assert sum(up_down_n[2] for up_down_n in host.stats.traffic.values()) == host.stats.sent
+    assert all(up > 0 and down > 0 for up, down, _ in host.stats.traffic.values())
 
 
 def test_hosted_devices_come_back_after_a_broker_restart(broker, tmp_path, stoppers):

@@ -14,11 +14,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from aggregator.service import AggregatorService
-
     config = config_from_args(AggregatorConfig, args)
     setup_logging(config.log_level)
-    service = AggregatorService(config)
+    if config.role in ("worker", "site"):
+        from aggregator.partial_service import PartialService
+
+        service = PartialService(config)
+    else:
+        from aggregator.service import AggregatorService
+
+        service = AggregatorService(config)
     service.start()
     try:
         wait_for_signal(service.finished)

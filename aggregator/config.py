@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from aggregator.ingest import UpdateLimits
+from aggregator.partial import Shard
 from aggregator.rounds import RoundPolicy
 from aggregator.selection import AssignmentPolicy, CohortPolicy
 from aggregator.staleness import StalenessPolicy
@@ -13,10 +14,12 @@ from aggregator.strategy.privacy import CentralDP
 from fedmq.config import BrokerConfig, option
 from fedmq.core import codecs
 from fedmq.core.chunking import Reassembler
-from fedmq.core.protocol import TaskConfig
+from fedmq.core.protocol import TaskConfig, check_name
 from fedmq.errors import ConfigError, ProtocolError
 from fedmq.models import model_names
 from fedmq.tasks import TASKS, task_spec
+
+ROLES = ("central", "reducer", "worker", "site")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -119,6 +122,21 @@ class AggregatorConfig(BrokerConfig, RoundOptions):
     onnx_dir: str = option("", "write each new global model as ONNX here (model-v{N}.onnx and "
                            "latest.onnx, see docs/onnx.md); empty: off")
     onnx_keep: int = option(5, "ONNX versions kept in onnx_dir (0: all)")
+    role: str = option("central", "central: folds the devices' updates and the partial "
+                       "aggregates of partial_sources; reducer: only partial aggregates (its "
+                       "workers take the devices); worker: folds its shard of the devices' "
+                       "updates into partial aggregates for the reducer on the same broker; "
+                       "site: folds every update on its site broker into partial aggregates "
+                       "that the broker's bridge carries upstream (docs/scale.md)")
+    shard: str = option("0/1", "worker: I/N, it takes the devices whose id hashes to I "
+                        "mod N (docs/scale.md)")
+    partial_sources: str = option("", "central/reducer: the workers and sites whose partial "
+                                  "aggregates it folds, comma-separated (their source_name)")
+    source_name: str = option("", "worker/site: the name its partial aggregates carry "
+                              "(empty: client_id)")
+    flush_after_s: float = option(2.0, "worker/site: send a partial aggregate once its "
+                                  "oldest update is this old, or as soon as every device "
+                                  "this round expects of it delivered")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -140,6 +158,7 @@ class AggregatorConfig(BrokerConfig, RoundOptions):
         if self.mode not in ("sync", "async"):
             raise ConfigError(f"mode {self.mode!r} must be sync or async")
         self.policy()  # validate now, not at the first round
+        self._check_role()
         self.cohort_policy()
         self.assignment_policy()
         self.reassembler()
@@ -148,6 +167,37 @@ class AggregatorConfig(BrokerConfig, RoundOptions):
             self.task_config()
         except ProtocolError as exc:
             raise ConfigError(f"bad local training settings: {exc}") from None
+
+    def _check_role(self) -> None:
+        if self.role not in ROLES:
+            raise ConfigError(f"role {self.role!r} must be one of {', '.join(ROLES)}")
+        if self.role == "reducer" and not self.sources():
+            raise ConfigError("a reducer folds only partial aggregates: list its workers in "
+                              "partial_sources")
+        if self.role in ("worker", "site") and self.sources():
+            raise ConfigError(f"a {self.role} sends partial aggregates; partial_sources is "
+                              "for the central aggregator or reducer")
+        partial = self.role != "central" or self.sources()
+        if partial and (self.aggregation != "mean" or self.dp_noise_multiplier):
+            raise ConfigError("workers and sites send weighted sums: they work with "
+                                  "aggregation = mean and without central DP (median, "
+                                  "trimmed_mean and DP need every device's update in one "
+                                  "place)")
+        Shard.parse(self.shard)
+        if self.role != "worker" and self.shard != "0/1":
+            raise ConfigError("shard is for role = worker")
+        if not self.flush_after_s > 0:
+            raise ConfigError("flush_after_s must be > 0")
+
+    def sources(self) -> frozenset[str]:
+        """partial_sources as names."""
+        names = [n.strip() for n in self.partial_sources.split(",") if n.strip()]
+        return frozenset(check_name(n, "partial source") for n in names)
+
+    @property
+    def source(self) -> str:
+        """The name a worker's or site's partial aggregates carry."""
+        return check_name(self.source_name or self.client_id, "source_name")
 
     def model_config(self) -> dict[str, object]:
         """The config the model is built from, here and on every device (the task's own)."""

@@ -37,7 +37,7 @@ from aggregator.rounds import RoundMachine
 from fedmq.core import codecs
 from fedmq.core.chunking import Reassembler
 from fedmq.core.codecs.pipeline import MAX_WEIGHTED_VALUE
-from fedmq.core.protocol import FleetTopics, Part, Update
+from fedmq.core.protocol import FleetTopics, Part, Receipt, Update
 from fedmq.core.protocol.wire import decode_any
 from fedmq.errors import ConfigError, ProtocolError
 
@@ -72,6 +72,15 @@ class Rejected:
     message: str
     update: Update | None = None
 
+    def receipt(self) -> tuple[str, Receipt] | None:
+        """(sender, the receipt it is owed), if one is owed."""
+        if self.update is None:
+            return None
+        status = "duplicate" if self.reason == "duplicate" else "rejected"
+        return self.update.device_id, Receipt(update_id=self.update.update_id,
+                                              round=self.update.round, status=status,
+                                              reason=self.reason)
+
 
 @dataclass(frozen=True, kw_only=True)
 class UpdateLimits:
@@ -81,6 +90,8 @@ class UpdateLimits:
     max_update_norm: float = 0.0  # 0: no bound
     norm_policy: str = "clip"
     max_update_bytes: int = 0  # 0: derived from the model size
+    # Workers and sites whose partial aggregates (on `partial/{source}`) are taken.
+    partial_sources: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.max_update_norm) and self.max_update_norm >= 0):
@@ -100,7 +111,8 @@ class UpdateLimits:
             norm, policy = config.dp_clip_norm, "clip"
         return cls(require_known_devices=config.require_known_devices,
                    max_update_norm=norm, norm_policy=policy,
-                   max_update_bytes=config.max_update_bytes)
+                   max_update_bytes=config.max_update_bytes,
+                   partial_sources=config.sources())
 
     def payload_limit(self, params: int) -> int:
         """Bytes an update of a `params`-parameter model may take, whole or declared by
@@ -164,20 +176,29 @@ class UpdateIngest:
         self.clipped = 0  # updates scaled down to max_update_norm
         self._scratch = np.zeros(params, dtype=np.float32)
 
-    def receive(self, topic: str, payload: bytes, now: float) -> Accepted | Rejected | None:
-        """One MQTT message on an update topic, through every step (see the module doc);
-        None: a Part was stored and more are to come."""
+    def receive(self, topic: str, payload: bytes, now: float, *,
+                partial: bool = False) -> Accepted | Rejected | None:
+        """One MQTT message on an update topic (`partial`: on a partial topic, from a
+        worker or site), through every step (see the module doc); None: a Part was stored
+        and more are to come."""
         update = None
         try:
-            device = self.sender(topic)  # 1
+            device = self.partial_source(topic) if partial else self.sender(topic)  # 1
             check_size(len(payload), self.max_bytes, "update payload")  # 2
             message = decode_any(payload, Update, Part)  # 3
-            whole = self._whole(device, message, len(payload), now)  # 4
+            # a source and a device may share a name: their transfers must not
+            key = f"partial/{device}" if partial else device
+            whole = self._whole(key, message, len(payload), now)  # 4
             if whole is None:
                 return None
             update, wire_bytes = whole
             if update.device_id != device:  # 5
                 raise _reject(f"update for {update.device_id} arrived on {topic}",
+                              "wrong_topic")
+            if bool(update.represents) != partial:
+                raise _reject(f"{update.device_id} sent a partial aggregate on a device's "
+                              "update topic" if update.represents else
+                              f"{update.device_id} sent a device update on a partial topic",
                               "wrong_topic")
             self.machine.check_selected(update)  # 6
             decoded = self.contents(update)  # 7
@@ -194,6 +215,15 @@ class UpdateIngest:
         if self.limits.require_known_devices:
             check_sender(device, self.registry)
         return device
+
+    def partial_source(self, topic: str) -> str:
+        """The worker or site a partial topic names, if it is one of partial_sources."""
+        source = self.topics.source_from_partial_topic(topic)
+        if source not in self.limits.partial_sources:
+            raise _reject(f"partial aggregate from {source}, which is not one of "
+                          "partial_sources; list it there if it is your worker or site",
+                          "unknown_source")
+        return source
 
     def _whole(self, device: str, message: Update | Part, wire_bytes: int,
                now: float) -> tuple[Update, int] | None:

@@ -117,8 +117,11 @@ class RoundResult:
 class _OpenRound:
     round: int
     deadline_at: float
-    # (device, base version) -> update id: a device counts once per model it trained on
+    # (device, base version) -> update id: a device counts once per model it trained on.
+    # A partial aggregate keys on (source/update id, base version): a worker or site may
+    # send several per round, each of device updates it folded once (aggregator/partial.py).
     contributions: dict[tuple[str, int], str] = field(default_factory=dict)
+    represented: int = 0  # device updates in the round: 1 per update, k per partial of k
     samples: int = 0
     loss_sum: float = 0.0
     bytes_up: int = 0
@@ -129,11 +132,11 @@ class _OpenRound:
 
     @property
     def count(self) -> int:
-        return len(self.contributions)
+        return self.represented
 
     @property
     def devices(self) -> set[str]:
-        return {device for device, _ in self.contributions}
+        return {device.split("/")[0] for device, _ in self.contributions}
 
 
 class RoundMachine:
@@ -192,8 +195,9 @@ class RoundMachine:
 
     def check_selected(self, update: Update) -> None:
         """Raise ProtocolError (`not_selected`) for an update from a device the open round
-        did not ask."""
-        self.cohort.check_selected(update)
+        did not ask (a partial aggregate's devices were checked by its worker or site)."""
+        if not update.represents:
+            self.cohort.check_selected(update)
 
     def _retarget(self) -> None:
         """Close this round on min(K, cohort) updates: with fewer devices online than K,
@@ -220,7 +224,11 @@ class RoundMachine:
                 f"update from {update.device_id} has layout {update.layout_hash or '(none)'}, "
                 f"model has {self.layout_hash}", reason="bad_layout",
             )
-        key = (update.device_id, update.base_version)
+        if update.represents and not self.acc.streams:
+            raise ProtocolError(f"partial aggregate from {update.device_id}: the "
+                                f"{self.acc.name} rule needs every device's update",
+                                reason="not_supported")
+        key = _contribution_key(update)
         if key in self.open.contributions:
             raise ProtocolError(
                 f"device {update.device_id} already contributed to round {self.open.round} "
@@ -235,6 +243,7 @@ class RoundMachine:
             self.acc.add(decoded, weight, norm=samples)
         o = self.open
         o.contributions[key] = update.update_id
+        o.represented += update.represents or 1
         o.samples += update.num_samples
         o.loss_sum += update.loss * update.num_samples
         o.bytes_up += payload_bytes
@@ -246,29 +255,8 @@ class RoundMachine:
         return True
 
     def _staleness(self, update: Update) -> int:
-        """Versions the update's base is behind; raises for what the policy refuses."""
-        o, tau = self.open, self.version - update.base_version
-        if update.round > o.round:
-            raise ProtocolError(f"update from {update.device_id} is for round {update.round}, "
-                                f"round {o.round} is open", reason="future_round")
-        if tau < 0:
-            raise ProtocolError(f"update from {update.device_id} trained on version "
-                                f"{update.base_version}, current is {self.version}",
-                                reason="wrong_version")
-        if self.policy.late_updates == "discard":
-            if update.round < o.round:
-                raise ProtocolError(f"update from {update.device_id} is for round "
-                                    f"{update.round}, round {o.round} is open",
-                                    reason="stale_round")
-            if tau:
-                raise ProtocolError(f"update from {update.device_id} trained on version "
-                                    f"{update.base_version}, current is {self.version}",
-                                    reason="wrong_version")
-        elif not self.policy.staleness.accepts(tau):
-            raise ProtocolError(
-                f"update from {update.device_id} is {tau} versions behind; the limit is "
-                f"{self.policy.staleness.max_staleness}", reason="too_stale")
-        return tau
+        return check_timeliness(update, open_round=self.open.round, version=self.version,
+                                policy=self.policy)
 
     def due(self, now: float) -> Action:
         count = self.open.count
@@ -345,6 +333,7 @@ class RoundMachine:
             "optimizer": self._optimizer_state,
             "open": {"acc": self.acc.state_dict(),
                      "contributions": [[d, v, u] for (d, v), u in o.contributions.items()],
+                     "represented": o.represented,
                      "samples": o.samples, "loss_sum": o.loss_sum, "bytes_up": o.bytes_up,
                      "stale": o.stale, "max_staleness": o.max_staleness,
                      "partial": o.partial},
@@ -387,12 +376,50 @@ class RoundMachine:
             self.acc.load_state_dict(partial["acc"])
             o = self.open
             o.contributions = {(d, int(v)): u for d, v, u in partial["contributions"]}
+            o.represented = int(partial.get("represented", len(o.contributions)))
             o.samples = int(partial["samples"])
             o.loss_sum = float(partial["loss_sum"])
             o.bytes_up = int(partial["bytes_up"])
             o.stale = int(partial["stale"])
             o.max_staleness = int(partial["max_staleness"])
             o.partial = int(partial.get("partial", 0))
+
+
+def check_timeliness(update: Update, *, open_round: int, version: int,
+                     policy: RoundPolicy) -> int:
+    """Versions `update`'s base is behind the model of `version` while `open_round` is
+    open; raises ProtocolError for what the policy refuses. Shared by the round machine
+    and the worker's partial round, so both refuse exactly the same updates."""
+    tau = version - update.base_version
+    if update.round > open_round:
+        raise ProtocolError(f"update from {update.device_id} is for round {update.round}, "
+                            f"round {open_round} is open", reason="future_round")
+    if tau < 0:
+        raise ProtocolError(f"update from {update.device_id} trained on version "
+                            f"{update.base_version}, current is {version}",
+                            reason="wrong_version")
+    if policy.late_updates == "discard":
+        if update.round < open_round:
+            raise ProtocolError(f"update from {update.device_id} is for round "
+                                f"{update.round}, round {open_round} is open",
+                                reason="stale_round")
+        if tau:
+            raise ProtocolError(f"update from {update.device_id} trained on version "
+                                f"{update.base_version}, current is {version}",
+                                reason="wrong_version")
+    elif not policy.staleness.accepts(tau):
+        raise ProtocolError(
+            f"update from {update.device_id} is {tau} versions behind; the limit is "
+            f"{policy.staleness.max_staleness}", reason="too_stale")
+    return tau
+
+
+def _contribution_key(update: Update) -> tuple[str, int]:
+    """A device counts once per base version; a partial aggregate once per its own id
+    ("/" cannot occur in a device or source name, so the keys never collide)."""
+    if update.represents:
+        return (f"{update.device_id}/{update.update_id}", update.base_version)
+    return (update.device_id, update.base_version)
 
 
 def _frozen(params: Any) -> np.ndarray:

@@ -11,9 +11,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import queue
 import secrets
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -25,12 +23,12 @@ from aggregator.checkpoint import CheckpointStore
 from aggregator.config import AggregatorConfig
 from aggregator.devices import DeviceRegistry
 from aggregator.ingest import Accepted, UpdateIngest, UpdateLimits
+from aggregator.loop import WRITER_IDLE, ServiceLoop
 from aggregator.records import RoundRecord
 from aggregator.rejections import RejectionLog
 from aggregator.rounds import Action, RoundMachine, RoundResult
 from aggregator.selection import assign_tasks
 from aggregator.strategy.optimizers import create_optimizer
-from aggregator.writer import CheckpointWriter
 from fedmq import storage
 from fedmq.core.protocol import (
     AggregatorStatus,
@@ -38,7 +36,7 @@ from fedmq.core.protocol import (
     FleetTopics,
     Receipt,
 )
-from fedmq.errors import ConfigError, FedmqError, ProtocolError
+from fedmq.errors import ConfigError, ProtocolError
 from fedmq.keyfiles import announcement_sealer
 from fedmq.models import build_model
 from fedmq.tasks import Dataset, split_task
@@ -46,17 +44,11 @@ from fedmq.transport.mqtt import MqttLink, Will
 
 log = logging.getLogger(__name__)
 
-# How often the loop looks at the clock when no update arrives: deadlines are in seconds,
-# so a fifth of a second is precise enough and costs nothing.
-TICK_S = 0.2
 # The model's chunk topics are sized for this many chunks: their index is part of the topic,
 # which counts against the broker's packet limit. A million chunks is far beyond any model.
 MAX_MODEL_CHUNKS = 10**6
-# Updates folded in per loop pass; the checkpoint writer coalesces passes further.
-BATCH_MAX = 64
 _REPUBLISH = object()  # same announcement again: devices ignore it
 _REANNOUNCE = object()  # fresh announce_id: devices train on the model again
-_WRITER_IDLE = object()  # the checkpoint writer finished: hand it what piled up meanwhile
 # A fresh announcement plans its round's cohort from the devices known online, so it waits
 # until the retained births its subscription brings are in: the aggregator publishes a
 # marker to itself, which the broker delivers after them. If it does not come back (an ACL
@@ -82,9 +74,10 @@ class _Inbound:
     mid: int
     qos: int
     status: bool = False
+    partial: bool = False  # on a partial topic: a worker's or site's partial aggregate
 
 
-class AggregatorService:
+class AggregatorService(ServiceLoop):
     def __init__(
         self, config: AggregatorConfig, *, test_data: Dataset | None = None,
         on_round: Callable[[RoundRecord], None] | None = None,
@@ -113,22 +106,13 @@ class AggregatorService:
         self.history: list[RoundRecord] = []
         self.accepted = 0  # updates counted
         self.redelivered = 0  # updates that already counted, seen again (receipted again)
-        self.answered = 0  # update messages acked to the broker, each after its checkpoint
-        self._dirty = False  # the open round changed since the last checkpoint
         self.rejected: Counter[str] = Counter()
         self.reassembler = config.reassembler()  # updates that arrive in Parts
-        self.finished = threading.Event()  # set when all rounds are done, or on failure
-        self.failure: BaseException | None = None
         self.model_bytes = 0
         self.store = CheckpointStore(config.checkpoint)
+        self._init_loop(self.store)
         self._restore()
-        self._inbox: queue.Queue = queue.Queue()
-        self.writer = CheckpointWriter(self.store, on_failure=self._fail,
-                                       on_idle=lambda: self._inbox.put(_WRITER_IDLE))
-        self._held: list[Callable[[], None]] = []  # acks and receipts awaiting a checkpoint
         self._round_started = time.monotonic()
-        self._stop = threading.Event()
-        self._loop: threading.Thread | None = None
         self.link = MqttLink(
             client_id=config.client_id, broker=config.broker, username=config.username,
             password=config.password, on_connect=self._on_connect, tls=config.tls(),
@@ -136,8 +120,12 @@ class AggregatorService:
             max_payload=config.max_payload, session_expiry_s=config.session_expiry_s,
             manual_ack=True,
         )
-        self.link.route(self.topics.update_filter, lambda m: self._inbox.put(
-            _Inbound(m.topic, m.payload, m.mid, m.qos)), qos=1)
+        if config.role == "central":  # a reducer's workers take the devices' updates
+            self.link.route(self.topics.update_filter, lambda m: self._inbox.put(
+                _Inbound(m.topic, m.payload, m.mid, m.qos)), qos=1)
+        if config.sources():
+            self.link.route(self.topics.partial_filter, lambda m: self._inbox.put(
+                _Inbound(m.topic, m.payload, m.mid, m.qos, partial=True)), qos=1)
         self.registry = DeviceRegistry()  # births and Last Wills, applied on the loop thread
         self.ingest = UpdateIngest(UpdateLimits.from_config(config),
                                    params=self.model.layout.size, topics=self.topics,
@@ -206,27 +194,6 @@ class AggregatorService:
         return {"machine": self.machine.state_dict(), "lineage": self.lineage,
                 "history": [r.to_dict() for r in self.history]}
 
-    def _checkpoint(self, *, wait: bool = False) -> bool:
-        """Hand the state to the writer; with `wait`, True once it is on disk (False: the
-        write failed, and the service is failing)."""
-        self._dirty = True
-        self._commit(force=True)
-        if not wait:
-            return True
-        return self.writer.flush(timeout=None) and not self.writer.failed
-
-    def _commit(self, *, force: bool = False) -> None:
-        """Hand the held acks and receipts to the writer, behind a snapshot if the state
-        changed. Only when the writer is idle (or `force`): while a write is in flight,
-        batches pile up and one snapshot covers them all, so a big model is copied once
-        per write instead of once per batch."""
-        if not (self._held or self._dirty) or not (force or self.writer.idle):
-            return
-        # even without new state, replies wait behind earlier writes (an idempotent
-        # "accepted" must not overtake the checkpoint that holds the update)
-        self.writer.submit(self._snapshot() if self._dirty else None, self._held)
-        self._held, self._dirty = [], False
-
     def _done(self) -> bool:
         return self.config.rounds > 0 and self.machine.version >= self.config.rounds
 
@@ -275,11 +242,13 @@ class AggregatorService:
         return cohort, tiers, assign
 
     # -- the loop ------------------------------------------------------------------------
-    def _handle_update(self, topic: str, payload: bytes) -> tuple[str, Receipt] | None:
-        """An update (or one of its Parts) through the ingest path: the receipt owed to
-        the device, or None (more parts to come, or a payload no device can be held to:
-        garbage, or an update on another device's topic)."""
-        result = self.ingest.receive(topic, payload, self.clock())
+    def _handle_update(self, topic: str, payload: bytes, *,
+                       partial: bool = False) -> tuple[str, Receipt] | None:
+        """An update (or one of its Parts; `partial`: a worker's or site's partial
+        aggregate) through the ingest path: the receipt owed to its sender, or None (more
+        parts to come, or a payload no device can be held to: garbage, or an update on
+        another device's topic)."""
+        result = self.ingest.receive(topic, payload, self.clock(), partial=partial)
         if result is None:
             return None
         update = result.update
@@ -287,11 +256,7 @@ class AggregatorService:
             self.rejections.record(result.reason, topic,
                                    f"rejected update on {topic} ({result.reason}): "
                                    f"{result.message}")
-            if update is None:
-                return None
-            status = "duplicate" if result.reason == "duplicate" else "rejected"
-            return update.device_id, Receipt(update_id=update.update_id, round=update.round,
-                                             status=status, reason=result.reason)
+            return result.receipt()
         if result.counted:
             self.accepted += 1
             self._dirty = True
@@ -301,19 +266,6 @@ class AggregatorService:
             self.redelivered += 1
         return update.device_id, Receipt(update_id=update.update_id, round=update.round,
                                          status="accepted")
-
-    def _next_batch(self) -> list:
-        """The next inbox item (waiting up to a tick), plus whatever else already waits."""
-        try:
-            batch = [self._inbox.get(timeout=TICK_S)]
-        except queue.Empty:
-            return []
-        while len(batch) < BATCH_MAX:
-            try:
-                batch.append(self._inbox.get_nowait())
-            except queue.Empty:
-                break
-        return batch
 
     def _process(self, batch: list) -> None:
         """Fold a batch in, holding its acks and receipts for the next commit.
@@ -333,7 +285,7 @@ class AggregatorService:
                     self._announce()
             elif item is _REPUBLISH:
                 self._announce()
-            elif item is _WRITER_IDLE:
+            elif item is WRITER_IDLE:
                 pass
             elif item.status:
                 # Acked at once: the registry is not checkpointed (after a restart the
@@ -342,7 +294,7 @@ class AggregatorService:
                 self._handle_status(item.topic, item.payload)
                 self.link.ack(item.mid, item.qos)
             else:
-                reply = self._handle_update(item.topic, item.payload)
+                reply = self._handle_update(item.topic, item.payload, partial=item.partial)
                 self._held.append(functools.partial(self._reply, item.mid, item.qos, reply))
 
     def _await_births(self) -> None:
@@ -351,13 +303,6 @@ class AggregatorService:
         nonce = os.urandom(8)
         self._sync = (nonce, self.clock() + SYNC_WAIT_S)
         self.link.publish(self.topics.aggregator_sync, nonce, qos=1, retain=False)
-
-    def _reply(self, mid: int, qos: int, reply: tuple[str, Receipt] | None) -> None:
-        self.link.ack(mid, qos)
-        self.answered += 1
-        if reply is not None:
-            device, receipt = reply
-            self.link.publish(self.topics.receipt(device), receipt.to_payload(), qos=1)
 
     def _tick(self) -> None:
         now = self.clock()
@@ -437,44 +382,17 @@ class AggregatorService:
         if self.on_round is not None:
             self.on_round(record)
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            batch = self._next_batch()
-            try:
-                self._process(batch)
-                # A batch that closes the round is made durable by the round's own
-                # checkpoint (one write, not a journal write and then the whole state:
-                # an fdatasync less before every next model goes out).
-                self._tick()
-                self._commit()
-            except FedmqError:
-                log.exception("aggregator loop error; continuing")
-            except Exception as exc:
-                log.exception("aggregator loop failed; stopping")
-                self._fail(exc)
-                return
-        self._commit(force=True)  # what was folded in gets written, acked and receipted
-
     # -- lifecycle -----------------------------------------------------------------------
     def start(self) -> None:
         Path(self.config.checkpoint).parent.mkdir(parents=True, exist_ok=True)
         if self.exporter is not None:  # devices can predict with the model we start from
             m = self.machine
             self.exporter.submit(m.params, version=m.version, round=m.round)
-        self._loop = threading.Thread(target=self._run, name="aggregator", daemon=True)
-        self._loop.start()
+        self._start_loop("aggregator")
         self.link.start()
 
-    def _fail(self, exc: BaseException) -> None:
-        """Disk full, a bug: stop loudly so a supervisor restarts us from the checkpoint."""
-        self.failure = exc
-        self.finished.set()
-
     def stop(self) -> None:
-        self._stop.set()
-        if self._loop is not None:
-            self._loop.join(timeout=30)
-        self.writer.close()  # acks and receipts of everything folded in go out first
+        self._stop_loop()
         if self.exporter is not None:
             self.exporter.close(timeout=30)
         offline = AggregatorStatus(online=False, round=self.machine.round,

@@ -23,6 +23,8 @@ SET_BY_SIMULATOR = (
     "log_level",  # --verbose
     # the simulated devices log in as nobody, so the aggregator does too
     "username", "password", "ca_file", "cert_file", "key_file",
+    # a simulation runs one central aggregator
+    "role", "shard", "partial_sources", "source_name", "flush_after_s",
 )
 
 # Aggregator keys whose default (or meaning) differs in a simulation, and why.

@@ -187,9 +187,15 @@ class Update(Message):
     train_s: float = wire("s", 0.0)
     steps: int = wire("st", 0)
     complete: bool = wire("cp", True)  # False: stopped at its time budget or step cap
+    # 0: one device's own update, on `update/{device_id}`. k >= 1: a partial aggregate of
+    # k device updates from a worker or site aggregator, on `partial/{source}`: `delta` is
+    # their weighted mean (float32), `num_samples` their summed weight, `loss` their
+    # sample-weighted mean loss, so the receiver folds it exactly like one update.
+    represents: int = wire("rep", 0)
 
     def __post_init__(self) -> None:
         check_name(self.device_id, "device id")
+        _require(0 <= self.represents <= 1 << 31, f"represents {self.represents} out of range")
         _require(0 < len(self.update_id) <= 64, "update id must be 1-64 characters")
         _require(self.round >= 0 and self.base_version >= 0, "round/version must be >= 0")
         _require(self.num_samples > 0, f"num_samples {self.num_samples} must be > 0",

@@ -68,6 +68,15 @@ class FleetTopics:
     def update_filter(self) -> str:
         return f"{self.prefix}/update/+"
 
+    def partial(self, source: str) -> str:
+        """Where a worker or site aggregator sends its partial aggregates (Update with
+        `represents` >= 1); its receipts come back on `receipt/{source}`."""
+        return f"{self.prefix}/partial/{check_name(source, 'partial source')}"
+
+    @property
+    def partial_filter(self) -> str:
+        return f"{self.prefix}/partial/+"
+
     def receipt(self, device_id: str) -> str:
         return f"{self.prefix}/receipt/{check_name(device_id, 'device id')}"
 
@@ -91,6 +100,10 @@ class FleetTopics:
     def device_from_update_topic(self, topic: str) -> str:
         """The device id a message on `update/{device_id}` claims to come from."""
         return self._device_at(topic, f"{self.prefix}/update/", "")
+
+    def source_from_partial_topic(self, topic: str) -> str:
+        """The worker or site a message on `partial/{source}` claims to come from."""
+        return self._device_at(topic, f"{self.prefix}/partial/", "")
 
     def device_from_status_topic(self, topic: str) -> str:
         return self._device_at(topic, f"{self.prefix}/device/", "/status")

@@ -14,7 +14,7 @@ from aggregator.config import AggregatorConfig
 from aggregator.partial import Shard
 from aggregator.partial_service import PartialService
 
-from .helpers import make_aggregator, make_agents, wait_for
+from .helpers import make_agents, make_aggregator, wait_for
 
 pytestmark = pytest.mark.integration
 FEDMQ = [sys.executable, "-m", "fedmq.cli"]

@@ -185,6 +185,10 @@ class PartialService(ServiceLoop):
             return
         mine = None if announcement.cohort is None else [
             d for d in announcement.cohort if self.shard.owns(d)]
+        if (announcement.round, announcement.version) != (self.part.open.round,
+                                                          self.part.open.version):
+            log.info("%s: following round %d (model v%d)", self.source, announcement.round,
+                     announcement.version)
         sealed = self.part.follow(round=announcement.round, version=announcement.version,
                                   cohort=mine, now=now)
         if sealed is not None:

@@ -7,6 +7,9 @@
     updates; the aggregator service's accepted updates/s is measured next to subscribers
     that do nothing (a plain paho Client, and fedmq's MqttLink with its one-copy receive
     path), with the same payloads, interleaved in the same run.
+(3) the same flood through 1 / 2 / 4 worker processes and a reducer (--workers): every
+    worker receives every update and drops the other shards' before decoding them, so the
+    broker sends each update N times (docs/scale.md).
 
     python benchmarks/ingest.py [--updates 1000 --publishers 3 --flood 300]
 """
@@ -215,6 +218,58 @@ def aggregator_rate(url: str, publishers: int, per: int, workdir: str) -> float:
     return total / elapsed
 
 
+def workers_rate(url: str, publishers: int, per: int, workdir: str, workers: int) -> float:
+    """Updates/s from the devices through `workers` worker processes (each folds its shard,
+    journals, and sends a partial aggregate every half second) into a reducer's round:
+    timed until the reducer's open round represents every update."""
+    from aggregator.config import AggregatorConfig
+    from aggregator.service import AggregatorService
+
+    total = publishers * per
+    fleet = f"wbench{workers}"
+    names = [f"w{i}" for i in range(workers)]
+    model = ["--model", "mlp", "--hidden", str(HIDDEN_1M)]
+    reducer = AggregatorService(AggregatorConfig(
+        broker=url, fleet=fleet, model="mlp", hidden=HIDDEN_1M, evaluate=False,
+        role="reducer", partial_sources=",".join(names), min_updates=total + 1,
+        deadline_s=3600, checkpoint=os.path.join(workdir, "reducer.ckpt"), log_level="ERROR"))
+    reducer.start()
+    procs = []
+    try:
+        for i, name in enumerate(names):
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "fedmq.cli", "aggregator", "--role", "worker",
+                 "--shard", f"{i}/{workers}", "--broker", url, "--fleet", fleet, *model,
+                 "--client-id", f"{fleet}-{name}", "--source-name", name,
+                 "--checkpoint", os.path.join(workdir, f"{name}.state"),
+                 "--flush-after-s", "0.5", "--log-level", "INFO"],
+                stderr=subprocess.PIPE, text=True))
+        for proc in procs:  # a worker follows the reducer's announcement: it can judge
+            for line in proc.stderr:
+                if "following round" in line:
+                    break
+            else:
+                raise RuntimeError("a worker exited before it followed the announcement")
+        pubs = start_publishers(url, fleet, publishers, per, reducer.model.layout.hash)
+        start = flood(pubs)
+        deadline = time.monotonic() + 600
+        while reducer.machine.open.count < total:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"reducer holds {reducer.machine.open.count} of {total}")
+            time.sleep(0.005)
+        elapsed = time.perf_counter() - start
+        if reducer.rejected:
+            raise RuntimeError(f"reducer rejected partials: {dict(reducer.rejected)}")
+        finish(pubs)
+    finally:
+        for proc in procs:
+            proc.terminate()
+            proc.wait(60)
+            proc.stderr.close()
+        reducer.stop()
+    return total / elapsed
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--updates", type=int, default=1000, help="updates per decode timing")
@@ -222,13 +277,17 @@ def main() -> int:
     parser.add_argument("--flood", type=int, default=450, help="updates per end-to-end phase")
     parser.add_argument("--repeats", type=int, default=5,
                         help="alternate raw and aggregator phases this many times")
+    parser.add_argument("--workers", default="1,2,4",
+                        help="(3): worker counts to run beside one reducer ('' skips it)")
+    parser.add_argument("--skip-decode", action="store_true", help="skip part (1)")
     args = parser.parse_args()
+    worker_counts = [int(w) for w in args.workers.split(",") if w]
 
     print(f"(1) decode + accumulate, {PARAMS:,} parameters, one core, {args.updates} updates")
     print(f"{'codec':8s} {'payload KB':>10s} {'codec-only/s':>13s} {'full path/s':>12s} "
           f"{'RSS@10 MB':>10s} {'RSS@1000 MB':>12s}")
     rates = {}
-    for codec in ("float32", "q8", "q4"):
+    for codec in () if args.skip_decode else ("float32", "q8", "q4"):
         codec_only, full, nbytes = decode_rate(codec, args.updates)
         rss10, rss1000 = child_peak_rss(codec, 10), child_peak_rss(codec, 1000)
         rates[codec] = full
@@ -241,14 +300,22 @@ def main() -> int:
     print(f"\n(2) end to end through mosquitto: {args.publishers} publisher processes x {per} "
           "pre-encoded q8 updates (1M parameters each), QoS 1")
     plains, raws, aggs = [], [], []
+    by_workers: dict[int, list[float]] = {n: [] for n in worker_counts}
     with tempfile.TemporaryDirectory() as workdir, LocalMosquitto() as broker:
         for i in range(args.repeats):  # interleaved, so machine noise hits all alike
             plains.append(raw_broker_rate(broker.url, args.publishers, per, plain=True))
             raws.append(raw_broker_rate(broker.url, args.publishers, per, plain=False))
             aggs.append(aggregator_rate(broker.url, args.publishers, per,
                                         os.path.join(workdir, str(i))))
+            for n in worker_counts:
+                run_dir = os.path.join(workdir, f"{i}-w{n}")
+                os.makedirs(run_dir)
+                by_workers[n].append(workers_rate(broker.url, args.publishers, per,
+                                                  run_dir, n))
             print(f"  pass {i + 1}: plain paho {plains[-1]:6.1f}/s, fedmq link {raws[-1]:6.1f}/s, "
-                  f"aggregator {aggs[-1]:6.1f}/s", file=sys.stderr)
+                  f"aggregator {aggs[-1]:6.1f}/s" + "".join(
+                      f", {n} worker(s) {r[-1]:6.1f}/s" for n, r in by_workers.items()),
+                  file=sys.stderr)
     plain, raw, agg = (statistics.median(x) for x in (plains, raws, aggs))
     print("broker -> do-nothing plain paho:   " + " ".join(f"{r:6.1f}" for r in plains)
           + f"  median {plain:6.1f} updates/s")
@@ -256,6 +323,11 @@ def main() -> int:
           + f"  median {raw:6.1f} updates/s")
     print("broker -> aggregator (accepted):   " + " ".join(f"{a:6.1f}" for a in aggs)
           + f"  median {agg:6.1f} updates/s")
+    for n, rates_n in by_workers.items():
+        print(f"broker -> {n} worker(s) -> reducer: " + " ".join(f"{r:6.1f}" for r in rates_n)
+              + f"  median {statistics.median(rates_n):6.1f} updates/s")
+    if args.skip_decode:
+        return 0
     ok1 = rates["q8"] >= GOAL_DECODE_PER_S
     # The goal's baseline is the one the issue names, a do-nothing plain paho subscriber;
     # the same do-nothing subscriber on fedmq's one-copy receive path is shown beside it.

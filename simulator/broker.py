@@ -56,6 +56,27 @@ def port_open(port: int, host: str = "127.0.0.1") -> bool:
     return False
 
 
+def site_bridge(*, central_port: int, site: str, fleet: str, host: str = "127.0.0.1") -> str:
+    """Mosquitto bridge lines that make a broker a site of a central one (docs/scale.md):
+    the site aggregator's partial aggregates and the devices' statuses go up (so the
+    central aggregator plans cohorts with them); models, the aggregator's status and the
+    site's receipts come down. The devices' own updates never cross the bridge."""
+    prefix = f"fedmq/{fleet}"
+    return "\n".join([
+        f"connection {site}-uplink",
+        f"address {host}:{central_port}",
+        "bridge_protocol_version mqttv50",
+        f"remote_clientid {site}-bridge",
+        "cleansession false",  # what one side owes the other survives a broken uplink
+        "restart_timeout 1 5",
+        f"topic {prefix}/partial/{site} out 1",
+        f"topic {prefix}/device/+/status out 1",
+        f"topic {prefix}/model/# in 1",
+        f"topic {prefix}/aggregator/status in 1",
+        f"topic {prefix}/receipt/{site} in 1",
+    ])
+
+
 class LocalMosquitto:
     """A mosquitto child process; `url` is ready once `start()` returns."""
 

@@ -13,6 +13,7 @@ import pytest
 from aggregator.config import AggregatorConfig
 from aggregator.partial import Shard
 from aggregator.partial_service import PartialService
+from simulator.broker import site_bridge
 
 from .helpers import make_agents, make_aggregator, wait_for
 
@@ -145,31 +146,13 @@ def test_a_worker_sigkilled_mid_round_loses_nothing_it_acked(
     assert refused == 0
 
 
-def bridge_to(central, *, site: str, fleet: str = "test") -> str:
-    """Mosquitto bridge lines for a site broker: its partials and its devices' statuses go
-    up; models, the aggregator's status and the site's receipts come down."""
-    prefix = f"fedmq/{fleet}"
-    return "\n".join([
-        f"connection {site}-uplink",
-        f"address 127.0.0.1:{central.port}",
-        "bridge_protocol_version mqttv50",
-        f"remote_clientid {site}-bridge",
-        "cleansession false",
-        "restart_timeout 1 5",
-        f"topic {prefix}/partial/{site} out 1",
-        f"topic {prefix}/device/+/status out 1",
-        f"topic {prefix}/model/# in 1",
-        f"topic {prefix}/aggregator/status in 1",
-        f"topic {prefix}/receipt/{site} in 1",
-    ])
-
-
 def test_a_site_behind_a_bridged_broker_sends_one_partial_per_round(
         broker_factory, tmp_path, stoppers):
     """Three devices at the central broker, three at a site whose broker is bridged to
     it: the central aggregator folds the direct updates and the site's partial alike."""
     central = broker_factory(name="central")
-    site_broker = broker_factory(bridge_to(central, site="site-a"), name="site")
+    site_broker = broker_factory(site_bridge(central_port=central.port, site="site-a",
+                                             fleet="test"), name="site")
     site = make_worker(site_broker.url, tmp_path, stoppers, "site-a", role="site",
                        client_id="site-a-aggregator")
     aggregator = make_aggregator(central.url, tmp_path, stoppers, partial_sources="site-a",

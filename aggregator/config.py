@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from aggregator.ingest import UpdateLimits
 from aggregator.rounds import RoundPolicy
@@ -17,6 +19,9 @@ from fedmq.core.protocol import TaskConfig
 from fedmq.errors import ConfigError, ProtocolError
 from fedmq.models import model_names
 from fedmq.tasks import TASKS, task_spec
+
+# Where the dashboard's password may come from instead of a flag (which `ps` shows).
+DASHBOARD_PASSWORD_ENV = "FEDMQ_DASHBOARD_PASSWORD"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -119,6 +124,14 @@ class AggregatorConfig(BrokerConfig, RoundOptions):
     onnx_dir: str = option("", "write each new global model as ONNX here (model-v{N}.onnx and "
                            "latest.onnx, see docs/onnx.md); empty: off")
     onnx_keep: int = option(5, "ONNX versions kept in onnx_dir (0: all)")
+    dashboard_port: int = option(0, "serve a live web dashboard (fleet, round progress, "
+                                 "accuracy, loss and bytes charts) on this TCP port (0: off)")
+    dashboard_bind: str = option("127.0.0.1", "address the dashboard listens on: loopback "
+                                 "unless set otherwise (then give it a password)")
+    dashboard_password: str = option("", "password the dashboard asks for (HTTP Basic, any "
+                                     "user name; empty: $FEDMQ_DASHBOARD_PASSWORD, else none)")
+    dashboard_password_file: str = option("", "file whose first line is the dashboard "
+                                          "password (instead of dashboard_password)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -127,6 +140,12 @@ class AggregatorConfig(BrokerConfig, RoundOptions):
             raise ConfigError("rounds must be >= 0")
         if self.onnx_keep < 0:
             raise ConfigError("onnx_keep must be >= 0 (0: keep every version)")
+        if not 0 <= self.dashboard_port <= 65535:
+            raise ConfigError(f"dashboard_port {self.dashboard_port} must be 0 (off) to 65535")
+        if self.dashboard_password and self.dashboard_password_file:
+            raise ConfigError("give dashboard_password or dashboard_password_file, not both")
+        if self.dashboard_port:
+            self.dashboard_secret()  # an unreadable password file fails now
         if self.max_payload < 4096:
             raise ConfigError("max_payload must be at least 4096 bytes")
         if self.model_name not in model_names():
@@ -148,6 +167,21 @@ class AggregatorConfig(BrokerConfig, RoundOptions):
             self.task_config()
         except ProtocolError as exc:
             raise ConfigError(f"bad local training settings: {exc}") from None
+
+    def dashboard_secret(self) -> str:
+        """The dashboard's password ('' for none): from its file, the config, or the
+        environment, so it need not appear on a command line."""
+        if self.dashboard_password_file:
+            try:
+                lines = Path(self.dashboard_password_file).read_text().splitlines()
+            except OSError as exc:
+                raise ConfigError(f"dashboard_password_file {self.dashboard_password_file}: "
+                                  f"{exc.strerror}") from None
+            if not lines or not lines[0]:
+                raise ConfigError(f"dashboard_password_file {self.dashboard_password_file} "
+                                  "is empty: write the password on its first line")
+            return lines[0]
+        return self.dashboard_password or os.environ.get(DASHBOARD_PASSWORD_ENV, "")
 
     def model_config(self) -> dict[str, object]:
         """The config the model is built from, here and on every device (the task's own)."""

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from aggregator.ingest import UpdateLimits
 from aggregator.partial import Shard
@@ -20,6 +22,8 @@ from fedmq.models import model_names
 from fedmq.tasks import TASKS, task_spec
 
 ROLES = ("central", "reducer", "worker", "site")
+# Where the dashboard's password may come from instead of a flag (which `ps` shows).
+DASHBOARD_PASSWORD_ENV = "FEDMQ_DASHBOARD_PASSWORD"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -137,6 +141,14 @@ class AggregatorConfig(BrokerConfig, RoundOptions):
     flush_after_s: float = option(2.0, "worker/site: send a partial aggregate once its "
                                   "oldest update is this old, or as soon as every device "
                                   "this round expects of it delivered")
+    dashboard_port: int = option(0, "serve a live web dashboard (fleet, round progress, "
+                                 "accuracy, loss and bytes charts) on this TCP port (0: off)")
+    dashboard_bind: str = option("127.0.0.1", "address the dashboard listens on: loopback "
+                                 "unless set otherwise (then give it a password)")
+    dashboard_password: str = option("", "password the dashboard asks for (HTTP Basic, any "
+                                     "user name; empty: $FEDMQ_DASHBOARD_PASSWORD, else none)")
+    dashboard_password_file: str = option("", "file whose first line is the dashboard "
+                                          "password (instead of dashboard_password)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -145,6 +157,12 @@ class AggregatorConfig(BrokerConfig, RoundOptions):
             raise ConfigError("rounds must be >= 0")
         if self.onnx_keep < 0:
             raise ConfigError("onnx_keep must be >= 0 (0: keep every version)")
+        if not 0 <= self.dashboard_port <= 65535:
+            raise ConfigError(f"dashboard_port {self.dashboard_port} must be 0 (off) to 65535")
+        if self.dashboard_password and self.dashboard_password_file:
+            raise ConfigError("give dashboard_password or dashboard_password_file, not both")
+        if self.dashboard_port:
+            self.dashboard_secret()  # an unreadable password file fails now
         if self.max_payload < 4096:
             raise ConfigError("max_payload must be at least 4096 bytes")
         if self.model_name not in model_names():
@@ -180,9 +198,8 @@ class AggregatorConfig(BrokerConfig, RoundOptions):
         partial = self.role != "central" or self.sources()
         if partial and (self.aggregation != "mean" or self.dp_noise_multiplier):
             raise ConfigError("workers and sites send weighted sums: they work with "
-                                  "aggregation = mean and without central DP (median, "
-                                  "trimmed_mean and DP need every device's update in one "
-                                  "place)")
+                              "aggregation = mean and without central DP (median, "
+                              "trimmed_mean and DP need every device's update in one place)")
         Shard.parse(self.shard)
         if self.role != "worker" and self.shard != "0/1":
             raise ConfigError("shard is for role = worker")
@@ -198,6 +215,21 @@ class AggregatorConfig(BrokerConfig, RoundOptions):
     def source(self) -> str:
         """The name a worker's or site's partial aggregates carry."""
         return check_name(self.source_name or self.client_id, "source_name")
+
+    def dashboard_secret(self) -> str:
+        """The dashboard's password ('' for none): from its file, the config, or the
+        environment, so it need not appear on a command line."""
+        if self.dashboard_password_file:
+            try:
+                lines = Path(self.dashboard_password_file).read_text().splitlines()
+            except OSError as exc:
+                raise ConfigError(f"dashboard_password_file {self.dashboard_password_file}: "
+                                  f"{exc.strerror}") from None
+            if not lines or not lines[0]:
+                raise ConfigError(f"dashboard_password_file {self.dashboard_password_file} "
+                                  "is empty: write the password on its first line")
+            return lines[0]
+        return self.dashboard_password or os.environ.get(DASHBOARD_PASSWORD_ENV, "")
 
     def model_config(self) -> dict[str, object]:
         """The config the model is built from, here and on every device (the task's own)."""

@@ -24,6 +24,13 @@ class DeviceInfo:
 class DeviceRegistry:
     def __init__(self) -> None:
         self.devices: dict[str, DeviceInfo] = {}
+        self.last_update: dict[str, float] = {}  # when each device's last update came in
+
+    def heard_from(self, device_id: str, now: float) -> None:
+        """An update of this device was accepted (the dashboard's "last update"). Only
+        devices with a birth are kept: made-up ids on update topics cannot grow this."""
+        if device_id in self.devices:
+            self.last_update[device_id] = now
 
     def observe(self, topic_device: str, status: DeviceStatus, now: float) -> DeviceInfo:
         """Record a status; a device may only speak for itself (topic and payload agree)."""

@@ -207,6 +207,7 @@ class UpdateIngest:
         except ProtocolError as exc:
             owed = None if update is None or exc.reason == "wrong_topic" else update
             return Rejected(exc.reason, str(exc), owed)
+        self.registry.heard_from(device, now)
         return Accepted(update, wire_bytes, counted)
 
     def sender(self, topic: str) -> str:

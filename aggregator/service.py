@@ -21,7 +21,9 @@ from pathlib import Path
 from aggregator.broadcast import ModelBroadcast
 from aggregator.checkpoint import CheckpointStore
 from aggregator.config import AggregatorConfig
+from aggregator.dashboard import DashboardServer
 from aggregator.devices import DeviceRegistry
+from aggregator.fleetview import serve_dashboard
 from aggregator.ingest import Accepted, UpdateIngest, UpdateLimits
 from aggregator.loop import WRITER_IDLE, ServiceLoop
 from aggregator.records import RoundRecord
@@ -143,6 +145,7 @@ class AggregatorService(ServiceLoop):
         self.link.route(self.topics.aggregator_sync, lambda m: self._inbox.put(
             _Synced(m.payload, m.mid, m.qos)), qos=1)
         self._sync: tuple[bytes, float] | None = None  # the marker awaited, and until when
+        self.dashboard: DashboardServer | None = None  # with dashboard_port, once started
 
     def _on_connect(self, session_present: bool) -> None:
         """Re-announce on every connect. Without a session, updates sent while we were away
@@ -384,6 +387,8 @@ class AggregatorService(ServiceLoop):
 
     # -- lifecycle -----------------------------------------------------------------------
     def start(self) -> None:
+        if self.config.dashboard_port:  # first: a port in use stops us before we connect
+            self.dashboard = serve_dashboard(self)
         Path(self.config.checkpoint).parent.mkdir(parents=True, exist_ok=True)
         if self.exporter is not None:  # devices can predict with the model we start from
             m = self.machine
@@ -398,3 +403,5 @@ class AggregatorService(ServiceLoop):
         offline = AggregatorStatus(online=False, round=self.machine.round,
                                    version=self.machine.version, ts=time.time())
         self.link.stop(final=(self.topics.aggregator_status, offline.to_payload()))
+        if self.dashboard is not None:
+            self.dashboard.stop()

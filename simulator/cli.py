@@ -28,6 +28,8 @@ def run(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _exit_on)
     with Simulation(config) as sim:
+        if sim.aggregator is not None and sim.aggregator.dashboard is not None:
+            print(f"dashboard: {sim.aggregator.dashboard.url}", flush=True)
         result = sim.wait() if args.quiet else _wait_with_progress(sim, config)
     if not args.quiet:
         _print_table(result)

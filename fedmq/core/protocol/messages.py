@@ -191,7 +191,7 @@ class Update(Message):
     # k device updates from a worker or site aggregator, on `partial/{source}`: `delta` is
     # their weighted mean (float32), `num_samples` their summed weight, `loss` their
     # sample-weighted mean loss, so the receiver folds it exactly like one update.
-    represents: int = wire("rep", 0)
+    represents: int = wire("rep", 0, omit_default=True)
 
     def __post_init__(self) -> None:
         check_name(self.device_id, "device id")

@@ -28,11 +28,16 @@ MAX_DECODED_BYTES = 256 * 1024 * 1024
 T = TypeVar("T", bound="Message")
 
 
-def wire(key: str, default: Any = MISSING, default_factory: Any = MISSING) -> Any:
-    """A dataclass field sent under the wire key `key`."""
+def wire(key: str, default: Any = MISSING, default_factory: Any = MISSING, *,
+         omit_default: bool = False) -> Any:
+    """A dataclass field sent under the wire key `key`. `omit_default`: left out of the
+    payload while it holds its default (a field added later that most messages never set:
+    the envelope of every update stays as small as it was)."""
     if not key or key.startswith("$"):
         raise ValueError(f"wire key {key!r} is empty or reserved for the envelope")
-    kwargs: dict[str, Any] = {"metadata": {"wire": key}}
+    if omit_default and default is MISSING:
+        raise ValueError(f"wire key {key!r}: only a field with a default can be omitted")
+    kwargs: dict[str, Any] = {"metadata": {"wire": key, "omit_default": omit_default}}
     if default is not MISSING:
         kwargs["default"] = default
     if default_factory is not MISSING:
@@ -143,6 +148,8 @@ class WireObject:
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):  # type: ignore[arg-type]
             value = getattr(self, f.name)
+            if f.metadata.get("omit_default") and value == f.default:
+                continue
             if isinstance(value, WireObject):
                 value = value.to_wire()
             elif isinstance(value, (list, tuple)):

@@ -16,7 +16,7 @@ import secrets
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +25,7 @@ from aggregator.checkpoint import CheckpointStore
 from aggregator.config import AggregatorConfig
 from aggregator.devices import DeviceRegistry
 from aggregator.ingest import Accepted, UpdateIngest, UpdateLimits
+from aggregator.observers import AggregatorObserver, ObserverFanout
 from aggregator.records import RoundRecord
 from aggregator.rejections import RejectionLog
 from aggregator.rounds import Action, RoundMachine, RoundResult
@@ -89,8 +90,19 @@ class AggregatorService:
         self, config: AggregatorConfig, *, test_data: Dataset | None = None,
         on_round: Callable[[RoundRecord], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        observers: Iterable[AggregatorObserver] = (),
     ) -> None:
+        """observers: told what happens (aggregator/observers.py); with metrics_port set,
+        the Prometheus exporter is one of them."""
         self.config = config
+        self.observers = ObserverFanout(observers)
+        if config.metrics_port:
+            from aggregator.metrics_export import PrometheusExporter
+
+            self.observers.add(PrometheusExporter(
+                port=config.metrics_port, bind=config.metrics_bind,
+                info={"fleet": config.fleet, "task": config.task, "model": config.model_name,
+                      "mode": config.mode}))
         self.topics = FleetTopics(config.fleet)
         self.clock = clock
         self.on_round = on_round
@@ -124,7 +136,8 @@ class AggregatorService:
         self._restore()
         self._inbox: queue.Queue = queue.Queue()
         self.writer = CheckpointWriter(self.store, on_failure=self._fail,
-                                       on_idle=lambda: self._inbox.put(_WRITER_IDLE))
+                                       on_idle=lambda: self._inbox.put(_WRITER_IDLE),
+                                       on_saved=self.observers.checkpoint_saved)
         self._held: list[Callable[[], None]] = []  # acks and receipts awaiting a checkpoint
         self._round_started = time.monotonic()
         self._stop = threading.Event()
@@ -143,7 +156,9 @@ class AggregatorService:
                                    params=self.model.layout.size, topics=self.topics,
                                    registry=self.registry, reassembler=self.reassembler,
                                    machine=self.machine)
-        self.rejections = RejectionLog(self.rejected, log)  # counted per reason, logged sparingly
+        # counted per reason, logged sparingly
+        self.rejections = RejectionLog(self.rejected, log,
+                                       on_count=self.observers.update_rejected)
         self.broadcast = ModelBroadcast(
             topics=self.topics, seal=announcement_sealer(config.signing_key),  # signed if set
             model_codec=config.model_codec, delta_codec=config.model_delta_codec,
@@ -169,13 +184,20 @@ class AggregatorService:
             if payload:  # an empty retained message only clears a status
                 info = self.registry.observe(device, DeviceStatus.from_payload(payload),
                                              self.clock())
+                self.observers.device_seen(info, online=self.registry.online_count,
+                                           known=len(self.registry.devices))
                 if log.isEnabledFor(logging.DEBUG):  # counting is O(fleet): 10,000 births
                     log.debug("device %s is %s (%d online)", device,
                               "online" if info.online else "offline",
                               len(self.registry.online()))
         except ProtocolError as exc:
-            self.rejected[f"status_{exc.reason}"] += 1
+            self._count_rejected(f"status_{exc.reason}")
             log.warning("rejected status on %s (%s): %s", topic, exc.reason, exc)
+
+    def _count_rejected(self, reason: str, count: int = 1) -> None:
+        """Rejections the RejectionLog does not count (it logs each itself)."""
+        self.rejected[reason] += count
+        self.observers.update_rejected(reason, count)
 
     # -- state ---------------------------------------------------------------------------
     def _restore(self) -> None:
@@ -241,8 +263,12 @@ class AggregatorService:
         for topic, payload in messages:
             self.link.publish(topic, payload, retain=True)
         self.model_bytes = sum(len(payload) for _, payload in messages)
-        status = AggregatorStatus(online=True, round=m.round, version=m.version, ts=time.time())
-        self.link.publish(self.topics.aggregator_status, status.to_payload(), retain=True)
+        status = AggregatorStatus(online=True, round=m.round, version=m.version,
+                                  ts=time.time()).to_payload()
+        self.link.publish(self.topics.aggregator_status, status, retain=True)
+        self.observers.traffic(direction="out", kind="model", nbytes=self.model_bytes)
+        self.observers.traffic(direction="out", kind="status", nbytes=len(status))
+        self.observers.announced(round=m.round, version=m.version, model_bytes=self.model_bytes)
         log.info("announced model v%d for round %d (%d bytes in %d messages)", m.version,
                  m.round, self.model_bytes, len(messages))
 
@@ -292,6 +318,8 @@ class AggregatorService:
             status = "duplicate" if result.reason == "duplicate" else "rejected"
             return update.device_id, Receipt(update_id=update.update_id, round=update.round,
                                              status=status, reason=result.reason)
+        self.observers.update_accepted(device_id=update.device_id, round=update.round,
+                                       counted=result.counted)
         if result.counted:
             self.accepted += 1
             self._dirty = True
@@ -339,9 +367,11 @@ class AggregatorService:
                 # Acked at once: the registry is not checkpointed (after a restart the
                 # retained births come again), so nothing waits for a write; and births
                 # acked late would hold the broker's in-flight window for a whole fleet.
+                self.observers.traffic(direction="in", kind="status", nbytes=len(item.payload))
                 self._handle_status(item.topic, item.payload)
                 self.link.ack(item.mid, item.qos)
             else:
+                self.observers.traffic(direction="in", kind="update", nbytes=len(item.payload))
                 reply = self._handle_update(item.topic, item.payload)
                 self._held.append(functools.partial(self._reply, item.mid, item.qos, reply))
 
@@ -357,18 +387,20 @@ class AggregatorService:
         self.answered += 1
         if reply is not None:
             device, receipt = reply
-            self.link.publish(self.topics.receipt(device), receipt.to_payload(), qos=1)
+            payload = receipt.to_payload()
+            self.link.publish(self.topics.receipt(device), payload, qos=1)
+            self.observers.traffic(direction="out", kind="receipt", nbytes=len(payload))
 
     def _tick(self) -> None:
         now = self.clock()
         dropped = self.ingest.expire(now)
         if dropped:
-            self.rejected["incomplete"] += dropped
+            self._count_rejected("incomplete", dropped)
             log.warning("dropped %d chunked update(s) that got no new part for %.0f s",
                         dropped, self.reassembler.timeout_s)
         superseded = self.ingest.take_superseded()
         if superseded:  # incomplete too: whether it expired first is a matter of timing
-            self.rejected["incomplete"] += superseded
+            self._count_rejected("incomplete", superseded)
             log.info("dropped %d incomplete chunked update(s) for a newer transfer from the "
                      "same device", superseded)
         if self._sync is not None and now > self._sync[1]:
@@ -432,6 +464,7 @@ class AggregatorService:
         self._announce()
         if self.exporter is not None:
             self.exporter.submit(self.machine.params, version=result.version, round=result.round)
+        self.observers.round_closed(record)
         if self._done():
             self.finished.set()
         if self.on_round is not None:
@@ -458,6 +491,7 @@ class AggregatorService:
     # -- lifecycle -----------------------------------------------------------------------
     def start(self) -> None:
         Path(self.config.checkpoint).parent.mkdir(parents=True, exist_ok=True)
+        self.observers.start()  # a metrics port in use fails here, before anything runs
         if self.exporter is not None:  # devices can predict with the model we start from
             m = self.machine
             self.exporter.submit(m.params, version=m.version, round=m.round)
@@ -480,3 +514,4 @@ class AggregatorService:
         offline = AggregatorStatus(online=False, round=self.machine.round,
                                    version=self.machine.version, ts=time.time())
         self.link.stop(final=(self.topics.aggregator_status, offline.to_payload()))
+        self.observers.close()

@@ -73,11 +73,20 @@ def device_capabilities(config: AgentConfig | None = None) -> dict[str, object]:
         ram_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // (1 << 20)
     except (ValueError, OSError, AttributeError):
         ram_mb = 0
-    backends = ["numpy"] + (["torch"] if importlib.util.find_spec("torch") else [])
+    backends = ["numpy"] + (["torch"] if _installed("torch") else [])
     return {"cpus": os.cpu_count() or 1, "ram_mb": int(ram_mb), "backends": backends,
             "codecs": codecs.codec_names(), "zstd": codecs.lossless.zstd_available(),
             "arch": platform.machine(), "python": platform.python_version(),
             **_advertised(config)}
+
+
+def _installed(module: str) -> bool:
+    """Whether `module` can be imported, without importing it (an import hook may say no
+    by raising, as tests/test_layers.py's base-install check does)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def _advertised(config: AgentConfig | None) -> dict[str, object]:

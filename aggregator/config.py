@@ -123,6 +123,10 @@ class AggregatorConfig(BrokerConfig, RoundOptions):
     checkpoint: str = option("fedmq-aggregator.ckpt", "state file (FILE.round-0 and -1 beside "
                              "it journal the open round)")
     metrics: str = option("", "append one JSON line per round to this file")
+    metrics_port: int = option(0, "serve Prometheus metrics at http://METRICS_BIND:PORT/metrics "
+                               "(0: off; needs fedmq[metrics]; deploy/prometheus.yml scrapes it)")
+    metrics_bind: str = option("127.0.0.1", "address the metrics port listens on (0.0.0.0: "
+                               "every interface; the page is unauthenticated)")
     onnx_dir: str = option("", "write each new global model as ONNX here (model-v{N}.onnx and "
                            "latest.onnx, see docs/onnx.md); empty: off")
     onnx_keep: int = option(5, "ONNX versions kept in onnx_dir (0: all)")
@@ -155,6 +159,8 @@ class AggregatorConfig(BrokerConfig, RoundOptions):
         task_spec(self.task)
         if self.rounds < 0:
             raise ConfigError("rounds must be >= 0")
+        if not 0 <= self.metrics_port <= 65535:
+            raise ConfigError(f"metrics_port {self.metrics_port} must be 0 (off) to 65535")
         if self.onnx_keep < 0:
             raise ConfigError("onnx_keep must be >= 0 (0: keep every version)")
         if not 0 <= self.dashboard_port <= 65535:

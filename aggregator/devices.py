@@ -24,6 +24,7 @@ class DeviceInfo:
 class DeviceRegistry:
     def __init__(self) -> None:
         self.devices: dict[str, DeviceInfo] = {}
+        self.online_count = 0  # kept as statuses come: counting is O(fleet)
         self.last_update: dict[str, float] = {}  # when each device's last update came in
 
     def heard_from(self, device_id: str, now: float) -> None:
@@ -43,6 +44,7 @@ class DeviceRegistry:
         info = DeviceInfo(topic_device, status.online, dict(capabilities),
                           status.agent_version or (before.agent_version if before else ""), now)
         self.devices[topic_device] = info
+        self.online_count += info.online - (before is not None and before.online)
         return info
 
     def online(self) -> list[str]:

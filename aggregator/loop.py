@@ -37,14 +37,16 @@ class ServiceLoop:
     link: MqttLink
     topics: FleetTopics
 
-    def _init_loop(self, store: CheckpointStore) -> None:
+    def _init_loop(self, store: CheckpointStore, *,
+                   on_saved: Callable[[float], None] | None = None) -> None:
         self.finished = threading.Event()  # set when all rounds are done, or on failure
         self.failure: BaseException | None = None
         self.answered = 0  # messages acked to the broker, each after its checkpoint
         self._dirty = False  # the state changed since the last checkpoint
         self._inbox: queue.Queue = queue.Queue()
         self.writer = CheckpointWriter(store, on_failure=self._fail,
-                                       on_idle=lambda: self._inbox.put(WRITER_IDLE))
+                                       on_idle=lambda: self._inbox.put(WRITER_IDLE),
+                                       on_saved=on_saved)
         self._held: list[Callable[[], None]] = []  # acks and receipts awaiting a checkpoint
         self._stop = threading.Event()
         self._loop: threading.Thread | None = None
@@ -100,7 +102,12 @@ class ServiceLoop:
         self.answered += 1
         if reply is not None:
             device, receipt = reply
-            self.link.publish(self.topics.receipt(device), receipt.to_payload(), qos=1)
+            payload = receipt.to_payload()
+            self.link.publish(self.topics.receipt(device), payload, qos=1)
+            self._receipt_sent(len(payload))
+
+    def _receipt_sent(self, nbytes: int) -> None:
+        """A receipt went out (for metrics); nothing by default."""
 
     def _run(self) -> None:
         while not self._stop.is_set():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Callable
 
 # The first rejection of each (reason, source) is logged, then every LOG_EVERY-th.
 LOG_EVERY = 1000
@@ -20,21 +21,26 @@ ROUTINE = frozenset({"stale_round", "duplicate", "not_selected"})
 
 class RejectionLog:
     """Counts every rejection by reason; logs the first of each (reason, source) and then
-    every `every`-th with its running count."""
+    every `every`-th with its running count. `on_count(reason, 1)` hears of each one too
+    (the service's observers)."""
 
     def __init__(self, counter: Counter, logger: logging.Logger, *, every: int = LOG_EVERY,
-                 max_keys: int = MAX_LOG_KEYS) -> None:
+                 max_keys: int = MAX_LOG_KEYS,
+                 on_count: Callable[[str, int], None] | None = None) -> None:
         if every < 1 or max_keys < 1:
             raise ValueError("every and max_keys must be >= 1")
         self.counter = counter
         self.logger = logger
         self.every = every
         self.max_keys = max_keys
+        self.on_count = on_count
         self._seen: dict[tuple[str, str], int] = {}
 
     def record(self, reason: str, source: str, message: str) -> bool:
         """Count one rejection; True if it was logged."""
         self.counter[reason] += 1
+        if self.on_count is not None:
+            self.on_count(reason, 1)
         key = (reason, source)
         if key not in self._seen and len(self._seen) >= self.max_keys:
             key = (reason, OTHER_SOURCES)

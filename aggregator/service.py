@@ -14,7 +14,7 @@ import os
 import secrets
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +26,7 @@ from aggregator.devices import DeviceRegistry
 from aggregator.fleetview import serve_dashboard
 from aggregator.ingest import Accepted, UpdateIngest, UpdateLimits
 from aggregator.loop import WRITER_IDLE, ServiceLoop
+from aggregator.observers import AggregatorObserver, ObserverFanout
 from aggregator.records import RoundRecord
 from aggregator.rejections import RejectionLog
 from aggregator.rounds import Action, RoundMachine, RoundResult
@@ -84,8 +85,19 @@ class AggregatorService(ServiceLoop):
         self, config: AggregatorConfig, *, test_data: Dataset | None = None,
         on_round: Callable[[RoundRecord], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        observers: Iterable[AggregatorObserver] = (),
     ) -> None:
+        """observers: told what happens (aggregator/observers.py); with metrics_port set,
+        the Prometheus exporter is one of them."""
         self.config = config
+        self.observers = ObserverFanout(observers)
+        if config.metrics_port:
+            from aggregator.metrics_export import PrometheusExporter
+
+            self.observers.add(PrometheusExporter(
+                port=config.metrics_port, bind=config.metrics_bind,
+                info={"fleet": config.fleet, "task": config.task, "model": config.model_name,
+                      "mode": config.mode}))
         self.topics = FleetTopics(config.fleet)
         self.clock = clock
         self.on_round = on_round
@@ -112,7 +124,7 @@ class AggregatorService(ServiceLoop):
         self.reassembler = config.reassembler()  # updates that arrive in Parts
         self.model_bytes = 0
         self.store = CheckpointStore(config.checkpoint)
-        self._init_loop(self.store)
+        self._init_loop(self.store, on_saved=self.observers.checkpoint_saved)
         self._restore()
         self._round_started = time.monotonic()
         self.link = MqttLink(
@@ -133,7 +145,9 @@ class AggregatorService(ServiceLoop):
                                    params=self.model.layout.size, topics=self.topics,
                                    registry=self.registry, reassembler=self.reassembler,
                                    machine=self.machine)
-        self.rejections = RejectionLog(self.rejected, log)  # counted per reason, logged sparingly
+        # counted per reason, logged sparingly
+        self.rejections = RejectionLog(self.rejected, log,
+                                       on_count=self.observers.update_rejected)
         self.broadcast = ModelBroadcast(
             topics=self.topics, seal=announcement_sealer(config.signing_key),  # signed if set
             model_codec=config.model_codec, delta_codec=config.model_delta_codec,
@@ -160,13 +174,20 @@ class AggregatorService(ServiceLoop):
             if payload:  # an empty retained message only clears a status
                 info = self.registry.observe(device, DeviceStatus.from_payload(payload),
                                              self.clock())
+                self.observers.device_seen(info, online=self.registry.online_count,
+                                           known=len(self.registry.devices))
                 if log.isEnabledFor(logging.DEBUG):  # counting is O(fleet): 10,000 births
                     log.debug("device %s is %s (%d online)", device,
                               "online" if info.online else "offline",
                               len(self.registry.online()))
         except ProtocolError as exc:
-            self.rejected[f"status_{exc.reason}"] += 1
+            self._count_rejected(f"status_{exc.reason}")
             log.warning("rejected status on %s (%s): %s", topic, exc.reason, exc)
+
+    def _count_rejected(self, reason: str, count: int = 1) -> None:
+        """Rejections the RejectionLog does not count (it logs each itself)."""
+        self.rejected[reason] += count
+        self.observers.update_rejected(reason, count)
 
     # -- state ---------------------------------------------------------------------------
     def _restore(self) -> None:
@@ -211,8 +232,12 @@ class AggregatorService(ServiceLoop):
         for topic, payload in messages:
             self.link.publish(topic, payload, retain=True)
         self.model_bytes = sum(len(payload) for _, payload in messages)
-        status = AggregatorStatus(online=True, round=m.round, version=m.version, ts=time.time())
-        self.link.publish(self.topics.aggregator_status, status.to_payload(), retain=True)
+        status = AggregatorStatus(online=True, round=m.round, version=m.version,
+                                  ts=time.time()).to_payload()
+        self.link.publish(self.topics.aggregator_status, status, retain=True)
+        self.observers.traffic(direction="out", kind="model", nbytes=self.model_bytes)
+        self.observers.traffic(direction="out", kind="status", nbytes=len(status))
+        self.observers.announced(round=m.round, version=m.version, model_bytes=self.model_bytes)
         log.info("announced model v%d for round %d (%d bytes in %d messages)", m.version,
                  m.round, self.model_bytes, len(messages))
 
@@ -260,6 +285,8 @@ class AggregatorService(ServiceLoop):
                                    f"rejected update on {topic} ({result.reason}): "
                                    f"{result.message}")
             return result.receipt()
+        self.observers.update_accepted(device_id=update.device_id, round=update.round,
+                                       counted=result.counted)
         if result.counted:
             self.accepted += 1
             self._dirty = True
@@ -294,9 +321,11 @@ class AggregatorService(ServiceLoop):
                 # Acked at once: the registry is not checkpointed (after a restart the
                 # retained births come again), so nothing waits for a write; and births
                 # acked late would hold the broker's in-flight window for a whole fleet.
+                self.observers.traffic(direction="in", kind="status", nbytes=len(item.payload))
                 self._handle_status(item.topic, item.payload)
                 self.link.ack(item.mid, item.qos)
             else:
+                self.observers.traffic(direction="in", kind="update", nbytes=len(item.payload))
                 reply = self._handle_update(item.topic, item.payload, partial=item.partial)
                 self._held.append(functools.partial(self._reply, item.mid, item.qos, reply))
 
@@ -307,16 +336,19 @@ class AggregatorService(ServiceLoop):
         self._sync = (nonce, self.clock() + SYNC_WAIT_S)
         self.link.publish(self.topics.aggregator_sync, nonce, qos=1, retain=False)
 
+    def _receipt_sent(self, nbytes: int) -> None:
+        self.observers.traffic(direction="out", kind="receipt", nbytes=nbytes)
+
     def _tick(self) -> None:
         now = self.clock()
         dropped = self.ingest.expire(now)
         if dropped:
-            self.rejected["incomplete"] += dropped
+            self._count_rejected("incomplete", dropped)
             log.warning("dropped %d chunked update(s) that got no new part for %.0f s",
                         dropped, self.reassembler.timeout_s)
         superseded = self.ingest.take_superseded()
         if superseded:  # incomplete too: whether it expired first is a matter of timing
-            self.rejected["incomplete"] += superseded
+            self._count_rejected("incomplete", superseded)
             log.info("dropped %d incomplete chunked update(s) for a newer transfer from the "
                      "same device", superseded)
         if self._sync is not None and now > self._sync[1]:
@@ -380,6 +412,7 @@ class AggregatorService(ServiceLoop):
         self._announce()
         if self.exporter is not None:
             self.exporter.submit(self.machine.params, version=result.version, round=result.round)
+        self.observers.round_closed(record)
         if self._done():
             self.finished.set()
         if self.on_round is not None:
@@ -390,6 +423,7 @@ class AggregatorService(ServiceLoop):
         if self.config.dashboard_port:  # first: a port in use stops us before we connect
             self.dashboard = serve_dashboard(self)
         Path(self.config.checkpoint).parent.mkdir(parents=True, exist_ok=True)
+        self.observers.start()  # a metrics port in use fails here, before anything runs
         if self.exporter is not None:  # devices can predict with the model we start from
             m = self.machine
             self.exporter.submit(m.params, version=m.version, round=m.round)
@@ -405,3 +439,4 @@ class AggregatorService(ServiceLoop):
         self.link.stop(final=(self.topics.aggregator_status, offline.to_payload()))
         if self.dashboard is not None:
             self.dashboard.stop()
+        self.observers.close()

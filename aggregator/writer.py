@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -25,10 +26,12 @@ Callback = Callable[[], None]
 class CheckpointWriter:
     def __init__(self, store: CheckpointStore, *,
                  on_failure: Callable[[BaseException], None],
-                 on_idle: Callback | None = None) -> None:
+                 on_idle: Callback | None = None,
+                 on_saved: Callable[[float], None] | None = None) -> None:
         self.store = store
         self.on_failure = on_failure
         self.on_idle = on_idle  # called (on this thread) whenever the last job is done
+        self.on_saved = on_saved  # called (on this thread) with each write's seconds
         self.writes = 0
         self._jobs: queue.Queue = queue.Queue()
         self._idle = threading.Condition()
@@ -82,14 +85,19 @@ class CheckpointWriter:
                     break
                 jobs.append(more)
             latest = next((state for state, _ in reversed(jobs) if state is not None), None)
+            seconds = None
             try:
                 if latest is not None and not self._failed:
+                    started = time.perf_counter()
                     self.store.save(latest)
                     self.writes += 1
+                    seconds = time.perf_counter() - started
             except Exception as exc:  # disk full, permissions: nothing may be acked now
                 self._failed = True
                 log.exception("checkpoint write to %s failed", self.store.path)
                 self.on_failure(exc)
+            if seconds is not None and self.on_saved is not None:
+                self.on_saved(seconds)
             if not self._failed:
                 for _, callbacks in jobs:
                     for callback in callbacks:

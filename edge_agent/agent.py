@@ -27,6 +27,7 @@ from edge_agent.config import AgentConfig
 from edge_agent.outbox import Outbox
 from fedmq import __version__, storage
 from fedmq.core import codecs
+from fedmq.core.activity import ActivityReport
 from fedmq.core.chunking import split_payload
 from fedmq.core.device import (
     AnnouncementIn,
@@ -72,11 +73,20 @@ def device_capabilities(config: AgentConfig | None = None) -> dict[str, object]:
         ram_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // (1 << 20)
     except (ValueError, OSError, AttributeError):
         ram_mb = 0
-    backends = ["numpy"] + (["torch"] if importlib.util.find_spec("torch") else [])
+    backends = ["numpy"] + (["torch"] if _installed("torch") else [])
     return {"cpus": os.cpu_count() or 1, "ram_mb": int(ram_mb), "backends": backends,
             "codecs": codecs.codec_names(), "zstd": codecs.lossless.zstd_available(),
             "arch": platform.machine(), "python": platform.python_version(),
             **_advertised(config)}
+
+
+def _installed(module: str) -> bool:
+    """Whether `module` can be imported, without importing it (an import hook may say no
+    by raising, as tests/test_layers.py's base-install check does)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def _advertised(config: AgentConfig | None) -> dict[str, object]:
@@ -160,6 +170,11 @@ class LocalTrainer:
         if self.state_path is not None:
             storage.save_state(self.state_path, {"feedback": self.feedback.state_dict()})
         return encoded
+
+    @property
+    def backend(self) -> str:
+        """What the model of the last round trained with ("" before the first)."""
+        return self._model.backend if self._model is not None else ""
 
     def _refresh_data(self) -> None:
         if self.reload is None:
@@ -283,6 +298,13 @@ class EdgeAgent:
                                     or os.cpu_count() or 1, reload=reload,
                                     update_transform=update_transform)
         self.stats = AgentStats()
+        # The retained status: birth, then fresh activity at most every status_interval_s
+        # (published from the training thread's tick); guarded: paho's thread sends too.
+        self.report = ActivityReport(device_id=config.device_id,
+                                     capabilities=device_capabilities(config),
+                                     agent_version=__version__,
+                                     interval_s=config.status_interval_s)
+        self._report_lock = threading.Lock()
         # Written to disk before anything is published (the machine's ledger writes through).
         self.outbox = Outbox(Path(config.state_dir) / "outbox" if config.state_dir else None)
         # With model_public_key set, only announcements the aggregator signed get through.
@@ -317,7 +339,11 @@ class EdgeAgent:
         """Feed `event` to the machine and carry out its decisions; bytes published."""
         with self._machine_lock:
             decisions = self.machine.handle(event)
-        return sum(self._carry_out(decision) for decision in decisions)
+        sent = sum(self._carry_out(decision) for decision in decisions)
+        with self._report_lock:
+            self.report.uploaded(sent)
+            self.report.holding(len(self.outbox))
+        return sent
 
     @property
     def announced_round(self) -> int:
@@ -326,13 +352,20 @@ class EdgeAgent:
         return 0 if a is None else a.round
 
     def _on_connect(self, _session_present: bool) -> None:
-        birth = DeviceStatus(device_id=self.config.device_id, online=True,
-                             capabilities=device_capabilities(self.config),
-                             agent_version=__version__, ts=time.time())
-        self.link.publish(self.topics.device_status(self.config.device_id), birth.to_payload(),
-                          qos=1, retain=True)
+        self._publish_status(force=True)  # the birth
         self._handle(Connected(time.monotonic()))
         self._wake_worker()
+
+    def _publish_status(self, *, force: bool = False) -> None:
+        """The retained status with the activity so far: always (`force`: a birth), else
+        when the report says one is due."""
+        now = time.monotonic()
+        with self._report_lock:
+            if not (force or self.report.due(now)):
+                return
+            status = self.report.status(online=True, now=now, wall=time.time())
+        self.link.publish(self.topics.device_status(self.config.device_id), status.to_payload(),
+                          qos=1, retain=True)
 
     def _on_receipt(self, message: Message) -> None:
         self._handle(ReceiptIn(message.payload, time.monotonic()))
@@ -419,6 +452,8 @@ class EdgeAgent:
                 train, self._pending = self._pending, None
             # receipts can reach us once subscribed: re-send what is due
             self._handle(Tick(time.monotonic(), online=self.link.subscribed.is_set()))
+            if self.link.connected.is_set():
+                self._publish_status()
             if train is not None:
                 try:
                     self._train_and_publish(train)
@@ -444,6 +479,9 @@ class EdgeAgent:
         self.stats.updates_sent += 1
         self.stats.partial += not update.complete
         self.stats.codecs[update.delta.codec] += 1
+        with self._report_lock:
+            self.report.trained(round=a.round, codec=update.delta.codec,
+                                backend=self.trainer.backend)
         log.info("%s: round %d: trained on %d samples (loss %.4f), sent %d bytes",
                  self.config.device_id, a.round, update.num_samples, update.loss, sent)
 
@@ -461,6 +499,7 @@ class EdgeAgent:
             self._wake.notify()
         if self._worker is not None:
             self._worker.join(timeout=30)
-        offline = DeviceStatus(device_id=self.config.device_id, online=False, ts=time.time())
+        with self._report_lock:  # the last word: offline, with what it did
+            offline = self.report.status(online=False, now=time.monotonic(), wall=time.time())
         self.link.stop(final=(self.topics.device_status(self.config.device_id),
                               offline.to_payload()))

@@ -35,6 +35,9 @@ class AgentConfig(BrokerConfig):
     resend_after_s: float = option(30.0, "re-send an update that got no receipt after this "
                                    "many seconds, doubling for each further re-send (and "
                                    "after every reconnect)")
+    status_interval_s: float = option(10.0, "republish this device's retained status with "
+                                      "its activity (round, bytes, outbox: `fedmq status`) "
+                                      "at most this often, when it changed (0: birth only)")
     state_dir: str = option("", "directory for state that must survive a reboot "
                             "(error-feedback residual, outbox); empty: memory only")
     model_public_key: str = option("", "PEM Ed25519 public key of the aggregator's "
@@ -55,6 +58,8 @@ class AgentConfig(BrokerConfig):
         if not self.device_id:
             object.__setattr__(self, "device_id", default_device_id())
         check_name(self.device_id, "device_id")
+        if not self.status_interval_s >= 0:
+            raise ConfigError("status_interval_s must be >= 0 (0: publish the birth only)")
         if self.max_payload < 1024:
             raise ConfigError("max_payload must be at least 1024 bytes")
         if self.data_reload and not self.data_source.strip():

@@ -38,6 +38,8 @@ COMMANDS: tuple[Command, ...] = (
     Command("enroll", "fedmq.ops.enroll",
             "create a device's broker account and print its config"),
     Command("keys", "fedmq.ops.keys", "model signing keys (Ed25519)"),
+    Command("status", "fedmq.ops.status",
+            "the fleet's devices and aggregator from their retained statuses (--watch)"),
 )
 
 

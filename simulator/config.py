@@ -58,7 +58,7 @@ HOSTED_ABOVE = 200
 ENGINES = ("auto", "agents", "hosted")
 
 # Device keys every simulated device shares.
-AGENT_KEYS = ("codec", "alpha")
+AGENT_KEYS = ("codec", "alpha", "status_interval_s")
 AGENT_DEFAULTS: dict[str, Default] = {
     "codec": Default("float32", "update codec of every device (see `fedmq codecs`)"),
     "alpha": Default(0.5, "Dirichlet label skew across devices (0 = IID)"),
@@ -189,4 +189,5 @@ class SimulationConfig(BorrowedOptions):
             log_level="WARNING", cpus=profile.cpus, link_kbps=profile.link_kbps,
             on_battery=profile.battery, slowdown=profile.slowdown,
             train_threads=1,  # many devices share this host
+            status_interval_s=self.status_interval_s,
         )

@@ -167,7 +167,7 @@ class Simulation:
                             count=min(HOSTED_PER_PROCESS, c.devices - first),
                             device_count=c.devices, task=c.task, alpha=c.alpha, seed=c.seed,
                             codec=c.codec, id_format=DEVICE_ID, byzantine=c.byzantine,
-                            log_level="WARNING")
+                            log_level="WARNING", status_interval_s=c.status_interval_s)
             self.hosts.append(HostProcess(plan))
         for host in self.hosts:
             host.start()

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 from edge_agent.agent import LocalTrainer, device_capabilities
 from fedmq import __version__
+from fedmq.core.activity import ActivityReport
 from fedmq.core.chunking import split_payload
 from fedmq.core.device import (
     AnnouncementIn,
@@ -100,13 +101,14 @@ class SharedOpener(AnnouncementOpener):
 
 
 class HostedDevice:
-    """One simulated device: its protocol machine and its session."""
+    """One simulated device: its protocol machine, its session and its status report."""
 
-    __slots__ = ("index", "machine", "session")
+    __slots__ = ("index", "machine", "report", "session")
 
-    def __init__(self, index: int, machine: DeviceMachine) -> None:
+    def __init__(self, index: int, machine: DeviceMachine, report: ActivityReport) -> None:
         self.index = index
         self.machine = machine
+        self.report = report
         self.session: Session | None = None
 
 
@@ -118,9 +120,10 @@ class DeviceHost:
                  codec: str = "float32", seed: int = 0, resend_after_s: float = 30.0,
                  train_workers: int = 1, capabilities: dict | None = None,
                  update_transform_for: Callable[[int], Callable | None] | None = None,
-                 ) -> None:
+                 status_interval_s: float = 10.0) -> None:
         """update_transform_for(index): what device `index` does to its delta before
-        encoding it (None: sends it honestly); see LocalTrainer."""
+        encoding it (None: sends it honestly); see LocalTrainer. status_interval_s: as
+        the agent's (fedmq/core/activity.py)."""
         self.loop = SessionLoop(broker, name="fedmq-host")
         self.topics = FleetTopics(fleet)
         self.data_for = data_for
@@ -133,6 +136,7 @@ class DeviceHost:
         self._capabilities = capabilities if capabilities is not None else \
             device_capabilities()
         self._pending: set[HostedDevice] = set()  # devices with updates awaiting receipts
+        self._reporting: set[HostedDevice] = set()  # devices whose status is to be refreshed
         self._stop = threading.Event()
         self._ticker: threading.Thread | None = None
         self.devices: list[HostedDevice] = []
@@ -144,7 +148,9 @@ class DeviceHost:
             device_id = id_format.format(fleet=fleet, index=index)
             machine = DeviceMachine(device_id=device_id, fleet=fleet,
                                     resend_after_s=resend_after_s, opener=opener)
-            device = HostedDevice(index, machine)
+            report = ActivityReport(device_id=device_id, capabilities=self._capabilities,
+                                    agent_version=__version__, interval_s=status_interval_s)
+            device = HostedDevice(index, machine, report)
             offline = DeviceStatus(device_id=device_id, online=False).to_payload()
             spec = SessionSpec(device_id,
                                subscriptions=tuple((f, 1) for f in machine.always_subscribed),
@@ -173,13 +179,13 @@ class DeviceHost:
     # -- the loop thread ------------------------------------------------------------------
     def _on_ready(self, session: Session) -> None:
         device: HostedDevice = session.userdata
-        machine = device.machine
-        birth = DeviceStatus(device_id=machine.device_id, online=True,
-                             capabilities=self._capabilities, agent_version=__version__,
-                             ts=time.time())
-        self.loop.publish(session, self.topics.device_status(machine.device_id),
-                          birth.to_payload(), qos=1, retain=True)
-        self._carry_out(device, machine.handle(Connected(now=time.monotonic())))
+        self._publish_status(device)  # the birth
+        self._carry_out(device, device.machine.handle(Connected(now=time.monotonic())))
+
+    def _publish_status(self, device: HostedDevice) -> None:
+        status = device.report.status(online=True, now=time.monotonic(), wall=time.time())
+        self.loop.publish(device.session, self.topics.device_status(device.machine.device_id),
+                          status.to_payload(), qos=1, retain=True)
 
     def _on_message(self, session: Session, message: Message) -> None:
         device: HostedDevice = session.userdata
@@ -221,6 +227,9 @@ class DeviceHost:
                 self.stats.rejected[d.reason] += 1
                 log.debug("%s: %s refused (%s): %s", device.machine.device_id, d.what,
                           d.reason, d.detail)
+        device.report.holding(len(device.machine.outbox))
+        if device.report.dirty:
+            self._reporting.add(device)
 
     def _send(self, device: HostedDevice, send: Send) -> None:
         session = device.session
@@ -231,6 +240,7 @@ class DeviceHost:
             for piece in pieces:
                 self.loop.publish(session, send.topic, piece, qos=1)
                 self.stats.bytes_up += len(piece)
+                device.report.uploaded(len(piece))
                 self.stats.count(send.round, up=len(piece))
             if send.resend:
                 self.stats.resent += 1
@@ -241,8 +251,9 @@ class DeviceHost:
         self._carry_out(device, device.machine.handle(
             Sent(send.update_id, connected=connected, now=time.monotonic())))
 
-    def _trained(self, device: HostedDevice, update: Update) -> None:
+    def _trained(self, device: HostedDevice, update: Update, backend: str) -> None:
         self.stats.trained += 1
+        device.report.trained(round=update.round, codec=update.delta.codec, backend=backend)
         self._carry_out(device, device.machine.handle(Trained(update, time.monotonic())))
 
     def _tick(self) -> None:
@@ -250,6 +261,12 @@ class DeviceHost:
         for device in list(self._pending):
             self._carry_out(device, device.machine.handle(
                 Tick(now=now, online=device.session.ready)))
+        for device in list(self._reporting):
+            if not device.report.dirty:
+                self._reporting.discard(device)
+            elif device.report.due(now) and device.session.ready:
+                self._publish_status(device)
+                self._reporting.discard(device)
 
     def _tick_forever(self) -> None:
         while not self._stop.wait(TICK_S):
@@ -271,4 +288,4 @@ class DeviceHost:
             self.stats.train_errors += 1
             log.warning("%s: training failed: %s", machine.device_id, exc)
             return
-        self.loop.call_soon(lambda: self._trained(device, update))
+        self.loop.call_soon(lambda: self._trained(device, update, trainer.backend))

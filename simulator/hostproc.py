@@ -45,6 +45,7 @@ class HostPlan:
     byzantine: int = 0  # devices 0 .. byzantine-1 of the fleet attack
     train_workers: int = 1
     log_level: str = "WARNING"
+    status_interval_s: float = 10.0  # as AgentConfig's
 
 
 @dataclass
@@ -84,7 +85,8 @@ def serve(plan: HostPlan, conn: Connection) -> None:
     host = DeviceHost(broker=plan.broker, fleet=plan.fleet, count=plan.count, first=plan.first,
                       data_for=data_for, id_format=plan.id_format, codec=plan.codec,
                       seed=plan.seed, train_workers=plan.train_workers,
-                      update_transform_for=lambda i: poison if i in attackers else None)
+                      update_transform_for=lambda i: poison if i in attackers else None,
+                      status_interval_s=plan.status_interval_s)
     host.start()
     answered = 0
     try:

@@ -6,6 +6,7 @@ from hypothesis import strategies as st
 
 from fedmq.core.protocol import (
     AggregatorStatus,
+    DeviceActivity,
     DeviceStatus,
     EncodedTensor,
     FleetTopics,
@@ -154,3 +155,30 @@ def test_non_finite_loss_is_rejected():
     with pytest.raises(ProtocolError) as info:
         Update.from_payload(_body(l=float("nan")))
     assert info.value.reason == "non_finite"
+
+
+counters = st.integers(0, 2**40)
+
+
+@given(device=names, online=st.booleans(), round_=counters, updates=counters, sent=counters,
+       pending=counters, codec=st.text(max_size=64), backend=st.text(max_size=32))
+def test_device_activity_round_trips(device, online, round_, updates, sent, pending, codec,
+                                     backend):
+    activity = DeviceActivity(last_round=round_, updates=updates, bytes_up=sent,
+                              pending=pending, codec=codec, backend=backend)
+    status = DeviceStatus(device_id=device, online=online, ts=1.5, activity=activity)
+    assert DeviceStatus.from_payload(status.to_payload()) == status
+
+
+def test_device_activity_is_optional_and_extensible():
+    # A status from an agent before DeviceActivity has no "act"; a later revision's extra
+    # keys are ignored by this one, which still reads the fields it knows.
+    old = _body(**{KIND_KEY: "dev", "dev": "d1", "on": True})
+    assert DeviceStatus.from_payload(old).activity is None
+    newer = _body(**{KIND_KEY: "dev", "dev": "d1", "on": True,
+                     "act": {"v": 2, "r": 7, "u": 3, "zz": [1, 2]}})
+    activity = DeviceStatus.from_payload(newer).activity
+    assert (activity.revision, activity.last_round, activity.updates) == (2, 7, 3)
+    with pytest.raises(ProtocolError, match=r"DeviceStatus\.activity"):
+        DeviceStatus.from_payload(_body(**{KIND_KEY: "dev", "dev": "d1", "on": True,
+                                           "act": {"p": -1}}))

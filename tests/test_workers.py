@@ -102,6 +102,7 @@ def test_a_worker_sigkilled_mid_round_loses_nothing_it_acked(
 
     from aggregator.service import AggregatorService
     from fedmq import storage
+    from fedmq.core.protocol import Update
 
     rounds = 5
     state_file = tmp_path / "w0.state"
@@ -127,11 +128,13 @@ def test_a_worker_sigkilled_mid_round_loses_nothing_it_acked(
     stoppers(reducer.stop)
     agents = make_agents(broker.url, stoppers, DEVICES)
 
-    def held_by_w0() -> int:
+    def rounds_w0_holds() -> set[int]:
+        """Rounds of the partials w0's state file holds unreceipted."""
         state = storage.load_state(state_file)
-        return 0 if state is None else len(state["partial"]["pending"])
+        pending = [] if state is None else state["partial"]["pending"]
+        return {Update.from_payload(bytes(payload)).round for payload, _ in pending}
 
-    wait_for(lambda: held_by_w0() > 0, "w0 to seal round 3 while the reducer is held up",
+    wait_for(lambda: 3 in rounds_w0_holds(), "w0 to seal round 3 while the reducer is held up",
              timeout=120)
     assert len(reducer.history) == 2
     processes[0].send_signal(signal.SIGKILL)
@@ -162,5 +165,7 @@ def test_a_site_behind_a_bridged_broker_sends_one_partial_per_round(
     wait_for(aggregator.finished.is_set, "three rounds over the bridge", timeout=120)
     assert [r.participants for r in aggregator.history] == [6, 6, 6]
     assert site.folded == 9 and site.others == 0
-    assert site.sent == 3  # one partial a round: the site's devices were all expected
+    # one partial a round, as a rule: a second one when a device came online after the
+    # first ones' updates were in (the site expects the devices it knows online)
+    assert 3 <= site.sent <= 6
     wait_for(lambda: accepted(direct + remote) == 18, "receipts down the bridge")

@@ -51,6 +51,7 @@ class Model:
 
     name: str
     layout: ParamLayout
+    backend: str = ""  # what trains it (numpy, torch): devices report it in their status
 
     def get_flat(self) -> np.ndarray:
         raise NotImplementedError

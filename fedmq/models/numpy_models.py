@@ -29,6 +29,8 @@ def _softmax_xent(logits: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]
 class NumpyModel(Model):
     """Shared training loop; subclasses define the layout, forward and backward passes."""
 
+    backend = "numpy"
+
     def __init__(self, layout: ParamLayout, seed: int) -> None:
         self.layout = layout
         self.params = np.zeros(layout.size, dtype=np.float32)

@@ -39,6 +39,8 @@ class TorchModel(Model):
     the right dtype and shape, `predict_logits()` the reference output.
     """
 
+    backend = "torch"
+
     def __init__(self, name: str, module, *, example_shape: tuple[int, ...],
                  example_dtype: str = "float32", threads: int = 1,
                  report_top3: bool = False) -> None:

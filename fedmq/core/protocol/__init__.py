@@ -2,6 +2,7 @@
 
 from fedmq.core.protocol.messages import (
     AggregatorStatus,
+    DeviceActivity,
     DeviceStatus,
     EncodedTensor,
     ModelAnnouncement,
@@ -18,6 +19,7 @@ from fedmq.core.protocol.wire import PROTOCOL_VERSION, Message
 __all__ = [
     "PROTOCOL_VERSION",
     "AggregatorStatus",
+    "DeviceActivity",
     "DeviceStatus",
     "EncodedTensor",
     "FleetTopics",

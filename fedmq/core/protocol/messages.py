@@ -204,9 +204,36 @@ class Update(Message):
                  "non_finite")
 
 
+# What DeviceActivity's revision 1 carries; a later revision adds fields (never changes
+# these), so a reader can tell a field the sender does not know from a zero.
+ACTIVITY_REVISION = 1
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceActivity(WireObject):
+    """A device's work since it started, for operators (`fedmq status`); the aggregator
+    decides nothing from it."""
+
+    revision: int = wire("v", ACTIVITY_REVISION)
+    last_round: int = wire("r", 0)  # round of the newest update trained (0: none yet)
+    updates: int = wire("u", 0)  # updates trained and sent (re-sends not counted)
+    bytes_up: int = wire("up", 0)  # update bytes published, re-sends included
+    pending: int = wire("p", 0)  # updates still waiting for their receipt (the outbox)
+    codec: str = wire("c", "")  # of the newest update
+    backend: str = wire("b", "")  # what it trains with: numpy or torch
+
+    def __post_init__(self) -> None:
+        _require(self.revision >= 1, "activity revision must be >= 1")
+        _require(min(self.last_round, self.updates, self.bytes_up, self.pending) >= 0,
+                 "activity counters must be >= 0")
+        _require(len(self.codec) <= 64 and len(self.backend) <= 32,
+                 "activity codec or backend name too long")
+
+
 @dataclass(frozen=True, slots=True)
 class DeviceStatus(Message):
-    """Retained on `device/{id}/status`: birth (online, capabilities) or Last Will (offline)."""
+    """Retained on `device/{id}/status`: birth (online, capabilities), the same with fresh
+    activity now and then, or Last Will (offline)."""
 
     KIND = "dev"
     device_id: str = wire("dev")
@@ -214,6 +241,8 @@ class DeviceStatus(Message):
     capabilities: dict[str, Any] = wire("cap", default_factory=dict)
     agent_version: str = wire("av", "")
     ts: float = wire("ts", 0.0)
+    # Optional within protocol 1: senders before it, and Last Wills, carry none.
+    activity: DeviceActivity | None = wire("act", None)
 
     def __post_init__(self) -> None:
         check_name(self.device_id, "device id")

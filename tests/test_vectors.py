@@ -391,19 +391,24 @@ def doc_parse_codec(name: str) -> dict[str, Any]:
     return spec
 
 
+LIMIT = float(np.finfo(np.float32).max) / 2**20  # the overflow guard, at weight 1
+
+
 def doc_values(raw: bytes, quant: str, block: int, count: int) -> np.ndarray:
-    """The quantizer stage: `count` values from exactly these bytes."""
+    """The value section: `count` values from exactly these bytes."""
     if quant in ("f32", "f16"):
         width = 4 if quant == "f32" else 2
         doc_require(len(raw) == width * count, "truncated")
         values = np.frombuffer(raw, "<f4" if quant == "f32" else "<f2").astype(np.float32)
         doc_require(bool(np.isfinite(values).all()), "non_finite")
+        doc_require(bool((np.abs(values) <= LIMIT).all()), "out_of_range")
         return values
     bits = {"q8": 8, "q4": 4, "q2": 2, "sign": 1}[quant]
     blocks = -(-count // block)
     doc_require(len(raw) == 4 * blocks + -(-count * bits // 8), "truncated")
     scales = np.frombuffer(raw[: 4 * blocks], "<f4")
     doc_require(bool(np.isfinite(scales).all() and (scales >= 0).all()), "non_finite")
+    doc_require(not blocks or float(scales.max()) * 2**bits <= LIMIT, "out_of_range")
     body = np.frombuffer(raw[4 * blocks:], np.uint8)
     if bits == 8:
         q = body.view(np.int8).astype(np.float32)
@@ -441,7 +446,6 @@ def doc_tensor(codec: str, size: int, data: bytes) -> np.ndarray:
             index.append(previous)
         doc_require(not index or index[-1] < size, "malformed")
         out[index] += doc_values(raw[pos:], spec["quant"], spec["block"], k)
-    doc_require(bool((np.abs(out) <= np.finfo(np.float32).max / 2**20).all()), "out_of_range")
     return out
 
 

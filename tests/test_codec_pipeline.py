@@ -249,3 +249,22 @@ def test_decoding_in_steps_equals_decoding_at_once(codec, size, chunk, seed):
         patch.setattr(pipeline, "CHUNK", chunk)
         codecs.decode_into(tensor, stepped, 2.5)
     assert np.array_equal(stepped, whole)
+
+
+@given(st.floats(1e-12, 0.0099, allow_nan=False), st.sampled_from(["q8", "sign", "f16"]))
+def test_every_top_k_fraction_writes_a_codec_name_receivers_parse(fraction, quant):
+    # `g` formatting wrote fractions below 1e-4 as "top1e-05", which the grammar refuses:
+    # every update of such a device was rejected as unknown_codec.
+    spec = CodecSpec(topk=fraction, quant=quant)
+    received = codecs.pipeline.parse_wire_spec(spec.wire())
+    assert received.sparse and received.quant == quant
+    tensor = codecs.encode(np.arange(50, dtype=np.float32), spec)
+    assert np.count_nonzero(codecs.decode(tensor)) == 1
+
+
+@pytest.mark.parametrize("name", ["top0.1+q8", "top0.3+f32", "top0.5+sign+zlib"])
+def test_an_empty_tensor_round_trips_through_a_sparse_codec(name):
+    # The decoder reads k first; the encoder used to write nothing for zero values.
+    tensor = codecs.encode(np.zeros(0, np.float32), name)
+    assert tensor.data == b"\x00"
+    assert codecs.decode(tensor).size == 0

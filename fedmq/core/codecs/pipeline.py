@@ -119,6 +119,8 @@ def encode(values: np.ndarray, spec: CodecSpec | str = "float32",
         gaps = np.diff(index, prepend=-1) - 1
         parts += [varint_encode(np.array([k])), varint_encode(gaps)]
         kept = x[index]
+    elif spec.sparse:  # nothing to keep: k = 0, which is what the decoder reads first
+        parts.append(varint_encode(np.array([0])))
     parts.append(_encode_values(kept, spec, rng))
     raw = b"".join(parts)
     stage = lossless.resolve(spec.lossless)

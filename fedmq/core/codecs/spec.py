@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, replace
+from decimal import Decimal
 from functools import lru_cache
 
 from fedmq.errors import CodecError, ConfigError
@@ -54,7 +55,10 @@ class CodecSpec:
         """What goes into the payload: everything the decoder needs, nothing it doesn't."""
         stages = []
         if self.sparse:
-            stages.append(f"top{self.topk:g}")
+            fraction = f"{self.topk:g}"
+            if "e" in fraction:  # below 1e-4 `g` writes 1e-05, which the grammar refuses
+                fraction = format(Decimal(repr(self.topk)), "f")
+            stages.append(f"top{fraction}")
         quant = self.quant
         if self.quant not in ("f32", "f16") and self.block != DEFAULT_BLOCK:
             quant += f"b{self.block}"

@@ -242,7 +242,7 @@ class DeviceStatus(Message):
     agent_version: str = wire("av", "")
     ts: float = wire("ts", 0.0)
     # Optional within protocol 1: senders before it, and Last Wills, carry none.
-    activity: DeviceActivity | None = wire("act", None)
+    activity: DeviceActivity | None = wire("act", None, omit_default=True)
 
     def __post_init__(self) -> None:
         check_name(self.device_id, "device id")

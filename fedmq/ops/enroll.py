@@ -202,6 +202,6 @@ def _cmd_enroll(args: argparse.Namespace) -> int:
     if done.model_public_key:
         copies.append(f"the aggregator's {PUBLIC_NAME} -> {done.model_public_key}")
     print(f"copy to {done.name}'s machine: " + "; ".join(copies), file=sys.stderr)
-    print(f"keep {config} readable by root and fedmq only: it holds the credentials",
-          file=sys.stderr)
+    print(f"keep {args.config or 'the config'} readable by root and fedmq only (or by the "
+          "user running the service): it holds the credentials", file=sys.stderr)
     return 0

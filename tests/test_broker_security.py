@@ -269,6 +269,15 @@ def _directives(text: str) -> list[str]:
             if line.strip() and not line.lstrip().startswith("#")]
 
 
+def test_production_conf_binds_loopback_until_told_where():
+    """Shipped, every listener binds 127.0.0.1 (it bound every interface, the unused
+    client-certificate port included); `deploy/install.sh broker --listen ADDRESS` says
+    where (tests/test_deploy.py, tests/test_recipe.py)."""
+    listeners = [line for line in _directives(read_shipped("production.conf"))
+                 if line.startswith("listener")]
+    assert listeners == ["listener 8883 127.0.0.1", "listener 8884 127.0.0.1"]
+
+
 def test_dev_conf_agrees_with_the_simulator_broker():
     dev = _directives(read_shipped("dev.conf"))
     missing = [line for line in _directives(DEV_SETTINGS) if line not in dev]

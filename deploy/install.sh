@@ -122,6 +122,10 @@ STAGED=no
 [ -n "$DESTDIR" ] && STAGED=yes
 [ "$STAGED" = yes ] && MAKE_USER=no
 
+# Scratch files (a rendered config, pip's build copy), removed however the script ends.
+WORK="$(mktemp -d)"
+trap 'rm -rf -- "$WORK"' EXIT
+
 # -- helpers -----------------------------------------------------------------------------
 # put MODE OWNER:GROUP SOURCE TARGET (TARGET without DESTDIR); ownership only on a real root.
 put() {
@@ -227,8 +231,7 @@ broker_config/README.md)"
         log "keeping the packaged config as $MOSQ_DIR/mosquitto.conf.dist"
         cp -p -- "$conf" "$conf.dist"
     fi
-    local rendered
-    rendered="$(mktemp)"
+    local rendered="$WORK/mosquitto.conf"
     # Only the bind address changes: every listener line of the shipped file says 127.0.0.1.
     sed "s/^\(listener [0-9]*\) 127\.0\.0\.1\$/\1 $LISTEN/" \
         "$REPO_DIR/broker_config/production.conf" >"$rendered"
@@ -238,7 +241,6 @@ broker_config/README.md)"
     fi
     log "installing $MOSQ_DIR/mosquitto.conf (production.conf, listening on $LISTEN)"
     put 0644 root:root "$rendered" "$MOSQ_DIR/mosquitto.conf"
-    rm -f -- "$rendered"
     sysctl_ restart mosquitto
 
     echo
@@ -305,8 +307,8 @@ install_venv() {
     # Build from a copy so pip's in-tree build (build/, *.egg-info) leaves no root-owned
     # files in the checkout. Not an editable install: the service must not depend on the
     # checkout (a checkout under /home is unreadable to it anyway, because of ProtectHome=).
-    local stage item target
-    stage="$(mktemp -d)"
+    local stage="$WORK/fedmq" item target
+    mkdir -- "$stage"
     for item in pyproject.toml README.md fedmq edge_agent aggregator simulator LICENSE \
         LICENSE.txt NOTICE; do
         if [ -e "$REPO_DIR/$item" ]; then
@@ -318,7 +320,6 @@ install_venv() {
     [ -n "$EXTRAS" ] && target="${stage}[${EXTRAS}]"
     log "installing fedmq from $REPO_DIR${EXTRAS:+ with extras [$EXTRAS]} into $VENV"
     "$VENV/bin/python" -m pip install --quiet --upgrade "$target"
-    rm -rf -- "$stage"
     "$VENV/bin/fedmq" --help >/dev/null || die "the installed fedmq command does not run"
 }
 
@@ -356,8 +357,7 @@ runs the agent as --device-id $INSTANCE): pass --instance with its device id"
         put 0640 "root:$SERVICE_USER" "$CONFIG_FROM" "$CONFIG"
     else
         log "installing the example config as $CONFIG"
-        local example
-        example="$(mktemp)"
+        local example="$WORK/example.toml"
         if [ "$ROLE" = agent ]; then
             sed -e "s|^device_id = .*|device_id = \"$INSTANCE\"|" \
                 -e "s|^state_dir = .*|state_dir = \"$INSTANCE_STATE\"|" "$EXAMPLE" >"$example"
@@ -365,7 +365,6 @@ runs the agent as --device-id $INSTANCE): pass --instance with its device id"
             cp -- "$EXAMPLE" "$example"
         fi
         put 0640 "root:$SERVICE_USER" "$example" "$CONFIG"
-        rm -f -- "$example"
     fi
 
     log "installing $UNIT_DIR/$UNIT_FILE"

@@ -123,7 +123,8 @@ def enroll(name: str, *, fleet: str, broker: str, role: str = "device",
         raise ConfigError(f"role must be device or aggregator, not {role!r}")
     if model_public_key and role != "device":
         raise ConfigError("--model-public-key belongs in a device's config; the aggregator "
-                          "signs with the private half (--signing-key with --role aggregator)")
+                          "signs with the private half (signing_key; --signing-key with "
+                          "--role aggregator)")
     if signing_key and role != "aggregator":
         raise ConfigError("--signing-key belongs in the aggregator's config (--role "
                           "aggregator); devices get the public half (--model-public-key)")

@@ -25,6 +25,7 @@ import numpy as np
 
 from edge_agent.config import AgentConfig
 from edge_agent.outbox import Outbox
+from edge_agent.statedir import StateDirLock
 from fedmq import __version__, storage
 from fedmq.core import codecs
 from fedmq.core.activity import ActivityReport
@@ -282,6 +283,9 @@ class EdgeAgent:
                  update_transform: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
         self.config = config
         self.topics = FleetTopics(config.fleet)
+        # Before anything reads the directory: another agent's outbox must not be loaded.
+        self._state_lock = (StateDirLock(config.state_dir, config.device_id)
+                            if config.state_dir else None)
         state_path = Path(config.state_dir) / "agent-state.bin" if config.state_dir else None
         # Devices must not share a seed: their stochastic rounding noise would not average out.
         seed = config.seed if config.seed >= 0 else zlib.crc32(config.device_id.encode())
@@ -503,3 +507,5 @@ class EdgeAgent:
             offline = self.report.status(online=False, now=time.monotonic(), wall=time.time())
         self.link.stop(final=(self.topics.device_status(self.config.device_id),
                               offline.to_payload()))
+        if self._state_lock is not None:
+            self._state_lock.release()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import socket
 import sys
 import typing
@@ -105,12 +106,18 @@ def load_config(cls: type[C], path: str | Path | None = None,
     hints = typing.get_type_hints(cls)
     if path:
         try:
-            with open(path, "rb") as fh:
-                data = tomllib.load(fh)
+            text = Path(path).read_text(encoding="utf-8")
         except FileNotFoundError:
             raise ConfigError(f"config file {path} does not exist") from None
+        except OSError as exc:  # e.g. a root-only /etc/fedmq file read by another user
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file {path} is not UTF-8 text") from None
+        try:
+            data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+            raise ConfigError(_duplicate_key(path, text, exc)
+                              or f"config file {path} is not valid TOML: {exc}") from None
         for key, value in data.items():
             if key not in fields:
                 raise ConfigError(
@@ -124,6 +131,32 @@ def load_config(cls: type[C], path: str | Path | None = None,
         return cls(**values)
     except TypeError as exc:
         raise ConfigError(f"incomplete configuration: {exc}") from None
+
+
+_KEY_LINE = re.compile(r"""\s*("[^"]*"|'[^']*'|[A-Za-z0-9_-]+)\s*=""")
+_ERROR_LINE = re.compile(r"\(at line (\d+), column \d+\)")
+
+
+def _duplicate_key(path: str | Path, text: str, exc: Exception) -> str | None:
+    """tomllib says only "Cannot overwrite a value (at line N ...)": name the key, both
+    lines, and the usual cause (a pasted `fedmq enroll` snippet repeating keys the example
+    config already sets). None when the error is something else."""
+    where = _ERROR_LINE.search(str(exc))
+    if where is None or "overwrite" not in str(exc):
+        return None
+    lines = text.splitlines()
+    number = int(where.group(1))
+    found = _KEY_LINE.match(lines[number - 1]) if 0 < number <= len(lines) else None
+    if found is None:
+        return None
+    key = found.group(1).strip("\"'")
+    earlier = [i + 1 for i, line in enumerate(lines[:number - 1])
+               if (m := _KEY_LINE.match(line)) and m.group(1).strip("\"'") == key]
+    first = f"line {earlier[0]} and again on line {number}" if earlier else f"line {number}"
+    return (f"config file {path} sets {key} twice ({first}); keep one of them. A pasted "
+            "`fedmq enroll` snippet repeats keys the example config already has: delete "
+            "the example's line, or let `fedmq enroll ... --config FILE` write the keys "
+            "into the file in place")
 
 
 def default_device_id() -> str:

@@ -50,7 +50,9 @@ def load_signer(path: str | Path) -> AnnouncementSigner:
     if mode & 0o077:
         log.warning("model signing key %s is readable by others (mode %o): chmod 600 it",
                     path, mode)
-    return AnnouncementSigner(key)
+    signer = AnnouncementSigner(key)
+    log.info("model announcements are signed with key %s (%s)", signer.key_id, path)
+    return signer
 
 
 def load_opener(path: str | Path) -> AnnouncementOpener:
@@ -61,7 +63,9 @@ def load_opener(path: str | Path) -> AnnouncementOpener:
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"{path} is not a PEM public key ({exc}); copy the aggregator's "
                           f"{PUBLIC_NAME} there") from None
-    return AnnouncementOpener(key)
+    opener = AnnouncementOpener(key)
+    log.info("only models signed with key %s are accepted (%s)", opener.key_id, path)
+    return opener
 
 
 def opener_for_config(model_public_key: str) -> AnnouncementOpener:

@@ -9,8 +9,10 @@ arrived, the forbidden one would have arrived before it.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import signal
+import subprocess
 import threading
 
 import pytest
@@ -21,14 +23,19 @@ from fedmq.errors import BrokerError, ConfigError
 from fedmq.ops.certs import Pki
 from fedmq.transport.mqtt import MqttLink
 from fedmq.transport.tls import TlsFiles
-from simulator.broker import DEV_SETTINGS, LocalMosquitto, as_invoking_user, free_port
+from simulator.broker import (
+    DEV_SETTINGS,
+    LocalMosquitto,
+    as_invoking_user,
+    free_port,
+    port_open,
+)
 
 from .helpers import wait_for
 from .secure_brokers import (
     bridge_conf,
     production_broker,
     read_shipped,
-    rewrite,
     running,
 )
 
@@ -262,35 +269,66 @@ def _directives(text: str) -> list[str]:
             if line.strip() and not line.lstrip().startswith("#")]
 
 
+def test_production_conf_binds_loopback_until_told_where():
+    """Shipped, every listener binds 127.0.0.1 (it bound every interface, the unused
+    client-certificate port included); `deploy/install.sh broker --listen ADDRESS` says
+    where (tests/test_deploy.py, tests/test_recipe.py)."""
+    listeners = [line for line in _directives(read_shipped("production.conf"))
+                 if line.startswith("listener")]
+    assert listeners == ["listener 8883 127.0.0.1", "listener 8884 127.0.0.1"]
+
+
 def test_dev_conf_agrees_with_the_simulator_broker():
     dev = _directives(read_shipped("dev.conf"))
     missing = [line for line in _directives(DEV_SETTINGS) if line not in dev]
     assert not missing, f"dev.conf lacks {missing} from simulator/broker.py DEV_SETTINGS"
-    assert "listener 1883 127.0.0.1" in dev and "persistence true" in dev
+    assert "persistence true" in dev
+    # Port (-p) and database (the working directory) are chosen where it is started: a
+    # fixed port collides with the packaged mosquitto on 1883, a fixed file in /tmp with
+    # every other developer's broker.
+    assert not [line for line in dev if line.startswith(("listener", "port ",
+                                                         "persistence_location"))]
 
 
-def test_dev_conf_accepts_anonymous_loopback_clients_and_keeps_retained(tmp_path):
-    port = free_port()
-    text = rewrite(read_shipped("dev.conf"), {
-        "listener 1883 127.0.0.1": f"listener {port} 127.0.0.1",
-        "persistence_location /tmp/": f"persistence_location {tmp_path}/",
-        "log_dest stderr": f"log_dest file {tmp_path}/mosquitto.log",
-    })
-    broker = LocalMosquitto(workdir=tmp_path, port=port, config_text=as_invoking_user(text))
+@contextlib.contextmanager
+def dev_broker(workdir, port: int):
+    """`mosquitto -c broker_config/dev.conf -p PORT` started in `workdir`, as the file says."""
+    workdir.mkdir(exist_ok=True)
+    config = workdir / "dev.conf"  # the shipped text (+ `user root` when run as root)
+    config.write_text(as_invoking_user(read_shipped("dev.conf")))
+    binary = LocalMosquitto(workdir=workdir).binary
+    with (workdir / "stderr.log").open("wb") as log:
+        proc = subprocess.Popen([binary, "-c", str(config), "-p", str(port)], cwd=workdir,
+                                stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
     try:
-        for expect_retained in (False, True):  # the second start reads the saved database
-            broker.start()
-            link = MqttLink(client_id="anon", broker=broker.url)
-            inbox = Inbox(link, "fedmq/dev/model/current")
-            with running(link):
-                if not expect_retained:
-                    publish(link, "fedmq/dev/model/current", b"kept", retain=True)
-                wait_for(lambda inbox=inbox: inbox.has("fedmq/dev/model/current", b"kept"),
-                         "the retained model")
-            broker.stop()  # SIGTERM: mosquitto saves its database
-        assert (tmp_path / "fedmq-dev.db").exists()
+        wait_for(lambda: port_open(port) or proc.poll() is not None, "the dev broker")
+        assert proc.poll() is None, (workdir / "stderr.log").read_text()
+        yield f"mqtt://127.0.0.1:{port}"
     finally:
-        broker.close()
+        proc.terminate()  # SIGTERM: mosquitto saves its database
+        proc.wait(30)
+
+
+def test_dev_conf_runs_on_the_port_given_and_keeps_retained_in_its_directory(tmp_path):
+    # Never the machine's 1883: only once the port is left to -p.
+    assert not [line for line in _directives(read_shipped("dev.conf"))
+                if line.startswith("listener")]
+    ports = {"alice": free_port(), "bob": free_port()}
+    for expect_retained in (False, True):  # the second start reads the saved database
+        with contextlib.ExitStack() as brokers:  # two side by side, one database each
+            for name, port in ports.items():
+                url = brokers.enter_context(dev_broker(tmp_path / name, port))
+                link = MqttLink(client_id="anon", broker=url)
+                inbox = Inbox(link, "fedmq/dev/model/current")
+                with running(link):
+                    if not expect_retained:
+                        publish(link, "fedmq/dev/model/current", name.encode(), retain=True)
+                    wait_for(lambda i=inbox, n=name: i.has("fedmq/dev/model/current",
+                                                           n.encode()),
+                             f"{name}'s retained model")
+    for name in ports:
+        assert (tmp_path / name / "fedmq-dev.db").exists()
+    assert "local only mode" in (tmp_path / "alice" / "stderr.log").read_text()
 
 
 # --- a site gateway bridged to the central broker ------------------------------------------

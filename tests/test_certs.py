@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import stat
 import sys
+from pathlib import Path
 
 import pytest
 from cryptography import x509
@@ -172,3 +173,53 @@ def test_enroll_explains_a_missing_mosquitto_passwd(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))  # a machine without the mosquitto package
     with pytest.raises(BrokerError, match="apt-get install -y mosquitto"):
         add_password(tmp_path / "passwd", "dev-1", "pw")
+
+
+def test_enroll_writes_its_keys_into_an_existing_config_in_place(tmp_path, capsys):
+    """Pasting the printed snippet under deploy/aggregator.toml repeats its keys (an error);
+    --config replaces their lines, keeps every comment, the mode and the owner."""
+    config = tmp_path / "aggregator.toml"
+    example = Path("deploy/aggregator.toml").read_text()
+    config.write_text(example)
+    config.chmod(0o640)
+    code, out, err = fedmq(capsys, "enroll", "fedmq-aggregator", "--role", "aggregator",
+                           "--fleet", "farm", "--broker", "mqtts://server:8883",
+                           "--password-file", str(tmp_path / "passwd"), "--device-dir",
+                           "/etc/fedmq", "--signing-key", "/etc/fedmq/model-signing.key",
+                           "--config", str(config))
+    assert code == 0 and out == "" and f"into {config}" in err
+    settings = load_config(AggregatorConfig, config)
+    assert (settings.broker, settings.fleet, settings.username) == (
+        "mqtts://server:8883", "farm", "fedmq-aggregator")
+    assert settings.ca_file == "/etc/fedmq/ca.crt"
+    assert settings.signing_key == "/etc/fedmq/model-signing.key"
+    assert settings.password and settings.password not in (tmp_path / "passwd").read_text()
+    text = config.read_text()
+    comments = [line for line in example.splitlines() if line.startswith("#")]
+    assert comments == [line for line in text.splitlines() if line.startswith("#")]
+    assert len(text.splitlines()) == len(example.splitlines())  # every key was there
+    assert mode(config) == 0o640
+
+
+def test_enroll_creates_a_private_config_and_refuses_one_it_cannot_rewrite(tmp_path):
+    from fedmq.ops.configfile import set_keys
+
+    fresh = set_keys(tmp_path / "pi-1.toml", {"device_id": "pi-1", "password": "p"},
+                     comment="credentials")
+    assert mode(fresh) == 0o600
+    assert load_config(AgentConfig, fresh).device_id == "pi-1"
+    tabled = tmp_path / "tabled.toml"
+    tabled.write_text('fleet = "farm"\n[extra]\nnote = "x"\n')
+    with pytest.raises(ConfigError, match="set them by hand"):
+        set_keys(tabled, {"password": "p"})
+    assert tabled.read_text() == 'fleet = "farm"\n[extra]\nnote = "x"\n'
+
+
+def test_signing_keys_go_to_the_aggregator_and_public_keys_to_devices(tmp_path):
+    passwd = tmp_path / "passwd"
+    with pytest.raises(ConfigError, match="--role aggregator"):
+        enroll("dev-1", fleet="farm", broker="mqtts://b:8883", password_file=passwd,
+               signing_key="/etc/fedmq/model-signing.key")
+    with pytest.raises(ConfigError, match="--model-public-key"):
+        enroll("fedmq-aggregator", role="aggregator", fleet="farm", broker="mqtts://b:8883",
+               password_file=passwd, model_public_key="/etc/fedmq/model-signing.pub")

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from aggregator.config import AggregatorConfig
@@ -54,3 +56,24 @@ def test_shipped_example_configs_load():
     agent = load_config(AgentConfig, "deploy/agent.toml")
     aggregator = load_config(AggregatorConfig, "deploy/aggregator.toml")
     assert agent.device_id and aggregator.rounds == 0
+
+
+def test_a_key_set_twice_is_named_with_both_lines(tmp_path):
+    """A `fedmq enroll` snippet pasted under the example config repeats its keys; tomllib
+    says only "Cannot overwrite a value (at line N, column M)"."""
+    path = tmp_path / "aggregator.toml"
+    example = Path("deploy/aggregator.toml").read_text()
+    path.write_text(example + '\n# pasted\nbroker = "mqtts://server:8883"\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(AggregatorConfig, path)
+    first = next(i for i, line in enumerate(example.splitlines(), 1)
+                 if line.startswith("broker ="))
+    message = str(info.value)
+    assert str(path) in message and "sets broker twice" in message
+    assert f"line {first} and again on line {len(example.splitlines()) + 3}" in message
+    assert "fedmq enroll" in message and "--config" in message
+
+
+def test_an_unreadable_config_file_says_so(tmp_path):
+    with pytest.raises(ConfigError, match=r"cannot read config file .*: Is a directory"):
+        load_config(AgentConfig, tmp_path)

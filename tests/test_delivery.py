@@ -12,7 +12,7 @@ from aggregator.strategy.optimizers import ServerOptConfig, create_optimizer
 from edge_agent.outbox import Outbox
 from fedmq.core import codecs
 from fedmq.core.protocol import Receipt, Update
-from fedmq.errors import ProtocolError
+from fedmq.errors import ConfigError, ProtocolError
 
 from .helpers import make_agents, make_aggregator, wait_for
 
@@ -274,3 +274,20 @@ def test_the_residual_survives_a_restart_whatever_codec_the_server_assigned(tmp_
     after = trainer()  # the reboot
     assert after.feedback.residual is not None, "the residual was lost on restart"
     assert np.array_equal(after.feedback.residual, before.feedback.residual)
+
+
+def test_agents_refuse_to_share_a_state_dir(tmp_path, stoppers):
+    """Every agent on a host pointed at one state_dir loaded the others' outbox and sent
+    their updates under its own topic (refused as wrong_topic)."""
+    state = str(tmp_path / "state")
+    unused = "mqtt://127.0.0.1:9"  # never started: nothing here connects
+    (first,) = make_agents(unused, stoppers, 1, start=False, state_dir=state)
+    with pytest.raises(ConfigError, match=r"in use by dev0 pid \d+; give every agent its own"):
+        make_agents(unused, stoppers, 1, first=1, total=2, start=False, state_dir=state)
+    first.outbox.put("u1", 1, b"dev0's update")
+    first._state_lock.release()  # dev0 is gone, its stored update is not
+    with pytest.raises(ConfigError, match="holds the state of device dev0, not dev1"):
+        make_agents(unused, stoppers, 1, first=1, total=2, start=False, state_dir=state)
+    (again,) = make_agents(unused, stoppers, 1, start=False, state_dir=state)
+    assert again.outbox.ids() == {"u1"}
+    again._state_lock.release()

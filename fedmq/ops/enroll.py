@@ -4,13 +4,14 @@ Two kinds of credentials, matching the two listeners of broker_config/production
 a password (port 8883), added to mosquitto's password file with `mosquitto_passwd`, or a
 client certificate from the fleet CA (port 8884, `--cert`). Either way the account name is
 the device id, because the topic ACLs (broker_config/acl.conf) confine each account to the
-topics carrying its own name. The printed TOML goes into the device's agent.toml.
+topics carrying its own name. The TOML keys it makes are printed (a config file of their
+own) or, with `--config FILE`, written into an existing config in place: pasting them under
+an example config would repeat keys it already sets.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import secrets
 import shutil
@@ -24,6 +25,7 @@ from fedmq.core.protocol.topics import check_name
 from fedmq.core.signing import PUBLIC_NAME
 from fedmq.errors import BrokerError, ConfigError
 from fedmq.ops.certs import DEFAULT_DIR, Pki
+from fedmq.ops.configfile import render, set_keys
 
 DEFAULT_PASSWORD_FILE = "/etc/mosquitto/fedmq/passwd"
 # Where the printed snippet says the device keeps its files (deploy/install.sh makes it).
@@ -47,21 +49,24 @@ class Enrollment:
     ca_file: str = ""
     cert_file: str = ""
     key_file: str = ""
-    model_public_key: str = ""  # where the device keeps the aggregator's signing key
+    model_public_key: str = ""  # where the device keeps the aggregator's public key
+    signing_key: str = ""  # where the aggregator keeps its private signing key
 
-    def toml(self) -> str:
+    def keys(self) -> dict[str, str]:
         """Keys of AgentConfig (role device) or AggregatorConfig (role aggregator)."""
         id_key = "client_id" if self.role == "aggregator" else "device_id"
         values = {"broker": self.broker, "fleet": self.fleet, id_key: self.name}
         if self.password:
             values |= {"username": self.name, "password": self.password}
-        values |= {key: value for key, value in (("ca_file", self.ca_file),
-                                                 ("cert_file", self.cert_file),
-                                                 ("key_file", self.key_file),
-                                                 ("model_public_key", self.model_public_key))
-                   if value}
-        # JSON strings are valid TOML basic strings (same escapes).
-        return "".join(f"{key} = {json.dumps(value)}\n" for key, value in values.items())
+        return values | {key: value for key, value in (("ca_file", self.ca_file),
+                                                       ("cert_file", self.cert_file),
+                                                       ("key_file", self.key_file),
+                                                       ("model_public_key", self.model_public_key),
+                                                       ("signing_key", self.signing_key))
+                         if value}
+
+    def toml(self) -> str:
+        return render(self.keys())
 
 
 def add_password(password_file: str | Path, name: str, password: str, *,
@@ -104,11 +109,13 @@ def password_users(path: Path) -> set[str]:
 def enroll(name: str, *, fleet: str, broker: str, role: str = "device",
            password_file: str | Path = DEFAULT_PASSWORD_FILE, cert: bool = False,
            pki_dir: str | Path = DEFAULT_DIR, device_dir: str = DEVICE_DIR,
-           model_public_key: str = "", force: bool = False) -> Enrollment:
+           model_public_key: str = "", signing_key: str = "",
+           force: bool = False) -> Enrollment:
     """Create the account and return what the device's config must say.
 
     model_public_key: the path, on the device, of the aggregator's public signing key
     (`fedmq keys init`); the device then refuses models that key did not sign.
+    signing_key: the path of that private key on the aggregator (role aggregator).
     """
     check_name(name, "device id")
     check_name(fleet, "fleet name")
@@ -116,18 +123,22 @@ def enroll(name: str, *, fleet: str, broker: str, role: str = "device",
         raise ConfigError(f"role must be device or aggregator, not {role!r}")
     if model_public_key and role != "device":
         raise ConfigError("--model-public-key belongs in a device's config; the aggregator "
-                          "signs with the private half (signing_key in aggregator.toml)")
+                          "signs with the private half (signing_key; --signing-key with "
+                          "--role aggregator)")
+    if signing_key and role != "aggregator":
+        raise ConfigError("--signing-key belongs in the aggregator's config (--role "
+                          "aggregator); devices get the public half (--model-public-key)")
     ca_file = f"{device_dir}/ca.crt"
     if cert:
         Pki(pki_dir).issue_client(name, force=force)
         return Enrollment(name, broker, fleet, role, ca_file=ca_file,
                           cert_file=f"{device_dir}/{name}.crt",
                           key_file=f"{device_dir}/{name}.key",
-                          model_public_key=model_public_key)
+                          model_public_key=model_public_key, signing_key=signing_key)
     password = secrets.token_urlsafe(PASSWORD_BYTES)
     add_password(password_file, name, password, force=force)
     return Enrollment(name, broker, fleet, role, password=password, ca_file=ca_file,
-                      model_public_key=model_public_key)
+                      model_public_key=model_public_key, signing_key=signing_key)
 
 
 # --- command line ------------------------------------------------------------------------
@@ -146,12 +157,19 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pki", default=DEFAULT_DIR,
                    help=f"CA directory for --cert (default: ./{DEFAULT_DIR})")
     p.add_argument("--device-dir", default=DEVICE_DIR,
-                   help=f"where the device keeps ca.crt and its key (default: {DEVICE_DIR})")
+                   help="where the device (or the aggregator) keeps ca.crt and its key "
+                   f"(default: {DEVICE_DIR})")
     p.add_argument("--model-public-key", default="", metavar="PATH",
                    help="the device's copy of the aggregator's public signing key (fedmq "
                    "keys init): adds model_public_key, so it refuses unsigned models")
+    p.add_argument("--signing-key", default="", metavar="PATH",
+                   help="with --role aggregator: the aggregator's private signing key (fedmq "
+                   "keys init): adds signing_key, so it signs every model")
     p.add_argument("--role", choices=("device", "aggregator"), default="device",
-                   help="aggregator: print client_id instead of device_id")
+                   help="aggregator: client_id instead of device_id")
+    p.add_argument("--config", default="", metavar="FILE",
+                   help="write the keys into this config file (replacing the lines that set "
+                   "them, keeping the rest; created 0600 if missing) instead of printing them")
     p.add_argument("--force", action="store_true",
                    help="replace an existing password or certificate")
     p.set_defaults(func=_cmd_enroll)
@@ -163,10 +181,15 @@ def _cmd_enroll(args: argparse.Namespace) -> int:
     done = enroll(args.device_id, fleet=args.fleet, broker=broker, role=args.role,
                   password_file=args.password_file, cert=args.cert, pki_dir=args.pki,
                   device_dir=args.device_dir, model_public_key=args.model_public_key,
-                  force=args.force)
+                  signing_key=args.signing_key, force=args.force)
     config = "aggregator.toml" if args.role == "aggregator" else "agent.toml"
-    print(f"# fedmq credentials of {done.name}: paste into /etc/fedmq/{config}")
-    print(done.toml(), end="")
+    if args.config:
+        set_keys(args.config, done.keys(), comment=f"credentials of {done.name} (fedmq enroll)")
+        print(f"wrote {', '.join(done.keys())} into {args.config}", file=sys.stderr)
+    else:
+        print(f"# credentials of {done.name} (fedmq enroll): a config file of their own, or "
+              f"written into {config} by `fedmq enroll ... --config FILE`")
+        print(done.toml(), end="")
     pki = Pki(args.pki)
     copies = [f"{pki.ca.cert} -> {done.ca_file}"]
     if args.cert:
@@ -179,7 +202,7 @@ def _cmd_enroll(args: argparse.Namespace) -> int:
               "sudo systemctl reload mosquitto", file=sys.stderr)
     if done.model_public_key:
         copies.append(f"the aggregator's {PUBLIC_NAME} -> {done.model_public_key}")
-    print("copy to the device: " + "; ".join(copies), file=sys.stderr)
-    print(f"keep /etc/fedmq/{config} readable by root and fedmq only: it names the "
-          "device's credentials", file=sys.stderr)
+    print(f"copy to {done.name}'s machine: " + "; ".join(copies), file=sys.stderr)
+    print(f"keep {args.config or 'the config'} readable by root and fedmq only (or by the "
+          "user running the service): it holds the credentials", file=sys.stderr)
     return 0

@@ -267,6 +267,8 @@ class EdgeAgent:
                  update_transform: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
         self.config = config
         self.topics = FleetTopics(config.fleet)
+        if config.state_dir:  # said now, not as a traceback at the first save
+            storage.check_writable(config.state_dir, what="state_dir", directory=True)
         state_path = Path(config.state_dir) / "agent-state.bin" if config.state_dir else None
         # Devices must not share a seed: their stochastic rounding noise would not average out.
         seed = config.seed if config.seed >= 0 else zlib.crc32(config.device_id.encode())
@@ -422,7 +424,11 @@ class EdgeAgent:
             if train is not None:
                 try:
                     self._train_and_publish(train)
-                except Exception:  # a bug or a full disk must not end training for good
+                except OSError as exc:  # a full disk must not end training for good
+                    self.stats.rejected["train_error"] += 1
+                    log.error("%s: round %d failed: %s; waiting for the next model",
+                              self.config.device_id, train.model.announcement.round, exc)
+                except Exception:  # nor a bug
                     self.stats.rejected["train_error"] += 1
                     log.exception("%s: round %d failed; waiting for the next model",
                                   self.config.device_id, train.model.announcement.round)

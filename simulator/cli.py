@@ -9,6 +9,7 @@ import sys
 
 from fedmq.errors import require
 from fedmq.runtime import add_config_flags, config_from_args
+from fedmq.storage import check_writable
 from simulator.fleet import Simulation, SimulationConfig, SimulationResult, write_metrics
 
 
@@ -21,6 +22,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     config = config_from_args(SimulationConfig, args)
+    if config.metrics:  # said now, not after the whole run
+        check_writable(config.metrics, what="metrics")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.ERROR,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # A closed terminal (SIGHUP) or a kill (SIGTERM) unwinds like Ctrl-C, so the private

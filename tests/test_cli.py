@@ -116,6 +116,41 @@ def test_agent_with_bad_config_exits_with_a_clear_message(tmp_path):
     assert "codec 'zip9'" in proc.stderr and "Traceback" not in proc.stderr
 
 
+# A folder under a regular file, or under /proc: unwritable even for root (tests run as root,
+# whom chmod does not stop).
+UNWRITABLE = [
+    (["aggregator", "--checkpoint", "{file}/agg.ckpt"], "checkpoint", "{file}/agg.ckpt"),
+    (["aggregator", "--checkpoint", "/proc/forbidden/agg.ckpt"], "checkpoint",
+     "/proc/forbidden/agg.ckpt"),
+    (["aggregator", "--checkpoint", "{tmp}/agg.ckpt", "--metrics", "{file}/m.jsonl"],
+     "metrics", "{file}/m.jsonl"),
+    (["agent", "--state-dir", "{file}/state"], "state_dir", "{file}/state"),
+    (["simulate", "--metrics", "{file}/out/m.jsonl"], "metrics", "{file}/out/m.jsonl"),
+]
+
+
+@pytest.mark.parametrize(("argv", "option", "path"), UNWRITABLE,
+                         ids=["checkpoint", "checkpoint-proc", "metrics", "state_dir",
+                              "simulate-metrics"])
+def test_an_unwritable_path_is_one_error_line_naming_it_not_a_traceback(tmp_path, argv, option,
+                                                                       path):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
+
+    def fill(text: str) -> str:
+        return text.format(file=a_file, tmp=tmp_path)
+
+    # the broker is never reached: the paths are checked before anything connects
+    proc = subprocess.run([*FEDMQ, *map(fill, argv), "--broker", "mqtt://127.0.0.1:9"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    said = [line for line in proc.stderr.splitlines() if fill(path) in line]
+    assert len(said) == 1, proc.stderr
+    assert re.search(rf"\b(ERROR|error)\b.* {option} {re.escape(fill(path))} cannot be written",
+                     said[0]), said[0]
+
+
 def _processes_mentioning(text: str) -> list[int]:
     """PIDs whose command line mentions `text` (live processes only)."""
     from pathlib import Path

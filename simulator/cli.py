@@ -74,9 +74,17 @@ def _wait_with_progress(sim: Simulation, config: SimulationConfig) -> Simulation
 
 
 def _print_table(result: SimulationResult) -> None:
-    rich_table = require("rich.table", "sim")
     rich_console = require("rich.console", "sim")
-    table = rich_table.Table(title=f"fedmq simulation ({result.wall_s:.1f} s)")
+    rich_console.Console().print(results_table(result))
+
+
+def results_table(result: SimulationResult):
+    """One row per round; the title gives the whole run's wall time, start-up included
+    (the rows' seconds are the rounds' own)."""
+    rich_table = require("rich.table", "sim")
+    table = rich_table.Table(title=f"fedmq simulation: {len(result.rounds)} rounds in "
+                                   f"{result.wall_s:.1f} s ({result.startup_s:.1f} s of it "
+                                   "starting up)")
     with_top3 = any(r.top3 is not None for r in result.rounds)
     top3_column = ["top-3"] if with_top3 else []
     for col in ("round", "accuracy", *top3_column, "test loss", "updates", "KiB up",
@@ -90,4 +98,4 @@ def _print_table(result: SimulationResult) -> None:
                       f"{r.bytes_up / 1024:.1f}",
                       f"{r.bytes_down / 1024:.1f}" if r.bytes_down is not None else "-",
                       f"{r.wall_s:.2f}")
-    rich_console.Console().print(table)
+    return table

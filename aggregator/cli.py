@@ -17,7 +17,7 @@ def run(args: argparse.Namespace) -> int:
     from aggregator.service import AggregatorService
 
     config = config_from_args(AggregatorConfig, args)
-    setup_logging(config.log_level)
+    setup_logging(config.log_level, config.log_format)
     service = AggregatorService(config)
     service.start()
     try:

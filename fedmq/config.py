@@ -29,6 +29,7 @@ else:  # pragma: no cover
 C = TypeVar("C")
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+LOG_FORMATS = ("text", "json")
 
 
 Choices = Iterable[str] | Callable[[], Iterable[str]]
@@ -192,12 +193,18 @@ class BrokerConfig:
     key_file: str = option("", "PEM private key of cert_file (empty: none)")
     fleet: str = option("default", "fleet name; topics live under fedmq/{fleet}/")
     log_level: str = option("INFO", "the least severe messages logged", choices=LOG_LEVELS)
+    log_format: str = option("text", "text: a line per message, for people; json: a JSON "
+                             "object per line (time, level, logger, message and the "
+                             "message's extra fields), for log collectors", choices=LOG_FORMATS)
 
     def __post_init__(self) -> None:
         check_name(self.fleet, "fleet name")
         if self.log_level.upper() not in LOG_LEVELS:
             raise ConfigError(f"log_level {self.log_level!r} must be one of "
                               f"{', '.join(LOG_LEVELS)}")
+        if self.log_format not in LOG_FORMATS:
+            raise ConfigError(f"log_format {self.log_format!r} must be one of "
+                              f"{', '.join(LOG_FORMATS)}")
         self.tls()  # a key without a certificate is an error now, not at connect time
 
     def tls(self) -> TlsFiles:

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import signal
 import sys
 
 from fedmq.errors import require
-from fedmq.runtime import add_config_flags, config_from_args
+from fedmq.runtime import add_config_flags, config_from_args, setup_logging
 from fedmq.storage import check_writable
 from simulator.fleet import Simulation, SimulationConfig, SimulationResult, write_metrics
 
@@ -22,10 +21,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     config = config_from_args(SimulationConfig, args)
+    # WARNING by default: what goes wrong in a run (a device's failure, an unreachable
+    # broker) is said; --verbose adds every service event.
+    setup_logging("INFO" if args.verbose else "WARNING", config.log_format)
     if config.metrics:  # said now, not after the whole run
         check_writable(config.metrics, what="metrics")
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.ERROR,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # A closed terminal (SIGHUP) or a kill (SIGTERM) unwinds like Ctrl-C, so the private
     # broker, the device processes and the temporary directory go with the run.
     for sig in (signal.SIGTERM, signal.SIGHUP):

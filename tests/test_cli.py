@@ -190,3 +190,55 @@ def test_simulate_stopped_by_a_signal_leaves_no_broker_and_no_files(tmp_path, si
     finally:  # what the run left behind, if it failed to clean up after itself
         for pid in _processes_mentioning(str(tmp_path)):
             os.kill(pid, signal.SIGKILL)
+
+
+def _json_lines(stderr: str) -> list[dict]:
+    """Every line of `stderr` as the JSON object it must be (fails on any other line)."""
+    lines = [json.loads(line) for line in stderr.splitlines() if line.strip()]
+    for line in lines:
+        assert {"time", "level", "logger", "message"} <= set(line), line
+    return lines
+
+
+@pytest.mark.parametrize(("argv", "path"), [
+    (["aggregator", "--checkpoint", "{file}/agg.ckpt"], "{file}/agg.ckpt"),
+    (["agent", "--state-dir", "{file}/state"], "{file}/state"),
+    (["simulate", "--metrics", "{file}/m.jsonl"], "{file}/m.jsonl"),
+], ids=["aggregator", "agent", "simulate"])
+def test_log_format_json_makes_every_stderr_line_a_json_object(tmp_path, argv, path):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
+    argv = [arg.format(file=a_file) for arg in argv]
+    proc = subprocess.run([*FEDMQ, *argv, "--log-format", "json",
+                           "--broker", "mqtt://127.0.0.1:9"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    [error] = [line for line in _json_lines(proc.stderr) if line["level"] == "ERROR"]
+    assert path.format(file=a_file) in error["message"]
+
+
+def test_a_running_aggregator_logs_json_lines(tmp_path, processes):
+    proc = subprocess.Popen([*FEDMQ, "aggregator", "--log-format", "json",
+                             "--checkpoint", str(tmp_path / "agg.ckpt"),
+                             "--broker", "mqtt://127.0.0.1:9"],  # nobody listens there
+                            stderr=subprocess.PIPE, text=True)
+    processes.append(proc)
+    first = json.loads(proc.stderr.readline())  # blocks until the service says something
+    assert first["level"] == "WARNING" and "cannot reach the broker" in first["message"]
+    proc.send_signal(signal.SIGTERM)
+    _, rest = proc.communicate(timeout=60)
+    assert proc.returncode == 0, rest
+    _json_lines(rest)
+
+
+def test_simulate_shows_warnings_by_default():
+    # devices of a fleet whose broker is not there: the run cannot work, and says why
+    proc = subprocess.run([*FEDMQ, "simulate", "--agents-only", "--broker",
+                           "mqtt://127.0.0.1:9", "--fleet", "nowhere", "--devices", "1",
+                           "--rounds", "1", "--timeout-s", "2", "--quiet"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert re.search(r"WARNING .*cannot reach the broker at mqtt://127.0.0.1:9", proc.stderr), \
+        proc.stderr
+    assert re.search(r"ERROR .*did not finish 1 rounds within 2 s", proc.stderr), proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -95,7 +95,9 @@ def main(argv: list[str] | None = None) -> int:
 def _say_error(exc: FedmqError) -> None:
     """One line: in the log's own format once a service set logging up (its log is where
     an operator looks, and --log-format json stays parseable), else argparse's style."""
-    if logging.getLogger().handlers:
+    from fedmq.runtime import logging_is_set_up
+
+    if logging_is_set_up():
         logging.getLogger("fedmq").error("%s", exc)
     else:
         print(f"fedmq: error: {exc}", file=sys.stderr)

@@ -76,6 +76,11 @@ def setup_logging(level: str, fmt: str = "text") -> None:
     logging.basicConfig(level=level.upper(), handlers=[handler])
 
 
+def logging_is_set_up() -> bool:
+    """Whether setup_logging put its handler in place (then errors go to the log)."""
+    return any(isinstance(h, _Stderr) for h in logging.getLogger().handlers)
+
+
 def wait_for_signal(done: threading.Event | None = None) -> None:
     """Block until SIGTERM/SIGINT (or `done`), so services shut down cleanly."""
     stop = threading.Event()

@@ -15,7 +15,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     config = config_from_args(AggregatorConfig, args)
-    setup_logging(config.log_level)
+    setup_logging(config.log_level, config.log_format)
     if config.role in ("worker", "site"):
         from aggregator.partial_service import PartialService
 

@@ -6,13 +6,14 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from aggregator.ingest import UpdateLimits
+from aggregator.ingest import NORM_POLICIES, UpdateLimits
 from aggregator.partial import Shard
-from aggregator.rounds import RoundPolicy
+from aggregator.rounds import LATE_POLICIES, ON_INSUFFICIENT, RoundPolicy
 from aggregator.selection import AssignmentPolicy, CohortPolicy
-from aggregator.staleness import StalenessPolicy
-from aggregator.strategy.optimizers import ServerOptConfig, create_optimizer
+from aggregator.staleness import STALENESS_KINDS, StalenessPolicy
+from aggregator.strategy.optimizers import ServerOptConfig, create_optimizer, optimizer_names
 from aggregator.strategy.privacy import CentralDP
+from aggregator.strategy.rules import rule_names
 from fedmq.config import BrokerConfig, option
 from fedmq.core import codecs
 from fedmq.core.chunking import Reassembler
@@ -24,6 +25,7 @@ from fedmq.tasks import TASKS, task_spec
 ROLES = ("central", "reducer", "worker", "site")
 # Where the dashboard's password may come from instead of a flag (which `ps` shows).
 DASHBOARD_PASSWORD_ENV = "FEDMQ_DASHBOARD_PASSWORD"
+MODES = ("sync", "async")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -33,15 +35,16 @@ class RoundOptions:
 
     mode: str = option("sync", "sync: rounds of a selected cohort; async: FedBuff, every "
                        "device trains continuously and the server steps every buffer_size "
-                       "updates")
+                       "updates", choices=MODES)
     clients_per_round: int = option(0, "sync: K, the round closes on K updates (0: every "
                                     "device trains and min_updates closes the round)")
     over_select: float = option(1.3, "sync: select ceil(K * over_select) online devices, so "
                                 "drop-outs do not stall the round (Bonawitz et al. 2019)")
     late_updates: str = option("discard", "sync: an update trained on an older model is "
                                "discarded or folded into the open round with weight s(tau) "
-                               "(async always folds)")
-    staleness: str = option("polynomial", "s(tau): constant, polynomial (1+tau)^-a, or hinge")
+                               "(async always folds)", choices=LATE_POLICIES)
+    staleness: str = option("polynomial", "s(tau): constant, polynomial (1+tau)^-a, or hinge",
+                            choices=STALENESS_KINDS)
     staleness_a: float = option(0.5, "exponent a of polynomial, slope a of hinge")
     staleness_b: float = option(4.0, "hinge: versions forgiven before discounting")
     max_staleness: int = option(10, "refuse updates more than this many versions behind")
@@ -58,7 +61,8 @@ class RoundOptions:
     dp_delta: float = option(1e-5, "DP: the delta of the (epsilon, delta) reported per round")
     aggregation: str = option("mean", "mean (FedAvg, weighted by samples), or robust to a "
                               "minority of corrupted updates: median or trimmed_mean "
-                              "(coordinate-wise, unweighted; keeps the round's updates)")
+                              "(coordinate-wise, unweighted; keeps the round's updates)",
+                              choices=rule_names)
     trim_fraction: float = option(0.1, "trimmed_mean: fraction cut from each end, per "
                                   "coordinate (tolerates floor(fraction x updates) bad ones)")
 
@@ -72,7 +76,7 @@ class AggregatorConfig(BrokerConfig, RoundOptions):
                        "model's input/output sizes and the test set")
     model: str = option("", "model architecture (empty: the task's own: mlp for digits, "
                         "char_gru for keyboard, har_cnn for sensor); mlp or logreg fit "
-                        "flat-feature tasks")
+                        "flat-feature tasks", choices=model_names)
     hidden: int = option(64, "hidden units of the mlp")
     seed: int = option(0, "seed of the initial model and of the held-out split")
     evaluate: bool = option(True, "evaluate each new model on the task's held-out test split")
@@ -80,7 +84,8 @@ class AggregatorConfig(BrokerConfig, RoundOptions):
     min_updates: int = option(2, "a round closes as soon as this many updates arrived")
     deadline_s: float = option(60.0, "seconds a round waits for min_updates")
     on_insufficient: str = option("extend", "too few updates at the deadline: extend (wait "
-                                  "longer) or rerun (re-announce as a new round, keeping them)")
+                                  "longer) or rerun (re-announce as a new round, keeping them)",
+                                  choices=ON_INSUFFICIENT)
     buffer_size: int = option(0, "async: server steps every K updates (0: min_updates)")
     constrained_batch_size: int = option(0, "their mini-batch size, to fit small memories "
                                          "(0: the same as everyone)")
@@ -93,7 +98,8 @@ class AggregatorConfig(BrokerConfig, RoundOptions):
                             "default, 50 for keyboard; 0: no cap)")
     prox_mu: float = option(0.0, "FedProx proximal term mu on the devices (0: plain FedAvg; "
                             "0.001-1 as in Li et al. 2020)")
-    optimizer: str = option("fedavg", "server optimizer: fedavg fedavgm fedadam fedyogi fedadagrad")
+    optimizer: str = option("fedavg", "server optimizer (Reddi et al. 2021; server_lr, momentum, "
+                            "beta1, beta2 and tau tune them)", choices=optimizer_names)
     server_lr: float = option(0.0, "server learning rate (0: the optimizer's default)")
     momentum: float = option(0.9, "FedAvgM momentum")
     beta1: float = option(0.9, "FedAdam/FedYogi/FedAdagrad first-moment decay")
@@ -117,7 +123,8 @@ class AggregatorConfig(BrokerConfig, RoundOptions):
     max_update_norm: float = option(0.0, "bound on the L2 norm of a decoded update (0: off); "
                                     "see norm_policy")
     norm_policy: str = option("clip", "an update above max_update_norm is scaled down to it "
-                              "(clip) or refused as norm_exceeded (reject)")
+                              "(clip) or refused as norm_exceeded (reject)",
+                              choices=NORM_POLICIES)
     signing_key: str = option("", "PEM Ed25519 private key that signs model announcements "
                               "(`fedmq keys init`); empty: unsigned")
     checkpoint: str = option("fedmq-aggregator.ckpt", "state file (FILE.round-0 and -1 beside "
@@ -135,7 +142,8 @@ class AggregatorConfig(BrokerConfig, RoundOptions):
                        "workers take the devices); worker: folds its shard of the devices' "
                        "updates into partial aggregates for the reducer on the same broker; "
                        "site: folds every update on its site broker into partial aggregates "
-                       "that the broker's bridge carries upstream (docs/scale.md)")
+                       "that the broker's bridge carries upstream (docs/scale.md)",
+                       choices=ROLES)
     shard: str = option("0/1", "worker: I/N, it takes the devices whose id hashes to I "
                         "mod N (docs/scale.md)")
     partial_sources: str = option("", "central/reducer: the workers and sites whose partial "
@@ -179,8 +187,8 @@ class AggregatorConfig(BrokerConfig, RoundOptions):
         create_optimizer(self.optimizer_config())
         for codec in (self.model_codec, self.model_delta_codec or "float32"):
             codecs.get_codec(codec)
-        if self.mode not in ("sync", "async"):
-            raise ConfigError(f"mode {self.mode!r} must be sync or async")
+        if self.mode not in MODES:
+            raise ConfigError(f"mode {self.mode!r} must be {' or '.join(MODES)}")
         self.policy()  # validate now, not at the first round
         self._check_role()
         self.cohort_policy()

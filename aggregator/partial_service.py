@@ -96,6 +96,7 @@ class PartialService(ServiceLoop):
         self.folded = 0  # device updates folded in
         self.others = 0  # updates of devices another worker takes, passed over
         self.sent = 0  # partial aggregates published (re-sends included)
+        storage.check_writable(config.checkpoint, what="checkpoint")
         self.store = StateFile(config.checkpoint)
         self._init_loop(self.store)  # type: ignore[arg-type]
         self._restore()

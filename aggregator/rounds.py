@@ -39,6 +39,7 @@ class Action(enum.Enum):
 
 
 LATE_POLICIES = ("discard", "fold")
+ON_INSUFFICIENT = ("extend", "rerun")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -79,7 +80,7 @@ class RoundPolicy:
             raise ConfigError(f"late_updates {self.late_updates!r} must be 'discard' or 'fold'")
         if not self.deadline_s > 0:
             raise ConfigError("deadline_s must be > 0")
-        if self.on_insufficient not in ("extend", "rerun"):
+        if self.on_insufficient not in ON_INSUFFICIENT:
             raise ConfigError(
                 f"on_insufficient {self.on_insufficient!r} must be 'extend' or 'rerun'"
             )

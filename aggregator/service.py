@@ -123,6 +123,12 @@ class AggregatorService(ServiceLoop):
         self.rejected: Counter[str] = Counter()
         self.reassembler = config.reassembler()  # updates that arrive in Parts
         self.model_bytes = 0
+        # Paths it will write, checked now: not a traceback at the first round's save.
+        storage.check_writable(config.checkpoint, what="checkpoint")
+        if config.metrics:
+            storage.check_writable(config.metrics, what="metrics")
+        if config.onnx_dir:
+            storage.check_writable(config.onnx_dir, what="onnx_dir", directory=True)
         self.store = CheckpointStore(config.checkpoint)
         self._init_loop(self.store, on_saved=self.observers.checkpoint_saved)
         self._restore()
@@ -402,8 +408,12 @@ class AggregatorService(ServiceLoop):
                       "(a restart closes the round again)", result.round)
             return
         if self.config.metrics:
-            with open(self.config.metrics, "a") as fh:
-                fh.write(record.to_json() + "\n")
+            try:
+                with open(self.config.metrics, "a") as fh:
+                    fh.write(record.to_json() + "\n")
+            except OSError as exc:  # a full disk loses a metrics line, never the round
+                log.error("round %d's line could not be appended to metrics %s: %s",
+                          result.round, self.config.metrics, exc.strerror or exc)
         log.info("round %d closed: %d updates, %d samples, train loss %.4f%s%s", result.round,
                  result.participants, result.samples, result.train_loss,
                  f", test accuracy {accuracy:.4f}" if accuracy is not None else "",

@@ -94,7 +94,13 @@ class CheckpointWriter:
                     seconds = time.perf_counter() - started
             except Exception as exc:  # disk full, permissions: nothing may be acked now
                 self._failed = True
-                log.exception("checkpoint write to %s failed", self.store.path)
+                if isinstance(exc, OSError):  # the disk's fault, said in words
+                    log.error("checkpoint write to %s failed (%s); nothing more is "
+                              "acknowledged and the aggregator stops: free the disk or fix "
+                              "its permissions, then restart it", self.store.path,
+                              exc.strerror or exc)
+                else:  # a bug: its traceback
+                    log.exception("checkpoint write to %s failed", self.store.path)
                 self.on_failure(exc)
             if seconds is not None and self.on_saved is not None:
                 self.on_saved(seconds)

@@ -283,6 +283,8 @@ class EdgeAgent:
                  update_transform: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
         self.config = config
         self.topics = FleetTopics(config.fleet)
+        if config.state_dir:  # said now, not as a traceback at the first save
+            storage.check_writable(config.state_dir, what="state_dir", directory=True)
         # Before anything reads the directory: another agent's outbox must not be loaded.
         self._state_lock = (StateDirLock(config.state_dir, config.device_id)
                             if config.state_dir else None)
@@ -461,7 +463,11 @@ class EdgeAgent:
             if train is not None:
                 try:
                     self._train_and_publish(train)
-                except Exception:  # a bug or a full disk must not end training for good
+                except OSError as exc:  # a full disk must not end training for good
+                    self.stats.rejected["train_error"] += 1
+                    log.error("%s: round %d failed: %s; waiting for the next model",
+                              self.config.device_id, train.model.announcement.round, exc)
+                except Exception:  # nor a bug
                     self.stats.rejected["train_error"] += 1
                     log.exception("%s: round %d failed; waiting for the next model",
                                   self.config.device_id, train.model.announcement.round)

@@ -19,7 +19,7 @@ def run(args: argparse.Namespace) -> int:
     from fedmq.tasks import device_shard
 
     config = config_from_args(AgentConfig, args)
-    setup_logging(config.log_level)
+    setup_logging(config.log_level, config.log_format)
     if config.data_source:  # the device's own data, checked before we connect
         from fedmq.tasks.datasource import load_source
 

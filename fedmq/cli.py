@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 from dataclasses import dataclass
 
@@ -87,10 +88,21 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser(argv).parse_args(argv)
         return args.func(args)
     except FedmqError as exc:
-        print(f"fedmq: error: {exc}", file=sys.stderr)
+        _say_error(exc)
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def _say_error(exc: FedmqError) -> None:
+    """One line: in the log's own format once a service set logging up (its log is where
+    an operator looks, and --log-format json stays parseable), else argparse's style."""
+    from fedmq.runtime import logging_is_set_up
+
+    if logging_is_set_up():
+        logging.getLogger("fedmq").error("%s", exc)
+    else:
+        print(f"fedmq: error: {exc}", file=sys.stderr)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -13,7 +13,7 @@ import re
 import socket
 import sys
 import typing
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -28,10 +28,29 @@ else:  # pragma: no cover
 
 C = TypeVar("C")
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+LOG_FORMATS = ("text", "json")
 
-def option(default: Any, help: str) -> Any:
-    """A config field with its help text (shown by --help and in the example configs)."""
-    return dataclasses.field(default=default, metadata={"help": help})
+
+Choices = Iterable[str] | Callable[[], Iterable[str]]
+
+
+def option(default: Any, help: str, *, choices: Choices | None = None) -> Any:
+    """A config field with its help text (shown by --help and in the example configs).
+
+    `choices`: the values allowed, or a function returning them (a registry's names, read
+    when --help is built, so every registered entry shows); --help lists them. The config
+    class still checks the value, with its own message."""
+    metadata = {"help": help} if choices is None else {"help": help, "choices": choices}
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def choices_of(field: dataclasses.Field) -> list[str]:
+    """The values `field` allows ([] when any value of its type goes)."""
+    choices = field.metadata.get("choices")
+    if choices is None:
+        return []
+    return list(choices() if callable(choices) else choices)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +84,8 @@ def borrow_options(source: type, *, keys: Iterable[str] | None = None,
         new = changed.get(name)
         default, help_text = (f.default, f.metadata.get("help", "")) if new is None else (
             new.value, new.help or f.metadata.get("help", ""))
-        out.append((name, hints[name], option(default, help_text)))
+        out.append((name, hints[name], option(default, help_text,
+                                              choices=f.metadata.get("choices"))))
     return out
 
 
@@ -79,13 +99,38 @@ def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
     group = parser.add_argument_group(f"{cls.__name__} (also settable in the TOML file)")
     for f in dataclasses.fields(cls):
         kind = hints[f.name]
-        help_text = f"{f.metadata.get('help', '')} (default: {f.default!r})"
+        help_text = flag_help(f)
         if kind is bool:
             group.add_argument(_flag(f.name), dest=f.name, default=None,
                                action=argparse.BooleanOptionalAction, help=help_text)
         else:
             group.add_argument(_flag(f.name), dest=f.name, default=None, type=kind,
                                metavar=f.name.upper(), help=help_text)
+
+
+def flag_help(field: dataclasses.Field) -> str:
+    """A flag's help: its text, the values it allows, and its default unless the text
+    already says what the default means ("(empty: ...)", "(0: ...)")."""
+    text = field.metadata.get("help", "")
+    notes = []
+    allowed = choices_of(field)
+    if allowed:
+        notes.append(f"one of: {', '.join(allowed)}")
+    if not _explains_default(text, field.default):
+        notes.append(f"default: {field.default!r}")
+    return f"{text} ({'; '.join(notes)})" if notes else text
+
+
+def _explains_default(text: str, default: Any) -> bool:
+    if isinstance(default, bool):
+        return False
+    if default == "":
+        said = ["empty"]
+    elif isinstance(default, (int, float)) and float(default).is_integer():
+        said = [str(int(default)), str(default)]
+    else:
+        said = [str(default)]
+    return any(re.search(rf"[(;] ?{re.escape(word)}:", text) for word in said)
 
 
 def _coerce(value: Any, kind: type, key: str, source: str) -> Any:
@@ -179,12 +224,19 @@ class BrokerConfig:
                             "(mqtts:// only; empty: none)")
     key_file: str = option("", "PEM private key of cert_file (empty: none)")
     fleet: str = option("default", "fleet name; topics live under fedmq/{fleet}/")
-    log_level: str = option("INFO", "DEBUG, INFO, WARNING or ERROR")
+    log_level: str = option("INFO", "the least severe messages logged", choices=LOG_LEVELS)
+    log_format: str = option("text", "text: a line per message, for people; json: a JSON "
+                             "object per line (time, level, logger, message and the "
+                             "message's extra fields), for log collectors", choices=LOG_FORMATS)
 
     def __post_init__(self) -> None:
         check_name(self.fleet, "fleet name")
-        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-            raise ConfigError(f"log_level {self.log_level!r} must be DEBUG, INFO, WARNING or ERROR")
+        if self.log_level.upper() not in LOG_LEVELS:
+            raise ConfigError(f"log_level {self.log_level!r} must be one of "
+                              f"{', '.join(LOG_LEVELS)}")
+        if self.log_format not in LOG_FORMATS:
+            raise ConfigError(f"log_format {self.log_format!r} must be one of "
+                              f"{', '.join(LOG_FORMATS)}")
         self.tls()  # a key without a certificate is an error now, not at connect time
 
     def tls(self) -> TlsFiles:

@@ -5,19 +5,80 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
+import json
 import logging
 import signal
+import sys
 import threading
-from typing import TypeVar
+from typing import Any, TypeVar
 
-from fedmq.config import add_flags, load_config
+from fedmq.config import LOG_FORMATS, add_flags, load_config
+from fedmq.errors import ConfigError
 
 C = TypeVar("C")
 
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# What every LogRecord has; anything else on a record came in `extra=` and is kept.
+_STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
+    "message", "asctime", "taskName"}
 
-def setup_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time (UTC, ISO 8601), level, logger, message, the fields
+    given as `extra=`, and the traceback as one string when there is one.
+
+    Written here, not taken from python-json-logger: the agent's base install stays at
+    paho, numpy and msgpack, and this is all of it."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "time": datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc)
+            .isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for key, value in vars(record).items():
+            if key not in _STANDARD and key not in out:
+                out[key] = value
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            out["stack"] = self.formatStack(record.stack_info)
+        return json.dumps(out, default=str)
+
+
+def log_formatter(fmt: str) -> logging.Formatter:
+    """The formatter of --log-format `fmt`."""
+    if fmt not in LOG_FORMATS:
+        raise ConfigError(f"log_format {fmt!r} must be one of {', '.join(LOG_FORMATS)}")
+    return JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT)
+
+
+class _Stderr(logging.StreamHandler):
+    """To whatever sys.stderr is when a message is logged, not when logging was set up: a
+    live progress display (`fedmq simulate`) swaps it to print messages above its bars."""
+
+    @property  # type: ignore[override]
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
+def setup_logging(level: str, fmt: str = "text") -> None:
+    """Messages of `level` and above to stderr, as text or JSON lines."""
+    handler = _Stderr()
+    handler.setFormatter(log_formatter(fmt))
+    logging.basicConfig(level=level.upper(), handlers=[handler])
+
+
+def logging_is_set_up() -> bool:
+    """Whether setup_logging put its handler in place (then errors go to the log)."""
+    return any(isinstance(h, _Stderr) for h in logging.getLogger().handlers)
 
 
 def wait_for_signal(done: threading.Event | None = None) -> None:

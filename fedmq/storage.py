@@ -5,6 +5,7 @@ Used by the aggregator's checkpoints and by device-side state. Nothing is ever p
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 import tempfile
@@ -14,7 +15,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from fedmq.errors import FedmqError
+from fedmq.errors import ConfigError, FedmqError
 
 _ARRAY = "__ndarray__"
 # Numeric dtypes only: object arrays would smuggle pickles back in.
@@ -136,6 +137,39 @@ def atomic_write(path: str | os.PathLike[str], data: bytes) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def check_writable(path: str | os.PathLike[str], *, what: str, directory: bool = False) -> None:
+    """ConfigError naming `what` (the option) unless `path` can be written: a file whose
+    folder takes new files (write-then-rename needs that), or with `directory` a folder.
+    Said at start-up, in words, not as a traceback from the first save an hour later.
+    Folders that do not exist yet are created, as the first save would."""
+    path = Path(path)
+    folder = path if directory else path.parent
+    try:
+        if not directory and path.is_dir():
+            raise IsADirectoryError(errno.EISDIR, "is a directory, not a file", str(path))
+        _check_ancestors(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".fedmq-probe-")
+        os.close(fd)
+        os.unlink(probe)
+        if not directory and path.exists() and not os.access(path, os.W_OK):
+            raise PermissionError(errno.EACCES, "cannot be written", str(path))
+    except OSError as exc:
+        where = f"{exc.filename}: " if exc.filename and exc.filename != str(path) else ""
+        raise ConfigError(f"{what} {path} cannot be written ({where}{exc.strerror or exc}); "
+                          f"choose another path for {what} or fix its permissions") from None
+
+
+def _check_ancestors(folder: Path) -> None:
+    """The nearest existing ancestor must be a folder (mkdir would say 'File exists')."""
+    for parent in (folder, *folder.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise NotADirectoryError(errno.ENOTDIR, "is a file, not a directory",
+                                         str(parent))
+            return
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:

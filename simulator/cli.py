@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import signal
 import sys
 
 from fedmq.errors import require
-from fedmq.runtime import add_config_flags, config_from_args
+from fedmq.runtime import add_config_flags, config_from_args, setup_logging
+from fedmq.storage import check_writable
 from simulator.fleet import Simulation, SimulationConfig, SimulationResult, write_metrics
 
 
@@ -21,8 +21,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     config = config_from_args(SimulationConfig, args)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.ERROR,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # WARNING by default: what goes wrong in a run (a device's failure, an unreachable
+    # broker) is said; --verbose adds every service event.
+    setup_logging("INFO" if args.verbose else "WARNING", config.log_format)
+    if config.metrics:  # said now, not after the whole run
+        check_writable(config.metrics, what="metrics")
     # A closed terminal (SIGHUP) or a kill (SIGTERM) unwinds like Ctrl-C, so the private
     # broker, the device processes and the temporary directory go with the run.
     for sig in (signal.SIGTERM, signal.SIGHUP):
@@ -73,9 +76,17 @@ def _wait_with_progress(sim: Simulation, config: SimulationConfig) -> Simulation
 
 
 def _print_table(result: SimulationResult) -> None:
-    rich_table = require("rich.table", "sim")
     rich_console = require("rich.console", "sim")
-    table = rich_table.Table(title=f"fedmq simulation ({result.wall_s:.1f} s)")
+    rich_console.Console().print(results_table(result))
+
+
+def results_table(result: SimulationResult):
+    """One row per round; the title gives the whole run's wall time, start-up included
+    (the rows' seconds are the rounds' own)."""
+    rich_table = require("rich.table", "sim")
+    table = rich_table.Table(title=f"fedmq simulation: {len(result.rounds)} rounds in "
+                                   f"{result.wall_s:.1f} s ({result.startup_s:.1f} s of it "
+                                   "starting up)")
     with_top3 = any(r.top3 is not None for r in result.rounds)
     top3_column = ["top-3"] if with_top3 else []
     for col in ("round", "accuracy", *top3_column, "test loss", "updates", "KiB up",
@@ -89,4 +100,4 @@ def _print_table(result: SimulationResult) -> None:
                       f"{r.bytes_up / 1024:.1f}",
                       f"{r.bytes_down / 1024:.1f}" if r.bytes_down is not None else "-",
                       f"{r.wall_s:.2f}")
-    rich_console.Console().print(table)
+    return table

@@ -13,7 +13,7 @@ from edge_agent.config import AgentConfig
 from fedmq.config import Default, borrow_options, option
 from fedmq.errors import ConfigError
 from fedmq.tasks import task_spec
-from simulator.profiles import DeviceProfile, fleet_profiles
+from simulator.profiles import MIXES, DeviceProfile, fleet_profiles
 
 # Aggregator keys the simulator sets itself on every run, so not flags of `fedmq simulate`.
 SET_BY_SIMULATOR = (
@@ -97,12 +97,13 @@ class SimulationConfig(BorrowedOptions):
     profiles: str = option("uniform", "device mix: uniform (all like this host), mixed (Pi "
                            "4s, Pi Zeros, cellular links: slower compute, thin uplinks, "
                            "advertised in each birth) or stragglers (30%% 10x slower, 30%% "
-                           "on a link down about 3 s of every 7)")
+                           "on a link down about 3 s of every 7)", choices=MIXES)
     engine: str = option("auto", "how devices run: agents (each a real EdgeAgent: its own "
                          "MQTT client and thread; every feature, up to a few hundred), "
                          "hosted (DeviceMachines on one event loop per process: 10,000s of "
                          "devices, uniform profiles, no --dropout) or auto (hosted above "
-                         f"{HOSTED_ABOVE} devices when nothing needs agents)")
+                         f"{HOSTED_ABOVE} devices when nothing needs agents)",
+                         choices=ENGINES)
 
     def __post_init__(self) -> None:
         spec = task_spec(self.task)  # an unknown task fails here

@@ -34,7 +34,7 @@ from simulator.hostproc import HostPlan, HostProcess, HostReport, merged
 from simulator.profiles import DeviceProfile, fleet_profiles
 
 __all__ = ["BYZANTINE_SCALE", "Simulation", "SimulationConfig", "SimulationResult",
-           "plot_metrics", "poison", "write_metrics"]
+           "metrics_figure", "plot_metrics", "poison", "write_metrics"]
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,8 @@ class SimulationResult:
     """The aggregator's records of a run, with what the devices downloaded filled in."""
 
     rounds: list[RoundRecord] = field(default_factory=list)
-    wall_s: float = 0.0
+    wall_s: float = 0.0  # the whole run: start-up (broker, data, devices) included
+    startup_s: float = 0.0  # of which starting the broker, loading data, starting devices
     rejected: dict[str, int] = field(default_factory=dict)
     devices: int = 0
     # hosted devices that never came online, and why sessions failed (cause -> count)
@@ -115,6 +116,8 @@ class Simulation:
         self.hosts: list[HostProcess] = []
         self._hosted = HostReport()
         self.online_s = 0.0  # seconds the hosted fleet took to come online
+        self.began: float | None = None  # monotonic time start() was called
+        self.startup_s = 0.0  # seconds start() took
         self.records: list[RoundRecord] = []
         self.round_closed = threading.Condition()
         self.proxies: ProxyPool | None = None  # one fault proxy per device, with --dropout
@@ -123,6 +126,11 @@ class Simulation:
         self._flaky: dict[str, DeviceProfile] = {}  # devices whose link flaps on a schedule
 
     def start(self) -> None:
+        self.began = time.monotonic()
+        self._start()
+        self.startup_s = time.monotonic() - self.began
+
+    def _start(self) -> None:
         c = self.config
         url = c.broker
         if not url:
@@ -277,7 +285,7 @@ class Simulation:
                 shown = progress(self, shown)
         if progress is not None:
             progress(self, shown)
-        return self._result(time.monotonic() - started)
+        return self._result(time.monotonic() - (self.began or started))
 
     def _traffic(self, round_no: int) -> tuple[int, int]:
         """(bytes uploaded, bytes downloaded) of all devices for one round, as they counted."""
@@ -289,7 +297,8 @@ class Simulation:
         if self.hosts:  # counts as of now, not of the last periodic report
             self._hosted = merged([h.fresh() for h in self.hosts])
         hosted = self._hosted
-        result = SimulationResult(wall_s=wall_s, devices=self.config.devices,
+        result = SimulationResult(wall_s=wall_s, startup_s=self.startup_s,
+                                  devices=self.config.devices,
                                   never_connected=hosted.never_connected,
                                   never_connected_count=hosted.never_connected_count,
                                   connect_failures=hosted.failures)
@@ -360,25 +369,42 @@ def plot_metrics(result: SimulationResult, path: Path) -> Path:
     matplotlib = require("matplotlib", "sim")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import matplotlib.ticker
 
-    rounds = [r.round for r in result.rounds]
-    fig, (ax_acc, ax_bytes) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
-    ax_acc.plot(rounds, [np.nan if r.accuracy is None else r.accuracy for r in result.rounds],
-                marker="o")
-    ax_acc.set_ylabel("test accuracy")
-    ax_acc.grid(alpha=0.3)
-    ax_bytes.bar([x - 0.2 for x in rounds], [r.bytes_up / 1024 for r in result.rounds],
-                 width=0.4, label="uploaded")
-    ax_bytes.bar([x + 0.2 for x in rounds], [(r.bytes_down or 0) / 1024 for r in result.rounds],
-                 width=0.4, label="downloaded")
-    ax_bytes.set_ylabel("KiB per round (all devices)")
-    ax_bytes.set_xlabel("round")
-    ax_bytes.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    ax_bytes.legend()
-    ax_bytes.grid(alpha=0.3)
-    fig.suptitle(f"fedmq simulation: {result.summary()}", fontsize=10)
-    fig.tight_layout()
+    fig = metrics_figure(result)
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def metrics_figure(result: SimulationResult):
+    """Accuracy, loss and traffic per round, one panel each; legends sit beside their
+    panel, never over the last rounds' points and bars."""
+    require("matplotlib", "sim")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    records = result.rounds
+    rounds = [r.round for r in records]
+    fig, (ax_acc, ax_loss, ax_bytes) = plt.subplots(3, 1, figsize=(8, 8), sharex=True,
+                                                    layout="constrained")
+    ax_acc.plot(rounds, [np.nan if r.accuracy is None else r.accuracy for r in records],
+                marker="o")
+    ax_acc.set_ylabel("test accuracy")
+    ax_loss.plot(rounds, [np.nan if r.loss is None else r.loss for r in records],
+                 marker="o", label="test")
+    ax_loss.plot(rounds, [r.train_loss for r in records], marker=".", linestyle="--",
+                 label="train (devices)")
+    ax_loss.set_ylabel("loss")
+    ax_bytes.bar([x - 0.2 for x in rounds], [r.bytes_up / 1024 for r in records],
+                 width=0.4, label="uploaded")
+    ax_bytes.bar([x + 0.2 for x in rounds], [(r.bytes_down or 0) / 1024 for r in records],
+                 width=0.4, label="downloaded")
+    ax_bytes.set_ylabel("KiB per round\n(all devices)")
+    ax_bytes.set_xlabel("round")
+    ax_bytes.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    for ax in (ax_loss, ax_bytes):
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    for ax in (ax_acc, ax_loss, ax_bytes):
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"fedmq simulation: {result.summary()}", fontsize=10)
+    return fig

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+import shutil
+
 import numpy as np
 import pytest
 
 from aggregator.checkpoint import CheckpointStore
+from aggregator.writer import CheckpointWriter
 from fedmq import storage
 
 
@@ -142,3 +146,26 @@ def test_a_slot_for_another_layout_is_ignored(tmp_path):
     loaded = CheckpointStore(path).load()
     assert loaded["machine"]["layout_hash"] == "h" and len(loaded["machine"]["params"]) == 64
     assert_same(loaded, state(0, 1, 1))
+
+
+def test_a_failed_checkpoint_write_is_one_error_line_and_stops_acknowledging(tmp_path, caplog):
+    folder = tmp_path / "state"
+    store = CheckpointStore(folder / "agg.ckpt")
+    failures: list[BaseException] = []
+    writer = CheckpointWriter(store, on_failure=failures.append)
+    acked: list[int] = []
+    try:
+        writer.submit(state(1, 1, 0), [lambda: acked.append(1)])
+        assert writer.flush()
+        shutil.rmtree(folder)  # the disk goes away under the running service
+        folder.write_text("not a folder any more")
+        with caplog.at_level(logging.ERROR, logger="aggregator.writer"):
+            writer.submit(state(2, 2, 0), [lambda: acked.append(2)])
+            assert writer.flush()
+    finally:
+        writer.close()
+    assert writer.failed and isinstance(failures[0], OSError)
+    assert acked == [1]  # nothing the failed write held is acknowledged
+    [record] = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert str(folder / "agg.ckpt") in record.getMessage()
+    assert record.exc_info is None  # in words, not a traceback

@@ -116,6 +116,41 @@ def test_agent_with_bad_config_exits_with_a_clear_message(tmp_path):
     assert "codec 'zip9'" in proc.stderr and "Traceback" not in proc.stderr
 
 
+# A folder under a regular file, or under /proc: unwritable even for root (tests run as root,
+# whom chmod does not stop).
+UNWRITABLE = [
+    (["aggregator", "--checkpoint", "{file}/agg.ckpt"], "checkpoint", "{file}/agg.ckpt"),
+    (["aggregator", "--checkpoint", "/proc/forbidden/agg.ckpt"], "checkpoint",
+     "/proc/forbidden/agg.ckpt"),
+    (["aggregator", "--checkpoint", "{tmp}/agg.ckpt", "--metrics", "{file}/m.jsonl"],
+     "metrics", "{file}/m.jsonl"),
+    (["agent", "--state-dir", "{file}/state"], "state_dir", "{file}/state"),
+    (["simulate", "--metrics", "{file}/out/m.jsonl"], "metrics", "{file}/out/m.jsonl"),
+]
+
+
+@pytest.mark.parametrize(("argv", "option", "path"), UNWRITABLE,
+                         ids=["checkpoint", "checkpoint-proc", "metrics", "state_dir",
+                              "simulate-metrics"])
+def test_an_unwritable_path_is_one_error_line_naming_it_not_a_traceback(tmp_path, argv, option,
+                                                                       path):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
+
+    def fill(text: str) -> str:
+        return text.format(file=a_file, tmp=tmp_path)
+
+    # the broker is never reached: the paths are checked before anything connects
+    proc = subprocess.run([*FEDMQ, *map(fill, argv), "--broker", "mqtt://127.0.0.1:9"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    said = [line for line in proc.stderr.splitlines() if fill(path) in line]
+    assert len(said) == 1, proc.stderr
+    assert re.search(rf"\b(ERROR|error)\b.* {option} {re.escape(fill(path))} cannot be written",
+                     said[0]), said[0]
+
+
 def _processes_mentioning(text: str) -> list[int]:
     """PIDs whose command line mentions `text` (live processes only)."""
     from pathlib import Path
@@ -155,3 +190,55 @@ def test_simulate_stopped_by_a_signal_leaves_no_broker_and_no_files(tmp_path, si
     finally:  # what the run left behind, if it failed to clean up after itself
         for pid in _processes_mentioning(str(tmp_path)):
             os.kill(pid, signal.SIGKILL)
+
+
+def _json_lines(stderr: str) -> list[dict]:
+    """Every line of `stderr` as the JSON object it must be (fails on any other line)."""
+    lines = [json.loads(line) for line in stderr.splitlines() if line.strip()]
+    for line in lines:
+        assert {"time", "level", "logger", "message"} <= set(line), line
+    return lines
+
+
+@pytest.mark.parametrize(("argv", "path"), [
+    (["aggregator", "--checkpoint", "{file}/agg.ckpt"], "{file}/agg.ckpt"),
+    (["agent", "--state-dir", "{file}/state"], "{file}/state"),
+    (["simulate", "--metrics", "{file}/m.jsonl"], "{file}/m.jsonl"),
+], ids=["aggregator", "agent", "simulate"])
+def test_log_format_json_makes_every_stderr_line_a_json_object(tmp_path, argv, path):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
+    argv = [arg.format(file=a_file) for arg in argv]
+    proc = subprocess.run([*FEDMQ, *argv, "--log-format", "json",
+                           "--broker", "mqtt://127.0.0.1:9"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    [error] = [line for line in _json_lines(proc.stderr) if line["level"] == "ERROR"]
+    assert path.format(file=a_file) in error["message"]
+
+
+def test_a_running_aggregator_logs_json_lines(tmp_path, processes):
+    proc = subprocess.Popen([*FEDMQ, "aggregator", "--log-format", "json",
+                             "--checkpoint", str(tmp_path / "agg.ckpt"),
+                             "--broker", "mqtt://127.0.0.1:9"],  # nobody listens there
+                            stderr=subprocess.PIPE, text=True)
+    processes.append(proc)
+    first = json.loads(proc.stderr.readline())  # blocks until the service says something
+    assert first["level"] == "WARNING" and "cannot reach the broker" in first["message"]
+    proc.send_signal(signal.SIGTERM)
+    _, rest = proc.communicate(timeout=60)
+    assert proc.returncode == 0, rest
+    _json_lines(rest)
+
+
+def test_simulate_shows_warnings_by_default():
+    # devices of a fleet whose broker is not there: the run cannot work, and says why
+    proc = subprocess.run([*FEDMQ, "simulate", "--agents-only", "--broker",
+                           "mqtt://127.0.0.1:9", "--fleet", "nowhere", "--devices", "1",
+                           "--rounds", "1", "--timeout-s", "2", "--quiet"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert re.search(r"WARNING .*cannot reach the broker at mqtt://127.0.0.1:9", proc.stderr), \
+        proc.stderr
+    assert re.search(r"ERROR .*did not finish 1 rounds within 2 s", proc.stderr), proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -4,6 +4,7 @@ declared once, and the simulator's own defaults are stated in one place."""
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import numpy as np
 import pytest
@@ -57,7 +58,11 @@ def test_a_borrowed_key_keeps_its_declaration_unless_the_simulator_states_anothe
             assert default == service[name], name  # declared once, in AggregatorConfig
         elif name in AGENT_KEYS:
             assert default == sim_agent[name], name
-        assert flags[name].endswith(f"(default: {default!r})"), name  # --help tells the truth
+        # --help tells the truth: the default, or what the default means
+        shown = "empty" if default == "" else f"{default:g}" if isinstance(default, float) \
+            else str(default)
+        assert (flags[name].endswith(f"default: {default!r})")
+                or re.search(rf"[(;] ?{re.escape(shown)}:", flags[name])), name
     differing = {n for n, d in SIMULATOR_DEFAULTS.items() if d.value != service[n]}
     assert differing == {"broker", "fleet", "epochs", "batch_size", "lr", "min_updates",
                          "deadline_s", "slow_link_kbps"}
@@ -114,3 +119,36 @@ def test_an_attacker_trains_honestly_and_sends_its_delta_reversed_and_scaled():
     honest, poisoned = trained_delta(), trained_delta(update_transform=poison)
     assert np.abs(honest).max() > 0
     np.testing.assert_allclose(poisoned, -BYZANTINE_SCALE * honest, rtol=1e-6)
+
+
+def test_simulate_help_lists_the_allowed_values_of_each_choice_from_its_registry():
+    from aggregator.config import MODES
+    from aggregator.strategy import rules
+    from aggregator.strategy.collectors import CoordinateMedian
+    from aggregator.strategy.optimizers import optimizer_names
+    from simulator.profiles import MIXES
+
+    class Krum(CoordinateMedian):  # a rule registered later shows up too
+        name = "krum_for_the_help_test"
+
+    rules.register_rule(Krum)
+    try:
+        flags = simulate_flags()
+    finally:
+        del rules._REGISTRY[Krum.name]
+    for dest, names in [("optimizer", optimizer_names()), ("mode", MODES),
+                        ("profiles", list(MIXES)),
+                        ("aggregation", ["mean", "median", "trimmed_mean", Krum.name])]:
+        listed = re.search(r"one of: ([^;)]*)", flags[dest])
+        assert listed, flags[dest]
+        assert listed.group(1).split(", ") == sorted(names) if dest in (
+            "optimizer", "aggregation") else list(names), flags[dest]
+
+
+def test_a_flag_states_its_default_once():
+    flags = simulate_flags()
+    assert flags["fleet"] == "fleet name (empty: a fresh sim-XXXXXX)"
+    assert flags["rounds"].endswith("(0: the task's default, 20)")
+    for dest, text in flags.items():
+        assert text is None or text.count("default:") <= 1, dest
+        assert not ("empty:" in (text or "") and "default: ''" in text), dest

@@ -179,7 +179,7 @@ def test_fedmq_aggregator_says_the_port_is_taken_without_a_traceback(tmp_path):
              "--checkpoint", str(tmp_path / "agg.ckpt"), "--dashboard-port", str(port)],
             capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
-    assert f"fedmq: error: the dashboard cannot listen on 127.0.0.1:{port}" in done.stderr
+    assert f"the dashboard cannot listen on 127.0.0.1:{port}" in done.stderr
     assert "Traceback" not in done.stderr
 
 

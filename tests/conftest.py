@@ -8,13 +8,13 @@ from collections.abc import Callable, Iterator
 import pytest
 from hypothesis import settings
 
+from fedmq.ops.certs import Pki
+from simulator.broker import LocalMosquitto
+
 # Property tests check what is computed, never how fast: on a shared 2-core machine one
 # example can take seconds, and hypothesis's default 200 ms deadline then fails the run.
 settings.register_profile("fedmq", deadline=None)
 settings.load_profile("fedmq")
-
-from fedmq.ops.certs import Pki
-from simulator.broker import LocalMosquitto
 
 
 @pytest.fixture

@@ -16,7 +16,13 @@ from typing import Any
 import numpy as np
 
 from fedmq.core import codecs
-from fedmq.core.protocol import FleetTopics, ModelAnnouncement, ModelChunk, PayloadInfo
+from fedmq.core.protocol import (
+    FleetTopics,
+    ModelAnnouncement,
+    ModelChunk,
+    PayloadInfo,
+    cohort_digest,
+)
 from fedmq.core.transfer import chunk_tensor
 
 # Model payloads up to this size also travel inside the announcement: a device starts
@@ -76,6 +82,8 @@ class ModelBroadcast:
             full_info = dataclasses.replace(full_info, data=b"")
             if delta_info is not None:
                 delta_info = dataclasses.replace(delta_info, data=b"")
+        if extra.get("cohort"):  # compact: every device of the fleet receives this
+            extra = {**extra, "cohort": None, "cohort_digest": cohort_digest(extra["cohort"])}
         announcement = ModelAnnouncement(
             version=version, round=round, payload=full_info, delta=delta_info,
             delta_base=version - 1 if delta_info else -1, announce_id=os.urandom(6).hex(),

@@ -21,9 +21,9 @@ updates, receipts and `now`, and journals `state_dict()` before it acks anything
 
 from __future__ import annotations
 
-import hashlib
 import math
 import secrets
+from collections.abc import Container
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,7 +31,7 @@ import numpy as np
 
 from aggregator.rounds import RoundPolicy, check_timeliness
 from aggregator.strategy.accumulator import WeightedAccumulator
-from fedmq.core.protocol import EncodedTensor, Receipt, Update
+from fedmq.core.protocol import CohortDigest, EncodedTensor, Receipt, Update, device_key
 from fedmq.errors import ConfigError, ProtocolError
 
 STATE_FORMAT = 1
@@ -68,8 +68,7 @@ class Shard:
     def owns(self, device_id: str) -> bool:
         if self.count == 1:
             return True
-        digest = hashlib.sha256(device_id.encode()).digest()
-        return int.from_bytes(digest[:4], "big") % self.count == self.index
+        return int.from_bytes(device_key(device_id), "big") % self.count == self.index
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,7 +111,7 @@ class PartialRound:
         self.flush_after_s = flush_after_s
         self.epoch = secrets.token_hex(4)  # partial ids stay unique across lost state
         self.seq = 0
-        self.cohort: frozenset[str] | None = None
+        self.cohort: Container[str] | None = None  # who the round asked (None: everyone)
         self.open = self._fresh(round=-1, version=-1)
         self.pending: dict[str, Sealed] = {}  # partial update id -> sealed, not receipted
         # (device, update id) -> (round, version) of every update folded and not forgotten
@@ -130,11 +129,13 @@ class PartialRound:
         """An announcement arrived: updates can be judged."""
         return self.open.round >= 0
 
-    def follow(self, *, round: int, version: int, cohort: list[str] | None,
+    def follow(self, *, round: int, version: int, cohort: Container[str] | None,
                now: float) -> Sealed | None:
-        """The central aggregator announced `round` on model `version`. What was folded
-        for an earlier one is sealed at once (the central one judges whether it is late)."""
-        self.cohort = None if cohort is None else frozenset(cohort)
+        """The central aggregator announced `round` on model `version`, asking `cohort`
+        (ModelAnnouncement.asked()). What was folded for an earlier one is sealed at once
+        (the central one judges whether it is late)."""
+        self.cohort = cohort if cohort is None or isinstance(cohort, CohortDigest) \
+            else frozenset(cohort)
         if (round, version) == (self.open.round, self.open.version):
             return None
         sealed = self.seal(now) if self.open.count else None
@@ -191,16 +192,17 @@ class PartialRound:
 
     # -- sealing -------------------------------------------------------------------------
     def due(self, now: float, online: list[str]) -> bool:
-        """Seal now: every device expected of this round delivered (the cohort's, else
-        those online, that this worker takes), or the oldest update waited long enough."""
+        """Seal now: every device expected of this round delivered (those online that this
+        worker takes, and the round asked), or the oldest update waited long enough."""
         o = self.open
         if not o.count:
             return False
         o.first_at = min(o.first_at, now)  # the first look after it arrived: within a tick
         if now - o.first_at >= self.flush_after_s:
             return True
-        expected = self.cohort if self.cohort is not None else frozenset(online)
-        return bool(expected) and expected <= self.delivered
+        cohort = self.cohort
+        expected = [d for d in online if cohort is None or d in cohort]
+        return bool(expected) and all(d in self.delivered for d in expected)
 
     def seal(self, now: float) -> Sealed:
         """The open sum as one partial aggregate (weighted mean + summed samples); the
@@ -251,7 +253,7 @@ class PartialRound:
         return {
             "format": STATE_FORMAT, "source": self.source, "layout_hash": self.layout_hash,
             "epoch": self.epoch, "seq": self.seq,
-            "cohort": None if self.cohort is None else sorted(self.cohort),
+            "cohort": _cohort_state(self.cohort),
             "open": {"round": o.round, "version": o.version, "acc": o.acc.state_dict(),
                      "members": [list(m) for m in o.members], "samples": o.samples,
                      "loss_sum": o.loss_sum, "complete": o.complete},
@@ -270,7 +272,9 @@ class PartialRound:
                               f"{state['layout_hash']}, not {self.source} with "
                               f"{self.layout_hash}; point this one at its own checkpoint")
         self.epoch, self.seq = str(state["epoch"]), int(state["seq"])
-        self.cohort = None if state["cohort"] is None else frozenset(state["cohort"])
+        saved = state["cohort"]
+        self.cohort = (None if saved is None else CohortDigest(bytes(saved)) if
+                       isinstance(saved, (bytes, bytearray)) else frozenset(saved))
         saved = state["open"]
         self.open = self._fresh(round=int(saved["round"]), version=int(saved["version"]))
         if saved["members"]:
@@ -288,3 +292,9 @@ class PartialRound:
         self.delivered = {d for (d, _), (r, _) in self.folded.items() if r == self.open.round}
         self.answered = {(d, u): Receipt.from_payload(bytes(r))
                          for d, u, r in state["answered"]}
+
+
+def _cohort_state(cohort: Container[str] | None) -> bytes | list[str] | None:
+    if cohort is None or isinstance(cohort, CohortDigest):
+        return None if cohort is None else cohort.keys
+    return sorted(cohort)  # type: ignore[call-overload]

@@ -184,14 +184,12 @@ class PartialService(ServiceLoop):
                           announcement.model)
                 self._wrong_model_logged = True
             return
-        mine = None if announcement.cohort is None else [
-            d for d in announcement.cohort if self.shard.owns(d)]
         if (announcement.round, announcement.version) != (self.part.open.round,
                                                           self.part.open.version):
             log.info("%s: following round %d (model v%d)", self.source, announcement.round,
                      announcement.version)
         sealed = self.part.follow(round=announcement.round, version=announcement.version,
-                                  cohort=mine, now=now)
+                                  cohort=announcement.asked(), now=now)
         if sealed is not None:
             self._send(sealed)
 
@@ -262,8 +260,7 @@ class PartialService(ServiceLoop):
         dropped = self.ingest.expire(now) + self.ingest.take_superseded()
         if dropped:
             self.rejected["incomplete"] += dropped
-        online = ([] if self.part.cohort is not None else
-                  [d for d in self.registry.online() if self.shard.owns(d)])
+        online = [d for d in self.registry.online() if self.shard.owns(d)]
         if self.part.due(now, online):
             self._send(self.part.seal(now))
         for update_id, sealed in self.part.pending.items():

@@ -10,7 +10,7 @@ from aggregator.partial import PartialRound, Shard
 from aggregator.rounds import Action, RoundMachine, RoundPolicy
 from aggregator.strategy.optimizers import ServerOptConfig, create_optimizer
 from fedmq.core import codecs
-from fedmq.core.protocol import Receipt, Update
+from fedmq.core.protocol import CohortDigest, Receipt, Update, cohort_digest
 from fedmq.errors import ConfigError, ProtocolError
 
 SIZE = 6
@@ -129,11 +129,11 @@ def test_the_central_aggregator_checks_what_a_device_would_be_checked_for():
 
 def test_sealed_when_the_expected_devices_are_in_or_the_oldest_waited():
     part = worker(flush_after_s=5.0)
-    part.follow(round=1, version=0, cohort=["a", "b"], now=0.0)
+    part.follow(round=1, version=0, cohort=CohortDigest(cohort_digest(["a", "b"])), now=0.0)
     part.offer(update("a", np.ones(SIZE), uid="1"))
-    assert not part.due(1.0, online=[])
+    assert not part.due(1.0, online=["a", "b", "c"])  # c is online but was not asked
     part.offer(update("b", np.ones(SIZE), uid="2"))
-    assert part.due(1.1, online=[])
+    assert part.due(1.1, online=["a", "b", "c"])
     lone = worker(flush_after_s=5.0)  # no cohort: waits for the devices online
     lone.offer(update("a", np.ones(SIZE), uid="1"))
     assert not lone.due(1.0, online=["a", "c"])
@@ -188,3 +188,11 @@ def test_robust_rules_refuse_partials():
     with pytest.raises(ProtocolError) as info:
         m.offer(part.seal(1.0).update)
     assert info.value.reason == "not_supported"
+
+
+def test_a_worker_restores_a_digest_cohort():
+    part = worker()
+    part.follow(round=2, version=1, cohort=CohortDigest(cohort_digest(["a"])), now=0.0)
+    again = worker()
+    again.load_state_dict(part.state_dict())
+    assert "a" in again.cohort and "b" not in again.cohort

@@ -1,4 +1,6 @@
 
+import dataclasses
+
 import msgpack
 import pytest
 from hypothesis import given
@@ -6,6 +8,7 @@ from hypothesis import strategies as st
 
 from fedmq.core.protocol import (
     AggregatorStatus,
+    CohortDigest,
     DeviceActivity,
     DeviceStatus,
     EncodedTensor,
@@ -15,6 +18,7 @@ from fedmq.core.protocol import (
     PayloadInfo,
     TaskConfig,
     Update,
+    cohort_digest,
 )
 from fedmq.core.protocol.wire import KIND_KEY, VERSION_KEY, decode_any, wire
 from fedmq.errors import ConfigError, ProtocolError
@@ -36,6 +40,14 @@ def test_update_round_trip(device, round_, samples, loss, data):
     update = make_update(device_id=device, round=round_, num_samples=samples, loss=loss,
                          delta=EncodedTensor(codec="float16", size=len(data) // 2, data=data))
     assert Update.from_payload(update.to_payload()) == update
+
+
+def make_announcement() -> ModelAnnouncement:
+    info = PayloadInfo(codec="float32", size=10, sha256="0" * 64, chunks=2)
+    return ModelAnnouncement(fleet="f", version=1, round=2, model="mlp",
+                             model_config={"inputs": 64, "classes": 10, "hidden": 8},
+                             layout=[["w", [2, 3]]], layout_hash="ab", task=TaskConfig(),
+                             payload=info, issued_at=1.5)
 
 
 def test_every_message_round_trips():
@@ -182,3 +194,31 @@ def test_device_activity_is_optional_and_extensible():
     with pytest.raises(ProtocolError, match=r"DeviceStatus\.activity"):
         DeviceStatus.from_payload(_body(**{KIND_KEY: "dev", "dev": "d1", "on": True,
                                            "act": {"p": -1}}))
+
+
+@given(st.sets(st.from_regex(r"[A-Za-z0-9_.-]{1,20}", fullmatch=True), min_size=1,
+               max_size=300))
+def test_a_cohort_digest_holds_every_device_asked(devices):
+    announcement = dataclasses.replace(make_announcement(), cohort=None,
+                                       cohort_digest=cohort_digest(devices))
+    again = ModelAnnouncement.from_payload(announcement.to_payload())
+    assert all(again.task_for(d) is not None for d in devices)
+
+
+def test_a_cohort_digest_is_small_and_rarely_admits_a_stranger():
+    cohort = [f"sim-abc123-dev{i:05d}" for i in range(260)]
+    digest = cohort_digest(cohort)
+    assert len(digest) == 4 * 260  # vs ~5.2 KB of ids
+    asked = CohortDigest(digest)
+    strangers = [f"sim-abc123-dev{i:05d}" for i in range(260, 20_260)]
+    assert sum(d in asked for d in strangers) <= 1  # expected 20,000 x 260 / 2^32 = 0.001
+
+
+@pytest.mark.parametrize("changes", [
+    {"cohort_digest": b"\x00\x00\x00"},  # not whole keys
+    {"cohort_digest": b"\x00\x00\x00\x02\x00\x00\x00\x01"},  # not sorted
+    {"cohort_digest": b"\x00\x00\x00\x01", "cohort": ["a"]},  # both forms
+])
+def test_malformed_cohort_digests_are_refused(changes):
+    with pytest.raises(ProtocolError):
+        dataclasses.replace(make_announcement(), **changes)

@@ -2,6 +2,7 @@
 
 from fedmq.core.protocol.messages import (
     AggregatorStatus,
+    CohortDigest,
     DeviceActivity,
     DeviceStatus,
     EncodedTensor,
@@ -12,6 +13,8 @@ from fedmq.core.protocol.messages import (
     Receipt,
     TaskConfig,
     Update,
+    cohort_digest,
+    device_key,
 )
 from fedmq.core.protocol.topics import FleetTopics, check_name
 from fedmq.core.protocol.wire import PROTOCOL_VERSION, Message
@@ -19,6 +22,7 @@ from fedmq.core.protocol.wire import PROTOCOL_VERSION, Message
 __all__ = [
     "PROTOCOL_VERSION",
     "AggregatorStatus",
+    "CohortDigest",
     "DeviceActivity",
     "DeviceStatus",
     "EncodedTensor",
@@ -32,4 +36,6 @@ __all__ = [
     "TaskConfig",
     "Update",
     "check_name",
+    "cohort_digest",
+    "device_key",
 ]

@@ -99,8 +99,9 @@ class AggregatorConfig(BrokerConfig, RoundOptions):
     chunk_timeout_s: float = option(
         60.0, "drop a chunked update when no new part of it arrived for this many seconds")
     max_pending_bytes: int = option(
-        64 << 20, "bytes all incomplete chunked updates may declare together; parts beyond "
-        "are rejected")
+        0, "bytes all incomplete chunked updates may declare together; a new one beyond is "
+        "refused (0: automatic, a float32 update's worth for every device the round awaits "
+        "and one more, at least 64 MiB)")
     max_update_bytes: int = option(0, "largest update payload, whole or declared by its parts; "
                                    "bigger ones are rejected as too_large (0: 9 bytes per model "
                                    "parameter + 256 KiB)")

@@ -480,3 +480,20 @@ def test_one_hostile_sender_beside_honest_multi_part_devices_never_starves_them(
             rebuilt[senders[pick]] = result.payload
             r.delivered(senders[pick])
     assert {d: rebuilt.get(d) for d in honest} == honest
+
+
+def test_a_new_plan_evicts_outsiders_that_took_the_room_while_it_was_free():
+    share = 5000
+    r = reassembler(max_pending_bytes=2 * share)
+    r.plan([], share=share)  # between rounds: nobody awaited, all the room is free
+    stalled = Part(transfer_id=b"m" * 8, index=0, count=5, size=2 * share, sha256=bytes(32),
+                   data=b"x")
+    r.offer(HOSTILE, stalled, 0.0)
+    r.plan(["dev0", "dev1"], share=share)
+    assert r.evicted == 1 and r.reserved_bytes == 0 and r.held_bytes == 2 * share
+    with pytest.raises(ProtocolError) as info:  # and it cannot come back into their room
+        r.offer(HOSTILE, dataclasses.replace(stalled, transfer_id=b"n" * 8), 1.0)
+    assert info.value.reason == "too_large"
+    for device in ("dev0", "dev1"):
+        payload = device.encode() * (share // 4)
+        assert [r.offer(device, p, 1.0) for p in parts_of(payload, 1024)][-1].payload == payload

@@ -66,9 +66,10 @@ class AggregatorConfig(BrokerConfig, RoundOptions):
     model: str = option("", "model architecture (empty: the task's own: mlp for digits, "
                         "char_gru for keyboard, har_cnn for sensor); mlp or logreg fit "
                         "flat-feature tasks")
-    hidden: int = option(0, "hidden units of the mlp, or of the keyboard's char_gru (0: "
-                         "the model's default, 64 and 128)")
-    layers: int = option(0, "recurrent layers of the keyboard's char_gru (0: its default, 1)")
+    hidden: int = option(64, "hidden units of the mlp")
+    rnn_hidden: int = option(0, "hidden units of the keyboard's char_gru (0: its default, 128)")
+    rnn_layers: int = option(0, "recurrent layers of the keyboard's char_gru (0: its default, "
+                             "1)")
     seed: int = option(0, "seed of the initial model and of the held-out split")
     evaluate: bool = option(True, "evaluate each new model on the task's held-out test split")
     rounds: int = option(0, "stop after this many aggregated rounds (0: run until stopped)")
@@ -155,7 +156,8 @@ class AggregatorConfig(BrokerConfig, RoundOptions):
     def model_config(self) -> dict[str, object]:
         """The config the model is built from, here and on every device (the task's own)."""
         return task_spec(self.task).model_config(self.model_name, hidden=self.hidden,
-                                                 layers=self.layers)
+                                                 rnn_hidden=self.rnn_hidden,
+                                                 rnn_layers=self.rnn_layers)
 
     @property
     def model_name(self) -> str:

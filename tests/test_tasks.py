@@ -177,15 +177,15 @@ def test_the_keyboard_model_size_is_configurable_and_its_layout_hash_follows():
 
     default = AggregatorConfig(task="keyboard").model_config()
     assert (default["hidden"], default["layers"]) == (128, 1)
-    sized = AggregatorConfig(task="keyboard", hidden=32, layers=2).model_config()
+    assert AggregatorConfig(task="keyboard", hidden=16).model_config() == default  # mlp's
+    sized = AggregatorConfig(task="keyboard", rnn_hidden=32, rnn_layers=2).model_config()
     assert sized == default | {"hidden": 32, "layers": 2}
     hashes = {build_model("char_gru", config).layout.hash
               for config in (default, sized, default | {"layers": 2})}
     assert len(hashes) == 3  # every device's update names the layout it trained
-    for bad, match in [({"layers": 2}, "no layers"), ({"task": "sensor", "hidden": 8},
-                                                        "no hidden"),
-                       ({"model": "logreg", "hidden": 8}, "no hidden"),
-                       ({"hidden": -1}, ">= 0")]:
+    for bad, match in [({"rnn_layers": 2}, "no recurrent"),
+                       ({"task": "sensor", "rnn_hidden": 8}, "no recurrent"),
+                       ({"task": "keyboard", "rnn_hidden": -1}, ">= 0")]:
         with pytest.raises(ConfigError, match=match):
             AggregatorConfig(**bad)
 

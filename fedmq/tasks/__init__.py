@@ -75,11 +75,11 @@ class TaskSpec:
     def shape(self) -> tuple[int, ...]:
         return self.example_shape or (self.inputs,)
 
-    def model_config(self, model: str = "", *, hidden: int = 0,
-                     layers: int = 0) -> dict[str, Any]:
+    def model_config(self, model: str = "", *, hidden: int = MLP_HIDDEN, rnn_hidden: int = 0,
+                     rnn_layers: int = 0) -> dict[str, Any]:
         """Config of `model` (default: the task's own) for this task. `hidden` sizes an
-        mlp's or char_gru's hidden layer, `layers` stacks char_gru's recurrent layers (0:
-        the model's default); the model's parameter layout, and so its hash, follows."""
+        mlp; `rnn_hidden` and `rnn_layers` size char_gru (0: its default); the model's
+        parameter layout, and so its hash, follows."""
         model = model or self.model
         config: dict[str, Any]
         if model == self.model and self.model_options:
@@ -87,17 +87,17 @@ class TaskSpec:
         elif model in FEATURE_MODELS and self.x_dtype == "float32" and len(self.shape) == 1:
             config = {"inputs": self.inputs, "classes": self.classes}
             if model == "mlp":
-                config["hidden"] = MLP_HIDDEN
+                config["hidden"] = hidden
         else:
             raise ConfigError(f"model {model!r} does not fit task {self.name!r} "
                               f"(x: {self.x_dtype} {self.shape}); use model {self.model!r}")
-        for key, value in (("hidden", hidden), ("layers", layers)):
+        for name, key, value in (("rnn_hidden", "hidden", rnn_hidden),
+                                 ("rnn_layers", "layers", rnn_layers)):
             if value < 0:
-                raise ConfigError(f"{key} must be >= 0 (0: the model's default), not {value}")
-            if value and key not in config:
-                raise ConfigError(f"model {model!r} has no {key} to set ({key} = {value}); "
-                                  "hidden sizes mlp and char_gru, layers char_gru: leave it "
-                                  "at 0")
+                raise ConfigError(f"{name} must be >= 0 (0: the model's default), not {value}")
+            if value and model != "char_gru":
+                raise ConfigError(f"{name} = {value} sizes the keyboard's char_gru; model "
+                                  f"{model!r} has no recurrent layers: leave it at 0")
             if value:
                 config[key] = value
         return config

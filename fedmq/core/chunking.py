@@ -127,8 +127,10 @@ class Reassembler:
     - Fair shares (`plan`): each sender the round awaits has `share` bytes held for it. A
       transfer of an awaited sender within its share needs only room in the budget; any
       other transfer (a sender outside the cohort, or above its share) only room beyond
-      every awaited sender's unused share. So no sender's garbage, whatever it declares or
-      however it sends, can take room an awaited sender's update needs.
+      every awaited sender's unused share, and a new plan evicts such transfers (counted
+      in `evicted`) if the new cohort's shares need their room. So no sender's garbage,
+      whatever it declares or however it sends, can take room an awaited sender's update
+      needs.
 
     A transfer that got no new part for `timeout_s` is dropped by `expire`.
     """
@@ -146,6 +148,7 @@ class Reassembler:
         self.reserved_bytes = 0  # their declared sizes: within the budget when admitted
         self.ignored_parts = 0  # duplicates, and late parts of closed transfers
         self.superseded = 0  # open transfers dropped for a newer one from the same sender
+        self.evicted = 0  # ... or to make room for the senders a new plan awaits
         self.share = 0  # bytes held for each awaited sender (0: no round planned)
         self._open: dict[tuple[str, bytes], _Transfer] = {}
         self._open_by_source: dict[str, bytes] = {}  # sender -> its open transfer's id
@@ -171,6 +174,7 @@ class Reassembler:
         self._awaited = set(awaited)
         self._held = sum(self._unused_share(s) for s in self._awaited)
         self._resize()
+        self._make_room()
 
     def expect(self, sender: str) -> None:
         """One more awaited sender (a device came online in a round that asks everyone)."""
@@ -178,6 +182,7 @@ class Reassembler:
             self._awaited.add(sender)
             self._held += self._unused_share(sender)
             self._resize()
+            self._make_room()
 
     def delivered(self, sender: str) -> None:
         """The round counted `sender`'s update: its share is no longer held."""
@@ -291,6 +296,20 @@ class Reassembler:
         self.pending_bytes -= transfer.held
         self._held += self._unused_share(source) - own
         self._remember(key, now)
+
+    def _make_room(self) -> None:
+        """Drop transfers of senders the round does not await, stalest first, until every
+        awaited sender's share fits again: one admitted while the room was free (between
+        rounds, or after the awaited updates were in) must not keep a new cohort out."""
+        excess = self.reserved_bytes + self._held - self.budget
+        outsiders = sorted((t.touched, key) for key, t in self._open.items()
+                           if key[0] not in self._awaited)
+        for touched, key in outsiders:
+            if excess <= 0:
+                break
+            excess -= self._open[key].manifest[1]
+            self._close(key, touched)
+            self.evicted += 1
 
     def _remember(self, key: tuple[str, bytes], now: float) -> None:
         self._closed.pop(key, None)  # to the end: the oldest goes first

@@ -78,6 +78,9 @@ class AggregatorConfig(BrokerConfig, RoundOptions):
                         "char_gru for keyboard, har_cnn for sensor); mlp or logreg fit "
                         "flat-feature tasks", choices=model_names)
     hidden: int = option(64, "hidden units of the mlp")
+    rnn_hidden: int = option(0, "hidden units of the keyboard's char_gru (0: its default, 128)")
+    rnn_layers: int = option(0, "recurrent layers of the keyboard's char_gru (0: its default, "
+                             "1)")
     seed: int = option(0, "seed of the initial model and of the held-out split")
     evaluate: bool = option(True, "evaluate each new model on the task's held-out test split")
     rounds: int = option(0, "stop after this many aggregated rounds (0: run until stopped)")
@@ -112,8 +115,9 @@ class AggregatorConfig(BrokerConfig, RoundOptions):
     chunk_timeout_s: float = option(
         60.0, "drop a chunked update when no new part of it arrived for this many seconds")
     max_pending_bytes: int = option(
-        64 << 20, "bytes all incomplete chunked updates may declare together; parts beyond "
-        "are rejected")
+        0, "bytes all incomplete chunked updates may declare together; a new one beyond is "
+        "refused (0: automatic, a float32 update's worth for every device the round awaits "
+        "and one more, at least 64 MiB)")
     max_update_bytes: int = option(0, "largest update payload, whole or declared by its parts; "
                                    "bigger ones are rejected as too_large (0: 9 bytes per model "
                                    "parameter + 256 KiB)")
@@ -247,7 +251,9 @@ class AggregatorConfig(BrokerConfig, RoundOptions):
 
     def model_config(self) -> dict[str, object]:
         """The config the model is built from, here and on every device (the task's own)."""
-        return task_spec(self.task).model_config(self.model_name, hidden=self.hidden)
+        return task_spec(self.task).model_config(self.model_name, hidden=self.hidden,
+                                                 rnn_hidden=self.rnn_hidden,
+                                                 rnn_layers=self.rnn_layers)
 
     @property
     def model_name(self) -> str:

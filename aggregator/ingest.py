@@ -9,7 +9,8 @@ reason (docs/protocol.md lists them all):
   3. wire: the payload decodes to an Update or a Part, whose own schema checks every field
      (wire.py, messages.py);
   4. parts: a Part may not declare more than a whole update may take (`too_large`), and is
-     reassembled (chunking.Reassembler) until the Update is whole;
+     reassembled (chunking.Reassembler: a transfer opens at its part 0 within the budget
+     and the fair shares that `plan_reassembly` sets per round) until the Update is whole;
   5. topic: the Update speaks for the device of its topic (`wrong_topic`);
   6. cohort: the round machine asked its device (`not_selected`);
   7. contents: the reported loss is finite; with a norm bound the delta is decoded, once,
@@ -28,6 +29,7 @@ from a reused scratch buffer; the service calls it on its loop thread.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,6 +48,11 @@ from fedmq.errors import ConfigError, ProtocolError
 # many times over, and leaves even a tiny model room for two default-sized messages.
 MAX_BYTES_PER_PARAM = 9
 SIZE_SLACK = 256 * 1024
+# The reassembly share of each device a round awaits: a float32 update (the default and
+# the largest of the named codecs) and its envelope. Bigger updates (top-k near 100%)
+# still fit when the budget has room beyond every awaited device's share.
+SHARE_BYTES_PER_PARAM = 4
+SHARE_SLACK = 64 * 1024
 NORM_POLICIES = ("clip", "reject")
 
 
@@ -170,7 +177,7 @@ class UpdateIngest:
         self.topics = topics
         self.registry = registry
         self.reassembler = reassembler
-        self._superseded_counted = reassembler.superseded
+        self._dropped_counted = reassembler.superseded + reassembler.evicted
         self.machine = machine
         self.max_bytes = limits.payload_limit(params)
         self.clipped = 0  # updates scaled down to max_update_norm
@@ -204,6 +211,7 @@ class UpdateIngest:
             decoded = self.contents(update)  # 7
             counted = self.machine.offer(update, payload_bytes=wire_bytes,  # 8
                                          decoded=decoded)
+            self.reassembler.delivered(device)  # its share of the budget is free again
         except ProtocolError as exc:
             owed = None if update is None or exc.reason == "wrong_topic" else update
             return Rejected(exc.reason, str(exc), owed)
@@ -266,13 +274,32 @@ class UpdateIngest:
             self.clipped += 1
         return scratch
 
+    @property
+    def reassembly_share(self) -> int:
+        """Bytes of the reassembly budget held for each device a round awaits."""
+        return SHARE_BYTES_PER_PARAM * self.params + SHARE_SLACK
+
+    def plan_reassembly(self, awaited: Iterable[str]) -> None:
+        """The open round awaits updates from `awaited` (its cohort, or every device online
+        when it asks everyone): each is sure of a share of the reassembly budget, which
+        (unless max_pending_bytes is set) grows to hold them all (chunking.Reassembler)."""
+        counted = self.machine.open.devices
+        self.reassembler.plan((d for d in awaited if d not in counted),
+                              share=self.reassembly_share)
+
+    def device_online(self, device: str) -> None:
+        """A device came online: a round that asks every device awaits it too."""
+        if not self.machine.selective and device not in self.machine.open.devices:
+            self.reassembler.expect(device)
+
     def expire(self, now: float) -> int:
         """Drop chunked updates that got no new part for the timeout; how many."""
         return self.reassembler.expire(now)
 
     def take_superseded(self) -> int:
         """Chunked updates dropped, since the last call, for a newer transfer from the same
-        sender (see Reassembler): counted once each, like an expired one."""
-        new = self.reassembler.superseded - self._superseded_counted
-        self._superseded_counted = self.reassembler.superseded
+        sender or to make room for the devices a round awaits (see Reassembler): counted
+        once each, like an expired one."""
+        dropped = self.reassembler.superseded + self.reassembler.evicted
+        new, self._dropped_counted = dropped - self._dropped_counted, dropped
         return new

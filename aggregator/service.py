@@ -182,6 +182,8 @@ class AggregatorService(ServiceLoop):
                                              self.clock())
                 self.observers.device_seen(info, online=self.registry.online_count,
                                            known=len(self.registry.devices))
+                if info.online:
+                    self.ingest.device_online(device)
                 if log.isEnabledFor(logging.DEBUG):  # counting is O(fleet): 10,000 births
                     log.debug("device %s is %s (%d online)", device,
                               "online" if info.online else "offline",
@@ -264,10 +266,12 @@ class AggregatorService(ServiceLoop):
         if self._done():
             # The final model: announced for devices to hold, asked of nobody (training on
             # it would upload updates no round will ever count).
+            self.ingest.plan_reassembly(())
             return [], [], {}
         online = self.registry.online()
         asked_before = m.cohort.size(m.round)
         cohort = m.plan(online)
+        self.ingest.plan_reassembly(online if m.cohort.asked is None else m.cohort.asked)
         if cohort is not None:
             log.info("round %d: selected %d of %d online devices%s", m.round, len(cohort),
                      len(online), f" ({asked_before} asked before)" if asked_before else "")
@@ -356,7 +360,7 @@ class AggregatorService(ServiceLoop):
         if superseded:  # incomplete too: whether it expired first is a matter of timing
             self._count_rejected("incomplete", superseded)
             log.info("dropped %d incomplete chunked update(s) for a newer transfer from the "
-                     "same device", superseded)
+                     "same device, or for the room the round's devices need", superseded)
         if self._sync is not None and now > self._sync[1]:
             log.warning("no echo on %s within %.0f s: announcing without waiting for the "
                         "devices' births (the broker's ACL should let the aggregator read and "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 
 import msgpack
 import pytest
@@ -36,25 +37,69 @@ def reencoded(part: Part, **changes) -> Part:
     return Part.from_payload(dataclasses.replace(part, **changes).to_payload())
 
 
+@st.composite
+def multi_part(draw) -> tuple[bytes, list[Part]]:
+    """A payload too big for one message, and its Parts."""
+    max_payload = draw(st.integers(128, 4096))
+    size = draw(st.integers(max_payload + 1, 6 * max_payload))
+    payload = draw(st.binary(min_size=size, max_size=size))
+    return payload, parts_of(payload, max_payload)
+
+
+def test_small_payloads_are_sent_as_they_are():
+    for size in (0, 1, 100, 1000):
+        payload = bytes(size)
+        assert split_payload(payload, max_payload=1000) == [payload]  # no envelope
+
+
 @settings(max_examples=150, deadline=None)
-@given(payload=st.binary(max_size=20_000), max_payload=st.integers(128, 8192),
-       data=st.data())
-def test_split_then_reassemble_in_any_order_with_duplicates(payload, max_payload, data):
-    messages = split_payload(payload, max_payload=max_payload)
-    assert all(len(m) <= max_payload for m in messages)
-    if len(payload) <= max_payload:
-        assert messages == [payload]  # fits: sent as it is, no envelope
-        return
-    parts = [Part.from_payload(m) for m in messages]
-    duplicates = data.draw(st.lists(st.sampled_from(parts), max_size=5))
-    arrival = data.draw(st.permutations(parts + duplicates))
+@given(sent=multi_part(), data=st.data())
+def test_parts_in_order_with_duplicates_anywhere_later_reassemble_once(sent, data):
+    """MQTT keeps a sender's order; a QoS 1 duplicate may turn up at any later point of
+    the transfer (one after it completed is a re-send: see the test below)."""
+    payload, parts = sent
+    assert all(len(p.to_payload()) <= 4096 for p in parts)
+    arrival = list(parts)
+    for _ in range(data.draw(st.integers(0, 5))):
+        original = data.draw(st.integers(0, len(parts) - 2))
+        last = arrival.index(parts[-1])
+        arrival.insert(data.draw(st.integers(arrival.index(parts[original]) + 1, last)),
+                       parts[original])
     r = reassembler()
     results = [r.offer("dev0", part, now=0.0, wire_bytes=1) for part in arrival]
     done = [result for result in results if result is not None]
     assert len(done) == 1 and done[0].payload == payload
     assert done[0].wire_bytes == len(parts)  # each distinct part counted once
     assert (r.pending_bytes, r.reserved_bytes, r.pending_transfers) == (0, 0, 0)
-    assert r.ignored_parts == len(duplicates)
+    assert r.ignored_parts == len(arrival) - len(parts)
+
+
+@settings(max_examples=200, deadline=None)
+@given(sent=multi_part(), data=st.data())
+def test_a_transfer_opens_only_at_part_zero_whatever_the_order(sent, data):
+    """Any arrival order: each part ends stored, ignored or refused once, and the payload
+    is rebuilt exactly when every part arrives again after a part 0 (a re-send fills
+    gaps; parts before any part 0 are gone)."""
+    payload, parts = sent
+    arrival = data.draw(st.lists(st.sampled_from(parts), max_size=3 * len(parts)))
+    r = reassembler()
+    done, refused = [], 0
+    for part in arrival:
+        try:
+            result = r.offer("dev0", part, now=0.0)
+        except ProtocolError as exc:
+            assert exc.reason == "incomplete" and part.index != 0
+            refused += 1
+            continue
+        assert r.reserved_bytes in (0, len(payload)) and r.pending_bytes <= len(payload)
+        if result is not None:
+            done.append(result.payload)
+    first_zero = next((i for i, p in enumerate(arrival) if p.index == 0), None)
+    after = {p.index for p in arrival[first_zero:]} if first_zero is not None else set()
+    assert bool(done) == (len(after) == len(parts))
+    assert all(p == payload for p in done)
+    # one refusal if the transfer was first heard of by another part; the rest quietly
+    assert refused == (bool(arrival) and arrival[0].index != 0)
 
 
 def test_many_parts_keep_under_the_limit_as_index_and_count_widen():
@@ -91,16 +136,38 @@ def test_parts_of_two_senders_never_mix():
 def test_missing_part_times_out_and_frees_the_memory():
     r = reassembler()
     parts = parts_of(bytes(10_000), 1024)
-    for part in parts[1:]:
+    for part in parts[:-1]:
         assert r.offer("dev0", part, now=100.0) is None
-    assert r.pending_bytes == 10_000 - len(parts[0].data)
+    assert r.pending_bytes == 10_000 - len(parts[-1].data)
     assert r.reserved_bytes == 10_000 and r.pending_transfers == 1
     assert r.expire(now=100.0 + TIMEOUT_S) == 0  # not older than the timeout yet
     assert r.expire(now=100.0 + TIMEOUT_S + 0.1) == 1
     assert (r.pending_bytes, r.reserved_bytes, r.pending_transfers) == (0, 0, 0)
     # the missing part turning up late does not open a transfer that can only time out
-    assert r.offer("dev0", parts[0], now=111.0) is None
-    assert r.pending_transfers == 0
+    assert r.offer("dev0", parts[-1], now=111.0) is None
+    assert r.pending_transfers == 0 and r.ignored_parts == 1
+    # the device's re-send (same transfer id) starts it again and completes it
+    results = [r.offer("dev0", part, now=140.0) for part in parts]
+    assert results[-1].payload == bytes(10_000) and r.reserved_bytes == 0
+
+
+def test_a_re_send_keeps_its_transfer_id_and_fills_the_gaps():
+    payload = bytes(range(256)) * 40
+    first, again = parts_of(payload, 1024), parts_of(payload, 1024)
+    assert first == again  # the id comes from the payload: a re-send is the same transfer
+    other = parts_of(payload + b"!", 1024)
+    assert other[0].transfer_id != first[0].transfer_id
+    r = reassembler()
+    for part in first[:4] + first[6:8]:  # parts 4, 5 and the tail went missing
+        assert r.offer("dev0", part, 0.0, wire_bytes=1) is None
+    results = [r.offer("dev0", part, 1.0, wire_bytes=1) for part in again]
+    assert [i for i, res in enumerate(results) if res is not None] == [len(again) - 1]
+    assert results[-1].payload == payload and results[-1].wire_bytes == len(first)
+    assert r.superseded == 0 and r.ignored_parts == 6  # the re-sent parts it already had
+    # a re-send after completion (its receipt was lost) is rebuilt again, to be answered
+    again_results = [r.offer("dev0", part, 2.0) for part in again]
+    assert again_results[-1].payload == payload
+    assert (r.pending_bytes, r.reserved_bytes, r.pending_transfers) == (0, 0, 0)
 
 
 def test_a_transfer_that_keeps_getting_parts_does_not_time_out():
@@ -268,3 +335,165 @@ def test_one_sender_cannot_fill_the_budget_that_every_multi_part_update_needs():
     parts = split_payload(payload, max_payload=600)
     results = [reassembler.offer("honest", Part.from_payload(p), 400.0) for p in parts]
     assert results[-1] is not None and results[-1].payload == payload
+
+
+# -- admission: part 0 only, per-sender quota, fair shares ---------------------------------
+
+def test_a_transfer_whose_part_zero_was_refused_reserves_nothing_and_is_refused_once():
+    """Issue 13: a refused first part made every later part a new admission, each holding
+    the whole declared size until the timeout; now the transfer is refused once, its
+    other parts are ignored quietly, and the re-send starts cleanly."""
+    r = reassembler(max_pending_bytes=12_000)
+    first, second = parts_of(bytes(10_000), 1024), parts_of(b"\1" * 10_000, 1024)
+    r.offer("dev0", first[0], 0.0)
+    with pytest.raises(ProtocolError) as info:
+        r.offer("dev1", second[0], 0.0)
+    assert info.value.reason == "too_large"
+    for part in first[1:]:  # dev0 completes, freeing the budget ...
+        result = r.offer("dev0", part, 0.0)
+    assert result.payload == bytes(10_000) and r.reserved_bytes == 0
+    for part in second[1:]:  # ... but dev1's transfer stays closed: no part 0, no admission
+        assert r.offer("dev1", part, 0.0) is None
+    assert r.reserved_bytes == 0 and r.pending_transfers == 0
+    assert r.ignored_parts == len(second) - 1
+    results = [r.offer("dev1", part, 30.0) for part in second]  # the re-send
+    assert results[-1].payload == b"\1" * 10_000
+
+
+def test_a_part_of_a_transfer_never_seen_is_refused_once_as_incomplete():
+    parts = parts_of(bytes(10_000), 1024)
+    r = reassembler()
+    with pytest.raises(ProtocolError, match="part 0 of its transfer never") as info:
+        r.offer("dev0", parts[3], 0.0)
+    assert info.value.reason == "incomplete"
+    for part in parts[4:]:
+        assert r.offer("dev0", part, 0.0) is None
+    assert r.ignored_parts == len(parts) - 4 and r.reserved_bytes == 0
+
+
+def test_the_automatic_budget_holds_a_share_for_every_awaited_sender_and_one_more():
+    from fedmq.core.chunking import AUTO_BUDGET_FLOOR, SPARE_SHARES
+
+    r = Reassembler(timeout_s=60.0)
+    assert r.budget == AUTO_BUDGET_FLOOR  # nothing planned yet
+    share = 40_065_536  # a 10M-parameter float32 update and its slack
+    r.plan([f"dev{i}" for i in range(20)], share=share)
+    assert r.budget == (20 + SPARE_SHARES) * share and r.held_bytes == 20 * share
+    r.expect("dev20")  # came online in a round that asks everyone
+    r.expect("dev20")
+    assert r.budget == (21 + SPARE_SHARES) * share
+    r.delivered("dev3")
+    assert r.held_bytes == 20 * share and r.budget == (21 + SPARE_SHARES) * share
+    r.plan(["a"], share=1000)  # a tiny model: the floor
+    assert r.budget == AUTO_BUDGET_FLOOR
+    fixed = Reassembler(timeout_s=60.0, max_pending_bytes=5000)
+    fixed.plan([f"dev{i}" for i in range(20)], share=share)
+    assert fixed.budget == 5000  # an explicit max_pending_bytes wins
+
+
+def test_an_explicit_budget_too_small_for_the_cohort_admits_awaited_senders_first_come():
+    share = 5000
+    r = reassembler(max_pending_bytes=2 * share)
+    honest = {f"dev{i}": parts_of(bytes([i]) * share, 1024) for i in range(3)}
+    r.plan(honest, share=share)
+    r.offer("dev0", honest["dev0"][0], 0.0)
+    r.offer("dev1", honest["dev1"][0], 0.0)
+    with pytest.raises(ProtocolError) as info:
+        r.offer("dev2", honest["dev2"][0], 0.0)
+    assert info.value.reason == "too_large"
+    for part in honest["dev0"][1:]:
+        r.offer("dev0", part, 0.0)
+    r.delivered("dev0")
+    results = [r.offer("dev2", part, 1.0) for part in honest["dev2"]]  # its re-send
+    assert results[-1].payload == bytes([2]) * share
+
+
+HONEST = 3
+SHARE = 4000
+HOSTILE = "mallory"
+
+
+@st.composite
+def hostile_moves(draw) -> list[tuple]:
+    """What one hostile sender does: open transfers declaring any size (and fill them
+    slowly or never), send stray parts of transfers it never opened, repeat itself."""
+    moves = []
+    for _ in range(draw(st.integers(1, 60))):
+        kind = draw(st.sampled_from(["open", "fill", "stray", "again"]))
+        if kind == "open":
+            moves.append(("open", draw(st.integers(2, 3 * SHARE)), draw(st.integers(0, 9))))
+        elif kind == "stray":
+            moves.append(("stray", draw(st.integers(1, 5)), draw(st.binary(min_size=8,
+                                                                          max_size=8))))
+        else:
+            moves.append((kind,))
+    return moves
+
+
+@settings(max_examples=150, deadline=None)
+@given(moves=hostile_moves(), awaited_hostile=st.booleans(), data=st.data())
+def test_one_hostile_sender_beside_honest_multi_part_devices_never_starves_them(
+        moves, awaited_hostile, data):
+    """Issue 17: each sender the round awaits is sure of its share. The budget is exactly
+    the awaited senders' shares (the tightest an operator may set); the hostile sender is
+    in the cohort (it may use its own share) or outside it (it may use nothing held)."""
+    honest = {f"dev{i}": bytes([i]) * data.draw(st.integers(SHARE // 2, SHARE))
+              for i in range(HONEST)}
+    streams = {d: [("honest", p) for p in parts_of(payload, 600)]
+               for d, payload in honest.items()}
+    mallory: list[tuple] = []
+    serial = itertools.count()
+    current: list[Part] = []
+    for move in moves:
+        if move[0] == "open":
+            size, filled = move[1], move[2]
+            tid = next(serial).to_bytes(8, "big")
+            count = min(size, 10)
+            current = [Part(transfer_id=tid, index=i, count=count, size=size,
+                            sha256=bytes(32), data=b"x") for i in range(count)]
+            mallory.append(("hostile", current[0]))
+            mallory.extend(("hostile", p) for p in current[1:1 + filled])
+        elif move[0] == "stray":
+            mallory.append(("hostile", Part(transfer_id=move[2], index=move[1], count=6,
+                                            size=3 * SHARE, sha256=bytes(32), data=b"y")))
+        elif move[0] == "again" and current:
+            mallory.append(("hostile", current[0]))
+    # an interleaving that keeps each sender's own order, as MQTT does
+    queues = [*(list(s) for s in streams.values()), mallory]
+    senders = [*honest, HOSTILE]
+    awaited = senders if awaited_hostile else list(honest)
+    r = Reassembler(timeout_s=60.0, max_pending_bytes=len(awaited) * SHARE)
+    r.plan(awaited, share=SHARE)
+    rebuilt: dict[str, bytes] = {}
+    now = 0.0
+    while any(queues):
+        pick = data.draw(st.sampled_from([i for i, q in enumerate(queues) if q]))
+        _, part = queues[pick].pop(0)
+        now += 0.01
+        try:
+            result = r.offer(senders[pick], part, now)
+        except ProtocolError as exc:
+            assert senders[pick] == HOSTILE, f"honest {senders[pick]} refused: {exc}"
+            continue
+        assert r.reserved_bytes <= r.budget
+        if result is not None:
+            rebuilt[senders[pick]] = result.payload
+            r.delivered(senders[pick])
+    assert {d: rebuilt.get(d) for d in honest} == honest
+
+
+def test_a_new_plan_evicts_outsiders_that_took_the_room_while_it_was_free():
+    share = 5000
+    r = reassembler(max_pending_bytes=2 * share)
+    r.plan([], share=share)  # between rounds: nobody awaited, all the room is free
+    stalled = Part(transfer_id=b"m" * 8, index=0, count=5, size=2 * share, sha256=bytes(32),
+                   data=b"x")
+    r.offer(HOSTILE, stalled, 0.0)
+    r.plan(["dev0", "dev1"], share=share)
+    assert r.evicted == 1 and r.reserved_bytes == 0 and r.held_bytes == 2 * share
+    with pytest.raises(ProtocolError) as info:  # and it cannot come back into their room
+        r.offer(HOSTILE, dataclasses.replace(stalled, transfer_id=b"n" * 8), 1.0)
+    assert info.value.reason == "too_large"
+    for device in ("dev0", "dev1"):
+        payload = device.encode() * (share // 4)
+        assert [r.offer(device, p, 1.0) for p in parts_of(payload, 1024)][-1].payload == payload

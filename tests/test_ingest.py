@@ -328,6 +328,41 @@ def test_an_accepted_update_carries_its_wire_bytes_whole_or_in_parts():
     assert results[-1] == Accepted(chunked, sum(map(len, parts)), counted=True)
 
 
+def test_a_re_sent_chunked_update_fills_the_gaps_and_counts_once():
+    """A re-send keeps its transfer id: it completes the open transfer (no supersession)
+    and, sent again after that (a lost receipt), is answered again but counted once."""
+    rounds = machine(size=SIZE, min_updates=3)
+    s = ingest(rounds=rounds)
+    chunked = update(np.ones(SIZE), device="b", uid="2")
+    parts = split_payload(chunked.to_payload(), max_payload=120)
+    assert len(parts) > 4
+    lost = {2, 3}  # the link dropped them
+    for i, part in enumerate(parts):
+        if i not in lost:
+            assert s.receive(TOPICS.update("b"), part, 0.0) is None
+    parts = split_payload(chunked.to_payload(), max_payload=120)  # as the outbox re-sends
+    resend = [s.receive(TOPICS.update("b"), part, 1.0) for part in parts]
+    assert [i for i, r in enumerate(resend) if r is not None] == [max(lost)]
+    assert resend[max(lost)] == Accepted(chunked, sum(map(len, parts)), counted=True)
+    assert s.reassembler.superseded == 0 and s.reassembler.pending_transfers == 0
+    again = [s.receive(TOPICS.update("b"), part, 2.0) for part in parts]
+    assert again[-1] == Accepted(chunked, sum(map(len, parts)), counted=False)
+    assert rounds.open.count == 1
+
+
+def test_reassembly_shares_are_held_for_the_awaited_devices_not_yet_counted():
+    s = ingest()
+    s.receive(TOPICS.update("a"), update(device="a", uid="1").to_payload(), 0.0)
+    share = s.reassembly_share
+    assert share == 4 * SIZE + 64 * 1024
+    s.plan_reassembly(["a", "b", "c"])  # a's update already counted
+    assert s.reassembler.held_bytes == 2 * share
+    s.device_online("d")  # a round that asks everyone awaits a device that comes online
+    assert s.reassembler.held_bytes == 3 * share
+    s.receive(TOPICS.update("b"), update(device="b", uid="2").to_payload(), 0.0)
+    assert s.reassembler.held_bytes == 2 * share  # counted: its share is free
+
+
 class _CountingDecoder:
     def __init__(self, monkeypatch) -> None:
         self.calls = 0

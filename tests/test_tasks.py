@@ -167,10 +167,27 @@ def test_task_specs_give_each_model_its_config():
         task_spec("sensor").model_config("logreg")
     for spec in TASKS.values():
         assert spec.rounds > 0 and spec.epochs > 0 and spec.batch_size > 0 and spec.lr > 0
-    config = AggregatorConfig(task="keyboard", model="char_gru", hidden=16)
-    assert config.model_config() == task_spec("keyboard").model_config()
+    assert AggregatorConfig(task="keyboard").model_config() == task_spec("keyboard").model_config()
     assert AggregatorConfig(hidden=16).model_config() == {"inputs": 64, "classes": 10,
                                                            "hidden": 16}
+
+
+def test_the_keyboard_model_size_is_configurable_and_its_layout_hash_follows():
+    from fedmq.models import build_model
+
+    default = AggregatorConfig(task="keyboard").model_config()
+    assert (default["hidden"], default["layers"]) == (128, 1)
+    assert AggregatorConfig(task="keyboard", hidden=16).model_config() == default  # mlp's
+    sized = AggregatorConfig(task="keyboard", rnn_hidden=32, rnn_layers=2).model_config()
+    assert sized == default | {"hidden": 32, "layers": 2}
+    hashes = {build_model("char_gru", config).layout.hash
+              for config in (default, sized, default | {"layers": 2})}
+    assert len(hashes) == 3  # every device's update names the layout it trained
+    for bad, match in [({"rnn_layers": 2}, "no recurrent"),
+                       ({"task": "sensor", "rnn_hidden": 8}, "no recurrent"),
+                       ({"task": "keyboard", "rnn_hidden": -1}, ">= 0")]:
+        with pytest.raises(ConfigError, match=match):
+            AggregatorConfig(**bad)
 
 
 def test_unknown_tasks_are_refused_with_the_list():

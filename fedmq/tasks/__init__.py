@@ -46,6 +46,7 @@ class Dataset:
 
 # Models that take a flat float32 feature vector (the dependency-free numpy models).
 FEATURE_MODELS = ("logreg", "mlp")
+MLP_HIDDEN = 64  # an mlp's hidden units unless configured
 
 
 @dataclass(frozen=True)
@@ -74,18 +75,32 @@ class TaskSpec:
     def shape(self) -> tuple[int, ...]:
         return self.example_shape or (self.inputs,)
 
-    def model_config(self, model: str = "", *, hidden: int = 64) -> dict[str, Any]:
-        """Config of `model` (default: the task's own) for this task; `hidden` sizes an mlp."""
+    def model_config(self, model: str = "", *, hidden: int = MLP_HIDDEN, rnn_hidden: int = 0,
+                     rnn_layers: int = 0) -> dict[str, Any]:
+        """Config of `model` (default: the task's own) for this task. `hidden` sizes an
+        mlp; `rnn_hidden` and `rnn_layers` size char_gru (0: its default); the model's
+        parameter layout, and so its hash, follows."""
         model = model or self.model
+        config: dict[str, Any]
         if model == self.model and self.model_options:
-            return dict(self.model_options)
-        if model in FEATURE_MODELS and self.x_dtype == "float32" and len(self.shape) == 1:
-            config: dict[str, Any] = {"inputs": self.inputs, "classes": self.classes}
+            config = dict(self.model_options)
+        elif model in FEATURE_MODELS and self.x_dtype == "float32" and len(self.shape) == 1:
+            config = {"inputs": self.inputs, "classes": self.classes}
             if model == "mlp":
                 config["hidden"] = hidden
-            return config
-        raise ConfigError(f"model {model!r} does not fit task {self.name!r} "
-                          f"(x: {self.x_dtype} {self.shape}); use model {self.model!r}")
+        else:
+            raise ConfigError(f"model {model!r} does not fit task {self.name!r} "
+                              f"(x: {self.x_dtype} {self.shape}); use model {self.model!r}")
+        for name, key, value in (("rnn_hidden", "hidden", rnn_hidden),
+                                 ("rnn_layers", "layers", rnn_layers)):
+            if value < 0:
+                raise ConfigError(f"{name} must be >= 0 (0: the model's default), not {value}")
+            if value and model != "char_gru":
+                raise ConfigError(f"{name} = {value} sizes the keyboard's char_gru; model "
+                                  f"{model!r} has no recurrent layers: leave it at 0")
+            if value:
+                config[key] = value
+        return config
 
 
 def _options(**config: Any) -> tuple[tuple[str, Any], ...]:

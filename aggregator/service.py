@@ -116,6 +116,9 @@ class AggregatorService:
         self.answered = 0  # update messages acked to the broker, each after its checkpoint
         self._dirty = False  # the open round changed since the last checkpoint
         self.rejected: Counter[str] = Counter()
+        self.adjusted: Counter[str] = Counter()  # updates folded in clipped or capped
+        self.limits = UpdateLimits.from_config(config)
+        self.bounds = self.limits.bounds()  # learnt from accepted updates, checkpointed
         self.reassembler = config.reassembler()  # updates that arrive in Parts
         self.finished = threading.Event()  # set when all rounds are done, or on failure
         self.failure: BaseException | None = None
@@ -139,11 +142,12 @@ class AggregatorService:
         self.link.route(self.topics.update_filter, lambda m: self._inbox.put(
             _Inbound(m.topic, m.payload, m.mid, m.qos)), qos=1)
         self.registry = DeviceRegistry()  # births and Last Wills, applied on the loop thread
-        self.ingest = UpdateIngest(UpdateLimits.from_config(config),
-                                   params=self.model.layout.size, topics=self.topics,
-                                   registry=self.registry, reassembler=self.reassembler,
-                                   machine=self.machine)
+        self.ingest = UpdateIngest(self.limits, params=self.model.layout.size,
+                                   topics=self.topics, registry=self.registry,
+                                   reassembler=self.reassembler, machine=self.machine,
+                                   bounds=self.bounds)
         self.rejections = RejectionLog(self.rejected, log)  # counted per reason, logged sparingly
+        self.adjustments = RejectionLog(self.adjusted, log)  # the same, for clips and caps
         self.broadcast = ModelBroadcast(
             topics=self.topics, seal=announcement_sealer(config.signing_key),  # signed if set
             model_codec=config.model_codec, delta_codec=config.model_delta_codec,
@@ -190,6 +194,8 @@ class AggregatorService:
         # A checkpoint from before lineages continues the line its devices know as "".
         self.lineage = state.get("lineage", "")
         self.machine.load_state_dict(state["machine"], now=self.clock())
+        if state.get("bounds") is not None:  # older checkpoints: learnt afresh
+            self.bounds.load_state_dict(state["bounds"])
         self.history = [RoundRecord.from_dict(r) for r in state.get("history", [])]
         log.info("resumed from %s at round %d (model v%d)", self.config.checkpoint,
                  self.machine.round, self.machine.version)
@@ -204,7 +210,8 @@ class AggregatorService:
     def _snapshot(self) -> dict:
         """The state to checkpoint; state_dict copies the arrays, so the loop may go on."""
         return {"machine": self.machine.state_dict(), "lineage": self.lineage,
-                "history": [r.to_dict() for r in self.history]}
+                "history": [r.to_dict() for r in self.history],
+                "bounds": self.bounds.state_dict()}
 
     def _checkpoint(self, *, wait: bool = False) -> bool:
         """Hand the state to the writer; with `wait`, True once it is on disk (False: the
@@ -292,6 +299,8 @@ class AggregatorService:
             status = "duplicate" if result.reason == "duplicate" else "rejected"
             return update.device_id, Receipt(update_id=update.update_id, round=update.round,
                                              status=status, reason=result.reason)
+        for what, message in result.notes:
+            self.adjustments.record(what, topic, message)
         if result.counted:
             self.accepted += 1
             self._dirty = True
@@ -399,6 +408,9 @@ class AggregatorService:
 
     def _close_round(self, now: float) -> None:
         result: RoundResult = self.machine.close(now)
+        if result.refused:
+            self._refuse_round(result)
+            return
         dp = self.machine.policy.dp
         accuracy = test_loss = top3 = None
         if self.test_data is not None:
@@ -436,6 +448,23 @@ class AggregatorService:
             self.finished.set()
         if self.on_round is not None:
             self.on_round(record)
+
+    def _refuse_round(self, result: RoundResult) -> None:
+        """The guard refused the round's model: it is never published; the devices train
+        the last good model again, in a new round."""
+        m = self.machine
+        log.error("round %d refused: %s. Its %d updates are dropped and model v%d stays; "
+                  "the devices train it again as round %d (%d round(s) refused so far; if "
+                  "honest rounds are refused, raise max_model_growth)", result.round,
+                  result.refused, result.participants, m.version, m.round, m.refused)
+        # the round's end is on disk before it is re-announced, as a closed round's is
+        if not self._checkpoint(wait=True):
+            log.error("round %d was refused but the new round could not be saved; not "
+                      "announced", result.round)
+            return
+        self._round_started = time.monotonic()
+        self.broadcast.forget()  # a fresh announcement: devices train the same model again
+        self._announce()
 
     def _run(self) -> None:
         while not self._stop.is_set():

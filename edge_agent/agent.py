@@ -326,8 +326,12 @@ class EdgeAgent:
         return 0 if a is None else a.round
 
     def _on_connect(self, _session_present: bool) -> None:
+        # `examples`: the aggregator weighs this device's updates by at most a few times
+        # examples x epochs (aggregator/bounds.py), so a forged sample count cannot drown it
+        capabilities = {**device_capabilities(self.config),
+                        "examples": len(self.trainer.data)}
         birth = DeviceStatus(device_id=self.config.device_id, online=True,
-                             capabilities=device_capabilities(self.config),
+                             capabilities=capabilities,
                              agent_version=__version__, ts=time.time())
         self.link.publish(self.topics.device_status(self.config.device_id), birth.to_payload(),
                           qos=1, retain=True)

@@ -10,7 +10,9 @@ model anywhere, or claims 2^62 samples and drowns the fleet (issue #17). So by d
 - a claimed sample count is credited at most `max_sample_factor` x the median credited
   claim of recent accepted updates (before WARMUP of them: of what the devices online
   declared in their births), and at most that many times what the device itself
-  declared in its birth (`examples` x the epochs it may be asked for).
+  declared in its birth (`examples` x the epochs it may be asked for). A device that
+  never published a birth (a stranger) is credited at most the typical claim itself:
+  it weighs no more than a typical device.
 
 A median moves only when a majority of the window moves it, and each device counts
 once per round, so a minority of devices cannot raise the bounds it is held to. What is
@@ -34,6 +36,8 @@ WINDOW = 64
 # Accepted updates before the medians are trusted: a lone first update would otherwise
 # set the bound it is held to.
 WARMUP = 5
+# What a device that never published a birth may weigh, in typical claims.
+STRANGER_FACTOR = 1.0
 
 
 def check_factor(name: str, value: float, *, minimum: float) -> None:
@@ -112,15 +116,18 @@ class UpdateBounds:
         or while too few are known, the median of what the online devices declared."""
         return self.samples.median() if self.samples.warm else fleet_declared
 
-    def credit(self, claim: int, *, declared: float | None = None,
+    def credit(self, claim: int, *, declared: float | None = None, known: bool = True,
                fleet_declared: float | None = None) -> int:
         """The samples an update claiming `claim` is weighted by: at most sample_factor x
         the typical claim and x its own device's declared claim (None: it declared
-        none), never below 1."""
+        none); from a device never `known` (no birth), at most STRANGER_FACTOR x the
+        typical claim. Never below 1."""
         if not self.sample_factor:
             return claim
-        caps = [self.sample_factor * reference
-                for reference in (self.typical_claim(fleet_declared), declared)
+        typical = self.typical_claim(fleet_declared)
+        caps = [factor * reference for factor, reference in (
+                    (self.sample_factor if known else STRANGER_FACTOR, typical),
+                    (self.sample_factor, declared))
                 if reference is not None and reference > 0]
         if not caps:
             return claim

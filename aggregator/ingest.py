@@ -292,6 +292,7 @@ class UpdateIngest:
             typical = self.registry.typical_declared_examples()
             fleet = None if typical is None else typical * epochs
         credited = self.bounds.credit(update.num_samples, fleet_declared=fleet,
+                                      known=self.registry.known(update.device_id),
                                       declared=None if declared is None else declared * epochs)
         if credited == update.num_samples:
             return credited, ()
@@ -299,7 +300,8 @@ class UpdateIngest:
         return credited, (("capped", f"update {update.update_id} from {update.device_id} "
                            f"claims {update.num_samples} samples; weighted as {credited} "
                            f"(max_sample_factor {self.limits.sample_factor:g} x the typical "
-                           "claim, or x what the device declared in its birth)"),)
+                           "claim, or x what the device declared in its birth; a device "
+                           "without a birth: 1 x the typical claim)"),)
 
     def expire(self, now: float) -> int:
         """Drop chunked updates that got no new part for the timeout; how many."""

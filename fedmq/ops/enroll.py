@@ -50,9 +50,12 @@ class Enrollment:
     model_public_key: str = ""  # where the device keeps the aggregator's signing key
 
     def toml(self) -> str:
-        """Keys of AgentConfig (role device) or AggregatorConfig (role aggregator)."""
+        """Keys of AgentConfig (role device) or AggregatorConfig (role aggregator). An
+        enrolled fleet's aggregator refuses updates from devices that never announced
+        themselves (require_known_devices; docs/security.md)."""
         id_key = "client_id" if self.role == "aggregator" else "device_id"
-        values = {"broker": self.broker, "fleet": self.fleet, id_key: self.name}
+        values: dict[str, object] = {"broker": self.broker, "fleet": self.fleet,
+                                     id_key: self.name}
         if self.password:
             values |= {"username": self.name, "password": self.password}
         values |= {key: value for key, value in (("ca_file", self.ca_file),
@@ -60,7 +63,9 @@ class Enrollment:
                                                  ("key_file", self.key_file),
                                                  ("model_public_key", self.model_public_key))
                    if value}
-        # JSON strings are valid TOML basic strings (same escapes).
+        if self.role == "aggregator":
+            values["require_known_devices"] = True
+        # JSON strings (and true) are valid TOML (same escapes).
         return "".join(f"{key} = {json.dumps(value)}\n" for key, value in values.items())
 
 

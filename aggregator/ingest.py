@@ -57,8 +57,6 @@ NORM_POLICIES = ("clip", "reject")
 # around their median on the bundled tasks.
 MIN_FACTOR = 1.5
 
-__all__ = ["Accepted", "Rejected", "UpdateIngest", "UpdateLimits", "clip_factor", "l2_norm"]
-
 
 def _reject(message: str, reason: str) -> ProtocolError:
     return ProtocolError(message, reason=reason)
@@ -171,6 +169,23 @@ def check_size(size: int, limit: int, what: str) -> None:
                       "(max_update_bytes)", "too_large")
 
 
+# quick_norm's relative error bound, with a wide margin: float32 BLAS sums of a million
+# squares measure about 1e-6.
+QUICK_NORM_ERROR = 1e-4
+# Below it a float32 square underflows, above it a float32 sum of squares may overflow.
+_QUICK_PEAK = (1e-15, 1e15)
+
+
+def quick_norm(values: np.ndarray, peak: float) -> float:
+    """L2 norm of a float32 vector whose largest magnitude is `peak`: a float32 BLAS dot
+    (8x quicker than summing in float64, which every update would pay) when its squares
+    can neither underflow nor overflow, else exactly (l2_norm)."""
+    low, high = _QUICK_PEAK
+    if low <= peak <= high and peak * peak * values.size < 1e37:
+        return math.sqrt(float(np.dot(values, values)))
+    return l2_norm(values) if peak else 0.0
+
+
 def clip_factor(norm: float, bound: float, policy: str) -> float:
     """What to scale a delta of L2 norm `norm` by (1.0: keep it); raises for `reject`."""
     if bound <= 0 or norm <= bound:
@@ -271,8 +286,10 @@ class UpdateIngest:
         if peak * samples > MAX_WEIGHTED_VALUE:
             raise _reject(f"update value {peak:.3g} x {samples} samples would "
                           "overflow the aggregate", "out_of_range")
-        norm = l2_norm(scratch)
+        norm = quick_norm(scratch, peak)
         bound = self.bounds.norm_bound()
+        if bound is not None and norm > bound * (1 - QUICK_NORM_ERROR):
+            norm = l2_norm(scratch)  # at the bound: exactly, so a clip holds it to it
         factor = 1.0 if bound is None else clip_factor(norm, bound, self.limits.norm_policy)
         if factor != 1.0:
             scratch *= np.float32(factor)

@@ -165,6 +165,7 @@ class RoundMachine:
         # or refused (noise may differ by round)
         self.dp_rounds, self.dp_rdp = 0, 0.0
         self.refused = 0  # rounds whose model the guard refused
+        self.refused_updates = 0  # updates counted in them (receipted, then dropped)
 
     @property
     def round(self) -> int:
@@ -307,6 +308,7 @@ class RoundMachine:
         if refused:
             self.optimizer.load_state_dict(before)
             self.refused += 1
+            self.refused_updates += self.open.count
         else:
             self.params = _frozen(new)
             self.version += 1
@@ -373,6 +375,7 @@ class RoundMachine:
                      "partial": o.partial},
             "recent": [[d, u, r, v] for (d, u), (r, v) in self.recent.items()],
             "dp_rounds": self.dp_rounds, "dp_rdp": self.dp_rdp, "refused": self.refused,
+            "refused_updates": self.refused_updates,
             "cohort": self.cohort.state_dict(),
         }
 
@@ -401,6 +404,7 @@ class RoundMachine:
         self.dp_rounds = int(state.get("dp_rounds", 0))
         self.dp_rdp = float(state.get("dp_rdp", 0.0))
         self.refused = int(state.get("refused", 0))
+        self.refused_updates = int(state.get("refused_updates", 0))
         self._start(int(state["round"]), now)  # the deadline starts afresh
         # older checkpoints have no cohort: everyone may deliver until the next plan
         self.cohort = (Cohort.from_state(state["cohort"], open_round=self.open.round)

@@ -14,13 +14,14 @@ import paho.mqtt.client as mqtt
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 from paho.mqtt.enums import CallbackAPIVersion
 
 from aggregator.bounds import WARMUP, WINDOW, RecentMedian, UpdateBounds
 from aggregator.config import AggregatorConfig
 from aggregator.devices import DeviceRegistry
 from aggregator.guard import ModelGuard, l2_norm
-from aggregator.ingest import Accepted, UpdateLimits
+from aggregator.ingest import QUICK_NORM_ERROR, Accepted, UpdateLimits, quick_norm
 from aggregator.rounds import RoundMachine, RoundPolicy
 from aggregator.strategy.optimizers import ServerOptConfig, create_optimizer
 from aggregator.strategy.privacy import CentralDP
@@ -80,6 +81,17 @@ def test_recent_medians_refuse_bad_values_and_survive_a_restart():
 
 
 # -- the norm bound and the sample credit --------------------------------------------------
+
+
+BIG = float(np.float32(1e30))
+
+
+@given(hnp.arrays(np.float32, st.integers(1, 3000),
+                  elements=st.floats(-BIG, BIG, width=32)))
+def test_the_quick_norm_is_within_its_error_of_the_exact_one(values):
+    exact = l2_norm(values)
+    quick = quick_norm(values, float(np.abs(values).max()))
+    assert abs(quick - exact) <= QUICK_NORM_ERROR * exact
 
 
 def test_the_norm_bound_is_fixed_adaptive_after_warm_up_or_off():

@@ -6,16 +6,12 @@ from __future__ import annotations
 
 import logging
 import math
-import threading
-from collections.abc import Callable
 
 import numpy as np
-import paho.mqtt.client as mqtt
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
-from paho.mqtt.enums import CallbackAPIVersion
 
 from aggregator.bounds import WARMUP, WINDOW, RecentMedian, UpdateBounds
 from aggregator.config import AggregatorConfig
@@ -25,10 +21,9 @@ from aggregator.ingest import QUICK_NORM_ERROR, Accepted, UpdateLimits, quick_no
 from aggregator.rounds import RoundMachine, RoundPolicy
 from aggregator.strategy.optimizers import ServerOptConfig, create_optimizer
 from aggregator.strategy.privacy import CentralDP
-from fedmq.core import codecs
-from fedmq.core.protocol import AggregatorStatus, DeviceStatus, FleetTopics, Update
+from fedmq.core.protocol import DeviceStatus
 from fedmq.errors import ConfigError
-from fedmq.transport.mqtt import BrokerAddress
+from simulator.hostile import HostileSender, forged_updates
 
 from .helpers import make_agents, make_aggregator, wait_for
 from .test_ingest import SIZE, TOPICS, ingest, update
@@ -261,46 +256,6 @@ def test_config_keys_reach_the_ingest_limits_and_the_guard():
 MODEL = "mlp"  # (logreg starts at zero, where a step of any size picks the same argmax)
 
 
-class Stranger:
-    """An unenrolled raw-MQTT publisher (no birth, no agent): whenever the aggregator
-    announces a round, it sends `make(round, version)` as device `device`."""
-
-    def __init__(self, broker_url: str, fleet: str, make: Callable[[int, int], Update], *,
-                 device: str = "mallory") -> None:
-        self.topics, self.make, self.device = FleetTopics(fleet), make, device
-        self.sent: list[int] = []  # rounds it sent an update for
-        self._lock = threading.Lock()
-        address = BrokerAddress.parse(broker_url)
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=device,
-                                  protocol=mqtt.MQTTv5)
-        self.client.on_connect = lambda c, *_: c.subscribe(self.topics.aggregator_status, 1)
-        self.client.on_message = self._on_status
-        self.client.connect(address.host, address.port)
-        self.client.loop_start()
-
-    def _on_status(self, client, _userdata, message) -> None:
-        status = AggregatorStatus.from_payload(message.payload)
-        with self._lock:
-            if not status.online or status.round in self.sent:
-                return
-            self.sent.append(status.round)
-        update = self.make(status.round, status.version)
-        client.publish(self.topics.update(self.device), update.to_payload(), qos=1)
-
-    def stop(self) -> None:
-        self.client.loop_stop()
-        self.client.disconnect()
-
-
-def forged(layout_hash: str, size: int, *, value: float, samples: int):
-    def make(round_no: int, version: int) -> Update:
-        return Update(device_id="mallory", update_id=f"m{round_no}", round=round_no,
-                      base_version=version, num_samples=samples, loss=0.1,
-                      delta=codecs.encode(np.full(size, value, np.float32)),
-                      layout_hash=layout_hash)
-    return make
-
-
 def run_with_stranger(broker, tmp_path, stoppers, *, value: float, samples: int,
                       rounds: int, **settings):
     """4 honest agents (digits, logreg) and a stranger; the accuracy of every round and
@@ -312,9 +267,10 @@ def run_with_stranger(broker, tmp_path, stoppers, *, value: float, samples: int,
     service.start()
     stoppers(service.stop)
     wait_for(service.link.subscribed.is_set, "the aggregator's subscriptions")
-    stranger = Stranger(broker.url, "test", forged(service.model.layout.hash,
-                                                   service.model.layout.size, value=value,
-                                                   samples=samples))
+    stranger = HostileSender(broker=broker.url, fleet="test", device_id="mallory",
+                             make=forged_updates("mallory", layout_hash=service.model.layout.hash,
+                                                 size=service.model.layout.size, value=value,
+                                                 samples=samples)).start()
     stoppers(stranger.stop)
     make_agents(broker.url, stoppers, 4)
     wait_for(service.finished.is_set, f"{rounds} rounds with a stranger", timeout=180)
@@ -331,7 +287,7 @@ def test_a_stranger_claiming_2_pow_62_samples_cannot_hold_the_accuracy_down(
     counts as claimed. (Measured: 0.11 0.39 0.51 0.69 0.66; no stranger: 0.38 ... 0.78.)"""
     service, stranger, _ = run_with_stranger(broker, tmp_path, stoppers, value=0.0,
                                              samples=2**62, rounds=5)
-    assert len(stranger.sent) >= 2 and service.adjusted["capped"] >= 1
+    assert len(stranger.rounds) >= 2 and service.adjusted["capped"] >= 1
     accuracy = [r.accuracy for r in service.history]
     assert accuracy[-1] > 0.45, accuracy
     assert service.history[-1].samples < 10**6  # credited, not claimed
@@ -349,7 +305,7 @@ def test_a_stranger_sending_1e30_values_never_gets_a_non_finite_model_published(
         service, stranger, published = run_with_stranger(
             broker, tmp_path, stoppers, value=1e30, samples=1, rounds=4)
     assert published and all(published)
-    assert len(stranger.sent) >= 4  # it attacked every round, the refused ones too
+    assert len(stranger.rounds) >= 4  # it attacked every round, the refused ones too
     assert service.machine.refused >= 1
     assert any("refused" in r.getMessage() and "max_model_growth" in r.getMessage()
                for r in caplog.records)

@@ -44,7 +44,7 @@ from edge_agent.agent import EdgeAgent
 from edge_agent.config import AgentConfig
 from fedmq.core.protocol import AggregatorStatus, FleetTopics
 from fedmq.models import build_model
-from fedmq.tasks import device_shards
+from fedmq.tasks import device_shards, task_spec
 from fedmq.transport.message import Message
 from fedmq.transport.mqtt import MqttLink
 from simulator.broker import LocalMosquitto
@@ -58,8 +58,9 @@ FLAP_UP_S, FLAP_DOWN_S = (6.0, 15.0), (1.0, 4.0)
 KILL_EVERY_S = (20.0, 60.0)  # gap between two SIGKILLs
 DOWN_S = (0.5, 3.0)  # how long the killed process stays down
 SETTLE_S = 240.0
-QUORUM = 0.6  # of the devices: the updates that close a round
+QUORUM = 0.8  # of the devices: the updates that close a round
 DEADLINE_S = 20.0
+RECENT = 10  # rounds whose mean accuracy is reported beside the last one's
 
 
 @dataclass
@@ -67,6 +68,7 @@ class Outcome:
     rounds: int = 0  # model version reached
     refused_rounds: int = 0
     accuracy: float | None = None
+    recent_accuracy: float | None = None  # mean of the last RECENT rounds
     counted: int = 0  # updates the aggregator's checkpoint counts
     refusals_logged: int = 0  # ERROR lines of refused rounds, every aggregator process
     trained: int = 0  # updates made, devices and strangers
@@ -85,10 +87,12 @@ class AggregatorProcess:
     def __init__(self, workdir: Path, broker: str, *, devices: int, seed: int) -> None:
         self.checkpoint = workdir / "aggregator.ckpt"
         self.log = workdir / "aggregator.log"
+        spec = task_spec(TASK)  # local training as the task's own defaults say
         self.settings = dict(broker=broker, fleet=FLEET, task=TASK, seed=seed,
                              checkpoint=str(self.checkpoint), log_level="WARNING",
                              min_updates=max(2, int(QUORUM * devices)),
-                             deadline_s=DEADLINE_S)
+                             deadline_s=DEADLINE_S, epochs=spec.epochs, lr=spec.lr,
+                             batch_size=spec.batch_size)
         self.devices = devices
         self.proc: subprocess.Popen | None = None
 
@@ -199,10 +203,11 @@ def run(workdir: Path, *, devices: int, seed: int, minutes: float = 0.0,
     hostile: list[HostileSender] = []
     agents: list[EdgeAgent] = []
     try:
+        if disturbed:  # before the devices: they meet the bounds still warming up
+            hostile = strangers(broker.url, seed)
         aggregator.start(**({} if disturbed else {"rounds": rounds}))
         agents = fleet(broker.url, devices, seed, pool, rng)
         if disturbed:
-            hostile = strangers(broker.url, seed)
             chaos(broker, aggregator, watch, outcome, minutes, rng)
             outcome.settled_s = settle(aggregator, watch, agents, hostile, pool)
         else:
@@ -292,6 +297,8 @@ def account(outcome: Outcome, aggregator: AggregatorProcess, agents: list[EdgeAg
     outcome.refused_rounds = int(machine.get("refused", 0))
     history = state.get("history", [])
     outcome.accuracy = history[-1]["accuracy"] if history else None
+    recent = [r["accuracy"] for r in history[-RECENT:] if r["accuracy"] is not None]
+    outcome.recent_accuracy = sum(recent) / len(recent) if recent else None
     outcome.counted = (sum(r["participants"] for r in history)
                        + int(machine.get("refused_updates", 0))
                        + len(machine["open"]["contributions"]))
@@ -320,10 +327,12 @@ def report(disturbed: Outcome, calm: Outcome, minutes: float) -> None:
           f"{dict(d.kills)}; settled in {settled}")
     print(f"rounds completed: {d.rounds} (refused by the model guard: {d.refused_rounds}, "
           f"{d.refusals_logged} ERROR lines)")
-    calm_accuracy = f"{calm.accuracy:.4f}" if calm.accuracy is not None else "-"
-    accuracy = f"{d.accuracy:.4f}" if d.accuracy is not None else "-"
-    print(f"accuracy after {d.rounds} rounds: {accuracy}; undisturbed run of {calm.rounds} "
-          f"rounds: {calm_accuracy} ({calm.wall_s:.0f} s)")
+    def accuracy(o: Outcome) -> str:
+        if o.accuracy is None or o.recent_accuracy is None:
+            return "-"
+        return f"{o.accuracy:.4f} (last {RECENT} rounds' mean {o.recent_accuracy:.4f})"
+    print(f"accuracy after {d.rounds} rounds: {accuracy(d)}; undisturbed run of {calm.rounds} "
+          f"rounds: {accuracy(calm)} ({calm.wall_s:.0f} s)")
     balanced = d.trained == d.receipted + d.refused + d.pending
     print(f"updates: trained {d.trained} = receipted {d.receipted} + refused {d.refused} + "
           f"pending {d.pending}: {'holds' if balanced else 'BROKEN'}")

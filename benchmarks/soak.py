@@ -355,9 +355,13 @@ def main() -> int:
     parser.add_argument("--minutes", type=float, default=30.0, help="minutes of chaos")
     parser.add_argument("--devices", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workdir", default="", help="keep the runs' files (the "
+                        "aggregator's log, checkpoint) here instead of a temporary directory")
     args = parser.parse_args()
     logging.basicConfig(level=logging.CRITICAL)  # the devices' warnings are the point
-    with tempfile.TemporaryDirectory(prefix="fedmq-soak-") as tmp:
+    with contextlib.ExitStack() as stack:
+        tmp = args.workdir or stack.enter_context(
+            tempfile.TemporaryDirectory(prefix="fedmq-soak-"))
         print(f"disturbed run: {args.devices} devices, {args.minutes:g} min", file=sys.stderr)
         disturbed = run(Path(tmp) / "disturbed", devices=args.devices, seed=args.seed,
                         minutes=args.minutes)

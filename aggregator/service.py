@@ -159,11 +159,18 @@ class AggregatorService:
         self.link.route(self.topics.aggregator_sync, lambda m: self._inbox.put(
             _Synced(m.payload, m.mid, m.qos)), qos=1)
         self._sync: tuple[bytes, float] | None = None  # the marker awaited, and until when
+        # Until the retained births are in (the first marker came back), an update from a
+        # device the registry does not know waits here: a restarted aggregator's session
+        # hands it the updates queued while it was away before the births its new
+        # subscription brings, and they must not be taken for a stranger's.
+        self._births_in = False
+        self._parked: list[_Inbound] = []
 
     def _on_connect(self, session_present: bool) -> None:
         """Re-announce on every connect. Without a session, updates sent while we were away
-        are gone: a fresh announcement makes devices train again (duplicates are refused)."""
-        self._inbox.put(_REPUBLISH if session_present else _REANNOUNCE)
+        are gone: a fresh announcement makes devices train again (duplicates are refused).
+        The first connect of this process waits for the births in any case."""
+        self._inbox.put(_REPUBLISH if session_present and self._births_in else _REANNOUNCE)
 
     def _handle_status(self, topic: str, payload: bytes) -> None:
         """A birth or Last Will, in its place among the updates: a device's last update
@@ -337,9 +344,7 @@ class AggregatorService:
             elif isinstance(item, _Synced):
                 self.link.ack(item.mid, item.qos)
                 if self._sync is not None and item.nonce == self._sync[0]:
-                    self._sync = None
-                    self.broadcast.forget()
-                    self._announce()
+                    self._synced()
             elif item is _REPUBLISH:
                 self._announce()
             elif item is _WRITER_IDLE:
@@ -350,9 +355,30 @@ class AggregatorService:
                 # acked late would hold the broker's in-flight window for a whole fleet.
                 self._handle_status(item.topic, item.payload)
                 self.link.ack(item.mid, item.qos)
+            elif not self._births_in and self._from_stranger(item.topic):
+                self._parked.append(item)  # acked once handled, after the births
             else:
                 reply = self._handle_update(item.topic, item.payload)
                 self._held.append(functools.partial(self._reply, item.mid, item.qos, reply))
+
+    def _from_stranger(self, topic: str) -> bool:
+        try:
+            return not self.registry.known(self.topics.device_from_update_topic(topic))
+        except ProtocolError:
+            return False  # no device at all: refused as it is
+
+    def _synced(self) -> None:
+        """The births are in (or SYNC_WAIT_S passed): announce afresh, and handle the
+        updates that waited for them, in the order they came."""
+        self._sync = None
+        self._births_in = True
+        parked, self._parked = self._parked, []
+        if parked:
+            log.info("handling %d update(s) that came before their devices' births",
+                     len(parked))
+            self._process(parked)
+        self.broadcast.forget()
+        self._announce()
 
     def _await_births(self) -> None:
         """Announce afresh once the retained births are in (see SYNC_WAIT_S)."""
@@ -384,9 +410,7 @@ class AggregatorService:
             log.warning("no echo on %s within %.0f s: announcing without waiting for the "
                         "devices' births (the broker's ACL should let the aggregator read and "
                         "write it)", self.topics.aggregator_sync, SYNC_WAIT_S)
-            self._sync = None
-            self.broadcast.forget()
-            self._announce()
+            self._synced()
         if self.finished.is_set():
             return
         action = self.machine.due(now)

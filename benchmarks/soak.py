@@ -249,6 +249,7 @@ def chaos(broker: LocalMosquitto, aggregator: AggregatorProcess, watch: StatusWa
         if now >= next_kill:
             victim = rng.choice(("broker", "aggregator"))
             outcome.kills[victim] += 1
+            print(f"  {time.strftime('%H:%M:%S')} SIGKILL {victim}", file=sys.stderr)
             if victim == "broker":
                 broker.stop(kill=True)
                 time.sleep(rng.uniform(*DOWN_S))

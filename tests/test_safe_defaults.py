@@ -21,7 +21,8 @@ from aggregator.ingest import QUICK_NORM_ERROR, Accepted, UpdateLimits, quick_no
 from aggregator.rounds import RoundMachine, RoundPolicy
 from aggregator.strategy.optimizers import ServerOptConfig, create_optimizer
 from aggregator.strategy.privacy import CentralDP
-from fedmq.core.protocol import DeviceStatus
+from fedmq.core import codecs
+from fedmq.core.protocol import DeviceStatus, FleetTopics, Update
 from fedmq.errors import ConfigError
 from simulator.hostile import HostileSender, forged_updates
 
@@ -312,3 +313,33 @@ def test_a_stranger_sending_1e30_values_never_gets_a_non_finite_model_published(
     assert service.machine.version == 4  # the fleet kept training after the refusals
     assert service.history[-1].accuracy > 0.5
     assert service.adjusted["clipped"] >= 1  # later rounds: clipped, not refused
+
+
+@pytest.mark.integration
+def test_with_require_known_devices_updates_queued_while_the_aggregator_was_away_count(
+        broker, tmp_path, stoppers):
+    """A restarted aggregator's session hands it the updates queued while it was away
+    before the retained births its new subscriptions bring: they wait for the births
+    instead of being refused as unknown_device (production configs turn
+    require_known_devices on)."""
+    from fedmq.transport.mqtt import MqttLink
+
+    settings = dict(rounds=3, min_updates=2, require_known_devices=True)
+    device = MqttLink(client_id="pi1", broker=broker.url)
+    device.start()
+    stoppers(device.stop)
+    wait_for(device.subscribed.is_set, "pi1's connection")
+    topics = FleetTopics("test")
+    birth = DeviceStatus(device_id="pi1", online=True, capabilities={"examples": 50})
+    device.publish(topics.device_status("pi1"), birth.to_payload(), retain=True) \
+        .wait_for_publish(30)
+    away = make_aggregator(broker.url, tmp_path, stoppers, **settings)  # makes its session
+    away.stop()
+    size, layout = away.model.layout.size, away.model.layout.hash
+    queued = Update(device_id="pi1", update_id="q1", round=1, base_version=0, num_samples=40,
+                    loss=0.1, delta=codecs.encode(np.zeros(size, np.float32)),
+                    layout_hash=layout)
+    device.publish(topics.update("pi1"), queued.to_payload()).wait_for_publish(30)
+    back = make_aggregator(broker.url, tmp_path, stoppers, **settings)
+    wait_for(lambda: back.accepted + sum(back.rejected.values()) >= 1, "the queued update")
+    assert back.accepted == 1 and not back.rejected, back.rejected

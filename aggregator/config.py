@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from aggregator.guard import ModelGuard
 from aggregator.ingest import NORM_POLICIES, UpdateLimits
 from aggregator.partial import Shard
 from aggregator.rounds import LATE_POLICIES, ON_INSUFFICIENT, RoundPolicy
@@ -123,12 +124,26 @@ class AggregatorConfig(BrokerConfig, RoundOptions):
                                    "parameter + 256 KiB)")
     require_known_devices: bool = option(False, "refuse updates from devices that never "
                                          "published a birth on their status topic, or are "
-                                         "offline (unknown_device, offline_device)")
-    max_update_norm: float = option(0.0, "bound on the L2 norm of a decoded update (0: off); "
-                                    "see norm_policy")
-    norm_policy: str = option("clip", "an update above max_update_norm is scaled down to it "
+                                         "offline (unknown_device, offline_device); turn "
+                                         "it on in production (docs/security.md)")
+    max_update_norm: float = option(0.0, "fixed bound on the L2 norm of a decoded update "
+                                    "(0: the adaptive bound, see adaptive_norm_factor); see "
+                                    "norm_policy")
+    adaptive_norm_factor: float = option(5.0, "with max_update_norm 0, the bound is this x "
+                                         "the median norm of the last 64 accepted updates, "
+                                         "once 5 were accepted (0 with max_update_norm 0: "
+                                         "no bound at all, unsafe)")
+    norm_policy: str = option("clip", "an update above the norm bound is scaled down to it "
                               "(clip) or refused as norm_exceeded (reject)",
                               choices=NORM_POLICIES)
+    max_sample_factor: float = option(4.0, "an update is weighted by at most this x the "
+                                      "median samples of recent accepted updates, and x "
+                                      "the examples its device declared in its birth times "
+                                      "epochs (0: claims taken as they are, unsafe)")
+    max_model_growth: float = option(10.0, "refuse a round whose new model is not finite or "
+                                     "whose L2 norm is above this x the last good model's "
+                                     "(at least 1.0); the round runs again from the last "
+                                     "good model (0: refuse only non-finite models)")
     signing_key: str = option("", "PEM Ed25519 private key that signs model announcements "
                               "(`fedmq keys init`); empty: unsigned")
     checkpoint: str = option("fedmq-aggregator.ckpt", "state file (FILE.round-0 and -1 beside "
@@ -273,7 +288,7 @@ class AggregatorConfig(BrokerConfig, RoundOptions):
             staleness=StalenessPolicy(kind=self.staleness, a=self.staleness_a,
                                       b=self.staleness_b, max_staleness=self.max_staleness),
             dp=dp, aggregation=self.aggregation, trim_fraction=self.trim_fraction,
-            cohort=self.cohort_policy(),
+            cohort=self.cohort_policy(), guard=ModelGuard(max_growth=self.max_model_growth),
         )
 
     def cohort_policy(self) -> CohortPolicy:

@@ -6,6 +6,7 @@ Births (retained, online with capabilities) and Last Wills (offline) arrive on
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import dataclass
 
 from fedmq.core.protocol import DeviceStatus
@@ -52,3 +53,23 @@ class DeviceRegistry:
 
     def known(self, device_id: str) -> bool:
         return device_id in self.devices
+
+    def declared_examples(self, device_id: str) -> int | None:
+        """The training examples the device said it holds in its birth (capability
+        `examples`); None: it said nothing usable. A claim, not a fact: it only ever
+        lowers what the device's own updates may weigh (bounds.py)."""
+        info = self.devices.get(device_id)
+        return None if info is None else _examples(info.capabilities)
+
+    def typical_declared_examples(self) -> float | None:
+        """The median of what the online devices declared (None: none declared)."""
+        declared = [n for info in list(self.devices.values()) if info.online
+                    and (n := _examples(info.capabilities)) is not None]
+        return statistics.median(declared) if declared else None
+
+
+def _examples(capabilities: dict) -> int | None:
+    value = capabilities.get("examples")
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    return None

@@ -13,17 +13,20 @@ reason (docs/protocol.md lists them all):
      and the fair shares that `plan_reassembly` sets per round) until the Update is whole;
   5. topic: the Update speaks for the device of its topic (`wrong_topic`);
   6. cohort: the round machine asked its device (`not_selected`);
-  7. contents: the reported loss is finite; with a norm bound the delta is decoded, once,
-     into a float32 buffer and checked (codec, shape, finiteness, `out_of_range`) and
-     clipped or refused (`norm_exceeded`);
+  7. contents: the reported loss is finite; the claimed samples are credited, capped
+     by bounds.py; unless every norm bound is off the delta is decoded, once, into a
+     float32 buffer and checked (codec, shape, finiteness, `out_of_range`), its norm
+     measured, and clipped or refused (`norm_exceeded`) above the bound (fixed, or
+     adaptive once warmed up);
   8. the round machine: round, version, layout, duplicates, and, for a delta not decoded
      in step 7, the decode into the aggregate (codec, shape, finiteness, range).
 
 The result is the accepted Update with its wire byte count, or one Rejected with its
 reason; nothing else is raised for a bad message. The delta is decoded at most once: by
 step 7 when a norm bound needs its values (the decoded array is what gets folded), else
-by the streaming fold itself (the fast path benchmarks/ingest.py measures). Pure apart
-from a reused scratch buffer; the service calls it on its loop thread.
+by the streaming fold itself (the fast path benchmarks/ingest.py measures, taken only
+with `max_update_norm = 0` and `adaptive_norm_factor = 0`). Pure apart from a reused
+scratch buffer and the bounds it learns; the service calls it on its loop thread.
 """
 
 from __future__ import annotations
@@ -34,7 +37,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from aggregator.bounds import UpdateBounds, check_factor
 from aggregator.devices import DeviceRegistry
+from aggregator.guard import l2_norm
 from aggregator.rounds import RoundMachine
 from fedmq.core import codecs
 from fedmq.core.chunking import Reassembler
@@ -54,6 +59,10 @@ SIZE_SLACK = 256 * 1024
 SHARE_BYTES_PER_PARAM = 4
 SHARE_SLACK = 64 * 1024
 NORM_POLICIES = ("clip", "reject")
+# An adaptive bound (or a sample cap) tighter than this many times the typical update
+# would clip (or cap) honest ones routinely: honest norms and claims spread about 2x
+# around their median on the bundled tasks.
+MIN_FACTOR = 1.5
 
 
 def _reject(message: str, reason: str) -> ProtocolError:
@@ -68,6 +77,21 @@ class Accepted:
     update: Update
     wire_bytes: int  # its MQTT payload bytes, all parts together
     counted: bool
+    # (what, message) for each way it was folded in other than it came: "clipped" to
+    # the norm bound, samples "capped"
+    notes: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class Screened:
+    """What step 7 hands the round machine: the decoded (maybe clipped) delta, or None
+    for the fold to decode; the samples it is weighted by; its folded norm (None: not
+    decoded); and notes for the log."""
+
+    delta: np.ndarray | None
+    samples: int
+    norm: float | None
+    notes: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -94,15 +118,23 @@ class UpdateLimits:
     """The validation settings of AggregatorConfig, checked once at start-up."""
 
     require_known_devices: bool = False
-    max_update_norm: float = 0.0  # 0: no bound
+    max_update_norm: float = 0.0  # 0: the adaptive bound (if norm_factor > 0)
+    norm_factor: float = 5.0  # adaptive bound: this x the median recent norm; 0: off
     norm_policy: str = "clip"
+    sample_factor: float = 4.0  # credited samples: at most this x the typical; 0: off
+    claim_epochs: int = 1  # the most epochs a device may be asked for (declared claims)
     max_update_bytes: int = 0  # 0: derived from the model size
     # Workers and sites whose partial aggregates (on `partial/{source}`) are taken.
     partial_sources: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.max_update_norm) and self.max_update_norm >= 0):
-            raise ConfigError(f"max_update_norm {self.max_update_norm} must be >= 0 (0: off)")
+            raise ConfigError(f"max_update_norm {self.max_update_norm} must be >= 0 (0: "
+                              "adaptive, see adaptive_norm_factor)")
+        check_factor("adaptive_norm_factor", self.norm_factor, minimum=MIN_FACTOR)
+        check_factor("max_sample_factor", self.sample_factor, minimum=MIN_FACTOR)
+        if self.claim_epochs < 1:
+            raise ConfigError("claim_epochs must be >= 1")
         if self.norm_policy not in NORM_POLICIES:
             raise ConfigError(f"norm_policy {self.norm_policy!r} must be 'clip' or 'reject'")
         if self.max_update_bytes < 0:
@@ -115,11 +147,19 @@ class UpdateLimits:
             if norm:
                 raise ConfigError("with dp_noise_multiplier set, dp_clip_norm bounds every "
                                   "update; leave max_update_norm at 0")
+            # fixed: a bound learnt from the updates would itself depend on private data
             norm, policy = config.dp_clip_norm, "clip"
         return cls(require_known_devices=config.require_known_devices,
-                   max_update_norm=norm, norm_policy=policy,
+                   max_update_norm=norm, norm_factor=config.adaptive_norm_factor,
+                   norm_policy=policy, sample_factor=config.max_sample_factor,
+                   claim_epochs=max(config.epochs, config.constrained_epochs),
                    max_update_bytes=config.max_update_bytes,
                    partial_sources=config.sources())
+
+    def bounds(self) -> UpdateBounds:
+        """Fresh bounds of these settings (nothing learnt yet)."""
+        return UpdateBounds(max_update_norm=self.max_update_norm, norm_factor=self.norm_factor,
+                            sample_factor=self.sample_factor)
 
     def payload_limit(self, params: int) -> int:
         """Bytes an update of a `params`-parameter model may take, whole or declared by
@@ -148,10 +188,21 @@ def check_size(size: int, limit: int, what: str) -> None:
                       "(max_update_bytes)", "too_large")
 
 
-def l2_norm(values: np.ndarray) -> float:
-    """In float64: float32 squares overflow long before a float32 vector does."""
-    x = values.astype(np.float64, copy=False).ravel()
-    return math.sqrt(float(np.dot(x, x)))
+# quick_norm's relative error bound, with a wide margin: float32 BLAS sums of a million
+# squares measure about 1e-6.
+QUICK_NORM_ERROR = 1e-4
+# Below it a float32 square underflows, above it a float32 sum of squares may overflow.
+_QUICK_PEAK = (1e-15, 1e15)
+
+
+def quick_norm(values: np.ndarray, peak: float) -> float:
+    """L2 norm of a float32 vector whose largest magnitude is `peak`: a float32 BLAS dot
+    (8x quicker than summing in float64, which every update would pay) when its squares
+    can neither underflow nor overflow, else exactly (l2_norm)."""
+    low, high = _QUICK_PEAK
+    if low <= peak <= high and peak * peak * values.size < 1e37:
+        return math.sqrt(float(np.dot(values, values)))
+    return l2_norm(values) if peak else 0.0
 
 
 def clip_factor(norm: float, bound: float, policy: str) -> float:
@@ -159,8 +210,9 @@ def clip_factor(norm: float, bound: float, policy: str) -> float:
     if bound <= 0 or norm <= bound:
         return 1.0
     if policy == "reject":
-        raise _reject(f"update has L2 norm {norm:.4g}, above max_update_norm {bound:.4g}",
-                      "norm_exceeded")
+        raise _reject(f"update has L2 norm {norm:.4g}, above the norm bound {bound:.4g} "
+                      "(max_update_norm, or adaptive_norm_factor x the median of recent "
+                      "updates)", "norm_exceeded")
     # a hair under: float32 rounding of the scaled values may otherwise land just above
     return bound / norm * (1.0 - 1e-6)
 
@@ -171,8 +223,9 @@ class UpdateIngest:
 
     def __init__(self, limits: UpdateLimits, *, params: int, topics: FleetTopics,
                  registry: DeviceRegistry, reassembler: Reassembler,
-                 machine: RoundMachine) -> None:
+                 machine: RoundMachine, bounds: UpdateBounds | None = None) -> None:
         self.limits = limits
+        self.bounds = bounds if bounds is not None else limits.bounds()
         self.params = params
         self.topics = topics
         self.registry = registry
@@ -180,7 +233,8 @@ class UpdateIngest:
         self._dropped_counted = reassembler.superseded + reassembler.evicted
         self.machine = machine
         self.max_bytes = limits.payload_limit(params)
-        self.clipped = 0  # updates scaled down to max_update_norm
+        self.clipped = 0  # updates scaled down to the norm bound
+        self.capped = 0  # updates weighted by fewer samples than they claimed
         self._scratch = np.zeros(params, dtype=np.float32)
 
     def receive(self, topic: str, payload: bytes, now: float, *,
@@ -208,15 +262,19 @@ class UpdateIngest:
                               f"{update.device_id} sent a device update on a partial topic",
                               "wrong_topic")
             self.machine.check_selected(update)  # 6
-            decoded = self.contents(update)  # 7
+            screened = self.contents(update)  # 7
             counted = self.machine.offer(update, payload_bytes=wire_bytes,  # 8
-                                         decoded=decoded)
+                                         decoded=screened.delta, samples=screened.samples)
             self.reassembler.delivered(device)  # its share of the budget is free again
         except ProtocolError as exc:
             owed = None if update is None or exc.reason == "wrong_topic" else update
             return Rejected(exc.reason, str(exc), owed)
         self.registry.heard_from(device, now)
-        return Accepted(update, wire_bytes, counted)
+        if not counted:
+            return Accepted(update, wire_bytes, counted)
+        if not update.represents:  # a partial's samples are a sum, its delta a mean
+            self.bounds.accepted(norm=screened.norm, samples=screened.samples)
+        return Accepted(update, wire_bytes, counted, screened.notes)
 
     def sender(self, topic: str) -> str:
         """The device an update topic names, if it may send updates at all."""
@@ -245,34 +303,65 @@ class UpdateIngest:
             return None
         return Update.from_payload(assembled.payload), assembled.wire_bytes
 
-    def contents(self, update: Update) -> np.ndarray | None:
-        """The update's decoded delta, clipped to max_update_norm, if a bound is set (a
-        reused buffer, valid until the next call); None: no bound, the fold decodes it.
+    def contents(self, update: Update) -> Screened:
+        """The update's samples as credited, and its delta decoded and bounded unless
+        every norm bound is off (then None: the fold decodes it). The delta is a reused
+        buffer, valid until the next call.
 
-        With a bound the delta is decoded into scratch (codec, size, finiteness), then
-        values x num_samples must stay within MAX_WEIGHTED_VALUE, then the norm is bounded.
-        Without one, the fold validates it just as strictly but cannot see an overflow
-        coming: a second decode would cost a quarter of the ingest rate, and without a
-        bound any device can move the model anywhere anyway.
+        Decoded, the delta is checked (codec, size, finiteness), then its values x the
+        credited samples must stay within MAX_WEIGHTED_VALUE, then its norm is bounded.
+        Without any bound the fold validates it just as strictly, but cannot see an
+        overflow coming: a second decode would cost a quarter of the ingest rate.
         """
         if not math.isfinite(update.loss * update.num_samples):
             raise _reject(f"training loss {update.loss} x {update.num_samples} samples is "
                           "not finite", "non_finite")
-        bound = self.limits.max_update_norm
-        if not bound:
-            return None
+        samples, notes = self.credit(update)
+        if not self.bounds.decodes:
+            return Screened(None, samples, None, notes)
         scratch = self._scratch
         scratch.fill(0.0)
         codecs.decode_into(update.delta, scratch, 1.0)
         peak = max(float(scratch.max()), -float(scratch.min())) if scratch.size else 0.0
-        if peak * update.num_samples > MAX_WEIGHTED_VALUE:
-            raise _reject(f"update value {peak:.3g} x {update.num_samples} samples would "
+        if peak * samples > MAX_WEIGHTED_VALUE:
+            raise _reject(f"update value {peak:.3g} x {samples} samples would "
                           "overflow the aggregate", "out_of_range")
-        factor = clip_factor(l2_norm(scratch), bound, self.limits.norm_policy)
+        norm = quick_norm(scratch, peak)
+        bound = self.bounds.norm_bound()
+        if bound is not None and norm > bound * (1 - QUICK_NORM_ERROR):
+            norm = l2_norm(scratch)  # at the bound: exactly, so a clip holds it to it
+        factor = 1.0 if bound is None else clip_factor(norm, bound, self.limits.norm_policy)
         if factor != 1.0:
             scratch *= np.float32(factor)
             self.clipped += 1
-        return scratch
+            notes += (("clipped", f"update {update.update_id} from {update.device_id} has L2 "
+                       f"norm {norm:.4g}, clipped to the bound {bound:.4g} (max_update_norm, "
+                       "or adaptive_norm_factor x the median of recent updates)"),)
+            norm = l2_norm(scratch)
+        return Screened(scratch, samples, norm, notes)
+
+    def credit(self, update: Update) -> tuple[int, tuple[tuple[str, str], ...]]:
+        """The samples `update` is weighted by (see bounds.py), and a note if capped. A
+        partial aggregate's are a sum its worker or site credited device by device."""
+        if update.represents:
+            return update.num_samples, ()
+        epochs = self.limits.claim_epochs
+        declared = self.registry.declared_examples(update.device_id)
+        fleet = None
+        if not self.bounds.samples.warm:  # O(devices), only for the first few updates
+            typical = self.registry.typical_declared_examples()
+            fleet = None if typical is None else typical * epochs
+        credited = self.bounds.credit(update.num_samples, fleet_declared=fleet,
+                                      known=self.registry.known(update.device_id),
+                                      declared=None if declared is None else declared * epochs)
+        if credited == update.num_samples:
+            return credited, ()
+        self.capped += 1
+        return credited, (("capped", f"update {update.update_id} from {update.device_id} "
+                           f"claims {update.num_samples} samples; weighted as {credited} "
+                           f"(max_sample_factor {self.limits.sample_factor:g} x the typical "
+                           "claim, or x what the device declared in its birth; a device "
+                           "without a birth: 1 x the typical claim)"),)
 
     @property
     def reassembly_share(self) -> int:

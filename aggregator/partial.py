@@ -152,9 +152,10 @@ class PartialRound:
                                 reason="not_selected")
 
     def offer(self, update: Update, *, payload_bytes: int = 0,
-              decoded: np.ndarray | None = None) -> bool:
+              decoded: np.ndarray | None = None, samples: int | None = None) -> bool:
         """Fold a device's update, or raise ProtocolError with a reason. False: it is
-        already folded (a re-send); its receipt comes, or came, from upstream."""
+        already folded (a re-send); its receipt comes, or came, from upstream.
+        `samples`: what the ingest path credited it with (None: its claim)."""
         if not self.following:
             raise ProtocolError(f"update from {update.device_id} arrived before any model "
                                 "announcement; the device re-sends it", reason="future_round")
@@ -171,15 +172,15 @@ class PartialRound:
         if (update.device_id, update.base_version) in self.contributed:
             raise ProtocolError(f"device {update.device_id} already contributed a model "
                                 f"v{update.base_version} update", reason="duplicate")
-        samples = float(update.num_samples)
-        weight = samples * self.policy.staleness.weight(tau) if tau else samples
+        credited = update.num_samples if samples is None else samples
+        weight = credited * self.policy.staleness.weight(tau) if tau else float(credited)
         if decoded is None:
-            o.acc.add_encoded(update.delta, weight, norm=samples)
+            o.acc.add_encoded(update.delta, weight, norm=float(credited))
         else:
-            o.acc.add(decoded, weight, norm=samples)
+            o.acc.add(decoded, weight, norm=float(credited))
         o.members.append(key)
-        o.samples += update.num_samples
-        o.loss_sum += update.loss * update.num_samples
+        o.samples += credited
+        o.loss_sum += update.loss * credited
         o.complete &= update.complete
         self.folded[key] = (o.round, update.base_version)
         self.contributed.add((update.device_id, update.base_version))

@@ -129,12 +129,14 @@ class PartialService(ServiceLoop):
                               "to start fresh (partials it held are lost)") from None
         if state is not None:
             self.part.load_state_dict(state["partial"])
+            if "bounds" in state:
+                self.ingest.bounds.load_state_dict(state["bounds"])
             log.info("%s resumed from %s: %d partial aggregate(s) await the central "
                      "aggregator, %d update(s) folded since the last", self.source,
                      self.config.checkpoint, len(self.part.pending), self.part.open.count)
 
     def _snapshot(self) -> dict[str, Any]:
-        return {"partial": self.part.state_dict()}
+        return {"partial": self.part.state_dict(), "bounds": self.ingest.bounds.state_dict()}
 
     # -- the loop ------------------------------------------------------------------------
     def _process(self, batch: list) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from aggregator.cohort import Cohort
+from aggregator.guard import ModelGuard
 from aggregator.selection import CohortPolicy
 from aggregator.staleness import StalenessPolicy
 from aggregator.strategy.optimizers import ServerOptimizer
@@ -62,6 +63,7 @@ class RoundPolicy:
     aggregation: str = "mean"  # a registered rule (strategy/rules.py): median, trimmed_mean
     trim_fraction: float = 0.1  # trimmed_mean: cut from each end, per coordinate
     cohort: CohortPolicy = field(default_factory=CohortPolicy)  # who is asked to train
+    guard: ModelGuard = field(default_factory=ModelGuard)  # what a new model must pass
 
     @property
     def close_at(self) -> int:
@@ -112,6 +114,9 @@ class RoundResult:
     max_staleness: int = 0
     partial: int = 0  # of the participants, how many stopped at their time budget
     cohort: int = 0  # devices asked to train the round (0: every device)
+    # Why the model guard refused the round's model ('' : it was taken); a refused round
+    # leaves `version` (the last good model) in place and is run again as the next round.
+    refused: str = ""
 
 
 @dataclass
@@ -160,8 +165,11 @@ class RoundMachine:
         # (device, update id) -> (round counted in, base version) of every counted update
         # a device might still re-send: see _forget
         self.recent: dict[tuple[str, str], tuple[int, int]] = {}
-        # Models released with DP noise, and their summed RDP (noise may differ by round)
+        # Models released with DP noise, and the summed RDP of every noised round, released
+        # or refused (noise may differ by round)
         self.dp_rounds, self.dp_rdp = 0, 0.0
+        self.refused = 0  # rounds whose model the guard refused
+        self.refused_updates = 0  # updates counted in them (receipted, then dropped)
 
     @property
     def round(self) -> int:
@@ -208,11 +216,13 @@ class RoundMachine:
             self.open.target = max(self.policy.min_updates, min(self.policy.close_at, asked))
 
     def offer(self, update: Update, *, payload_bytes: int = 0,
-              decoded: np.ndarray | None = None) -> bool:
+              decoded: np.ndarray | None = None, samples: int | None = None) -> bool:
         """Fold a valid update into the open round, or raise ProtocolError with a reason.
 
         `decoded`: its delta, already decoded (and validated, maybe clipped) by the
         caller, so it is not decoded again; None: the rule decodes `update.delta` itself.
+        `samples`: what it is weighted by, its claim as credited by the caller (see
+        bounds.py); None: its num_samples.
         Idempotent on (device, update id): an update that already counts (a redelivery or
         a device re-sending what it never got a receipt for) returns False and changes
         nothing; a newly counted one returns True.
@@ -235,18 +245,19 @@ class RoundMachine:
                 f"device {update.device_id} already contributed to round {self.open.round} "
                 f"with a model v{update.base_version} update", reason="duplicate",
             )
+        credited = update.num_samples if samples is None else samples
         # Under DP every device weighs 1: its clipped delta is all it can move the sum by.
-        samples = 1.0 if self.policy.dp else float(update.num_samples)
-        weight = samples * self.policy.staleness.weight(tau) if tau else samples
+        norm = 1.0 if self.policy.dp else float(credited)
+        weight = norm * self.policy.staleness.weight(tau) if tau else norm
         if decoded is None:
-            self.acc.add_encoded(update.delta, weight, norm=samples)
+            self.acc.add_encoded(update.delta, weight, norm=norm)
         else:
-            self.acc.add(decoded, weight, norm=samples)
+            self.acc.add(decoded, weight, norm=norm)
         o = self.open
         o.contributions[key] = update.update_id
         o.represented += update.represents or 1
-        o.samples += update.num_samples
-        o.loss_sum += update.loss * update.num_samples
+        o.samples += credited
+        o.loss_sum += update.loss * credited
         o.bytes_up += payload_bytes
         o.partial += not update.complete
         if tau:
@@ -270,21 +281,35 @@ class RoundMachine:
         return Action.EXTEND if self.policy.on_insufficient == "extend" else Action.RERUN
 
     def close(self, now: float) -> RoundResult:
-        """Aggregate the open round into a new global model and open the next round."""
+        """Aggregate the open round into a new global model and open the next round.
+
+        A model the guard refuses (non-finite, or its norm exploded) is dropped with the
+        round: the optimizer's state goes back to before the step, the last good model
+        stays, and the next round trains on it again (`RoundResult.refused` says why)."""
         dp = self.policy.dp
         delta = self.acc.result() if dp is None else dp.noised_mean(self.acc.total)
-        if dp is not None:
-            self.dp_rounds += 1
+        if dp is not None:  # the noise was drawn on private data: spent even if refused
             self.dp_rdp += dp.rdp_per_round
-        self.params = _frozen(self.optimizer.step(self.params, delta))
+        before = self._optimizer_state or self.optimizer.state_dict()
+        new = self.optimizer.step(self.params, delta)
+        refused = self.policy.guard.refusal(self.params, new, slack=0.0 if dp is None
+                                            else dp.noise_norm(self.params.size))
+        if refused:
+            self.optimizer.load_state_dict(before)
+            self.refused += 1
+            self.refused_updates += self.open.count
+        else:
+            self.params = _frozen(new)
+            self.version += 1
+            self.dp_rounds += int(dp is not None)
         self._optimizer_state = None
-        self.version += 1
         o = self.open
         result = RoundResult(
             round=o.round, version=self.version, participants=o.count, samples=o.samples,
             train_loss=o.loss_sum / o.samples if o.samples else float("nan"),
             bytes_up=o.bytes_up, devices=tuple(sorted(o.devices)), stale=o.stale,
             max_staleness=o.max_staleness, partial=o.partial, cohort=self.cohort.size(o.round),
+            refused=refused,
         )
         self._start(o.round + 1, now)
         return result
@@ -339,7 +364,8 @@ class RoundMachine:
                      "stale": o.stale, "max_staleness": o.max_staleness,
                      "partial": o.partial},
             "recent": [[d, u, r, v] for (d, u), (r, v) in self.recent.items()],
-            "dp_rounds": self.dp_rounds, "dp_rdp": self.dp_rdp,
+            "dp_rounds": self.dp_rounds, "dp_rdp": self.dp_rdp, "refused": self.refused,
+            "refused_updates": self.refused_updates,
             "cohort": self.cohort.state_dict(),
         }
 
@@ -367,6 +393,8 @@ class RoundMachine:
                        for e in state.get("recent", [])}
         self.dp_rounds = int(state.get("dp_rounds", 0))
         self.dp_rdp = float(state.get("dp_rdp", 0.0))
+        self.refused = int(state.get("refused", 0))
+        self.refused_updates = int(state.get("refused_updates", 0))
         self._start(int(state["round"]), now)  # the deadline starts afresh
         # older checkpoints have no cohort: everyone may deliver until the next plan
         self.cohort = (Cohort.from_state(state["cohort"], open_round=self.open.round)

@@ -121,6 +121,9 @@ class AggregatorService(ServiceLoop):
         self.accepted = 0  # updates counted
         self.redelivered = 0  # updates that already counted, seen again (receipted again)
         self.rejected: Counter[str] = Counter()
+        self.adjusted: Counter[str] = Counter()  # updates folded in clipped or capped
+        self.limits = UpdateLimits.from_config(config)
+        self.bounds = self.limits.bounds()  # learnt from accepted updates, checkpointed
         self.reassembler = config.reassembler()  # updates that arrive in Parts
         self.model_bytes = 0
         # Paths it will write, checked now: not a traceback at the first round's save.
@@ -147,13 +150,14 @@ class AggregatorService(ServiceLoop):
             self.link.route(self.topics.partial_filter, lambda m: self._inbox.put(
                 _Inbound(m.topic, m.payload, m.mid, m.qos, partial=True)), qos=1)
         self.registry = DeviceRegistry()  # births and Last Wills, applied on the loop thread
-        self.ingest = UpdateIngest(UpdateLimits.from_config(config),
-                                   params=self.model.layout.size, topics=self.topics,
-                                   registry=self.registry, reassembler=self.reassembler,
-                                   machine=self.machine)
+        self.ingest = UpdateIngest(self.limits, params=self.model.layout.size,
+                                   topics=self.topics, registry=self.registry,
+                                   reassembler=self.reassembler, machine=self.machine,
+                                   bounds=self.bounds)
         # counted per reason, logged sparingly
         self.rejections = RejectionLog(self.rejected, log,
                                        on_count=self.observers.update_rejected)
+        self.adjustments = RejectionLog(self.adjusted, log)  # the same, for clips and caps
         self.broadcast = ModelBroadcast(
             topics=self.topics, seal=announcement_sealer(config.signing_key),  # signed if set
             model_codec=config.model_codec, delta_codec=config.model_delta_codec,
@@ -166,11 +170,18 @@ class AggregatorService(ServiceLoop):
             _Synced(m.payload, m.mid, m.qos)), qos=1)
         self._sync: tuple[bytes, float] | None = None  # the marker awaited, and until when
         self.dashboard: DashboardServer | None = None  # with dashboard_port, once started
+        # Until the retained births are in (the first marker came back), an update from a
+        # device the registry does not know waits here: a restarted aggregator's session
+        # hands it the updates queued while it was away before the births its new
+        # subscription brings, and they must not be taken for a stranger's.
+        self._births_in = False
+        self._parked: list[_Inbound] = []
 
     def _on_connect(self, session_present: bool) -> None:
         """Re-announce on every connect. Without a session, updates sent while we were away
-        are gone: a fresh announcement makes devices train again (duplicates are refused)."""
-        self._inbox.put(_REPUBLISH if session_present else _REANNOUNCE)
+        are gone: a fresh announcement makes devices train again (duplicates are refused).
+        The first connect of this process waits for the births in any case."""
+        self._inbox.put(_REPUBLISH if session_present and self._births_in else _REANNOUNCE)
 
     def _handle_status(self, topic: str, payload: bytes) -> None:
         """A birth or Last Will, in its place among the updates: a device's last update
@@ -210,6 +221,8 @@ class AggregatorService(ServiceLoop):
         # A checkpoint from before lineages continues the line its devices know as "".
         self.lineage = state.get("lineage", "")
         self.machine.load_state_dict(state["machine"], now=self.clock())
+        if state.get("bounds") is not None:  # older checkpoints: learnt afresh
+            self.bounds.load_state_dict(state["bounds"])
         self.history = [RoundRecord.from_dict(r) for r in state.get("history", [])]
         log.info("resumed from %s at round %d (model v%d)", self.config.checkpoint,
                  self.machine.round, self.machine.version)
@@ -224,7 +237,8 @@ class AggregatorService(ServiceLoop):
     def _snapshot(self) -> dict:
         """The state to checkpoint; state_dict copies the arrays, so the loop may go on."""
         return {"machine": self.machine.state_dict(), "lineage": self.lineage,
-                "history": [r.to_dict() for r in self.history]}
+                "history": [r.to_dict() for r in self.history],
+                "bounds": self.bounds.state_dict()}
 
     def _done(self) -> bool:
         return self.config.rounds > 0 and self.machine.version >= self.config.rounds
@@ -295,6 +309,8 @@ class AggregatorService(ServiceLoop):
                                    f"rejected update on {topic} ({result.reason}): "
                                    f"{result.message}")
             return result.receipt()
+        for what, message in result.notes:
+            self.adjustments.record(what, topic, message)
         self.observers.update_accepted(device_id=update.device_id, round=update.round,
                                        counted=result.counted)
         if result.counted:
@@ -320,9 +336,7 @@ class AggregatorService(ServiceLoop):
             elif isinstance(item, _Synced):
                 self.link.ack(item.mid, item.qos)
                 if self._sync is not None and item.nonce == self._sync[0]:
-                    self._sync = None
-                    self.broadcast.forget()
-                    self._announce()
+                    self._synced()
             elif item is _REPUBLISH:
                 self._announce()
             elif item is WRITER_IDLE:
@@ -334,10 +348,31 @@ class AggregatorService(ServiceLoop):
                 self.observers.traffic(direction="in", kind="status", nbytes=len(item.payload))
                 self._handle_status(item.topic, item.payload)
                 self.link.ack(item.mid, item.qos)
+            elif not self._births_in and self._from_stranger(item.topic):
+                self._parked.append(item)  # acked once handled, after the births
             else:
                 self.observers.traffic(direction="in", kind="update", nbytes=len(item.payload))
                 reply = self._handle_update(item.topic, item.payload, partial=item.partial)
                 self._held.append(functools.partial(self._reply, item.mid, item.qos, reply))
+
+    def _from_stranger(self, topic: str) -> bool:
+        try:
+            return not self.registry.known(self.topics.device_from_update_topic(topic))
+        except ProtocolError:
+            return False  # no device at all: refused as it is
+
+    def _synced(self) -> None:
+        """The births are in (or SYNC_WAIT_S passed): announce afresh, and handle the
+        updates that waited for them, in the order they came."""
+        self._sync = None
+        self._births_in = True
+        parked, self._parked = self._parked, []
+        if parked:
+            log.info("handling %d update(s) that came before their devices' births",
+                     len(parked))
+            self._process(parked)
+        self.broadcast.forget()
+        self._announce()
 
     def _await_births(self) -> None:
         """Announce afresh once the retained births are in (see SYNC_WAIT_S)."""
@@ -365,9 +400,7 @@ class AggregatorService(ServiceLoop):
             log.warning("no echo on %s within %.0f s: announcing without waiting for the "
                         "devices' births (the broker's ACL should let the aggregator read and "
                         "write it)", self.topics.aggregator_sync, SYNC_WAIT_S)
-            self._sync = None
-            self.broadcast.forget()
-            self._announce()
+            self._synced()
         if self.finished.is_set():
             return
         action = self.machine.due(now)
@@ -389,6 +422,9 @@ class AggregatorService(ServiceLoop):
 
     def _close_round(self, now: float) -> None:
         result: RoundResult = self.machine.close(now)
+        if result.refused:
+            self._refuse_round(result)
+            return
         dp = self.machine.policy.dp
         accuracy = test_loss = top3 = None
         if self.test_data is not None:
@@ -431,6 +467,23 @@ class AggregatorService(ServiceLoop):
             self.finished.set()
         if self.on_round is not None:
             self.on_round(record)
+
+    def _refuse_round(self, result: RoundResult) -> None:
+        """The guard refused the round's model: it is never published; the devices train
+        the last good model again, in a new round."""
+        m = self.machine
+        log.error("round %d refused: %s. Its %d updates are dropped and model v%d stays; "
+                  "the devices train it again as round %d (%d round(s) refused so far; if "
+                  "honest rounds are refused, raise max_model_growth)", result.round,
+                  result.refused, result.participants, m.version, m.round, m.refused)
+        # the round's end is on disk before it is re-announced, as a closed round's is
+        if not self._checkpoint(wait=True):
+            log.error("round %d was refused but the new round could not be saved; not "
+                      "announced", result.round)
+            return
+        self._round_started = time.monotonic()
+        self.broadcast.forget()  # a fresh announcement: devices train the same model again
+        self._announce()
 
     # -- lifecycle -----------------------------------------------------------------------
     def start(self) -> None:

@@ -6,12 +6,15 @@
 (2) end to end through a real mosquitto: publisher processes flood pre-encoded 8-bit
     updates; the aggregator service's accepted updates/s is measured next to subscribers
     that do nothing (a plain paho Client, and fedmq's MqttLink with its one-copy receive
-    path), with the same payloads, interleaved in the same run.
+    path), with the same payloads, interleaved in the same run. The aggregator runs
+    with its safe defaults (every update decoded, norm-bounded and its samples credited
+    before the fold, aggregator/bounds.py) and, beside it, with those bounds off (the
+    fold decodes straight into the sum).
 (3) the same flood through 1 / 2 / 4 worker processes and a reducer (--workers): every
     worker receives every update and drops the other shards' before decoding them, so the
     broker sends each update N times (docs/scale.md).
 
-    python benchmarks/ingest.py [--updates 1000 --publishers 3 --flood 300]
+    python benchmarks/ingest.py [--updates 1000 --publishers 3 --flood 300 --e2e-only]
 """
 
 from __future__ import annotations
@@ -187,7 +190,12 @@ def raw_broker_rate(url: str, publishers: int, per: int, *, plain: bool) -> floa
     return rate
 
 
-def aggregator_rate(url: str, publishers: int, per: int, workdir: str) -> float:
+# The bounds off: no norm bound (fixed or adaptive) and claims taken as they are.
+UNBOUNDED = {"adaptive_norm_factor": 0.0, "max_sample_factor": 0.0}
+
+
+def aggregator_rate(url: str, publishers: int, per: int, workdir: str,
+                    **settings) -> float:
     """Updates/s the real aggregator service takes in: decoded into its running sum, the
     open round journaled to disk, then acked and receipted. min_updates is never reached,
     so no round closes: this is the steady state within a round."""
@@ -198,7 +206,7 @@ def aggregator_rate(url: str, publishers: int, per: int, workdir: str) -> float:
     config = AggregatorConfig(
         broker=url, fleet="aggbench", model="mlp", hidden=HIDDEN_1M, evaluate=False,
         min_updates=total + 1, deadline_s=3600, checkpoint=os.path.join(workdir, "agg.ckpt"),
-        log_level="ERROR")
+        log_level="ERROR", **settings)
     service = AggregatorService(config)
     assert service.model.layout.size == PARAMS_1M_MLP, service.model.layout.size
     service.start()
@@ -277,29 +285,37 @@ def main() -> int:
     parser.add_argument("--flood", type=int, default=450, help="updates per end-to-end phase")
     parser.add_argument("--repeats", type=int, default=5,
                         help="alternate raw and aggregator phases this many times")
+    parser.add_argument("--e2e-only", action="store_true", help="skip (1)")
     parser.add_argument("--workers", default="1,2,4",
                         help="(3): worker counts to run beside one reducer ('' skips it)")
-    parser.add_argument("--skip-decode", action="store_true", help="skip part (1)")
     args = parser.parse_args()
-    worker_counts = [int(w) for w in args.workers.split(",") if w]
+    rates = decode_table(args.updates) if not args.e2e_only else {}
+    end_to_end(args, rates)
+    return 0
 
-    print(f"(1) decode + accumulate, {PARAMS:,} parameters, one core, {args.updates} updates")
+
+def decode_table(updates: int) -> dict[str, float]:
+    print(f"(1) decode + accumulate, {PARAMS:,} parameters, one core, {updates} updates")
     print(f"{'codec':8s} {'payload KB':>10s} {'codec-only/s':>13s} {'full path/s':>12s} "
           f"{'RSS@10 MB':>10s} {'RSS@1000 MB':>12s}")
     rates = {}
-    for codec in () if args.skip_decode else ("float32", "q8", "q4"):
-        codec_only, full, nbytes = decode_rate(codec, args.updates)
+    for codec in ("float32", "q8", "q4"):
+        codec_only, full, nbytes = decode_rate(codec, updates)
         rss10, rss1000 = child_peak_rss(codec, 10), child_peak_rss(codec, 1000)
         rates[codec] = full
         print(f"{codec:8s} {nbytes / 1024:10.0f} {codec_only:13.0f} {full:12.0f} "
               f"{rss10:10.1f} {rss1000:12.1f}")
+    return rates
 
+
+def end_to_end(args: argparse.Namespace, rates: dict[str, float]) -> None:
     from simulator.broker import LocalMosquitto
 
     per = max(1, args.flood // args.publishers)
     print(f"\n(2) end to end through mosquitto: {args.publishers} publisher processes x {per} "
           "pre-encoded q8 updates (1M parameters each), QoS 1")
-    plains, raws, aggs = [], [], []
+    plains, raws, aggs, fasts = [], [], [], []
+    worker_counts = [int(w) for w in args.workers.split(",") if w]
     by_workers: dict[int, list[float]] = {n: [] for n in worker_counts}
     with tempfile.TemporaryDirectory() as workdir, LocalMosquitto() as broker:
         for i in range(args.repeats):  # interleaved, so machine noise hits all alike
@@ -307,27 +323,33 @@ def main() -> int:
             raws.append(raw_broker_rate(broker.url, args.publishers, per, plain=False))
             aggs.append(aggregator_rate(broker.url, args.publishers, per,
                                         os.path.join(workdir, str(i))))
+            fasts.append(aggregator_rate(broker.url, args.publishers, per,
+                                         os.path.join(workdir, f"{i}-unbounded"), **UNBOUNDED))
             for n in worker_counts:
                 run_dir = os.path.join(workdir, f"{i}-w{n}")
                 os.makedirs(run_dir)
                 by_workers[n].append(workers_rate(broker.url, args.publishers, per,
                                                   run_dir, n))
             print(f"  pass {i + 1}: plain paho {plains[-1]:6.1f}/s, fedmq link {raws[-1]:6.1f}/s, "
-                  f"aggregator {aggs[-1]:6.1f}/s" + "".join(
+                  f"aggregator {aggs[-1]:6.1f}/s, bounds off {fasts[-1]:6.1f}/s" + "".join(
                       f", {n} worker(s) {r[-1]:6.1f}/s" for n, r in by_workers.items()),
                   file=sys.stderr)
-    plain, raw, agg = (statistics.median(x) for x in (plains, raws, aggs))
+    plain, raw, agg, fast = (statistics.median(x) for x in (plains, raws, aggs, fasts))
     print("broker -> do-nothing plain paho:   " + " ".join(f"{r:6.1f}" for r in plains)
           + f"  median {plain:6.1f} updates/s")
     print("broker -> do-nothing fedmq link:   " + " ".join(f"{r:6.1f}" for r in raws)
           + f"  median {raw:6.1f} updates/s")
     print("broker -> aggregator (accepted):   " + " ".join(f"{a:6.1f}" for a in aggs)
           + f"  median {agg:6.1f} updates/s")
+    print("   ... with the bounds off:        " + " ".join(f"{a:6.1f}" for a in fasts)
+          + f"  median {fast:6.1f} updates/s")
     for n, rates_n in by_workers.items():
         print(f"broker -> {n} worker(s) -> reducer: " + " ".join(f"{r:6.1f}" for r in rates_n)
               + f"  median {statistics.median(rates_n):6.1f} updates/s")
-    if args.skip_decode:
-        return 0
+    if "q8" not in rates:
+        print(f"summary: end to end {agg / plain:.0%} of a do-nothing plain paho subscriber "
+              f"({fast / plain:.0%} with the bounds off)")
+        return
     ok1 = rates["q8"] >= GOAL_DECODE_PER_S
     # The goal's baseline is the one the issue names, a do-nothing plain paho subscriber;
     # the same do-nothing subscriber on fedmq's one-copy receive path is shown beside it.
@@ -335,8 +357,8 @@ def main() -> int:
     print(f"summary: q8 decode+accumulate {rates['q8']:.0f}/s (goal {GOAL_DECODE_PER_S}: "
           f"{'met' if ok1 else 'MISSED'}), end to end {agg / plain:.0%} of a do-nothing plain "
           f"paho subscriber (goal {GOAL_E2E_FRACTION:.0%}: {'met' if ok2 else 'MISSED'}) and "
-          f"{agg / raw:.0%} of a do-nothing fedmq link")
-    return 0
+          f"{agg / raw:.0%} of a do-nothing fedmq link; with the bounds off "
+          f"{fast / plain:.0%}")
 
 
 if __name__ == "__main__":

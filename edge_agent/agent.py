@@ -306,8 +306,11 @@ class EdgeAgent:
         self.stats = AgentStats()
         # The retained status: birth, then fresh activity at most every status_interval_s
         # (published from the training thread's tick); guarded: paho's thread sends too.
+        # `examples`: the aggregator weighs this device's updates by at most a few times
+        # examples x epochs (aggregator/bounds.py), so a forged sample count cannot drown it
         self.report = ActivityReport(device_id=config.device_id,
-                                     capabilities=device_capabilities(config),
+                                     capabilities={**device_capabilities(config),
+                                                   "examples": len(self.trainer.data)},
                                      agent_version=__version__,
                                      interval_s=config.status_interval_s)
         self._report_lock = threading.Lock()

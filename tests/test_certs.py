@@ -146,6 +146,7 @@ def test_enroll_with_a_certificate_for_the_aggregator(pki, tmp_path, capsys):
     assert code == 0 and "clients/fedmq-aggregator.key" in err
     values = tomllib.loads(out)
     assert "password" not in values and values["client_id"] == "fedmq-aggregator"
+    assert values["require_known_devices"] is True  # an enrolled fleet refuses strangers
     values["ca_file"] = str(pki.ca.cert)  # the device-side copy of ca.crt
     config = AggregatorConfig(**values)
     broker.mosquitto.start()

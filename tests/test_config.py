@@ -56,6 +56,10 @@ def test_shipped_example_configs_load():
     agent = load_config(AgentConfig, "deploy/agent.toml")
     aggregator = load_config(AggregatorConfig, "deploy/aggregator.toml")
     assert agent.device_id and aggregator.rounds == 0
+    # production turns on what the defaults leave off for a first run (issue #17)
+    assert aggregator.require_known_devices
+    assert aggregator.adaptive_norm_factor and aggregator.max_sample_factor
+    assert aggregator.max_model_growth
 
 
 def test_a_key_set_twice_is_named_with_both_lines(tmp_path):

@@ -77,13 +77,13 @@ def test_the_norm_bound_clips_to_the_bound_or_rejects_and_leaves_small_updates_a
     norm = l2_norm(values)
     u = update(values)
     if norm <= bound:
-        assert np.array_equal(s.contents(u), values)  # untouched, not even scaled
+        assert np.array_equal(s.contents(u).delta, values)  # untouched, not even scaled
         assert s.clipped == 0
         return
     if policy == "reject":
         assert reason(lambda: s.contents(u)) == "norm_exceeded"
         return
-    clipped = s.contents(u)
+    clipped = s.contents(u).delta
     assert l2_norm(clipped) <= bound * (1 + 1e-5)
     assert math.isclose(l2_norm(clipped), bound, rel_tol=1e-5)
     # same direction: a positive multiple of the original
@@ -106,7 +106,7 @@ def test_l2_norm_does_not_overflow_in_float32():
 def test_values_whose_weighted_sum_would_overflow_are_out_of_range():
     s = screen(max_update_norm=1e38)  # the values are checked where the delta is decoded
     ok = MAX_WEIGHTED_VALUE / 10 * 0.99
-    assert s.contents(update(np.full(SIZE, ok), samples=10)) is not None
+    assert s.contents(update(np.full(SIZE, ok), samples=10)).delta is not None
     assert reason(lambda: s.contents(update(np.full(SIZE, ok), samples=11))) == "out_of_range"
     assert reason(lambda: s.contents(update(np.full(SIZE, 1e38), codec="q8"))) == "out_of_range"
 
@@ -128,10 +128,10 @@ def test_with_a_bound_contents_checks_codec_size_and_finiteness_before_any_sum()
 
 
 def test_without_a_bound_the_delta_is_left_to_the_fold_and_not_decoded_twice():
-    s = screen()
+    s = screen(norm_factor=0.0)  # no fixed and no adaptive bound
     raw = EncodedTensor(codec="f32", size=SIZE, data=np.full(SIZE, np.nan, "<f4").tobytes())
     u = dataclasses.replace(update(np.zeros(SIZE)), delta=raw)
-    assert s.contents(u) is None  # not decoded here ...
+    assert s.contents(u).delta is None  # not decoded here ...
     rejected = s.receive(TOPICS.update("d1"), u.to_payload(), 0.0)
     assert rejected == Rejected("non_finite", rejected.message, u)  # ... but by the fold
     assert s.machine.acc.count == 0 and not s.machine.acc.total.any()
@@ -181,6 +181,10 @@ def test_known_online_devices_pass_and_others_do_not():
     ({"max_update_norm": float("nan")}, "max_update_norm"),
     ({"norm_policy": "shrink"}, "clip"),
     ({"max_update_bytes": -5}, "max_update_bytes"),
+    ({"adaptive_norm_factor": 1.2}, "adaptive_norm_factor 1.2 must be 0"),
+    ({"max_sample_factor": -1.0}, "max_sample_factor"),
+    ({"max_model_growth": 0.5}, "max_model_growth 0.5 must be 0"),
+    ({"max_model_growth": float("inf")}, "max_model_growth"),
 ])
 def test_bad_limits_are_config_errors(overrides, match):
     with pytest.raises(ConfigError, match=match):
@@ -376,12 +380,13 @@ class _CountingDecoder:
 
 
 @pytest.mark.parametrize("aggregation", ["mean", "median"])
-@pytest.mark.parametrize("bound", [0.0, 4.0, 1000.0])  # off, clipping, passing
+@pytest.mark.parametrize("bound", [0.0, 4.0, 1000.0])  # off (no adaptive bound either),
+# clipping, passing
 def test_an_update_is_decoded_once_on_its_way_into_the_aggregate(monkeypatch, aggregation,
                                                                  bound):
     values = np.linspace(-1, 1, SIZE, dtype=np.float32)  # norm about 4.6
     s = ingest(rounds=machine(size=SIZE, min_updates=3, aggregation=aggregation),
-               max_update_norm=bound)
+               max_update_norm=bound, norm_factor=0.0 if bound == 0 else 5.0)
     sent = update(values, codec="q8")  # (stochastic rounding: encoded once)
     decoder = _CountingDecoder(monkeypatch)
     result = s.receive(TOPICS.update("d1"), sent.to_payload(), 0.0)

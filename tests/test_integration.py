@@ -97,7 +97,9 @@ def test_garbage_on_update_topics_is_rejected_counted_and_survived(broker, tmp_p
     garbage += [dataclasses.replace(nan, delta=t).to_payload() for t in bad_codecs]
     infos = [rogue.publish(topics.update("dev0"), g, qos=1) for g in garbage]
     infos.append(rogue.publish(topics.update("dev9"), nan.to_payload(), qos=1))  # wrong topic
-    no_layout = dataclasses.replace(nan, layout_hash="")
+    # (a delta of the model's size: the norm bound decodes it before the layout is checked)
+    zeros = EncodedTensor(codec="f32", size=size, data=b"\0" * 4 * size)
+    no_layout = dataclasses.replace(nan, layout_hash="", delta=zeros)
     infos.append(rogue.publish(topics.update("dev0"), no_layout.to_payload(), qos=1))
     for info in infos:
         info.wait_for_publish(30)

@@ -105,17 +105,23 @@ def test_bad_robust_settings_are_config_errors(settings, message):
 
 
 def test_a_simulated_fleet_with_an_attacker_trains_with_the_median_not_the_mean(tmp_path):
-    """One of six devices sends its delta reversed and scaled by 10: the mean follows it,
-    the median does not (both runs deterministic for this seed)."""
+    """One of six devices sends its delta reversed and scaled by 10: the unbounded mean
+    follows it, the median does not, and the default adaptive norm bound (which clips
+    the attacker to 5x the typical norm) saves the mean part of the way (all runs
+    deterministic for this seed)."""
     from simulator.fleet import Simulation, SimulationConfig
 
     accuracy = {}
-    for rule in ("mean", "median"):
+    unbounded = {"adaptive_norm_factor": 0.0}
+    for name, options in (("mean", unbounded),
+                          ("median", {**unbounded, "aggregation": "median"}),
+                          ("bounded mean", {})):
         config = SimulationConfig(devices=6, rounds=5, model="logreg", epochs=2, lr=0.1,
-                                  byzantine=1, aggregation=rule, seed=0, timeout_s=120)
-        with Simulation(config, workdir=tmp_path / rule) as sim:
-            accuracy[rule] = sim.wait().final_accuracy
+                                  byzantine=1, seed=0, timeout_s=120, **options)
+        with Simulation(config, workdir=tmp_path / name.replace(" ", "-")) as sim:
+            accuracy[name] = sim.wait().final_accuracy
     assert accuracy["median"] > 0.4 and accuracy["median"] > accuracy["mean"] + 0.15
+    assert accuracy["bounded mean"] > accuracy["mean"] + 0.1
 
 
 def test_a_median_round_survives_a_restart_through_the_checkpoint_store(tmp_path):

@@ -27,6 +27,7 @@ class WeightedAccumulator(AggregationRule):
         self.total = np.zeros(size, dtype=np.float32)
         self.weight = 0.0
         self._count = 0
+        self._scaled: np.ndarray | None = None  # add()'s weighted delta
 
     @property
     def count(self) -> int:
@@ -50,7 +51,10 @@ class WeightedAccumulator(AggregationRule):
                 f"delta has shape {delta.shape}, model needs {self.total.shape}", reason="bad_shape"
             )
         _check_weight(weight, norm)
-        self.total += np.float32(weight) * delta
+        if self._scaled is None:  # kept: a fresh temporary per update costs more than the add
+            self._scaled = np.empty_like(self.total)
+        np.multiply(delta, np.float32(weight), out=self._scaled)
+        self.total += self._scaled
         self.weight += weight if norm is None else norm
         self._count += 1
 

@@ -53,7 +53,9 @@ class ServerOptimizer:
                 f"checkpoint holds {state.get('name')!r} optimizer state but {self.name!r} is "
                 "configured; use the same optimizer or start from a fresh checkpoint"
             )
-        self.state = {k: np.asarray(v, dtype=np.float64) for k, v in state["slots"].items()}
+        # copies: step() works on the slots in place, and `state` may be a snapshot that
+        # is still being written
+        self.state = {k: np.array(v, dtype=np.float64) for k, v in state["slots"].items()}
 
 
 class FedAvg(ServerOptimizer):

@@ -59,6 +59,11 @@ class CentralDP:
         noise = rng.normal(0.0, self.noise_std, total.shape).astype(np.float32)
         return (total + noise) / np.float32(self.denominator)
 
+    def noise_norm(self, size: int) -> float:
+        """The expected L2 norm of a round's noise in the mean, for `size` parameters
+        (a Gaussian vector's norm concentrates at std x sqrt(size))."""
+        return self.noise_std * math.sqrt(size) / self.denominator
+
     @property
     def rdp_per_round(self) -> float:
         """r of one round: the Gaussian mechanism is (a, a r)-RDP for every order a > 1.

@@ -52,18 +52,24 @@ class Enrollment:
     model_public_key: str = ""  # where the device keeps the aggregator's public key
     signing_key: str = ""  # where the aggregator keeps its private signing key
 
-    def keys(self) -> dict[str, str]:
-        """Keys of AgentConfig (role device) or AggregatorConfig (role aggregator)."""
+    def keys(self) -> dict[str, object]:
+        """Keys of AgentConfig (role device) or AggregatorConfig (role aggregator). An
+        enrolled fleet's aggregator refuses updates from devices that never announced
+        themselves (require_known_devices; docs/security.md)."""
         id_key = "client_id" if self.role == "aggregator" else "device_id"
-        values = {"broker": self.broker, "fleet": self.fleet, id_key: self.name}
+        values: dict[str, object] = {"broker": self.broker, "fleet": self.fleet,
+                                     id_key: self.name}
         if self.password:
             values |= {"username": self.name, "password": self.password}
-        return values | {key: value for key, value in (("ca_file", self.ca_file),
-                                                       ("cert_file", self.cert_file),
-                                                       ("key_file", self.key_file),
-                                                       ("model_public_key", self.model_public_key),
-                                                       ("signing_key", self.signing_key))
-                         if value}
+        values |= {key: value for key, value in (("ca_file", self.ca_file),
+                                                 ("cert_file", self.cert_file),
+                                                 ("key_file", self.key_file),
+                                                 ("model_public_key", self.model_public_key),
+                                                 ("signing_key", self.signing_key))
+                   if value}
+        if self.role == "aggregator":
+            values["require_known_devices"] = True
+        return values
 
     def toml(self) -> str:
         return render(self.keys())

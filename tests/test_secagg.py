@@ -223,14 +223,16 @@ def test_every_message_round_trips_and_bad_fields_are_refused_with_a_reason():
     setup = setup_for(10)
     assert SecAggSetup.from_payload(setup.to_payload()) == setup
     masked = MaskedInput(device_id="dev-001", round=3, session=SESSION, data=b"\x01" * 8)
-    request = UnmaskRequest(round=3, session=SESSION, survivors=[1, 2], dropped=[3])
+    request = UnmaskRequest(device_id="dev-001", round=3, session=SESSION, survivors=[1, 2],
+                            dropped=[3], inputs=7)
     for message in (masked, request,
                     AdvertiseKeys(device_id="a", round=3, session=SESSION,
                                   cipher_key=bytes(32), mask_key=bytes(range(32)))):
         assert decode_any(message.to_payload(), *SECAGG_MESSAGES) == message
     assert masked.input_id == f"sa-{SESSION.hex()}"
     with pytest.raises(ProtocolError) as exc:
-        UnmaskRequest(round=3, session=SESSION, survivors=[1, 2], dropped=[2])
+        UnmaskRequest(device_id="dev-001", round=3, session=SESSION, survivors=[1, 2],
+                      dropped=[2], inputs=2)
     assert exc.value.reason == "both_secrets"
     with pytest.raises(ProtocolError) as exc:
         UnmaskResponse(device_id="a", round=3, session=SESSION,
@@ -382,8 +384,9 @@ def _finish(server: SecAggServer, clients: list[SecAggClient], pending: list) ->
     while pending:
         out = pending.pop(0)
         for client in clients:
-            for reply in client.receive(out.message):
-                pending.extend(server.receive(reply, now=0.0).outgoing)
+            if out.to in (None, client.device_id):
+                for reply in client.receive(out.message):
+                    pending.extend(server.receive(reply, now=0.0).outgoing)
 
 
 def test_a_device_never_reveals_both_secrets_of_one_neighbour():
@@ -392,13 +395,16 @@ def test_a_device_never_reveals_both_secrets_of_one_neighbour():
     client = masked[0][0]
     neighbour = sorted(client._held)[0]
     everyone = list(range(10))
-    first = client.receive(UnmaskRequest(round=3, session=setup.session,
-                                         survivors=everyone, dropped=[]))
+
+    def request(client: SecAggClient, survivors: list[int], dropped: list[int],
+                inputs: int = 10) -> UnmaskRequest:
+        return UnmaskRequest(device_id=client.device_id, round=3, session=setup.session,
+                             survivors=survivors, dropped=dropped, inputs=inputs)
+
+    first = client.receive(request(client, everyone, []))
     assert neighbour in [s.owner for s in first[0].self_mask_shares]
-    assert client.receive(UnmaskRequest(round=3, session=setup.session, survivors=everyone,
-                                        dropped=[])) == first  # a repeated request: same answer
-    lying = UnmaskRequest(round=3, session=setup.session,
-                          survivors=[i for i in everyone if i != neighbour], dropped=[neighbour])
+    assert client.receive(request(client, everyone, [])) == first  # asked again: same answer
+    lying = request(client, [i for i in everyone if i != neighbour], [neighbour], inputs=9)
     with pytest.raises(SecureAggregationError) as exc:
         client.receive(lying)
     assert exc.value.reason == "both_secrets"
@@ -406,11 +412,9 @@ def test_a_device_never_reveals_both_secrets_of_one_neighbour():
     other = masked[1][0]
     me = setup.index_of(other.device_id)
     with pytest.raises(SecureAggregationError, match="as dropped"):
-        other.receive(UnmaskRequest(round=3, session=setup.session,
-                                    survivors=[i for i in everyone if i != me], dropped=[me]))
+        other.receive(request(other, [i for i in everyone if i != me], [me], inputs=9))
     with pytest.raises(SecureAggregationError, match="fewer than min_clients"):
-        masked[2][0].receive(UnmaskRequest(round=3, session=setup.session,
-                                           survivors=everyone[:4], dropped=everyone[4:]))
+        masked[2][0].receive(request(masked[2][0], everyone[:4], everyone[4:], inputs=4))
 
 
 def test_the_server_refuses_a_share_of_the_wrong_secret():

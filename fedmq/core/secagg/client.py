@@ -219,9 +219,9 @@ class SecAggClient:
         if self._index not in survivors:
             raise SecureAggregationError("the server lists this device, which sent its input, "
                                          "as dropped", reason="inconsistent")
-        if len(survivors) < setup.min_clients:
+        if request.inputs < setup.min_clients:
             raise SecureAggregationError(
-                f"the server would unmask a sum of {len(survivors)} inputs, fewer than "
+                f"the server would unmask a sum of {request.inputs} inputs, fewer than "
                 f"min_clients {setup.min_clients}", reason="too_few_inputs")
         reveal: dict[int, str] = {}
         for j in self._held:

@@ -205,21 +205,26 @@ class MaskedInput(Message):
 
 @dataclass(frozen=True, slots=True)
 class UnmaskRequest(Message):
-    """Server -> the devices that sent inputs: who counts (reveal their self-mask shares)
-    and who dropped after sharing (reveal their mask-key shares)."""
+    """Server -> one device that sent its input: which of its neighbours count (reveal
+    their self-mask shares) and which dropped after sharing (reveal their mask-key
+    shares), and how many inputs the sum holds. Neighbours only: O(k), not O(n)."""
 
     KIND = "sa.unmask"
+    device_id: str = wire("dev")  # the recipient
     round: int = wire("r")
     session: bytes = wire("s")
-    survivors: list[int] = wire("u")
+    survivors: list[int] = wire("u")  # includes the recipient itself
     dropped: list[int] = wire("d")
+    inputs: int = wire("n")  # inputs in the sum to be unmasked
 
     def __post_init__(self) -> None:
+        check_name(self.device_id, "device id")
         _check_round(self.round, self.session)
         _check_unique(self.survivors, "survivors")
         _check_unique(self.dropped, "dropped")
         _require(not set(self.survivors) & set(self.dropped),
                  "a device is listed both as a survivor and as dropped", "both_secrets")
+        _require(self.inputs >= len(self.survivors), "fewer inputs than listed survivors")
 
 
 @dataclass(frozen=True, slots=True)

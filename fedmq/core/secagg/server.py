@@ -117,12 +117,14 @@ class SecAggServer:
         self.setup = setup
         self.timeouts = timeouts or StageTimeouts()
         self._count = len(setup.participants)
+        self._indices = {d: i for i, d in enumerate(setup.participants)}
         self._graph = neighbour_sets(self._count, setup.neighbours, setup.session)
         self.stage = KEYS
         self.deadline = now + self.timeouts.keys_s
         self.result: SecAggResult | None = None
         self.failure: SecureAggregationError | None = None
         self._keys: dict[int, tuple[bytes, bytes]] = {}  # (cipher, mask) public keys
+        self._seen_keys: set[bytes] = set()
         self._u1: frozenset[int] = frozenset()  # keys routed to them
         self._shares: dict[int, dict[int, bytes]] = {}  # sender -> recipient -> ciphertext
         self._u2: frozenset[int] = frozenset()  # shares routed to them
@@ -148,10 +150,9 @@ class SecAggServer:
             return Handled("rejected", "wrong_kind")
         if message.session != self.setup.session or message.round != self.setup.round:
             return Handled("rejected", "wrong_session")
-        try:
-            index = self.setup.index_of(message.device_id)
-        except ProtocolError as exc:
-            return Handled("rejected", exc.reason)
+        index = self._indices.get(message.device_id)
+        if index is None:
+            return Handled("rejected", "not_participant")
         if kind is MaskedInput and index in self._inputs:
             same = hashlib.sha256(message.data).digest() == self._inputs[index]
             # a re-send of the counted input is acknowledged again; another one is not taken
@@ -180,10 +181,11 @@ class SecAggServer:
         if i in self._keys:
             return Handled("accepted" if self._keys[i] == (m.cipher_key, m.mask_key)
                            else "duplicate")
-        if any(m.cipher_key in k or m.mask_key in k for k in self._keys.values()) \
+        if m.cipher_key in self._seen_keys or m.mask_key in self._seen_keys \
                 or m.cipher_key == m.mask_key:
             return Handled("rejected", "key_reuse")
         self._keys[i] = (m.cipher_key, m.mask_key)
+        self._seen_keys |= {m.cipher_key, m.mask_key}
         return Handled("accepted")
 
     def _on_shares(self, i: int, m: ShareKeys) -> Handled:
@@ -299,9 +301,12 @@ class SecAggServer:
         self._require_clients(self._u3, "sent their masked input", len(self._u3))
         self._dropped = self._u2 - self._u3
         self.stage = UNMASK
-        return [Outbound(None, UnmaskRequest(
-            round=self.setup.round, session=self.setup.session,
-            survivors=sorted(self._u3), dropped=sorted(self._dropped)))]
+        names = self.setup.participants
+        return [Outbound(names[i], UnmaskRequest(
+            device_id=names[i], round=self.setup.round, session=self.setup.session,
+            survivors=sorted(self._graph[i] & self._u3 | {i}),
+            dropped=sorted(self._graph[i] & self._dropped), inputs=len(self._u3)))
+            for i in sorted(self._u3)]
 
     def _needed(self) -> list[tuple[int, dict[int, dict[int, bytes]]]]:
         """(owner, where its shares go) for every secret the sum needs rebuilt."""
@@ -400,6 +405,7 @@ class SecAggServer:
         nested = _nested
         self.stage = state["stage"]
         self._keys = {int(i): (bytes(c), bytes(m)) for i, c, m in state["keys"]}
+        self._seen_keys = {k for pair in self._keys.values() for k in pair}
         self._u1, self._u2, self._u3 = (frozenset(int(i) for i in state[k])
                                         for k in ("u1", "u2", "u3"))
         self._dropped = frozenset(int(i) for i in state["dropped"])

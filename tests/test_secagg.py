@@ -26,7 +26,7 @@ from fedmq.core.secagg.messages import (
     UnmaskRequest,
     UnmaskResponse,
 )
-from fedmq.core.secagg.server import SecAggServer, plan_setup
+from fedmq.core.secagg.server import Handled, SecAggServer, plan_setup
 from fedmq.core.secagg.simulate import (
     AFTER_INPUT,
     BEFORE_INPUT,
@@ -547,3 +547,25 @@ def test_the_servers_view_of_one_masked_input_is_independent_of_the_update():
         assert _uniformity_p(unmasked) < 1e-12
     assert _same_distribution_p(updates["zeros"], updates["max"]) < 1e-12
     assert _same_distribution_p(setup.field.add(updates["zeros"], masks & 0xFFFF), leaky) < 1e-12
+
+
+def test_the_server_acknowledges_a_repeated_message_and_refuses_a_changed_or_foreign_one():
+    setup = setup_for(10, seed=16)
+    server = SecAggServer(setup, now=0.0)
+    keys_a = SecAggClient("dev-000").receive(setup)[0]
+    assert server.receive(keys_a, now=0.0).status == "accepted"
+    assert server.receive(keys_a, now=0.0) == Handled("accepted", "resent")
+    changed = SecAggClient("dev-000").receive(setup)[0]
+    assert server.receive(changed, now=0.0).status == "duplicate"
+    copied = AdvertiseKeys(device_id="dev-001", round=3, session=setup.session,
+                           cipher_key=keys_a.cipher_key, mask_key=bytes(range(32)))
+    assert server.receive(copied, now=0.0).reason == "key_reuse"
+    stranger = AdvertiseKeys(device_id="dev-999", round=3, session=setup.session,
+                             cipher_key=bytes(32), mask_key=bytes(range(32)))
+    assert server.receive(stranger, now=0.0).reason == "not_participant"
+    other_round = AdvertiseKeys(device_id="dev-002", round=4, session=setup.session,
+                                cipher_key=bytes(32), mask_key=bytes(range(32)))
+    assert server.receive(other_round, now=0.0).reason == "wrong_session"
+    early = MaskedInput(device_id="dev-002", round=3, session=setup.session, data=b"")
+    assert server.receive(early, now=0.0).reason == "early"
+    assert server.receive(setup, now=0.0).reason == "wrong_kind"

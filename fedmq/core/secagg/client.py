@@ -71,7 +71,8 @@ class SecAggClient:
         self._held: dict[int, tuple[bytes, bytes]] = {}  # peer -> (mask-key share, b share)
         self._input: np.ndarray | None = None
         self._revealed: dict[int, str] = {}  # peer -> "b" or "sk", over the whole round
-        self._last: Message | None = None  # what to send again on a duplicate request
+        # the input as sent: an outbox re-sends these very bytes until receipted
+        self.masked_input: MaskedInput | None = None
 
     # -- events ------------------------------------------------------------------------
 
@@ -207,9 +208,9 @@ class SecAggClient:
                            sign=pair_sign(self._index, j))
         self._input = None
         self.stage = WAIT_UNMASK
-        self._last = MaskedInput(device_id=self.device_id, round=setup.round,
-                                 session=setup.session, data=field.to_bytes(y))
-        return [self._last]
+        self.masked_input = MaskedInput(device_id=self.device_id, round=setup.round,
+                                        session=setup.session, data=field.to_bytes(y))
+        return [self.masked_input]
 
     def _on_unmask(self, request: UnmaskRequest) -> list[Message]:
         setup = self._require_setup()

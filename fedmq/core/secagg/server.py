@@ -154,9 +154,8 @@ class SecAggServer:
         if index is None:
             return Handled("rejected", "not_participant")
         if kind is MaskedInput and index in self._inputs:
-            same = hashlib.sha256(message.data).digest() == self._inputs[index]
             # a re-send of the counted input is acknowledged again; another one is not taken
-            return Handled("accepted" if same else "duplicate", "resent" if same else "")
+            return _again(hashlib.sha256(message.data).digest() == self._inputs[index])
         if self.stage in (DONE, FAILED):
             return Handled("rejected", "round_closed")
         if kind is not _EXPECTS[self.stage]:
@@ -165,7 +164,7 @@ class SecAggServer:
         handler = {KEYS: self._on_keys, SHARES: self._on_shares, INPUTS: self._on_input,
                    UNMASK: self._on_unmask}[self.stage]
         handled = handler(index, message)
-        if handled.status != "accepted" or not self._stage_complete():
+        if handled.status != "accepted" or handled.reason or not self._stage_complete():
             return handled
         return Handled(handled.status, handled.reason, tuple(self._close_stage(now)))
 
@@ -179,8 +178,7 @@ class SecAggServer:
 
     def _on_keys(self, i: int, m: AdvertiseKeys) -> Handled:
         if i in self._keys:
-            return Handled("accepted" if self._keys[i] == (m.cipher_key, m.mask_key)
-                           else "duplicate")
+            return _again(self._keys[i] == (m.cipher_key, m.mask_key))
         if m.cipher_key in self._seen_keys or m.mask_key in self._seen_keys \
                 or m.cipher_key == m.mask_key:
             return Handled("rejected", "key_reuse")
@@ -193,7 +191,7 @@ class SecAggServer:
             return Handled("rejected", "excluded")
         shares = {s.peer: s.ciphertext for s in m.shares}
         if i in self._shares:
-            return Handled("accepted" if self._shares[i] == shares else "duplicate")
+            return _again(self._shares[i] == shares)
         if set(shares) != self._graph[i] & self._u1:
             return Handled("rejected", "bad_recipients")
         self._shares[i] = shares
@@ -425,6 +423,12 @@ class SecAggServer:
             failure[0], reason=failure[1])
         if self.stage in STAGES:
             self.deadline = now + self.timeouts.of(self.stage)
+
+
+def _again(same: bool) -> Handled:
+    """A device's second message of a kind: the same one again is acknowledged (so its
+    sender can stop re-sending) and changes nothing; a different one is not taken."""
+    return Handled("accepted", "resent") if same else Handled("duplicate")
 
 
 def _pairs(mapping: dict[int, Any]) -> list[list[Any]]:

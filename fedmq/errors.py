@@ -29,6 +29,19 @@ class CodecError(ProtocolError):
         super().__init__(message, reason=reason)
 
 
+class SecureAggregationError(FedmqError):
+    """A secure-aggregation round cannot complete or a party refuses a step that would
+    leak an update (too few devices left, a share that does not decrypt, a request to
+    reveal both secrets of one device). The round is lost; no update is revealed.
+
+    `reason` is a short stable token used as a counter key.
+    """
+
+    def __init__(self, message: str, *, reason: str = "failed") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
 class BrokerError(FedmqError):
     """The MQTT broker cannot be reached, started or used."""
 
@@ -48,11 +61,14 @@ class MissingExtraError(FedmqError):
         self.extra = extra
 
 
-def require(module: str, extra: str):
-    """Import an optional heavy dependency lazily, or explain which extra provides it."""
+def require(module: str, extra: str, *, package: str = ""):
+    """Import an optional heavy dependency lazily, or explain which extra provides it.
+
+    `package` names what to install when `module` is a submodule of it (the message then
+    says 'cryptography', not 'cryptography.hazmat.primitives.ciphers')."""
     import importlib
 
     try:
         return importlib.import_module(module)
     except ImportError as exc:
-        raise MissingExtraError(module, extra) from exc
+        raise MissingExtraError(package or module, extra) from exc

@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 
 from aggregator.config import AggregatorConfig
-from fedmq.runtime import add_config_flags, config_from_args, setup_logging, wait_for_signal
+from fedmq.runtime import (
+    add_config_flags,
+    config_from_args,
+    setup_logging,
+    stop_on_signals,
+    wait_for_signal,
+)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -24,9 +30,10 @@ def run(args: argparse.Namespace) -> int:
         from aggregator.service import AggregatorService
 
         service = AggregatorService(config)
+    stop = stop_on_signals()
     service.start()
     try:
-        wait_for_signal(service.finished)
+        wait_for_signal(service.finished, stop=stop)
     finally:
         service.stop()
     return 1 if service.failure is not None else 0

@@ -81,11 +81,20 @@ def logging_is_set_up() -> bool:
     return any(isinstance(h, _Stderr) for h in logging.getLogger().handlers)
 
 
-def wait_for_signal(done: threading.Event | None = None) -> None:
-    """Block until SIGTERM/SIGINT (or `done`), so services shut down cleanly."""
+def stop_on_signals() -> threading.Event:
+    """An event SIGTERM/SIGINT set from now on. Installed before a service starts: a
+    signal in between would otherwise kill it without its clean shutdown."""
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    return stop
+
+
+def wait_for_signal(done: threading.Event | None = None, *,
+                    stop: threading.Event | None = None) -> None:
+    """Block until SIGTERM/SIGINT (`stop`, from stop_on_signals) or `done`, so services
+    shut down cleanly."""
+    stop = stop if stop is not None else stop_on_signals()
     while not stop.is_set() and not (done is not None and done.is_set()):
         stop.wait(0.5)
 

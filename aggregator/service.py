@@ -42,7 +42,7 @@ from fedmq.core.protocol import (
 from fedmq.errors import ConfigError, ProtocolError
 from fedmq.keyfiles import announcement_sealer
 from fedmq.models import build_model
-from fedmq.tasks import Dataset, split_task
+from fedmq.tasks import Dataset, held_out_set
 from fedmq.transport.mqtt import MqttLink, Will
 
 log = logging.getLogger(__name__)
@@ -103,7 +103,7 @@ class AggregatorService(ServiceLoop):
         self.on_round = on_round
         self.test_data = test_data
         if test_data is None and config.evaluate:
-            _, self.test_data = split_task(config.task, seed=config.seed)
+            self.test_data = held_out_set(config.task, seed=config.seed)
         self.model = build_model(config.model_name, config.model_config(), seed=config.seed)
         self.exporter = None  # ONNX files of every new model, written off the loop thread
         if config.onnx_dir:

@@ -54,7 +54,7 @@ class UserModel(Model):
         missing = missing_methods(trainer, TRAINER_METHODS)
         if missing:
             raise ConfigError(
-                f"task {name}: build() returned a {type(trainer).__name__}, which lacks "
+                f"task {name}: build() returned {type(trainer).__name__}, which lacks "
                 f"{', '.join(missing)} (a fedmq.Trainer has {', '.join(TRAINER_METHODS)}; "
                 "TorchTrainer, NumpyTrainer and SklearnTrainer are ready-made ones)")
         self.name = name

@@ -59,7 +59,8 @@ class UserModel(Model):
                 "TorchTrainer, NumpyTrainer and SklearnTrainer are ready-made ones)")
         self.name = name
         self.trainer = trainer
-        self.backend = str(getattr(trainer, "backend", "") or "user")
+        # said in the device's status, which allows 32 characters
+        self.backend = str(getattr(trainer, "backend", "") or "user")[:32]
         self.threads = 0
         params = self._named()
         self.layout = ParamLayout(tuple((n, tuple(a.shape)) for n, a in params.items()))

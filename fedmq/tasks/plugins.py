@@ -61,6 +61,19 @@ class UserTask:
         data = user_call(self.reference, what, lambda: self.task.test_data(seed=seed))
         return None if data is None else self._dataset(data, what)
 
+    def rehearse(self, train: Dataset, test: Dataset | None) -> None:
+        """Build the model, take one training step and evaluate it: a simulation fails in
+        a second, in one line, on a bug in the task's code, not round after round."""
+        from fedmq.models import build_model
+
+        model = build_model(self.spec.model, {}, seed=0)
+        model.set_flat(model.get_flat())
+        model.train(train.x, train.y, epochs=1, batch_size=self.spec.batch_size,
+                    lr=self.spec.lr, rng=np.random.default_rng(0), max_steps=1)
+        model.get_flat()
+        if test is not None:
+            model.evaluate(test.x, test.y)
+
     def _dataset(self, data: Any, what: str) -> Dataset:
         source = f"task {self.reference}: {what}"
         try:
@@ -80,7 +93,7 @@ class UserTask:
         return Dataset(x, y)
 
 
-_lock = threading.Lock()
+_lock = threading.RLock()  # a task module may name a task as it imports
 _loaded: dict[str, UserTask] = {}
 _owners: dict[str, type] = {}  # registered model name -> the task class that registered it
 

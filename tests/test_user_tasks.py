@@ -10,6 +10,8 @@ import textwrap
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import fedmq
 from edge_agent.agent import LocalTrainer
@@ -358,3 +360,26 @@ def test_the_aggregator_config_takes_a_user_task_and_no_other_model():
     assert (config.model_name, config.model_config()) == (NUMPY_TASK, {})
     with pytest.raises(ConfigError, match="trains its own model"):
         AggregatorConfig(task=NUMPY_TASK, model="logreg")
+
+
+# -- the named arrays are a lossless view of the flat vector ------------------------------
+
+shapes = st.lists(st.lists(st.integers(0, 4), min_size=0, max_size=3).map(tuple),
+                  min_size=1, max_size=5)
+
+
+@settings(max_examples=60, deadline=None)
+@given(shapes, st.integers(0, 2**32 - 1))
+def test_named_arrays_and_the_flat_vector_round_trip_with_the_built_in_hash(shapes, seed):
+    from fedmq.models.user import UserModel
+
+    entries = tuple((f"p{i}", shape) for i, shape in enumerate(shapes))
+    params = {name: np.zeros(shape, np.float32) for name, shape in entries}
+    model = UserModel("prop", fedmq.NumpyTrainer(params, lambda p, x, y: (0.0, p)))
+    assert model.layout == ParamLayout(entries)
+    assert model.layout.hash == ParamLayout(entries).hash
+    flat = np.random.default_rng(seed).normal(size=model.layout.size).astype(np.float32)
+    model.set_flat(flat)
+    np.testing.assert_array_equal(model.get_flat(), flat)
+    for name, view in ParamLayout(entries).split(flat).items():
+        np.testing.assert_array_equal(model.trainer.get_params()[name], view)

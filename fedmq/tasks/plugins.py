@@ -58,7 +58,10 @@ class UserTask:
         from fedmq.models.user import user_call
 
         what = f"test_data(seed={seed})"
-        data = user_call(self.reference, what, lambda: self.task.test_data(seed=seed))
+        method = getattr(self.task, "test_data", None)  # optional for a duck-typed task
+        if method is None:
+            return None
+        data = user_call(self.reference, what, lambda: method(seed=seed))
         return None if data is None else self._dataset(data, what)
 
     def rehearse(self, train: Dataset, test: Dataset | None) -> None:

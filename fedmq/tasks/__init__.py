@@ -71,7 +71,7 @@ class TaskSpec:
     lr: float = 0.1
     max_steps: int = 0  # local steps per round (0: no cap) — keeps big devices' rounds short
     description: str = ""
-    custom: bool = False  # a user's task: `model` is its own, built with no config
+    custom: bool = False  # a user's task (fedmq/tasks/plugins.py UserTaskSpec)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -80,11 +80,6 @@ class TaskSpec:
     def model_config(self, model: str = "", *, hidden: int = 64) -> dict[str, Any]:
         """Config of `model` (default: the task's own) for this task; `hidden` sizes an mlp."""
         model = model or self.model
-        if self.custom:
-            if model != self.model:
-                raise ConfigError(f"task {self.name!r} trains its own model ({self.model}); "
-                                  f"model {model!r} does not apply: leave model unset")
-            return {}
         if model == self.model and self.model_options:
             return dict(self.model_options)
         if model in FEATURE_MODELS and self.x_dtype == "float32" and len(self.shape) == 1:

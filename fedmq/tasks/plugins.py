@@ -39,6 +39,20 @@ _DEFAULTS = (("rounds", int, 1), ("epochs", int, 1), ("batch_size", int, 1), ("l
 
 
 @dataclass(frozen=True)
+class UserTaskSpec(TaskSpec):
+    """A user task's spec: its own model (`model`, the name it registered), built with no
+    config; the sizes of the bundled models (hidden, ...) do not apply to it."""
+
+    custom: bool = True
+
+    def model_config(self, model: str = "", **_sizes: Any) -> dict[str, Any]:
+        if model not in ("", self.model):
+            raise ConfigError(f"task {self.name!r} trains its own model ({self.model}); "
+                              f"model {model!r} does not apply: leave model unset")
+        return {}
+
+
+@dataclass(frozen=True)
 class UserTask:
     """A loaded user task: the object, the reference it was configured by, and its spec
     (model: the registered model name; custom: True)."""
@@ -215,9 +229,9 @@ def _spec(reference: str, task: Any, model: str) -> TaskSpec:
                           f"{shape!r}") from None
     x_dtype = str(getattr(task, "x_dtype", "float32"))
     doc = (type(task).__doc__ or "").strip().splitlines()
-    return TaskSpec(reference, inputs=math.prod(shape) if shape else 0, model=model,
-                    example_shape=shape, x_dtype=x_dtype, custom=True,
-                    description=doc[0] if doc else "", **values)
+    return UserTaskSpec(reference, inputs=math.prod(shape) if shape else 0, model=model,
+                        example_shape=shape, x_dtype=x_dtype,
+                        description=doc[0] if doc else "", **values)
 
 
 def _register(reference: str, task: Any, model: str) -> None:
@@ -243,4 +257,5 @@ def _register(reference: str, task: Any, model: str) -> None:
     _owners[model] = cls
 
 
-__all__ = ["ENTRY_POINT_GROUP", "UserTask", "cached", "entry_points", "find", "is_import_path"]
+__all__ = ["ENTRY_POINT_GROUP", "UserTask", "UserTaskSpec", "cached", "entry_points", "find",
+           "is_import_path"]

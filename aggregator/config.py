@@ -73,8 +73,9 @@ class AggregatorConfig(BrokerConfig, RoundOptions):
     client_id: str = option("fedmq-aggregator", "the aggregator's MQTT client id")
     session_expiry_s: int = option(3600, "seconds the broker keeps the aggregator's session "
                                    "(queued updates) while it is away; 0: clean sessions")
-    task: str = option("digits", f"task: {' '.join(TASKS)}, or synthetic-ALPHA-BETA; sets the "
-                       "model's input/output sizes and the test set")
+    task: str = option("digits", f"task: {' '.join(TASKS)}, synthetic-ALPHA-BETA, or your "
+                       "own: package.module:Class or an entry point of group fedmq.tasks "
+                       "(docs/custom-tasks.md); sets the model and the test set")
     model: str = option("", "model architecture (empty: the task's own: mlp for digits, "
                         "char_gru for keyboard, har_cnn for sensor); mlp or logreg fit "
                         "flat-feature tasks", choices=model_names)

@@ -174,8 +174,9 @@ def check_exportable(model: Model) -> None:
         except ImportError as exc:
             raise MissingExtraError("onnxscript", "onnx") from exc
     elif model.name not in _DENSE_LAYERS:
-        raise ExportError(f"no ONNX graph for numpy model {model.name!r}; exportable: "
-                          f"{', '.join(sorted(_DENSE_LAYERS))} or a torch model")
+        raise ExportError(f"no ONNX graph for {model.backend} model {model.name!r}; "
+                          f"exportable: {', '.join(sorted(_DENSE_LAYERS))} or a bundled torch "
+                          "model (a user task's model is not exported: leave onnx_dir empty)")
 
 
 def export_onnx(model: Model, path: str | os.PathLike, *, version: int = -1, round: int = -1,

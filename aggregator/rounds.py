@@ -381,8 +381,9 @@ class RoundMachine:
             raise ConfigError(f"checkpoint format {state.get('format')} is not supported")
         if state["layout_hash"] != self.layout_hash:
             raise ConfigError(
-                "checkpoint was written for a different model layout; point the aggregator at a "
-                "new checkpoint path or configure the same model"
+                f"checkpoint was written for a different model layout ({state['layout_hash']}, "
+                f"this model's is {self.layout_hash}); point the aggregator at a new "
+                "checkpoint path or configure the same model and task"
             )
         self.optimizer.load_state_dict(state["optimizer"])
         self.params = _frozen(state["params"])

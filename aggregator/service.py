@@ -39,10 +39,10 @@ from fedmq.core.protocol import (
     FleetTopics,
     Receipt,
 )
-from fedmq.errors import ConfigError, ProtocolError
+from fedmq.errors import ConfigError, DataError, ProtocolError
 from fedmq.keyfiles import announcement_sealer
 from fedmq.models import build_model
-from fedmq.tasks import Dataset, split_task
+from fedmq.tasks import Dataset, held_out_set
 from fedmq.transport.mqtt import MqttLink, Will
 
 log = logging.getLogger(__name__)
@@ -103,7 +103,7 @@ class AggregatorService(ServiceLoop):
         self.on_round = on_round
         self.test_data = test_data
         if test_data is None and config.evaluate:
-            _, self.test_data = split_task(config.task, seed=config.seed)
+            self.test_data = held_out_set(config.task, seed=config.seed)
         self.model = build_model(config.model_name, config.model_config(), seed=config.seed)
         self.exporter = None  # ONNX files of every new model, written off the loop thread
         if config.onnx_dir:
@@ -429,8 +429,12 @@ class AggregatorService(ServiceLoop):
         accuracy = test_loss = top3 = None
         if self.test_data is not None:
             self.model.set_flat(self.machine.params)
-            ev = self.model.evaluate(self.test_data.x, self.test_data.y)
-            accuracy, test_loss, top3 = ev.accuracy, ev.loss, ev.top3
+            try:
+                ev = self.model.evaluate(self.test_data.x, self.test_data.y)
+                accuracy, test_loss, top3 = ev.accuracy, ev.loss, ev.top3
+            except DataError as exc:  # a user task's evaluate(): the round still counts
+                log.error("round %d: evaluating the new model failed: %s; the round is "
+                          "recorded without test metrics", result.round, exc)
         record = RoundRecord(
             round=result.round, version=result.version, accuracy=accuracy, loss=test_loss,
             train_loss=result.train_loss, participants=result.participants,

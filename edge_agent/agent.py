@@ -53,10 +53,10 @@ from fedmq.core.device import (
 )
 from fedmq.core.protocol import DeviceStatus, FleetTopics, ModelAnnouncement, TaskConfig, Update
 from fedmq.core.transfer import DELTA, FULL, ReceivedModel
-from fedmq.errors import DataError, FedmqError, ProtocolError
+from fedmq.errors import ConfigError, DataError, FedmqError, ProtocolError
 from fedmq.keyfiles import opener_for_config
-from fedmq.models import Model, build_model
-from fedmq.tasks import Dataset
+from fedmq.models import Model, build_model, model_names
+from fedmq.tasks import Dataset, task_spec
 from fedmq.transport.message import Message
 from fedmq.transport.mqtt import MqttLink, Will
 
@@ -110,12 +110,17 @@ class LocalTrainer:
 
     `update_transform`, when given, rewrites each delta before it is encoded: how a
     simulated attacker sends a poisoned (yet well-formed) update.
+
+    `task`: the device's own task when it is a user's (fedmq/tasks/plugins.py): only its
+    model is trained, whatever an announcement names; '' (a bundled task) trains the
+    bundled model the announcement names.
     """
 
     def __init__(self, *, device_id: str, data: Dataset, codec: str, seed: int,
                  state_path: str | Path | None = None, slowdown: float = 1.0,
                  threads: int = 1, reload: Callable[[], Dataset] | None = None,
-                 update_transform: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
+                 update_transform: Callable[[np.ndarray], np.ndarray] | None = None,
+                 task: str = "") -> None:
         if len(data) == 0:
             raise FedmqError(f"device {device_id} has no training data")
         # A live source (reload) is read again before every round, on its own thread: a
@@ -146,19 +151,42 @@ class LocalTrainer:
         self.threads = max(1, threads)  # the device's budget, whatever the model config says
         self.halt = threading.Event()  # cuts a simulated slow device's wait short on stop
         self.update_transform = update_transform
+        self.task = task
+        # the model a user task registered ("" for a bundled task): resolved now, so a
+        # task that cannot load fails at start-up
+        self.own_model = task_spec(task).model if task else ""
 
     def _model_for(self, a: ModelAnnouncement) -> Model:
-        key = (a.model, tuple(sorted(a.model_config.items())))
-        if key != self._model_key:
-            self._model = build_model(a.model, dict(a.model_config))
+        if self.own_model and a.model != self.own_model:
+            own = self._build(self.own_model, {})
+            raise ProtocolError(
+                f"the aggregator trains {a.model} (layout {a.layout_hash}) but this device's "
+                f"task {self.task} is {self.own_model} (layout {own.layout.hash}): configure "
+                "the same task on both", reason="bad_layout")
+        model = self._build(a.model, dict(a.model_config))
+        if model.layout.hash != a.layout_hash:
+            mine = f"task {self.task}" if self.own_model else "its bundled model"
+            raise ProtocolError(
+                f"model v{a.version} of {a.model} has layout {a.layout_hash}, this device's "
+                f"{mine} builds layout {model.layout.hash}: run the same version of fedmq "
+                "(and of the task's package) on both", reason="bad_layout")
+        return model
+
+    def _build(self, name: str, config: dict) -> Model:
+        """The model `name` with `config`, built once while they stay the same."""
+        key = (name, tuple(sorted(config.items())))
+        if key != self._model_key or self._model is None:
+            try:
+                self._model = build_model(name, config)
+            except ConfigError as exc:
+                if name in model_names():
+                    raise
+                raise ProtocolError(
+                    f"the aggregator trains model {name}, which this device cannot build "
+                    f"({exc}); give it the aggregator's task", reason="bad_layout") from None
             self._model_key = key
             if hasattr(self._model, "threads"):
                 self._model.threads = self.threads
-        assert self._model is not None
-        if self._model.layout.hash != a.layout_hash:
-            raise ProtocolError(
-                f"model v{a.version} layout {a.layout_hash} does not match the local build of "
-                f"{a.model} ({self._model.layout.hash}); upgrade this agent", reason="bad_layout")
         return self._model
 
     def _encode(self, delta: np.ndarray, codec: str, rng: np.random.Generator):
@@ -302,7 +330,8 @@ class EdgeAgent:
                                     seed=seed, state_path=state_path, slowdown=config.slowdown,
                                     threads=config.train_threads or config.cpus
                                     or os.cpu_count() or 1, reload=reload,
-                                    update_transform=update_transform)
+                                    update_transform=update_transform,
+                                    task=config.task if task_spec(config.task).custom else "")
         self.stats = AgentStats()
         # The retained status: birth, then fresh activity at most every status_interval_s
         # (published from the training thread's tick); guarded: paho's thread sends too.

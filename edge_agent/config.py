@@ -12,7 +12,9 @@ from fedmq.errors import ConfigError
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class AgentConfig(BrokerConfig):
     device_id: str = option("", "this device's id and MQTT client id (default: host name)")
-    task: str = option("digits", "bundled task whose data this device trains on")
+    task: str = option("digits", "task whose data this device trains on: a bundled one, or "
+                       "your own as package.module:Class or a fedmq.tasks entry point (its "
+                       "load_data reads the data; docs/custom-tasks.md)")
     device_index: int = option(0, "this device's share of the bundled data: index ...")
     device_count: int = option(1, "... out of this many shares")
     partition_seed: int = option(0, "seed of the train/test split and the partition")

@@ -32,6 +32,8 @@ COMMANDS: tuple[Command, ...] = (
     Command("agent", "edge_agent.cli", "run an edge agent (long-running service)"),
     Command("aggregator", "aggregator.cli", "run the aggregator (long-running service)"),
     Command("simulate", "simulator.cli", "simulate a fleet training over a local broker"),
+    Command("new", "fedmq.scaffold",
+            "write a runnable project template for your own task (offline)"),
     Command("codecs", "fedmq.cli", "list the update codecs"),
     Command("predict", "edge_agent.predict",
             "run an exported ONNX model on local data (onnxruntime only)"),

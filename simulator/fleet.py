@@ -26,7 +26,7 @@ from aggregator.records import RoundRecord
 from aggregator.service import AggregatorService
 from edge_agent.agent import EdgeAgent
 from fedmq.errors import BrokerError, FedmqError, require
-from fedmq.tasks import device_shards, fleet_test_set
+from fedmq.tasks import device_shard, device_shards, fleet_test_set, plugins
 from simulator.broker import LocalMosquitto
 from simulator.config import DEVICE_ID, SimulationConfig
 from simulator.faultproxy import ProxyPool
@@ -132,6 +132,11 @@ class Simulation:
 
     def _start(self) -> None:
         c = self.config
+        test = fleet_test_set(c.task, device_count=c.devices, seed=c.seed)
+        user = plugins.cached(c.task)
+        if user is not None:  # a user's code: tried once before anything starts
+            user.rehearse(device_shard(c.task, device_index=0, device_count=c.devices,
+                                       alpha=c.alpha, seed=c.seed), test)
         url = c.broker
         if not url:
             self.broker = LocalMosquitto(workdir=self.workdir / "broker")
@@ -139,7 +144,6 @@ class Simulation:
             self.broker.start()
             url = self.broker.url
         fleet = c.fleet or f"sim-{os.urandom(3).hex()}"
-        test = fleet_test_set(c.task, device_count=c.devices, seed=c.seed)
         if not c.agents_only:
             self._start_aggregator(url, fleet, test)
         if c.hosted:

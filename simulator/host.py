@@ -120,13 +120,15 @@ class DeviceHost:
                  codec: str = "float32", seed: int = 0, resend_after_s: float = 30.0,
                  train_workers: int = 1, capabilities: dict | None = None,
                  update_transform_for: Callable[[int], Callable | None] | None = None,
-                 status_interval_s: float = 10.0) -> None:
+                 status_interval_s: float = 10.0, task: str = "") -> None:
         """update_transform_for(index): what device `index` does to its delta before
         encoding it (None: sends it honestly); see LocalTrainer. status_interval_s: as
-        the agent's (fedmq/core/activity.py)."""
+        the agent's (fedmq/core/activity.py). task: a user task the devices train, as
+        LocalTrainer's."""
         self.loop = SessionLoop(broker, name="fedmq-host")
         self.topics = FleetTopics(fleet)
         self.data_for = data_for
+        self.task = task
         self.codec = codec
         self.seed = seed
         self.update_transform_for = update_transform_for or (lambda _index: None)
@@ -282,7 +284,8 @@ class DeviceHost:
             trainer = LocalTrainer(device_id=machine.device_id,
                                    data=self.data_for(device.index), codec=self.codec,
                                    seed=self.seed * 1_000_003 + device.index,
-                                   update_transform=self.update_transform_for(device.index))
+                                   update_transform=self.update_transform_for(device.index),
+                                   task=self.task)
             update = trainer.train(train.model, train.task)
         except Exception as exc:  # one device's failure must not stop the fleet
             self.stats.train_errors += 1

@@ -75,7 +75,7 @@ def serve(plan: HostPlan, conn: Connection) -> None:
     """The child's main: run the plan's devices until told to stop (or the parent goes)."""
     logging.basicConfig(level=plan.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from fedmq.tasks import device_data
+    from fedmq.tasks import device_data, task_spec
     from simulator.fleet import poison
     from simulator.host import DeviceHost
 
@@ -86,7 +86,8 @@ def serve(plan: HostPlan, conn: Connection) -> None:
                       data_for=data_for, id_format=plan.id_format, codec=plan.codec,
                       seed=plan.seed, train_workers=plan.train_workers,
                       update_transform_for=lambda i: poison if i in attackers else None,
-                      status_interval_s=plan.status_interval_s)
+                      status_interval_s=plan.status_interval_s,
+                      task=plan.task if task_spec(plan.task).custom else "")
     host.start()
     answered = 0
     try:

@@ -25,7 +25,7 @@ class TrainResult:
 @dataclass(frozen=True, slots=True)
 class EvalResult:
     loss: float
-    accuracy: float  # top-1
+    accuracy: float | None  # top-1; None: a task without classes (a user's regression)
     num_samples: int
     top3: float | None = None  # share with the label among the 3 best (keyboard), if reported
 

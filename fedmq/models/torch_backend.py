@@ -32,6 +32,29 @@ torch = require("torch", "torch")
 EVAL_BATCH = 1024  # examples per forward pass when evaluating: bounds memory, not results
 
 
+def federated_state(module) -> list[tuple[str, object]]:
+    """(name, tensor) in flat-vector order: parameters, then persistent float buffers."""
+    persistent = set(module.state_dict())
+    buffers = [(n, b) for n, b in module.named_buffers()
+               if n in persistent and b.is_floating_point()]
+    return [*module.named_parameters(), *buffers]
+
+
+@contextmanager
+def thread_budget(threads: int) -> Iterator[None]:
+    """torch's thread count is per process: set ours for the work, then restore it
+    (0: leave it alone)."""
+    if threads < 1:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 class TorchModel(Model):
     """A torch module trained by plain SGD (+ FedProx), its state one flat float32 vector.
 
@@ -52,18 +75,10 @@ class TorchModel(Model):
         self.example_dtype = np.dtype(example_dtype)
         self.threads = threads  # torch's intra-op threads while training: a device budget
         self.report_top3 = report_top3
-        named = self._federated_state(module)
+        named = federated_state(module)
         self._tensors = [t for _, t in named]
         self._trainable = [p for p in module.parameters() if p.requires_grad]
         self.layout = ParamLayout(tuple((n, tuple(t.shape)) for n, t in named))
-
-    @staticmethod
-    def _federated_state(module) -> list[tuple[str, object]]:
-        """(name, tensor) in flat-vector order: parameters, then persistent float buffers."""
-        persistent = set(module.state_dict())
-        buffers = [(n, b) for n, b in module.named_buffers()
-                   if n in persistent and b.is_floating_point()]
-        return [*module.named_parameters(), *buffers]
 
     @classmethod
     def build(cls, name: str, factory: Callable[[], object], *, seed: int,
@@ -93,15 +108,8 @@ class TorchModel(Model):
                 offset += n
 
     # -- training --------------------------------------------------------------------------
-    @contextmanager
-    def _thread_budget(self) -> Iterator[None]:
-        """torch's thread count is per process: set ours for the work, then restore it."""
-        before = torch.get_num_threads()
-        torch.set_num_threads(self.threads)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(before)
+    def _thread_budget(self):
+        return thread_budget(self.threads)
 
     def _input(self, x: np.ndarray):
         # Copy: a read-only strided view (keyboard windows) cannot back a tensor.

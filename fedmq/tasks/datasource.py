@@ -49,6 +49,13 @@ class InputSpec:
     @classmethod
     def from_task(cls, spec: TaskSpec) -> InputSpec:
         dtype = np.dtype(spec.x_dtype)
+        if spec.custom:  # a user's task: what it declares, ids unbounded
+            if not (spec.example_shape and spec.classes):
+                raise ConfigError(f"task {spec.name} declares no input_shape and classes, "
+                                  "which a data_source is checked against: declare them on "
+                                  "the task, or have its load_data read the device's data")
+            return cls(task=spec.name, shape=tuple(spec.shape), dtype=dtype,
+                       classes=spec.classes)
         # Integer inputs are token ids of the vocabulary the model predicts (keyboard:
         # characters in, next character out), so their range is the class count.
         return cls(task=spec.name, shape=tuple(spec.shape), dtype=dtype, classes=spec.classes,

@@ -262,8 +262,9 @@ class PartialService(ServiceLoop):
         dropped = self.ingest.expire(now) + self.ingest.take_superseded()
         if dropped:
             self.rejected["incomplete"] += dropped
-        online = [d for d in self.registry.online() if self.shard.owns(d)]
-        if self.part.due(now, online):
+        # Only with updates folded: the fleet's online list is sorted and each id hashed.
+        if self.part.open.count and self.part.due(
+                now, [d for d in self.registry.online() if self.shard.owns(d)]):
             self._send(self.part.seal(now))
         for update_id, sealed in self.part.pending.items():
             sent = self._sent_at.get(update_id)

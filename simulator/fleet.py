@@ -52,6 +52,7 @@ class SimulationResult:
     never_connected: list[str] = field(default_factory=list)
     never_connected_count: int = 0
     connect_failures: dict[str, int] = field(default_factory=dict)
+    stopped: str = ""  # why the aggregator stopped training early (the privacy budget)
 
     @property
     def final_accuracy(self) -> float | None:
@@ -71,8 +72,9 @@ class SimulationResult:
             return f"devices took part in {len(self.rounds)} rounds, {self.bytes_up} bytes uploaded"
         epsilon = self.rounds[-1].epsilon
         privacy = f", differential privacy epsilon {epsilon:.2f}" if epsilon is not None else ""
+        stopped = f"; training stopped: {self.stopped}" if self.stopped else ""
         return (f"final accuracy {acc:.4f} after {len(self.rounds)} rounds, "
-                f"{self.bytes_up} bytes uploaded{privacy}{self.offline_note()}")
+                f"{self.bytes_up} bytes uploaded{privacy}{self.offline_note()}{stopped}")
 
     def offline_note(self) -> str:
         if not self.never_connected_count:
@@ -316,6 +318,7 @@ class Simulation:
                          for r in self.records]
         if self.aggregator is not None:
             result.rejected = dict(self.aggregator.rejected)
+            result.stopped = self.aggregator.stopped
         return result
 
     def stop_devices(self) -> HostReport:

@@ -77,10 +77,15 @@ class RoundOptions:
                                         "updates within it (0: expected updates / 20)")
     aggregation: str = option("mean", "mean (FedAvg, weighted by samples), or robust to a "
                               "minority of corrupted updates: median or trimmed_mean "
-                              "(coordinate-wise, unweighted; keeps the round's updates)",
+                              "(coordinate-wise), krum, multi_krum, bulyan or centered_clip "
+                              "(see byzantine_f); robust rules are unweighted and keep the "
+                              "round's updates",
                               choices=rule_names)
     trim_fraction: float = option(0.1, "trimmed_mean: fraction cut from each end, per "
                                   "coordinate (tolerates floor(fraction x updates) bad ones)")
+    byzantine_f: int = option(1, "krum, multi_krum (n >= 2f+3 updates a round), bulyan "
+                              "(n >= 4f+3) and centered_clip (n >= 2f+1): attackers a round "
+                              "withstands")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -311,6 +316,7 @@ class AggregatorConfig(BrokerConfig, RoundOptions):
             staleness=StalenessPolicy(kind=self.staleness, a=self.staleness_a,
                                       b=self.staleness_b, max_staleness=self.max_staleness),
             dp=dp, aggregation=self.aggregation, trim_fraction=self.trim_fraction,
+            byzantine_f=self.byzantine_f,
             cohort=self.cohort_policy(), guard=ModelGuard(max_growth=self.max_model_growth),
         )
 

@@ -69,6 +69,7 @@ class RoundPolicy:
     dp: CentralDP | None = None  # central differential privacy of every round's aggregate
     aggregation: str = "mean"  # a registered rule (strategy/rules.py): median, trimmed_mean
     trim_fraction: float = 0.1  # trimmed_mean: cut from each end, per coordinate
+    byzantine_f: int = 1  # krum, multi_krum, bulyan, centered_clip: attackers withstood
     cohort: CohortPolicy = field(default_factory=CohortPolicy)  # who is asked to train
     guard: ModelGuard = field(default_factory=ModelGuard)  # what a new model must pass
 
@@ -78,7 +79,8 @@ class RoundPolicy:
 
     def rule(self, size: int) -> AggregationRule:
         """A fresh aggregate for one round of `size`-parameter updates."""
-        return create_rule(self.aggregation, size, trim_fraction=self.trim_fraction)
+        return create_rule(self.aggregation, size, trim_fraction=self.trim_fraction,
+                           byzantine_f=self.byzantine_f)
 
     def __post_init__(self) -> None:
         if self.min_updates < 1:

@@ -13,6 +13,7 @@ from edge_agent.config import AgentConfig
 from fedmq.config import Default, borrow_options, option
 from fedmq.errors import ConfigError
 from fedmq.tasks import task_spec
+from simulator.attacks import ATTACKS, check_attack
 from simulator.profiles import MIXES, DeviceProfile, fleet_profiles
 
 # Aggregator keys the simulator sets itself on every run, so not flags of `fedmq simulate`.
@@ -89,9 +90,13 @@ class SimulationConfig(BorrowedOptions):
     timeout_s: float = option(600.0, "give up if the run takes longer than this")
     agents_only: bool = option(False, "run only the devices, against an aggregator started "
                                "separately (`fedmq aggregator`) on --broker and --fleet")
-    byzantine: int = option(0, "this many devices send their delta flipped and scaled by "
-                            "BYZANTINE_SCALE: an attack for --aggregation median or "
-                            "trimmed_mean to withstand")
+    attackers: int = option(0, "devices 0 .. K-1 attack, as --attack says (an attack for a "
+                            "robust --aggregation to withstand)")
+    attack: str = option("scaled", "what attackers do: sign_flip (-delta), scaled (-10 "
+                         "delta), gaussian (random, 10x the delta's RMS) or label_flip "
+                         "(train on flipped labels; --engine agents)", choices=ATTACKS)
+    byzantine: int = option(0, "this many devices send their delta flipped and scaled by 10 "
+                            "(the same as --attack scaled --attackers K)")
     dropout: float = option(0.0, "fraction of devices cut off from the broker before every "
                             "round (each device talks through its own fault proxy)")
     profiles: str = option("uniform", "device mix: uniform (all like this host), mixed (Pi "
@@ -114,6 +119,14 @@ class SimulationConfig(BorrowedOptions):
             raise ConfigError("devices and rounds must be >= 1")
         if not 0 <= self.byzantine <= self.devices:
             raise ConfigError(f"byzantine {self.byzantine} must be between 0 and devices")
+        if not 0 <= self.attackers <= self.devices:
+            raise ConfigError(f"attackers {self.attackers} must be between 0 and devices")
+        if self.attackers and self.byzantine:
+            raise ConfigError("give --attackers (with --attack) or --byzantine, not both")
+        if self.byzantine and self.attack != "scaled":
+            raise ConfigError("--byzantine is --attack scaled; for another attack use "
+                              "--attackers")
+        check_attack(self.attack)
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout {self.dropout} must be in [0, 1)")
         if self.agents_only and not (self.broker and self.fleet):
@@ -134,8 +147,14 @@ class SimulationConfig(BorrowedOptions):
         self.aggregator_config(broker=self.broker or "mqtt://127.0.0.1:1883",
                                fleet=self.fleet or "sim", checkpoint="")
 
+    @property
+    def attacker_count(self) -> int:
+        return self.attackers or self.byzantine
+
     def _needs_agents(self) -> str:
         """What in this run only EdgeAgents can do ('' if nothing)."""
+        if self.attacker_count and self.attack == "label_flip":
+            return "--attack label_flip"
         if self.profiles != "uniform":
             return f"--profiles {self.profiles}"
         if self.dropout:

@@ -26,7 +26,8 @@ from aggregator.records import RoundRecord
 from aggregator.service import AggregatorService
 from edge_agent.agent import EdgeAgent
 from fedmq.errors import BrokerError, FedmqError, require
-from fedmq.tasks import device_shard, device_shards, fleet_test_set, plugins
+from fedmq.tasks import device_shard, device_shards, fleet_test_set, plugins, task_spec
+from simulator import attacks
 from simulator.broker import LocalMosquitto
 from simulator.config import DEVICE_ID, SimulationConfig
 from simulator.faultproxy import ProxyPool
@@ -94,15 +95,10 @@ HOSTED_PER_PROCESS = 10_000
 ONLINE_WAIT_S = 60.0
 HOST_POLL_S = 0.1
 
-# A Byzantine device sends -BYZANTINE_SCALE x its honest delta: it pushes the model
-# hard the wrong way, as a poisoning attack would (Blanchard et al. 2017 use the like).
-BYZANTINE_SCALE = 10.0
-
-
-def poison(delta: np.ndarray) -> np.ndarray:
-    """What an attacker sends for its honest delta: the delta reversed and scaled, encoded
-    like any other (a well-formed update that validation alone cannot tell apart)."""
-    return -BYZANTINE_SCALE * delta
+# `--byzantine K` is `--attack scaled --attackers K` (simulator/attacks.py): the delta
+# reversed and scaled, a well-formed update that validation alone cannot tell apart.
+BYZANTINE_SCALE = attacks.SCALE
+poison = attacks.scaled
 
 
 class Simulation:
@@ -164,8 +160,12 @@ class Simulation:
                 self.proxies.proxy(device_id).bandwidth(profile.bandwidth_bytes_per_s)
                 if profile.flaky:
                     self._flaky[device_id] = profile
-            self.agents.append(EdgeAgent(agent_config, shard,
-                                         update_transform=poison if i < c.byzantine else None))
+            transform = None
+            if i < c.attacker_count:
+                transform = attacks.update_transform(c.attack, seed=c.seed * 7919 + i)
+                shard = attacks.poisoned_data(c.attack, shard,
+                                              classes=task_spec(c.task).classes)
+            self.agents.append(EdgeAgent(agent_config, shard, update_transform=transform))
         self._apply_dropout()
         if self.aggregator is not None:
             self.aggregator.start()
@@ -180,7 +180,8 @@ class Simulation:
             plan = HostPlan(broker=url, fleet=fleet, first=first,
                             count=min(HOSTED_PER_PROCESS, c.devices - first),
                             device_count=c.devices, task=c.task, alpha=c.alpha, seed=c.seed,
-                            codec=c.codec, id_format=DEVICE_ID, byzantine=c.byzantine,
+                            codec=c.codec, id_format=DEVICE_ID, byzantine=c.attacker_count,
+                            attack=c.attack,
                             log_level="WARNING", status_interval_s=c.status_interval_s)
             self.hosts.append(HostProcess(plan))
         for host in self.hosts:

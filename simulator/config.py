@@ -59,7 +59,8 @@ HOSTED_ABOVE = 200
 ENGINES = ("auto", "agents", "hosted")
 
 # Device keys every simulated device shares.
-AGENT_KEYS = ("codec", "alpha", "status_interval_s")
+AGENT_KEYS = ("codec", "alpha", "status_interval_s", "ldp_clip", "ldp_noise_multiplier",
+              "ldp_delta")
 AGENT_DEFAULTS: dict[str, Default] = {
     "codec": Default("float32", "update codec of every device (see `fedmq codecs`)"),
     "alpha": Default(0.5, "Dirichlet label skew across devices (0 = IID)"),
@@ -155,6 +156,8 @@ class SimulationConfig(BorrowedOptions):
         """What in this run only EdgeAgents can do ('' if nothing)."""
         if self.attacker_count and self.attack == "label_flip":
             return "--attack label_flip"
+        if self.ldp_clip:
+            return "--ldp-clip"
         if self.profiles != "uniform":
             return f"--profiles {self.profiles}"
         if self.dropout:
@@ -209,5 +212,6 @@ class SimulationConfig(BorrowedOptions):
             log_level="WARNING", cpus=profile.cpus, link_kbps=profile.link_kbps,
             on_battery=profile.battery, slowdown=profile.slowdown,
             train_threads=1,  # many devices share this host
-            status_interval_s=self.status_interval_s,
+            status_interval_s=self.status_interval_s, ldp_clip=self.ldp_clip,
+            ldp_noise_multiplier=self.ldp_noise_multiplier, ldp_delta=self.ldp_delta,
         )

@@ -54,6 +54,7 @@ class SimulationResult:
     never_connected_count: int = 0
     connect_failures: dict[str, int] = field(default_factory=dict)
     stopped: str = ""  # why the aggregator stopped training early (the privacy budget)
+    ldp_epsilon: float | None = None  # local DP: the most any device spent (None: off)
 
     @property
     def final_accuracy(self) -> float | None:
@@ -74,6 +75,8 @@ class SimulationResult:
         epsilon = self.rounds[-1].epsilon
         privacy = f", differential privacy epsilon {epsilon:.2f}" if epsilon is not None else ""
         stopped = f"; training stopped: {self.stopped}" if self.stopped else ""
+        if self.ldp_epsilon is not None:
+            privacy += f", local DP epsilon {self.ldp_epsilon:.3g} per device (at most)"
         return (f"final accuracy {acc:.4f} after {len(self.rounds)} rounds, "
                 f"{self.bytes_up} bytes uploaded{privacy}{self.offline_note()}{stopped}")
 
@@ -317,6 +320,9 @@ class Simulation:
                 for r in range(1, self.rounds_done() + 1)]
         result.rounds = [dataclasses.replace(r, bytes_down=self._traffic(r.round)[1])
                          for r in self.records]
+        spent = [a.trainer.ldp_epsilon for a in self.agents
+                 if a.trainer.ldp_epsilon is not None]
+        result.ldp_epsilon = max(spent) if spent else None
         if self.aggregator is not None:
             result.rejected = dict(self.aggregator.rejected)
             result.stopped = self.aggregator.stopped

@@ -7,7 +7,7 @@ import math
 import dp_accounting
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from edge_agent.config import AgentConfig
@@ -54,6 +54,7 @@ def test_the_devices_epsilon_bounds_the_librarys_for_sensitivity_two_clips(round
     acc.compose(dp_accounting.GaussianDpEvent(z / 2), rounds)
     library = acc.get_epsilon(1e-5)
     ours = local_epsilon(rounds, z, 1e-5)
+    assume(ours < 100)  # beyond, the library's grid of orders stops near the optimum
     assert library <= ours * 1.01
     assert ours < library * 1.25  # and close: the same curve
 

@@ -17,6 +17,7 @@ sockets. The key files are `KeyBundle.to_bytes()`; fedmq/ops/he.py writes them.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from dataclasses import dataclass, field
@@ -175,6 +176,11 @@ class PublicKey:
     @property
     def slots(self) -> int:
         return self.params.slots
+
+    @functools.cached_property
+    def ciphertext_bytes(self) -> int:
+        """Bytes of one serialized ciphertext (of a full slot vector), measured."""
+        return len(self.ts.ckks_vector(self.context, [0.5] * self.slots).serialize())
 
     def encrypt(self, delta: np.ndarray, weight: float) -> EncodedTensor:
         """The clipped, weighted, packed `delta` as one encrypted EncodedTensor."""

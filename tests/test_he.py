@@ -339,3 +339,17 @@ def test_simulator_he_flags():
                         "agents-only")]:
         with pytest.raises(ConfigError, match=match):
             SimulationConfig(he="ckks", devices=3, **bad)
+
+
+def test_an_encrypting_device_never_falls_back_to_a_plain_codec(keys8k, monkeypatch):
+    from fedmq.core.protocol import TaskConfig
+    from tests.helpers import trained_digits_delta
+
+    key = keys8k[0]
+
+    def broken(*_args, **_kwargs):
+        raise FedmqError("encryption failed")
+
+    monkeypatch.setattr(key, "encrypt", broken)
+    with pytest.raises(FedmqError, match="encryption failed"):
+        trained_digits_delta(TaskConfig(), encryptor=key)

@@ -47,3 +47,17 @@ def test_digits_trains_with_encrypted_updates_to_the_plain_accuracy(broker, tmp_
     assert rogue.stats.receipts["rejected"] >= 1
     assert all(d.stats.receipts["accepted"] >= ROUNDS - 1 for d in devices)
     assert all(d.stats.codecs["ckks"] == d.stats.updates_sent for d in devices)
+
+
+def test_simulate_he_ckks_makes_the_runs_keys_and_trains(tmp_path):
+    from simulator.fleet import Simulation, SimulationConfig
+
+    config = SimulationConfig(devices=3, rounds=3, model="logreg", he="ckks", timeout_s=120)
+    with Simulation(config, workdir=tmp_path / "sim") as sim:
+        result = sim.wait()
+        public, secret = sim.he_keys
+        assert all(a.trainer.encryptor is not None for a in sim.agents)
+        assert all(a.stats.codecs["ckks"] == a.stats.updates_sent for a in sim.agents)
+    assert public.endswith("he-public.ctx") and secret.endswith("he-secret.ctx")
+    assert [r.round for r in result.rounds] == [1, 2, 3]
+    assert result.final_accuracy > 0.6

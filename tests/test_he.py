@@ -353,3 +353,11 @@ def test_an_encrypting_device_never_falls_back_to_a_plain_codec(keys8k, monkeypa
     monkeypatch.setattr(key, "encrypt", broken)
     with pytest.raises(FedmqError, match="encryption failed"):
         trained_digits_delta(TaskConfig(), encryptor=key)
+
+
+def test_without_tenseal_the_error_names_the_extra(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "tenseal", None)  # import tenseal -> ImportError
+    with pytest.raises(FedmqError, match=r"fedmq\[he\]"):
+        he.create_keys(he.CkksParams())

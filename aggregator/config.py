@@ -280,6 +280,10 @@ class AggregatorConfig(BrokerConfig, RoundOptions):
                 raise ConfigError("he_public_context and he_secret_context are for he = ckks")
             return
         check_he_options(self)
+        if self.min_updates < 2:
+            raise ConfigError("he = ckks needs min_updates >= 2: the key holder decrypts only "
+                              "sums of at least min_updates updates, and the sum of one update "
+                              "is that update (more is better: docs/privacy.md)")
         if self.role != "central" or self.sources():
             raise ConfigError("he = ckks runs on one central aggregator: workers, sites and "
                               "reducers would each need the secret key to fold partial sums; "

@@ -423,6 +423,9 @@ class RoundMachine:
 
 def check_he(policy: RoundPolicy) -> None:
     """Refuse what encrypted updates cannot do: the server sees only their sum."""
+    if policy.min_updates < 2:
+        raise ConfigError("he = \"ckks\" needs min_updates >= 2: the decrypted sum of one "
+                          "update is that update")
     if policy.aggregation != "mean":
         raise ConfigError(f"he = \"ckks\" sums encrypted updates: aggregation = "
                           f"{policy.aggregation} needs every update in the clear; use mean "

@@ -137,6 +137,9 @@ class SimulationConfig(BorrowedOptions):
         # every aggregator key is checked now, by the aggregator's own rules (HE keys are
         # made when the run starts: their combinations are checked here)
         check_he_options(self)
+        if self.he and self.devices < 2:
+            raise ConfigError("--he ckks needs at least 2 devices: the sum of one update is "
+                              "that update")
         if self.he and self.agents_only:
             raise ConfigError("--he with --agents-only: run the devices with `fedmq agent` "
                               "and he_context, the public file of the aggregator's key pair")
@@ -195,8 +198,9 @@ class SimulationConfig(BorrowedOptions):
             min_updates=self.quorum if self.mode == "sync" and not self.clients_per_round else 1)
         if he_keys is None:
             values["he"] = ""
-        else:
-            values.update(he_public_context=he_keys[0], he_secret_context=he_keys[1])
+        else:  # the key holder decrypts sums of at least 2 (a sum of 1 is the update)
+            values.update(he_public_context=he_keys[0], he_secret_context=he_keys[1],
+                          min_updates=max(2, values["min_updates"]))
         return AggregatorConfig(**values)
 
     def agent_config(self, index: int, *, broker: str, fleet: str,

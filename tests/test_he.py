@@ -303,6 +303,7 @@ def key_files(tmp_path_factory):
     ({"partial_sources": "w1"}, "one central aggregator"),
     ({"he_secret_context": ""}, "needs he_secret_context"),
     ({"he": "paillier"}, "ckks or empty"),
+    ({"min_updates": 1}, "min_updates >= 2"),
 ])
 def test_he_refuses_what_it_cannot_do_at_config_load(key_files, settings_, match):
     from aggregator.config import AggregatorConfig
@@ -327,7 +328,7 @@ def test_a_good_he_config_loads_with_server_side_bounds_off(key_files):
         AggregatorConfig(he_secret_context=key_files[1])
 
 
-def test_simulator_he_flags():
+def test_simulator_he_flags(key_files):
     from simulator.config import SimulationConfig
 
     config = SimulationConfig(he="ckks", devices=3)
@@ -335,10 +336,16 @@ def test_simulator_he_flags():
         broker="mqtt://x:1", fleet="f", checkpoint="").he == ""
     for bad, match in [({"aggregation": "median"}, "median"), ({"engine": "hosted"}, "--he"),
                        ({"he_clip_norm": 0.0}, "he_clip_norm"),
+                       ({"devices": 1}, "at least 2 devices"),
                        ({"agents_only": True, "broker": "mqtt://x:1", "fleet": "f"},
                         "agents-only")]:
         with pytest.raises(ConfigError, match=match):
-            SimulationConfig(he="ckks", devices=3, **bad)
+            SimulationConfig(**{"he": "ckks", "devices": 3, **bad})
+    # with a cohort the simulator closes rounds on 1 update; encrypted ones need 2
+    config = SimulationConfig(he="ckks", devices=4, clients_per_round=2)
+    aggregator = config.aggregator_config(broker="mqtt://x:1", fleet="f", checkpoint="",
+                                          he_keys=key_files)
+    assert aggregator.he == "ckks" and aggregator.min_updates == 2
 
 
 def test_an_encrypting_device_never_falls_back_to_a_plain_codec(keys8k, monkeypatch):

@@ -52,7 +52,7 @@ def tenseal() -> Any:
         import tenseal as ts
     except ImportError:
         raise FedmqError("he = \"ckks\" needs TenSEAL: pip install 'fedmq[he]' (wheels for "
-                         "x86_64 and aarch64 Linux, Python 3.8-3.11)") from None
+                         "x86_64 and aarch64 Linux)") from None
     return ts
 
 

@@ -17,6 +17,7 @@ import numpy as np
 
 from aggregator.cohort import Cohort
 from aggregator.guard import ModelGuard
+from aggregator.he_round import HESetup
 from aggregator.selection import CohortPolicy
 from aggregator.staleness import StalenessPolicy
 from aggregator.strategy.accounting import (
@@ -72,6 +73,7 @@ class RoundPolicy:
     byzantine_f: int = 1  # krum, multi_krum, bulyan, centered_clip: attackers withstood
     cohort: CohortPolicy = field(default_factory=CohortPolicy)  # who is asked to train
     guard: ModelGuard = field(default_factory=ModelGuard)  # what a new model must pass
+    he: HESetup | None = None  # he = "ckks": the rule sums ciphertexts (he_round.py)
 
     @property
     def close_at(self) -> int:
@@ -79,6 +81,8 @@ class RoundPolicy:
 
     def rule(self, size: int) -> AggregationRule:
         """A fresh aggregate for one round of `size`-parameter updates."""
+        if self.he is not None:
+            return self.he.rule(size, min_count=self.min_updates)
         return create_rule(self.aggregation, size, trim_fraction=self.trim_fraction,
                            byzantine_f=self.byzantine_f)
 
@@ -96,6 +100,8 @@ class RoundPolicy:
                 f"on_insufficient {self.on_insufficient!r} must be 'extend' or 'rerun'"
             )
         rule = self.rule(0)  # an unknown name or bad settings fail here
+        if self.he is not None:
+            check_he(self)
         if self.dp is not None and rule.name != "mean":
             raise ConfigError("differential privacy works on the mean: use aggregation "
                               "= mean with dp_noise_multiplier")
@@ -368,8 +374,9 @@ class RoundMachine:
             self.clip.step(within=o.count - o.clipped, counted=o.count, rng=rng)
         before = self._optimizer_state or self.optimizer.state_dict()
         new = self.optimizer.step(self.params, delta)
-        refused = self.policy.guard.refusal(self.params, new, slack=0.0 if dp is None
-                                            else dp.noise_norm(self.params.size, clip))
+        refused = self.acc.refusal() or self.policy.guard.refusal(
+            self.params, new, slack=0.0 if dp is None else dp.noise_norm(self.params.size,
+                                                                         clip))
         if refused:
             self.optimizer.load_state_dict(before)
             self.refused += 1
@@ -509,6 +516,24 @@ class RoundMachine:
                                          "entries": legacy_ledger_entries(state["dp_rdp"])})
         if state.get("dp_clip") is not None:
             self.clip.load_state_dict(state["dp_clip"])
+
+
+def check_he(policy: RoundPolicy) -> None:
+    """Refuse what encrypted updates cannot do: the server sees only their sum."""
+    if policy.min_updates < 2:
+        raise ConfigError("he = \"ckks\" needs min_updates >= 2: the decrypted sum of one "
+                          "update is that update")
+    if policy.aggregation != "mean":
+        raise ConfigError(f"he = \"ckks\" sums encrypted updates: aggregation = "
+                          f"{policy.aggregation} needs every update in the clear; use mean "
+                          "(docs/privacy.md)")
+    if policy.dp is not None:
+        raise ConfigError("he = \"ckks\" with central DP is not supported yet: leave "
+                          "dp_noise_multiplier at 0")
+    if policy.late_updates != "discard":
+        raise ConfigError("he = \"ckks\" needs sync rounds that discard late updates "
+                          "(mode = sync, late_updates = discard): a late update's weight "
+                          "s(tau) cannot be applied to its ciphertext")
 
 
 def check_timeliness(update: Update, *, open_round: int, version: int,

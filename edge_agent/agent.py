@@ -52,10 +52,11 @@ from fedmq.core.device import (
     Trained,
     Unsubscribe,
 )
+from fedmq.core.he import PublicKey
 from fedmq.core.protocol import DeviceStatus, FleetTopics, ModelAnnouncement, TaskConfig, Update
 from fedmq.core.transfer import DELTA, FULL, ReceivedModel
 from fedmq.errors import ConfigError, DataError, FedmqError, ProtocolError
-from fedmq.keyfiles import opener_for_config
+from fedmq.keyfiles import load_he_public, opener_for_config
 from fedmq.models import Model, build_model, model_names
 from fedmq.tasks import Dataset, task_spec
 from fedmq.transport.message import Message
@@ -121,7 +122,8 @@ class LocalTrainer:
                  state_path: str | Path | None = None, slowdown: float = 1.0,
                  threads: int = 1, reload: Callable[[], Dataset] | None = None,
                  update_transform: Callable[[np.ndarray], np.ndarray] | None = None,
-                 task: str = "", ldp: LocalDP | None = None) -> None:
+                 task: str = "", encryptor: PublicKey | None = None,
+                 ldp: LocalDP | None = None) -> None:
         if len(data) == 0:
             raise FedmqError(f"device {device_id} has no training data")
         # A live source (reload) is read again before every round, on its own thread: a
@@ -152,6 +154,9 @@ class LocalTrainer:
         self.threads = max(1, threads)  # the device's budget, whatever the model config says
         self.halt = threading.Event()  # cuts a simulated slow device's wait short on stop
         self.update_transform = update_transform
+        # he = "ckks": every update is clipped, weighted and encrypted under the fleet's
+        # public key instead of going through a codec (fedmq/core/he.py)
+        self.encryptor = encryptor
         self.task = task
         # local DP: every update clipped and noised here (edge_agent/privacy.py); the
         # rounds spent survive a reboot with the state file
@@ -269,12 +274,15 @@ class LocalTrainer:
                      self.ldp_rounds, self.ldp_epsilon, self.ldp.delta)
         if self.update_transform is not None:
             delta = self.update_transform(delta)
-        try:
-            encoded = self._encode(delta, task.codec, rng)
-        except FedmqError as exc:  # a codec this build does not know: ours still works
-            log.warning("%s: assigned codec %r unusable (%s); using %s", self.device_id,
-                        task.codec, exc, self.codec)
-            encoded = self._encode(delta, "", rng)
+        if self.encryptor is not None:  # never falls back to a plain codec
+            encoded = self.encryptor.encrypt(delta, result.num_samples)
+        else:
+            try:
+                encoded = self._encode(delta, task.codec, rng)
+            except FedmqError as exc:  # a codec this build does not know: ours still works
+                log.warning("%s: assigned codec %r unusable (%s); using %s", self.device_id,
+                            task.codec, exc, self.codec)
+                encoded = self._encode(delta, "", rng)
         return Update(
             device_id=self.device_id, update_id=os.urandom(4).hex(), round=a.round,
             base_version=a.version, num_samples=result.num_samples, loss=result.loss,
@@ -352,6 +360,8 @@ class EdgeAgent:
                                     or os.cpu_count() or 1, reload=reload,
                                     update_transform=update_transform,
                                     task=config.task if task_spec(config.task).custom else "",
+                                    encryptor=load_he_public(config.he_context)
+                                    if config.he_context else None,
                                     ldp=config.local_dp())
         self.stats = AgentStats()
         # The retained status: birth, then fresh activity at most every status_interval_s

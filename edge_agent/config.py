@@ -46,6 +46,9 @@ class AgentConfig(BrokerConfig):
     model_public_key: str = option("", "PEM Ed25519 public key of the aggregator's "
                                    "signing_key: refuse unsigned or tampered models (empty: "
                                    "accept unsigned ones)")
+    he_context: str = option("", "the fleet's public HE key file (he-public.ctx from `fedmq "
+                             "keys he-init`): encrypt every update under it, for an "
+                             "aggregator with he = ckks (needs fedmq[he]); empty: plain")
     link_kbps: float = option(0.0, "uplink speed this device advertises, kbit/s (0: unknown); "
                               "the aggregator may assign a smaller codec to slow links")
     on_battery: bool = option(False, "advertise that this device runs on battery (the "

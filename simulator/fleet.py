@@ -25,7 +25,9 @@ import numpy as np
 from aggregator.records import RoundRecord
 from aggregator.service import AggregatorService
 from edge_agent.agent import EdgeAgent
+from fedmq.core.he import CkksParams
 from fedmq.errors import BrokerError, FedmqError, require
+from fedmq.keyfiles import generate_he_keys
 from fedmq.tasks import device_shard, device_shards, fleet_test_set, plugins, task_spec
 from simulator import attacks
 from simulator.broker import LocalMosquitto
@@ -125,6 +127,7 @@ class Simulation:
         self._dropout_rng = random.Random(config.seed)
         self._dropout_round = -1
         self._flaky: dict[str, DeviceProfile] = {}  # devices whose link flaps on a schedule
+        self.he_keys: tuple[str, str] | None = None  # --he: (public, secret) key files
 
     def start(self) -> None:
         self.began = time.monotonic()
@@ -145,6 +148,10 @@ class Simulation:
             self.broker.start()
             url = self.broker.url
         fleet = c.fleet or f"sim-{os.urandom(3).hex()}"
+        if c.he:  # the run's own key pair: the aggregator decrypts, devices encrypt
+            public, secret, _ = generate_he_keys(
+                self.workdir / "he", CkksParams(clip_norm=c.he_clip_norm), force=True)
+            self.he_keys = (str(public), str(secret))
         if not c.agents_only:
             self._start_aggregator(url, fleet, test)
         if c.hosted:
@@ -155,7 +162,8 @@ class Simulation:
         if c.dropout > 0 or any(p.link_kbps or p.flaky for p in profiles):
             self.proxies = ProxyPool.for_broker(url)
         for i, (shard, profile) in enumerate(zip(shards, profiles, strict=True)):
-            agent_config = c.agent_config(i, broker=url, fleet=fleet, profile=profile)
+            agent_config = c.agent_config(i, broker=url, fleet=fleet, profile=profile,
+                                          he_context=self.he_keys[0] if self.he_keys else "")
             device_id = agent_config.device_id
             if self.proxies is not None:  # the device talks to the broker through its proxy
                 agent_config = dataclasses.replace(agent_config,
@@ -237,7 +245,8 @@ class Simulation:
 
     def _start_aggregator(self, url: str, fleet: str, test) -> None:
         config = self.config.aggregator_config(
-            broker=url, fleet=fleet, checkpoint=str(self.workdir / "aggregator.ckpt"))
+            broker=url, fleet=fleet, checkpoint=str(self.workdir / "aggregator.ckpt"),
+            he_keys=self.he_keys)
         self.aggregator = AggregatorService(config, test_data=test, on_round=self._on_round)
 
     def announced_round(self) -> int:

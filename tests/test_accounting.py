@@ -54,9 +54,11 @@ def test_unsampled_rounds_are_the_librarys_rdp_and_within_the_closed_form(rounds
         led.spend(RoundEvent(z=z))
     assert len(led.entries) == 1  # run-length: one entry whatever the rounds
     assert led.epsilon() == pytest.approx(library_rdp(rounds, z, delta), rel=1e-12)
-    # the library converts RDP more tightly (and over a finite set of orders): never above
-    # the old closed form by more than the order grid costs, usually well below it
-    assert led.epsilon() <= closed_form_epsilon(rounds, z, delta) * 1.05
+    # the library converts RDP more tightly, over a finite set of orders (from 1.1): at
+    # epsilons that mean anything, never above the old closed form by more than the
+    # grid costs (beyond ~1000 the best order is below 1.1)
+    if closed_form_epsilon(rounds, z, delta) < 1000:
+        assert led.epsilon() <= closed_form_epsilon(rounds, z, delta) * 1.05
 
 
 def test_the_rdp_curve_is_the_closed_forms_at_every_order():

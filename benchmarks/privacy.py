@@ -28,7 +28,7 @@ MODES: dict[str, tuple[str, dict]] = {
     "central DP z=1 adaptive q=0.5": ("every update; models are DP",
                                       {"dp_noise_multiplier": 1.0, "dp_clip_norm": 1.0,
                                        "dp_clip_quantile": 0.5, "dp_delta": DELTA}),
-    "central DP z=1 C=1, K=20 sampled": ("every sampled update; models are DP",
+    "central DP z=1 C=1 K=20 sampled": ("every sampled update; models are DP",
                                          {"dp_noise_multiplier": 1.0, "dp_clip_norm": 1.0,
                                           "dp_delta": DELTA, "clients_per_round": 20}),
     "local DP z=1 C=0.1": ("noised updates only",

@@ -22,6 +22,10 @@ def test_the_privacy_budget_stops_training_with_a_reason(broker, tmp_path):
         aggregator = sim.aggregator
         assert aggregator is not None and aggregator.finished.is_set()
         assert aggregator.failure is None
+        from aggregator.fleetview import fleet_view
+
+        view = fleet_view(aggregator)  # what the dashboard shows
+        assert view.finished and "privacy budget spent" in view.stopped
     assert len(result.rounds) == 3  # not 20: the budget ended it
     assert result.rounds[-1].epsilon == pytest.approx(library_rdp(3, 1.0, 1e-4))
     assert result.rounds[-1].epsilon <= target

@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 SECAGG_KINDS = frozenset(m.KIND for m in SECAGG_MESSAGES)
 DEVICE_KINDS = (AdvertiseKeys, ShareKeys, MaskedInput, UnmaskResponse)
 MIN_DEVICES = 3  # the smallest SecAgg graph
+REMEMBER_ROUNDS = 8  # finished rounds whose late messages are told apart from strangers'
 
 
 def setup_topic(topics: FleetTopics) -> str:
@@ -148,6 +149,8 @@ class SecureRounds:
         self.counts: Counter[str] = Counter()  # messages by kind/outcome, for tests and logs
         self.bytes_in = self.bytes_out = 0
         self._restarted: set[str] = set()  # re-advertised other keys: excluded this round
+        # sessions of recent rounds -> the devices whose inputs were in their sum
+        self._finished: dict[bytes, frozenset[str]] = {}
         self._round_bytes = 0
 
     @property
@@ -180,6 +183,12 @@ class SecureRounds:
 
     def close(self) -> None:
         """Forget the open round (a new one replaces it, or the service stops)."""
+        if self.server is not None:
+            result = self.server.result
+            self._finished[self.server.setup.session] = frozenset(
+                result.survivors if result is not None else ())
+            while len(self._finished) > REMEMBER_ROUNDS:
+                del self._finished[next(iter(self._finished))]
         self.server = None
 
     def receive(self, device: str, payload: bytes, now: float) -> Received:
@@ -194,6 +203,11 @@ class SecureRounds:
             return self._count(Received("rejected", "secagg_wrong_device", input_id=input_id,
                                         round=message.round))
         server = self.server
+        if message.session in self._finished:  # a straggler of a round already over
+            counted = input_id and device in self._finished[message.session]
+            return self._count(Received("accepted" if counted else "rejected",
+                                        "secagg_resent" if counted else "secagg_round_closed",
+                                        input_id=input_id, round=message.round), kind="late")
         if server is None or message.session != server.setup.session:
             return self._count(Received("rejected", "secagg_wrong_session",
                                         input_id=input_id, round=message.round))
@@ -253,11 +267,11 @@ class SecureRounds:
         self.result = SecureSum(round=setup.round, mean=mean, weight=weight, samples=samples,
                                 survivors=result.survivors, dropped=result.dropped,
                                 excluded=result.excluded, bytes_up=self._round_bytes)
-        self.server = None
+        self.close()
 
     def _lost(self, exc: SecureAggregationError) -> None:
         self.failure = exc
-        self.server = None
+        self.close()
 
     def _publishes(self, outbound: list[Outbound] | tuple[Outbound, ...]) -> tuple[Publish, ...]:
         out = []

@@ -58,6 +58,9 @@ _REANNOUNCE = object()  # fresh announce_id: devices train on the model again
 # marker to itself, which the broker delivers after them. If it does not come back (an ACL
 # without aggregator/sync) it announces anyway after this long, and says so.
 SYNC_WAIT_S = 15.0
+# Secure aggregation: a round that found too few devices online starts again at most this
+# often once enough are (aggregator/secure_round.py needs the cohort before training).
+SECURE_RETRY_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,6 +165,7 @@ class AggregatorService(ServiceLoop):
         # secure_aggregation: rounds of SecAgg+ instead of plain updates (secure_round.py)
         self.secure = None
         self._secure_plan: tuple[int, list[str]] | None = None  # round, devices planned
+        self._secure_retry_at = 0.0
         if config.secure_aggregation:
             from aggregator.secure_round import SecureRounds
 
@@ -500,7 +504,9 @@ class AggregatorService(ServiceLoop):
         assert self.secure is not None
         received = self.secure.receive(device, payload, self.clock())
         self._publish_secure(received.publishes)
-        if received.status != "accepted":
+        if received.reason == "secagg_round_closed":
+            log.debug("secure round over: a late message from %s", device)
+        elif received.status != "accepted":
             self._count_rejected(received.reason or received.status)
         elif received.input_id and not received.reason:
             self._dirty = True
@@ -512,14 +518,22 @@ class AggregatorService(ServiceLoop):
                                reason="" if received.status == "accepted" else received.reason)
 
     def _tick_secure(self, now: float) -> None:
+        from aggregator.secure_round import MIN_DEVICES
+
         assert self.secure is not None
         self._publish_secure(self.secure.tick(now))
         self._after_secure(now)
-        if not self.secure.active and now >= self.machine.open.deadline_at:
-            kept = self.machine.rerun(now)  # no secure round could start: try again
-            log.warning("round %d: no secure round ran; re-announced as round %d",
-                        self.machine.round - 1, self.machine.round)
-            assert kept == 0
+        if self.secure.active or self._done() or not self._births_in:
+            return
+        # No secure round could start (too few devices online): run the round again at
+        # its deadline, or as soon as enough devices are online (every few seconds at most)
+        enough = self.registry.online_count >= max(MIN_DEVICES, self.config.min_updates)
+        if now >= self.machine.open.deadline_at or (enough and now >= self._secure_retry_at):
+            self._secure_retry_at = now + SECURE_RETRY_S
+            self.machine.rerun(now)
+            log.info("round %d: no secure round ran; re-announced as round %d (%d devices "
+                     "online)", self.machine.round - 1, self.machine.round,
+                     self.registry.online_count)
             self._announce()
 
     def _after_secure(self, now: float) -> None:

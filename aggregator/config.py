@@ -224,9 +224,9 @@ class AggregatorConfig(BrokerConfig, RoundOptions):
             codecs.get_codec(codec)
         if self.mode not in MODES:
             raise ConfigError(f"mode {self.mode!r} must be {' or '.join(MODES)}")
+        self._check_secure()  # first: what it refuses may fail later checks less clearly
         self.policy()  # validate now, not at the first round
         self._check_role()
-        self._check_secure()
         self.cohort_policy()
         self.assignment_policy()
         self.reassembler()

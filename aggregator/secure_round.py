@@ -131,6 +131,8 @@ class SecureSum:
     dropped: tuple[str, ...]
     excluded: tuple[str, ...]
     bytes_up: int
+    total: np.ndarray  # the unmasked field sum itself (tests check it is exact)
+    session: bytes
 
 
 class SecureRounds:
@@ -175,6 +177,7 @@ class SecureRounds:
         setup = dataclasses.replace(setup, weight_cap=weight_cap)
         self.server = SecAggServer(setup, timeouts=self.timeouts, now=now)
         self._restarted = set()
+        self._advertised: dict[str, bytes] = {}  # device -> the cipher key it advertised
         self._round_bytes = 0
         log.info("secure round %d: %d devices, k=%d neighbours, threshold t=%d, %d-bit field",
                  round, len(participants), setup.neighbours, setup.threshold,
@@ -219,7 +222,8 @@ class SecureRounds:
             self._lost(exc)
             return self._count(Received("rejected", "secagg_round_lost", input_id=input_id,
                                         round=message.round))
-        if isinstance(message, AdvertiseKeys) and handled.status == "duplicate":
+        if isinstance(message, AdvertiseKeys) \
+                and self._advertised.setdefault(device, message.cipher_key) != message.cipher_key:
             # other keys than it advertised first: it restarted and lost its secrets; its
             # neighbours hold keys it no longer has, so it must not share under new ones
             self._restarted.add(device)
@@ -266,7 +270,8 @@ class SecureRounds:
             return
         self.result = SecureSum(round=setup.round, mean=mean, weight=weight, samples=samples,
                                 survivors=result.survivors, dropped=result.dropped,
-                                excluded=result.excluded, bytes_up=self._round_bytes)
+                                excluded=result.excluded, bytes_up=self._round_bytes,
+                                total=result.total, session=setup.session)
         self.close()
 
     def _lost(self, exc: SecureAggregationError) -> None:

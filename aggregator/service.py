@@ -13,7 +13,7 @@ import logging
 import os
 import secrets
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -166,6 +166,7 @@ class AggregatorService(ServiceLoop):
         self.secure = None
         self._secure_plan: tuple[int, list[str]] | None = None  # round, devices planned
         self._secure_retry_at = 0.0
+        self.secure_sums: deque = deque(maxlen=8)  # the last rounds' secure sums
         if config.secure_aggregation:
             from aggregator.secure_round import SecureRounds
 
@@ -550,9 +551,10 @@ class AggregatorService(ServiceLoop):
                      len(outcome.dropped), len(outcome.excluded))
             self.machine.offer_sum(outcome.mean, weight=outcome.weight,
                                    devices=outcome.survivors, samples=outcome.samples,
-                                   session=f"secagg-{outcome.round}",
+                                   session=f"sa-{outcome.session.hex()}",
                                    bytes_up=outcome.bytes_up)
             self.accepted += len(outcome.survivors)
+            self.secure_sums.append(outcome)
             self._close_round(now)
             return
         self._count_rejected(f"secagg_{outcome.reason}")

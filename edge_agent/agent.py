@@ -389,10 +389,8 @@ class EdgeAgent:
                                        publish=self._publish_secagg,
                                        queue_input=self._queue_masked_input,
                                        drop_after_input=secagg_drop_after_input)
-            self.link.route(self.secure.setup_topic,
-                            lambda m: self._secure_sent(self.secure.on_setup(m.payload)))
-            self.link.route(self.secure.in_topic,
-                            lambda m: self._secure_sent(self.secure.on_message(m.payload)))
+            self.link.route(self.secure.setup_topic, self._on_secagg)
+            self.link.route(self.secure.in_topic, self._on_secagg)
         # Chunk streams are subscribed only when the machine says so (Subscribe).
         for stream in (FULL, DELTA):
             self.link.route(self.machine.stream_filter(stream), self._chunk_handler(stream),
@@ -510,6 +508,7 @@ class EdgeAgent:
         """A SecAgg+ message up on this device's update topic (QoS 1, not kept)."""
         payload = message.to_payload()
         self.link.publish(self.machine.update_topic, payload, qos=1)
+        self.stats.traffic[message.round][0] += len(payload)
         return len(payload)
 
     def _queue_masked_input(self, message) -> int:
@@ -520,6 +519,16 @@ class EdgeAgent:
                                payload, resend=False))
         self.stats.traffic[message.round][0] += sent
         return sent
+
+    def _on_secagg(self, message: Message) -> None:
+        """The round's setup, or a message of it for this device."""
+        assert self.secure is not None
+        if message.topic == self.secure.setup_topic:
+            sent = self.secure.on_setup(message.payload)
+        else:
+            sent = self.secure.on_message(message.payload)
+        self.stats.traffic[self.secure.round][1] += len(message.payload)
+        self._secure_sent(sent)
 
     def _secure_sent(self, sent: int) -> None:
         with self._report_lock:

@@ -68,6 +68,11 @@ class SecureDevice:
         self._submitted: set[bytes] = set()  # sessions this device gave its input to
         self.stats: Counter[str] = Counter()
 
+    @property
+    def round(self) -> int:
+        """The round of the latest setup seen (-1: none yet)."""
+        return self._round
+
     # -- events --------------------------------------------------------------------------
     def on_setup(self, payload: bytes) -> int:
         """A round's setup; returns the bytes sent in reply."""

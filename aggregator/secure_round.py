@@ -130,7 +130,7 @@ class SecureSum:
     survivors: tuple[str, ...]
     dropped: tuple[str, ...]
     excluded: tuple[str, ...]
-    bytes_up: int
+    bytes_up: int  # every message the devices sent for the round
     total: np.ndarray  # the unmasked field sum itself (tests check it is exact)
     session: bytes
 
@@ -216,6 +216,7 @@ class SecureRounds:
                                         input_id=input_id, round=message.round))
         if device in self._restarted and not isinstance(message, MaskedInput):
             return self._count(Received("rejected", "secagg_restarted"))
+        self._round_bytes += len(payload)  # every message of the round, up
         try:
             handled = server.receive(message, now=now)
         except SecureAggregationError as exc:
@@ -229,9 +230,6 @@ class SecureRounds:
             self._restarted.add(device)
             log.warning("secure round %d: %s advertised new keys (restarted?); it is left "
                         "out of the round", server.setup.round, device)
-        if isinstance(message, MaskedInput) and handled.status == "accepted" \
-                and not handled.reason:
-            self._round_bytes += len(payload)
         reason = f"secagg_{handled.reason}" if handled.reason else ""
         received = Received(handled.status, reason, self._publishes(handled.outgoing),
                             input_id=input_id, round=message.round)

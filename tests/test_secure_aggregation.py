@@ -183,6 +183,29 @@ def test_a_plain_update_is_refused_unread_in_secure_mode(broker, tmp_path, stopp
     wait_for(service.finished.is_set, "the secure round of the secure devices", timeout=120)
 
 
+def test_a_secure_round_runs_through_the_production_acls(tmp_path, pki, stoppers):
+    """broker_config/acl.conf with TLS and passwords: devices read only their own
+    secagg/{device}/in and the setup, and answer on their own update topic."""
+    from tests.secure_brokers import AGGREGATOR, enrolled_agents, production_broker
+
+    devices = [0, 1, 2, 3]
+    passwords = {AGGREGATOR: "pw-agg", **{f"dev{i}": f"pw-{i}" for i in devices}}
+    broker = production_broker(tmp_path / "broker", pki, passwords=passwords)
+    broker.mosquitto.start()
+    stoppers(broker.mosquitto.close)
+    agents = enrolled_agents(broker, stoppers, devices, total=4, secure_aggregation=True)
+    for agent in agents:
+        wait_for(agent.link.subscribed.is_set, "the agents' subscriptions")
+    service = make_aggregator(broker.password_url, tmp_path, stoppers, rounds=1,
+                              min_updates=3, client_id=AGGREGATOR,
+                              **broker.login(AGGREGATOR), **SECURE)
+    wait_for(service.finished.is_set, "a secure round through the ACLs", timeout=120)
+    (result,) = service.secure_sums
+    assert len(result.survivors) == 4 and not service.rejected
+    wait_for(lambda: all(a.stats.receipts["accepted"] >= 1 for a in agents),
+             "receipts for the masked inputs")
+
+
 # -- without a broker ------------------------------------------------------------------
 def config(**overrides) -> AggregatorConfig:
     return AggregatorConfig(task="digits", model="mlp", hidden=16, **{**SECURE, **overrides})

@@ -27,10 +27,10 @@ import numpy as np
 
 from fedmq.core.protocol import FleetTopics
 from fedmq.core.protocol.wire import decode_any, peek_kind
-from fedmq.core.secagg import SECAGG_MESSAGES, MaskedInput, StageTimeouts
+from fedmq.core.secagg import SECAGG_MESSAGES, MaskedInput, SecAggSetup, StageTimeouts
 from fedmq.core.secagg.field import FIELD_BITS
 from fedmq.core.secagg.messages import AdvertiseKeys, ShareKeys, UnmaskResponse
-from fedmq.core.secagg.server import Outbound, SecAggServer, plan_setup
+from fedmq.core.secagg.server import STAGES, Outbound, SecAggServer, plan_setup
 from fedmq.core.secagg.weighting import vector_size, weighted_mean
 from fedmq.errors import ConfigError, ProtocolError, SecureAggregationError
 
@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 SECAGG_KINDS = frozenset(m.KIND for m in SECAGG_MESSAGES)
 DEVICE_KINDS = (AdvertiseKeys, ShareKeys, MaskedInput, UnmaskResponse)
 MIN_DEVICES = 3  # the smallest SecAgg graph
+STATE_FORMAT = 1
 REMEMBER_ROUNDS = 8  # finished rounds whose late messages are told apart from strangers'
 
 
@@ -253,6 +254,41 @@ class SecureRounds:
         out: SecureSum | SecureAggregationError | None = self.result or self.failure
         self.result = self.failure = None
         return out
+
+    # -- persistence ---------------------------------------------------------------------
+    def state_dict(self) -> dict | None:
+        """The open round, for the service's checkpoint (None: none open). No device
+        secret is in it (SecAggServer.state_dict)."""
+        if self.server is None:
+            return None
+        return {"format": STATE_FORMAT, "setup": self.server.setup.to_payload(),
+                "server": self.server.state_dict(), "restarted": sorted(self._restarted),
+                "advertised": [[d, k] for d, k in sorted(self._advertised.items())],
+                "bytes": self._round_bytes}
+
+    def load_state_dict(self, state: dict | None, *, round: int, now: float) -> bool:
+        """Go on with a saved round if it is round `round` and still running; True if so
+        (its stage's deadline starts afresh)."""
+        if state is None:
+            return False
+        if state.get("format") != STATE_FORMAT:
+            raise ConfigError(f"secure-aggregation checkpoint format {state.get('format')} "
+                              f"is not supported (this build reads {STATE_FORMAT})")
+        setup = SecAggSetup.from_payload(bytes(state["setup"]))
+        if setup.round != round or setup.vector_size != self.size:
+            log.warning("the checkpoint's secure round %d is not the open round %d: it "
+                        "runs again", setup.round, round)
+            return False
+        server = SecAggServer(setup, timeouts=self.timeouts, now=now)
+        server.load_state_dict(state["server"], now=now)
+        if server.stage not in STAGES:
+            return False
+        self.server = server
+        self._restarted = set(state["restarted"])
+        self._advertised = {d: bytes(k) for d, k in state["advertised"]}
+        self._round_bytes = int(state["bytes"])
+        log.info("resumed secure round %d at its %s stage", round, server.stage)
+        return True
 
     # -- helpers -------------------------------------------------------------------------
     def _finish(self) -> None:

@@ -138,6 +138,7 @@ class AggregatorService(ServiceLoop):
             storage.check_writable(config.onnx_dir, what="onnx_dir", directory=True)
         self.store = CheckpointStore(config.checkpoint)
         self._init_loop(self.store, on_saved=self.observers.checkpoint_saved)
+        self._saved_secagg = None  # the checkpoint's open secure round, restored below
         self._restore()
         self._round_started = time.monotonic()
         self.link = MqttLink(
@@ -172,6 +173,8 @@ class AggregatorService(ServiceLoop):
 
             self.secure = SecureRounds(config, topics=self.topics,
                                        params=self.model.layout.size)
+            self.secure.load_state_dict(self._saved_secagg, round=self.machine.round,
+                                        now=clock())
         self.broadcast = ModelBroadcast(
             topics=self.topics, seal=announcement_sealer(config.signing_key),  # signed if set
             model_codec=config.model_codec, delta_codec=config.model_delta_codec,
@@ -238,6 +241,7 @@ class AggregatorService(ServiceLoop):
         if state.get("bounds") is not None:  # older checkpoints: learnt afresh
             self.bounds.load_state_dict(state["bounds"])
         self.history = [RoundRecord.from_dict(r) for r in state.get("history", [])]
+        self._saved_secagg = state.get("secagg")
         log.info("resumed from %s at round %d (model v%d)", self.config.checkpoint,
                  self.machine.round, self.machine.version)
         if self.machine.policy.dp is not None and self.machine.plain_releases:
@@ -250,9 +254,12 @@ class AggregatorService(ServiceLoop):
 
     def _snapshot(self) -> dict:
         """The state to checkpoint; state_dict copies the arrays, so the loop may go on."""
-        return {"machine": self.machine.state_dict(), "lineage": self.lineage,
-                "history": [r.to_dict() for r in self.history],
-                "bounds": self.bounds.state_dict()}
+        state = {"machine": self.machine.state_dict(), "lineage": self.lineage,
+                 "history": [r.to_dict() for r in self.history],
+                 "bounds": self.bounds.state_dict()}
+        if self.secure is not None:
+            state["secagg"] = self.secure.state_dict()
+        return state
 
     def _done(self) -> bool:
         return self.config.rounds > 0 and self.machine.version >= self.config.rounds
@@ -509,8 +516,8 @@ class AggregatorService(ServiceLoop):
             log.debug("secure round over: a late message from %s", device)
         elif received.status != "accepted":
             self._count_rejected(received.reason or received.status)
-        elif received.input_id and not received.reason:
-            self._dirty = True
+        elif not received.reason:
+            self._dirty = True  # the secure round's state changed: checkpointed
         self._after_secure(self.clock())
         if not received.input_id:
             return None

@@ -119,18 +119,20 @@ def test_the_round_completes_with_30_percent_dropping_after_sending(
 
 class Vanisher:
     """A device that advertises its keys for the round, then disappears: it never
-    shares its secrets."""
+    shares its secrets (`shares`: it shares them, then never sends its input)."""
 
-    def __init__(self, broker_url: str, device: str, fleet: str = "test") -> None:
+    def __init__(self, broker_url: str, device: str, fleet: str = "test", *,
+                 shares: bool = False) -> None:
         from fedmq.core.protocol import DeviceStatus
 
+        self.shares = shares
         self.device = device
         self.topics = FleetTopics(fleet)
         self.client = SecAggClient(device)
         self.advertised = threading.Event()
         self.link = MqttLink(client_id=device, broker=broker_url)
         self.link.route(setup_topic(self.topics), self._on_setup)
-        self.link.route(device_topic(self.topics, device), lambda m: None)
+        self.link.route(device_topic(self.topics, device), self._on_message)
         self.birth = DeviceStatus(device_id=device, online=True).to_payload()
 
     def _on_setup(self, message) -> None:
@@ -142,6 +144,15 @@ class Vanisher:
         for reply in self.client.receive(setup):
             self.link.publish(self.topics.update(self.device), reply.to_payload(), qos=1)
         self.advertised.set()
+
+    def _on_message(self, message) -> None:
+        from fedmq.core.secagg import NeighbourKeys
+
+        if not self.shares or self.client.stage != "keys":
+            return
+        keys = decode_any(message.payload, NeighbourKeys)
+        for reply in self.client.receive(keys):
+            self.link.publish(self.topics.update(self.device), reply.to_payload(), qos=1)
 
     def start(self) -> None:
         self.link.start()
@@ -159,7 +170,7 @@ def test_a_device_that_vanishes_before_sharing_is_excluded_not_fatal(
     vanisher = Vanisher(broker.url, "dev9")
     vanisher.start()
     stoppers(vanisher.stop)
-    service, agents, plain = secure_fleet(broker, tmp_path, stoppers, 5, rounds=1)
+    service, _, plain = secure_fleet(broker, tmp_path, stoppers, 5, rounds=1)
     wait_for(vanisher.advertised.is_set, "the vanisher's keys")
     wait_for(service.finished.is_set, "a secure round without the vanisher", timeout=120)
     assert service.failure is None and plain == []
@@ -169,6 +180,34 @@ def test_a_device_that_vanishes_before_sharing_is_excluded_not_fatal(
     expected = recorder.plain_sum(result.survivors, result.session, Field(32))
     np.testing.assert_array_equal(result.total, expected)
     assert service.history[-1].participants == 5
+
+
+def test_an_aggregator_restart_goes_on_with_the_open_secure_round(
+        broker, tmp_path, stoppers, monkeypatch):
+    """Killed with every input in but the round still open (a device that shared and
+    sent nothing holds the inputs stage to its deadline), the aggregator resumes the
+    same round from its checkpoint: the same session, the sum exact."""
+    recorder = Recorder(monkeypatch)
+    vanisher = Vanisher(broker.url, "dev9", shares=True)
+    vanisher.start()
+    stoppers(vanisher.stop)
+    settings = dict(rounds=1, deadline_s=8.0)
+    service, agents, _ = secure_fleet(broker, tmp_path, stoppers, 4, **settings)
+    wait_for(lambda: service.secure.counts["sa.input:accepted"] >= 4, "four masked inputs")
+    wait_for(lambda: all(len(a.outbox) == 0 for a in agents), "their receipts")
+    session = service.secure.server.setup.session
+    assert not service.finished.is_set()
+    service.stop()
+    again = make_aggregator(broker.url, tmp_path, stoppers, min_updates=3,
+                            **{**SECURE, **settings})
+    wait_for(again.finished.is_set, "the resumed secure round", timeout=120)
+    assert again.failure is None
+    (result,) = again.secure_sums
+    assert result.session == session  # the same round, not a new one
+    assert sorted(result.survivors) == [a.config.device_id for a in agents]
+    assert result.dropped == ("dev9",)  # shared, sent nothing: its masks were removed
+    expected = recorder.plain_sum(result.survivors, result.session, Field(32))
+    np.testing.assert_array_equal(result.total, expected)
 
 
 def test_a_plain_update_is_refused_unread_in_secure_mode(broker, tmp_path, stoppers):
@@ -272,7 +311,7 @@ def test_the_weighted_mean_rides_inside_the_sum(updates, cap):
     clip = 0.5
     total = sum(weighted_vector(np.array(d), n, clip=clip, weight_cap=cap)
                 for d, n in updates)
-    mean, weight, samples = weighted_mean(total, clip=clip, weight_cap=cap)
+    mean, weight, _ = weighted_mean(total, clip=clip, weight_cap=cap)
     w = np.array([1.0 if cap == 0 else min(n, cap) / cap for _, n in updates])
     clipped = np.clip(np.array([d for d, _ in updates]), -clip, clip)
     np.testing.assert_allclose(mean, (w[:, None] * clipped).sum(0) / w.sum(), atol=1e-5)

@@ -318,3 +318,62 @@ def test_the_weighted_mean_rides_inside_the_sum(updates, cap):
     assert weight == pytest.approx(w.sum())
     every = weighted_vector(np.array(updates[0][0]), updates[0][1], clip=clip, weight_cap=cap)
     assert np.all(np.abs(every) <= clip)  # inside the quantizer's range: nothing clipped
+
+
+def test_devices_and_aggregator_adapters_in_process_whatever_the_order():
+    """Without a broker: the setup may come before or after training, a re-sent masked
+    input counts once, an older setup is ignored."""
+    from edge_agent.secure import SecureDevice
+
+    topics = FleetTopics("test")
+    rounds = SecureRounds(config(), topics=topics, params=3)
+    names = [f"d{i}" for i in range(4)]
+    inbox: list[tuple[str, bytes]] = []  # (device, payload) to the aggregator
+    inputs: dict[str, bytes] = {}
+
+    def device(name):
+        def publish(message):
+            inbox.append((name, message.to_payload()))
+            return 1
+
+        def queue_input(message):
+            inputs[name] = message.to_payload()
+            return publish(message)
+
+        return SecureDevice(device_id=name, topics=topics, publish=publish,
+                            queue_input=queue_input)
+
+    devices = {n: device(n) for n in names}
+    deltas = {n: np.full(3, 0.1 * (i + 1)) for i, n in enumerate(names)}
+    devices["d0"].submit(1, deltas["d0"], 10)  # trained before the setup came
+    (setup,) = rounds.open(1, names, weight_cap=10, now=0.0)
+    for n in names:
+        devices[n].on_setup(setup.payload)
+        devices[n].on_setup(setup.payload)  # a second delivery changes nothing
+    for n in names[1:]:
+        devices[n].submit(1, deltas[n], 10)
+    receipts = []
+    while inbox:
+        name, payload = inbox.pop(0)
+        received = rounds.receive(name, payload, now=1.0)
+        # the round closes as soon as it can unmask: later reveals are stragglers
+        assert received.status == "accepted" or received.reason == "secagg_round_closed"
+        if received.input_id:
+            receipts.append(received)
+            again = rounds.receive(name, payload, now=1.0)  # a re-send: counted once
+            assert (again.status, again.reason) == ("accepted", "secagg_resent")
+        for p in received.publishes:
+            devices[p.topic.split("/")[-2]].on_message(p.payload)
+    outcome = rounds.take()
+    assert outcome is not None and not isinstance(outcome, Exception)
+    assert sorted(outcome.survivors) == names and len(receipts) == 4
+    np.testing.assert_allclose(outcome.mean, np.full(3, 0.25), atol=1e-6)
+    # an older round's setup is ignored by a device that has seen a newer one
+    old = dataclasses_replace_round(setup.payload, 0)
+    assert devices["d1"].on_setup(old) == 0 and devices["d1"].round == 1
+
+
+def dataclasses_replace_round(payload: bytes, round: int) -> bytes:
+    import dataclasses
+
+    return dataclasses.replace(SecAggSetup.from_payload(payload), round=round).to_payload()

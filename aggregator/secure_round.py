@@ -32,7 +32,7 @@ from fedmq.core.secagg.field import FIELD_BITS
 from fedmq.core.secagg.messages import AdvertiseKeys, ShareKeys, UnmaskResponse
 from fedmq.core.secagg.server import STAGES, Outbound, SecAggServer, plan_setup
 from fedmq.core.secagg.weighting import vector_size, weighted_mean
-from fedmq.errors import ConfigError, ProtocolError, SecureAggregationError
+from fedmq.errors import ConfigError, ProtocolError, SecureAggregationError, require
 
 if TYPE_CHECKING:
     from aggregator.config import AggregatorConfig
@@ -89,6 +89,7 @@ def check_secure_config(config: AggregatorConfig) -> None:
         raise ConfigError("secure_aggregation cannot be combined with "
                           + "; ".join(refused) + ". Drop these settings, or turn "
                           "secure_aggregation off")
+    require("cryptography", "secure")  # at load, not at the first round's keys
     if not (np.isfinite(config.secagg_clip) and config.secagg_clip > 0):
         raise ConfigError(f"secagg_clip {config.secagg_clip} must be a finite value > 0")
     if not 0.0 <= config.secagg_dropout < 1.0:

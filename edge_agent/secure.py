@@ -33,7 +33,7 @@ from fedmq.core.secagg import (
     UnmaskRequest,
 )
 from fedmq.core.secagg.weighting import weighted_vector
-from fedmq.errors import ProtocolError, SecureAggregationError
+from fedmq.errors import ProtocolError, SecureAggregationError, require
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,7 @@ class SecureDevice:
                  publish: Callable[[Message], int],
                  queue_input: Callable[[MaskedInput], int],
                  drop_after_input: Callable[[int], bool] | None = None) -> None:
+        require("cryptography", "secure")  # at start-up, not at the first round's keys
         self.device_id = device_id
         self.setup_topic = f"{topics.prefix}/secagg/setup"
         self.in_topic = f"{topics.prefix}/secagg/{device_id}/in"

@@ -176,7 +176,9 @@ class SecureRounds:
         setup = plan_setup(sorted(participants), round=round, vector_size=self.size,
                            clip=c.secagg_clip, dropout_rate=c.secagg_dropout,
                            field_bits=c.secagg_field_bits)
-        setup = dataclasses.replace(setup, weight_cap=weight_cap)
+        # a round needs min_updates inputs, as a plain one does (and t, the protocol's floor)
+        least = min(len(participants), max(setup.min_clients, c.min_updates))
+        setup = dataclasses.replace(setup, weight_cap=weight_cap, min_clients=least)
         self.server = SecAggServer(setup, timeouts=self.timeouts, now=now)
         self._restarted = set()
         self._advertised: dict[str, bytes] = {}  # device -> the cipher key it advertised

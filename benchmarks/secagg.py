@@ -206,12 +206,13 @@ def broker_accuracy_table(args: argparse.Namespace) -> None:
           f"seeds {args.seeds}:")
     plain, secure = [], []
     for seed in args.seeds:
-        plain.append(broker_run(n, secure=False, drop=0.0, rounds=rounds, seed=seed,
-                                args=args)[-1].accuracy)
-        secure.append(broker_run(n, secure=True, drop=0.3, rounds=rounds, seed=seed,
-                                 args=args)[-1].accuracy)
-        print(f"   seed {seed}: plain q8 {plain[-1]:.4f}, SecAgg+ 30% dropping after "
-              f"sending {secure[-1]:.4f}", flush=True)
+        p = broker_run(n, secure=False, drop=0.0, rounds=rounds, seed=seed, args=args)[-1]
+        s = broker_run(n, secure=True, drop=0.3, rounds=rounds, seed=seed, args=args)[-1]
+        plain.append(p.accuracy)
+        secure.append(s.accuracy)
+        print(f"   seed {seed}: plain q8 {p.accuracy:.4f} (test loss {p.loss:.5f}), SecAgg+ "
+              f"30% dropping after sending {s.accuracy:.4f} (test loss {s.loss:.5f})",
+              flush=True)
     diffs = [100 * (s - p) for s, p in zip(secure, plain, strict=True)]
     print(f"   plain q8   accuracy {span(plain, '{:.3f}')}")
     print(f"   SecAgg+    accuracy {span(secure, '{:.3f}')}")

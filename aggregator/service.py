@@ -13,7 +13,7 @@ import logging
 import os
 import secrets
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +30,7 @@ from aggregator.observers import AggregatorObserver, ObserverFanout
 from aggregator.records import RoundRecord
 from aggregator.rejections import RejectionLog
 from aggregator.rounds import Action, RoundMachine, RoundResult
+from aggregator.secure_service import SecureAggregationDriver
 from aggregator.selection import assign_tasks
 from aggregator.strategy.optimizers import create_optimizer
 from fedmq import storage
@@ -38,7 +39,6 @@ from fedmq.core.protocol import (
     DeviceStatus,
     FleetTopics,
     Receipt,
-    Update,
 )
 from fedmq.errors import ConfigError, DataError, ProtocolError
 from fedmq.keyfiles import announcement_sealer
@@ -58,9 +58,6 @@ _REANNOUNCE = object()  # fresh announce_id: devices train on the model again
 # marker to itself, which the broker delivers after them. If it does not come back (an ACL
 # without aggregator/sync) it announces anyway after this long, and says so.
 SYNC_WAIT_S = 15.0
-# Secure aggregation: a round that found too few devices online starts again at most this
-# often once enough are (aggregator/secure_round.py needs the cohort before training).
-SECURE_RETRY_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +81,7 @@ class _Inbound:
     partial: bool = False  # on a partial topic: a worker's or site's partial aggregate
 
 
-class AggregatorService(ServiceLoop):
+class AggregatorService(SecureAggregationDriver, ServiceLoop):
     def __init__(
         self, config: AggregatorConfig, *, test_data: Dataset | None = None,
         on_round: Callable[[RoundRecord], None] | None = None,
@@ -163,18 +160,7 @@ class AggregatorService(ServiceLoop):
         self.rejections = RejectionLog(self.rejected, log,
                                        on_count=self.observers.update_rejected)
         self.adjustments = RejectionLog(self.adjusted, log)  # the same, for clips and caps
-        # secure_aggregation: rounds of SecAgg+ instead of plain updates (secure_round.py)
-        self.secure = None
-        self._secure_plan: tuple[int, list[str]] | None = None  # round, devices planned
-        self._secure_retry_at = 0.0
-        self.secure_sums: deque = deque(maxlen=8)  # the last rounds' secure sums
-        if config.secure_aggregation:
-            from aggregator.secure_round import SecureRounds
-
-            self.secure = SecureRounds(config, topics=self.topics,
-                                       params=self.model.layout.size)
-            self.secure.load_state_dict(self._saved_secagg, round=self.machine.round,
-                                        now=clock())
+        self._init_secure(self._saved_secagg)  # secure_aggregation (secure_service.py)
         self.broadcast = ModelBroadcast(
             topics=self.topics, seal=announcement_sealer(config.signing_key),  # signed if set
             model_codec=config.model_codec, delta_codec=config.model_delta_codec,
@@ -308,7 +294,7 @@ class AggregatorService(ServiceLoop):
         online = self.registry.online()
         asked_before = m.cohort.size(m.round)
         cohort = m.plan(online)
-        self._secure_plan = (m.round, list(online if cohort is None else cohort))
+        self._plan_secure(m.round, online if cohort is None else cohort)
         self.ingest.plan_reassembly(online if m.cohort.asked is None else m.cohort.asked)
         if cohort is not None:
             log.info("round %d: selected %d of %d online devices%s", m.round, len(cohort),
@@ -450,125 +436,6 @@ class AggregatorService(ServiceLoop):
                         "model as round %d, keeping them", self.machine.round - 1, kept,
                         self.config.min_updates, self.machine.round)
             self._announce()
-
-    # -- secure aggregation (aggregator/secure_round.py) -----------------------------------
-    def _open_secure_round(self) -> None:
-        """Start the announced round's SecAgg+ round over the devices it asked."""
-        from aggregator.secure_round import MIN_DEVICES
-
-        m, secure = self.machine, self.secure
-        assert secure is not None
-        if self._done() or secure.round == m.round or self._secure_plan is None:
-            return  # the same round announced again: its secure round goes on
-        round_no, devices = self._secure_plan
-        if round_no != m.round:
-            return
-        if len(devices) < max(MIN_DEVICES, self.config.min_updates):
-            log.warning("round %d: %d device(s) online, a secure round needs %d; waiting "
-                        "(the round runs again after deadline_s)", m.round, len(devices),
-                        max(MIN_DEVICES, self.config.min_updates))
-            secure.close()
-            return
-        cap = self.config.secagg_weight_cap or self._weight_cap(devices)
-        try:
-            publishes = secure.open(m.round, devices, weight_cap=cap, now=self.clock())
-        except ConfigError as exc:
-            log.error("round %d: cannot start a secure round: %s", m.round, exc)
-            return
-        self._publish_secure(publishes)
-
-    def _weight_cap(self, devices: list[str]) -> int:
-        """The largest examples x epochs the devices declared in their births."""
-        declared = [int(self.registry.devices[d].capabilities.get("examples", 0) or 0)
-                    for d in devices if d in self.registry.devices]
-        return max(1, max(declared, default=0) * self.config.epochs) if any(declared) else 0
-
-    def _publish_secure(self, publishes) -> None:
-        for p in publishes:
-            self.link.publish(p.topic, p.payload, qos=1, retain=p.retain)
-            self.observers.traffic(direction="out", kind="secagg", nbytes=len(p.payload))
-
-    def _handle_secure(self, topic: str, payload: bytes) -> tuple[str, Receipt] | None:
-        """A message on an update topic in secure mode: a SecAgg+ message goes to the
-        secure round; a plain update is refused unread (it would show the server one
-        device's update), with a receipt so its device stops sending it."""
-        from aggregator.secure_round import is_secagg
-
-        try:
-            device = self.topics.device_from_update_topic(topic)
-        except ProtocolError as exc:
-            self._count_rejected(exc.reason)
-            return None
-        if not is_secagg(payload):
-            self._count_rejected("secure_only")
-            log.warning("refused a plain update from %s: this aggregator runs "
-                        "secure_aggregation; set secure_aggregation on the device", device)
-            try:
-                update_id = Update.from_payload(payload).update_id
-            except ProtocolError:
-                return None
-            return device, Receipt(update_id=update_id, round=self.machine.round,
-                                   status="rejected", reason="secure_only")
-        assert self.secure is not None
-        received = self.secure.receive(device, payload, self.clock())
-        self._publish_secure(received.publishes)
-        if received.reason == "secagg_round_closed":
-            log.debug("secure round over: a late message from %s", device)
-        elif received.status != "accepted":
-            self._count_rejected(received.reason or received.status)
-        elif not received.reason:
-            self._dirty = True  # the secure round's state changed: checkpointed
-        self._after_secure(self.clock())
-        if not received.input_id:
-            return None
-        return device, Receipt(update_id=received.input_id, round=received.round,
-                               status=received.status,
-                               reason="" if received.status == "accepted" else received.reason)
-
-    def _tick_secure(self, now: float) -> None:
-        from aggregator.secure_round import MIN_DEVICES
-
-        assert self.secure is not None
-        self._publish_secure(self.secure.tick(now))
-        self._after_secure(now)
-        if self.secure.active or self._done() or not self._births_in:
-            return
-        # No secure round could start (too few devices online): run the round again at
-        # its deadline, or as soon as enough devices are online (every few seconds at most)
-        enough = self.registry.online_count >= max(MIN_DEVICES, self.config.min_updates)
-        if now >= self.machine.open.deadline_at or (enough and now >= self._secure_retry_at):
-            self._secure_retry_at = now + SECURE_RETRY_S
-            self.machine.rerun(now)
-            log.info("round %d: no secure round ran; re-announced as round %d (%d devices "
-                     "online)", self.machine.round - 1, self.machine.round,
-                     self.registry.online_count)
-            self._announce()
-
-    def _after_secure(self, now: float) -> None:
-        """Fold a finished secure round in (and close the round), or run a lost one again."""
-        from aggregator.secure_round import SecureSum
-
-        assert self.secure is not None
-        outcome = self.secure.take()
-        if outcome is None:
-            return
-        if isinstance(outcome, SecureSum):
-            log.info("secure round %d: the sum of %d inputs unmasked (%d dropped after "
-                     "sharing, %d excluded)", outcome.round, len(outcome.survivors),
-                     len(outcome.dropped), len(outcome.excluded))
-            self.machine.offer_sum(outcome.mean, weight=outcome.weight,
-                                   devices=outcome.survivors, samples=outcome.samples,
-                                   session=f"sa-{outcome.session.hex()}",
-                                   bytes_up=outcome.bytes_up)
-            self.accepted += len(outcome.survivors)
-            self.secure_sums.append(outcome)
-            self._close_round(now)
-            return
-        self._count_rejected(f"secagg_{outcome.reason}")
-        log.error("secure round %d lost: %s; running the round again", self.machine.round,
-                  outcome)
-        self.machine.rerun(now)
-        self._announce()
 
     def _close_round(self, now: float) -> None:
         result: RoundResult = self.machine.close(now)

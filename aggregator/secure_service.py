@@ -70,9 +70,9 @@ class SecureAggregationDriver:
         if round_no != m.round:
             return
         if len(devices) < max(MIN_DEVICES, self.config.min_updates):
-            log.warning("round %d: %d device(s) online, a secure round needs %d; waiting "
-                        "(the round runs again after deadline_s)", m.round, len(devices),
-                        max(MIN_DEVICES, self.config.min_updates))
+            log.info("round %d: %d device(s) online, a secure round needs %d; waiting "
+                     "(the round runs again after deadline_s)", m.round, len(devices),
+                     max(MIN_DEVICES, self.config.min_updates))
             secure.close()
             return
         cap = self.config.secagg_weight_cap or self._weight_cap(devices)
@@ -141,9 +141,11 @@ class SecureAggregationDriver:
         if now >= self.machine.open.deadline_at or (enough and now >= self._secure_retry_at):
             self._secure_retry_at = now + SECURE_RETRY_S
             self.machine.rerun(now)
-            log.info("round %d: no secure round ran; re-announced as round %d (%d devices "
-                     "online)", self.machine.round - 1, self.machine.round,
-                     self.registry.online_count)
+            log.log(logging.INFO if enough else logging.WARNING,
+                    "round %d: no secure round ran; re-announced as round %d (%d devices "
+                    "online, a secure round needs %d)", self.machine.round - 1,
+                    self.machine.round, self.registry.online_count,
+                    max(MIN_DEVICES, self.config.min_updates))
             self._announce()
 
     def _after_secure(self, now: float) -> None:

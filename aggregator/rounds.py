@@ -272,6 +272,22 @@ class RoundMachine:
         self.recent[(update.device_id, update.update_id)] = (o.round, update.base_version)
         return True
 
+    def offer_sum(self, mean: np.ndarray, *, weight: float, devices: tuple[str, ...],
+                  samples: int, session: str, bytes_up: int = 0) -> None:
+        """Fold a secure round's result (aggregator/secure_round.py): the weighted mean of
+        `devices`' updates, which the server never saw one by one, as the whole round."""
+        if self.open.contributions:
+            raise ProtocolError(f"round {self.open.round} already holds updates: a secure "
+                                "sum is the whole round", reason="duplicate")
+        self.acc.add(np.asarray(mean, dtype=np.float32), 1.0, norm=1.0)
+        o = self.open
+        for device in devices:
+            o.contributions[(device, self.version)] = session
+        o.represented = len(devices)
+        o.samples = samples
+        o.loss_sum = float("nan")  # devices' losses are not in the sum
+        o.bytes_up = bytes_up
+
     def _staleness(self, update: Update) -> int:
         return check_timeliness(update, open_round=self.open.round, version=self.version,
                                 policy=self.policy)

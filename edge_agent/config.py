@@ -55,6 +55,9 @@ class AgentConfig(BrokerConfig):
     cpus: int = option(0, "cores to advertise (0: all the machine has)")
     train_threads: int = option(0, "threads a torch model trains with (0: the advertised "
                                 "cores); numpy models use one")
+    secure_aggregation: bool = option(False, "send updates only masked, in the aggregator's "
+                                      "SecAgg+ rounds (docs/secagg.md): never in the clear, "
+                                      "whatever the aggregator asks")
     slowdown: float = option(1.0, "simulation only: compute this many times slower than "
                              "the host (a Pi Zero next to a laptop), time budget included")
 

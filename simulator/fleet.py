@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import random
@@ -99,6 +100,11 @@ HOST_POLL_S = 0.1
 BYZANTINE_SCALE = 10.0
 
 
+def _vanishes(config: SimulationConfig, fleet: str, device: str, round: int) -> bool:
+    """Whether simulated `device` vanishes after its masked input in `round`."""
+    return device in config.secagg_dropouts(fleet, round)
+
+
 def poison(delta: np.ndarray) -> np.ndarray:
     """What an attacker sends for its honest delta: the delta reversed and scaled, encoded
     like any other (a well-formed update that validation alone cannot tell apart)."""
@@ -170,8 +176,12 @@ class Simulation:
                 self.proxies.proxy(device_id).bandwidth(profile.bandwidth_bytes_per_s)
                 if profile.flaky:
                     self._flaky[device_id] = profile
+            drop = None
+            if c.secagg_drop_after_input:
+                drop = functools.partial(_vanishes, c, fleet, device_id)
             self.agents.append(EdgeAgent(agent_config, shard,
-                                         update_transform=poison if i < c.byzantine else None))
+                                         update_transform=poison if i < c.byzantine else None,
+                                         secagg_drop_after_input=drop))
         self._apply_dropout()
         if self.aggregator is not None:
             self.aggregator.start()

@@ -70,6 +70,9 @@ class AgentConfig(BrokerConfig):
             raise ConfigError("status_interval_s must be >= 0 (0: publish the birth only)")
         if self.max_payload < 1024:
             raise ConfigError("max_payload must be at least 1024 bytes")
+        if self.he_context and self.secure_aggregation:
+            raise ConfigError("he_context and secure_aggregation are two ways of hiding "
+                              "updates; set the one your aggregator uses (docs/privacy.md)")
         if self.data_reload and not self.data_source.strip():
             raise ConfigError("data_reload needs a data_source to re-read (the bundled shard "
                               "never changes)")

@@ -377,3 +377,14 @@ def dataclasses_replace_round(payload: bytes, round: int) -> bytes:
     import dataclasses
 
     return dataclasses.replace(SecAggSetup.from_payload(payload), round=round).to_payload()
+
+
+def test_secure_aggregation_and_he_are_refused_together():
+    from aggregator.config import AggregatorConfig
+    from edge_agent.config import AgentConfig
+    from fedmq.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="he = ckks"):
+        AggregatorConfig(secure_aggregation=True, he="ckks", min_updates=3)
+    with pytest.raises(ConfigError, match="two ways of hiding"):
+        AgentConfig(secure_aggregation=True, he_context="he-public.ctx")

@@ -225,6 +225,21 @@ class AggregatorConfig(BrokerConfig, RoundOptions):
     flush_after_s: float = option(2.0, "worker/site: send a partial aggregate once its "
                                   "oldest update is this old, or as soon as every device "
                                   "this round expects of it delivered")
+    secure_aggregation: bool = option(False, "SecAgg+: the aggregator learns only the sum "
+                                      "of each round's updates (docs/secagg.md); the "
+                                      "devices must run with secure_aggregation too")
+    secagg_clip: float = option(0.5, "secure aggregation: devices clip every coordinate of "
+                                "their delta to [-clip, clip] before masking it")
+    secagg_dropout: float = option(0.3, "secure aggregation: the fraction of devices a round "
+                                   "survives losing; sets the neighbours k and threshold t")
+    secagg_field_bits: int = option(32, "secure aggregation: masked values are in "
+                                    "Z_2^bits, 16, 24 or 32 (bytes per value = bits / 8)")
+    secagg_stage_s: float = option(30.0, "secure aggregation: seconds the key, share and "
+                                   "unmask stages wait for slow devices (inputs wait "
+                                   "deadline_s)")
+    secagg_weight_cap: int = option(0, "secure aggregation: a device weighs min(samples, "
+                                    "cap) (0: the largest examples x epochs the round's "
+                                    "devices declared)")
     dashboard_port: int = option(0, "serve a live web dashboard (fleet, round progress, "
                                  "accuracy, loss and bytes charts) on this TCP port (0: off)")
     dashboard_bind: str = option("127.0.0.1", "address the dashboard listens on: loopback "
@@ -261,6 +276,7 @@ class AggregatorConfig(BrokerConfig, RoundOptions):
             codecs.get_codec(codec)
         if self.mode not in MODES:
             raise ConfigError(f"mode {self.mode!r} must be {' or '.join(MODES)}")
+        self._check_secure()  # first: what it refuses may fail later checks less clearly
         self._check_he()
         self.policy()  # validate now, not at the first round
         self._check_role()
@@ -317,6 +333,13 @@ class AggregatorConfig(BrokerConfig, RoundOptions):
         if not self.he:
             return None
         return load_setup(self.he_public_context, self.he_secret_context)
+    def _check_secure(self) -> None:
+        """Secure aggregation hides each update: refuse what needs to see one."""
+        if not self.secure_aggregation:
+            return
+        from aggregator.secure_round import check_secure_config
+
+        check_secure_config(self)
 
     def sources(self) -> frozenset[str]:
         """partial_sources as names."""

@@ -38,6 +38,25 @@ STATE_FORMAT = 3
 # Accepted (device, update id) keys are remembered this many rounds back, so an update
 # re-sent after its round closed still gets an "accepted" receipt, not a rejection.
 REMEMBER_ROUNDS = 8
+# ...and beyond that, each device's last few counted ids are kept whatever their age: a
+# device offline for many short rounds re-sends what it never got a receipt for, and must
+# hear "accepted" for an update that counted (seen in the 30-minute soak: rounds of ~3 s,
+# a link down longer than 8 rounds). Bounded: devices x LAST_PER_DEVICE entries.
+LAST_PER_DEVICE = 2
+
+
+def forget_counted(entries: dict[tuple[str, str], Any], keep: Any) -> dict[tuple[str, str], Any]:
+    """The counted (device, update id) entries still worth remembering: those `keep(key,
+    value)` wants, plus each device's LAST_PER_DEVICE most recently counted (entries are in
+    counting order)."""
+    newest: dict[str, int] = {}
+    kept = []
+    for key, value in reversed(entries.items()):
+        seen = newest.get(key[0], 0)
+        if seen < LAST_PER_DEVICE or keep(key, value):
+            kept.append((key, value))
+        newest[key[0]] = seen + 1
+    return dict(reversed(kept))
 
 
 class Action(enum.Enum):
@@ -334,6 +353,22 @@ class RoundMachine:
         self.recent[(update.device_id, update.update_id)] = (o.round, update.base_version)
         return True
 
+    def offer_sum(self, mean: np.ndarray, *, weight: float, devices: tuple[str, ...],
+                  samples: int, session: str, bytes_up: int = 0) -> None:
+        """Fold a secure round's result (aggregator/secure_round.py): the weighted mean of
+        `devices`' updates, which the server never saw one by one, as the whole round."""
+        if self.open.contributions:
+            raise ProtocolError(f"round {self.open.round} already holds updates: a secure "
+                                "sum is the whole round", reason="duplicate")
+        self.acc.add(np.asarray(mean, dtype=np.float32), 1.0, norm=1.0)
+        o = self.open
+        for device in devices:
+            o.contributions[(device, self.version)] = session
+        o.represented = len(devices)
+        o.samples = samples
+        o.loss_sum = float("nan")  # devices' losses are not in the sum
+        o.bytes_up = bytes_up
+
     def _staleness(self, update: Update) -> int:
         return check_timeliness(update, open_round=self.open.round, version=self.version,
                                 policy=self.policy)
@@ -415,7 +450,7 @@ class RoundMachine:
         self.acc = self.policy.rule(self.params.size)
         self.open = _OpenRound(round=round, deadline_at=now + self.policy.deadline_s)
         self.inclusion = 0.0
-        self.recent = {k: v for k, v in self.recent.items() if self._remember(*v, round)}
+        self.recent = forget_counted(self.recent, lambda _, v: self._remember(*v, round))
 
     def _remember(self, counted_in: int, base_version: int, round: int) -> bool:
         """Keep a counted id while a re-send of it could still be accepted: REMEMBER_ROUNDS

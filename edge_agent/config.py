@@ -56,6 +56,9 @@ class AgentConfig(BrokerConfig):
     cpus: int = option(0, "cores to advertise (0: all the machine has)")
     train_threads: int = option(0, "threads a torch model trains with (0: the advertised "
                                 "cores); numpy models use one")
+    secure_aggregation: bool = option(False, "send updates only masked, in the aggregator's "
+                                      "SecAgg+ rounds (docs/secagg.md): never in the clear, "
+                                      "whatever the aggregator asks")
     slowdown: float = option(1.0, "simulation only: compute this many times slower than "
                              "the host (a Pi Zero next to a laptop), time budget included")
     ldp_clip: float = option(0.0, "local DP: clip this device's update to this L2 norm and "
@@ -73,6 +76,9 @@ class AgentConfig(BrokerConfig):
         if self.max_payload < 1024:
             raise ConfigError("max_payload must be at least 1024 bytes")
         self.local_dp()  # bad local DP settings fail now
+        if self.he_context and self.secure_aggregation:
+            raise ConfigError("he_context and secure_aggregation are two ways of hiding "
+                              "updates; set the one your aggregator uses (docs/privacy.md)")
         if self.data_reload and not self.data_source.strip():
             raise ConfigError("data_reload needs a data_source to re-read (the bundled shard "
                               "never changes)")

@@ -6,6 +6,8 @@ here, in SIMULATOR_DEFAULTS, and nowhere else; `fedmq simulate --help` shows it.
 from __future__ import annotations
 
 import dataclasses
+import math
+import random
 from dataclasses import dataclass
 
 from aggregator.config import AggregatorConfig, check_he_options
@@ -48,6 +50,10 @@ SIMULATOR_DEFAULTS: dict[str, Default] = {
     # the cellular links of `--profiles mixed` are slower than this
     "slow_link_kbps": Default(256.0),
 }
+
+def round_half_up(x: float) -> int:
+    return math.floor(x + 0.5)
+
 
 def device_id(fleet: str, index: int) -> str:
     """Simulated device `index`'s id (its MQTT client id and topic level)."""
@@ -102,6 +108,10 @@ class SimulationConfig(BorrowedOptions):
                             "(the same as --attack scaled --attackers K)")
     dropout: float = option(0.0, "fraction of devices cut off from the broker before every "
                             "round (each device talks through its own fault proxy)")
+    secagg_drop_after_input: float = option(0.0, "with --secure-aggregation: this fraction "
+                                            "of the devices, drawn anew each round, vanish "
+                                            "once their masked input is out (they never "
+                                            "answer the unmask request)")
     profiles: str = option("uniform", "device mix: uniform (all like this host), mixed (Pi "
                            "4s, Pi Zeros, cellular links: slower compute, thin uplinks, "
                            "advertised in each birth) or stragglers (30%% 10x slower, 30%% "
@@ -132,6 +142,11 @@ class SimulationConfig(BorrowedOptions):
             raise ConfigError("--byzantine is --attack scaled; for another attack use "
                               "--attackers")
         check_attack(self.attack)
+        if not 0.0 <= self.secagg_drop_after_input < 1.0:
+            raise ConfigError(f"secagg_drop_after_input {self.secagg_drop_after_input} must "
+                              "be in [0, 1)")
+        if self.secagg_drop_after_input and not self.secure_aggregation:
+            raise ConfigError("--secagg-drop-after-input needs --secure-aggregation")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout {self.dropout} must be in [0, 1)")
         if self.agents_only and not (self.broker and self.fleet):
@@ -174,6 +189,8 @@ class SimulationConfig(BorrowedOptions):
             return "--ldp-clip"
         if self.profiles != "uniform":
             return f"--profiles {self.profiles}"
+        if self.secure_aggregation:
+            return "--secure-aggregation"
         if self.dropout:
             return "--dropout"
         if self.he:
@@ -186,6 +203,12 @@ class SimulationConfig(BorrowedOptions):
         if self.engine == "auto":
             return self.devices > HOSTED_ABOVE and not self._needs_agents()
         return self.engine == "hosted"
+
+    def secagg_dropouts(self, fleet: str, round: int) -> frozenset[str]:
+        """The devices that vanish after their masked input in `round`."""
+        count = round_half_up(self.secagg_drop_after_input * self.devices)
+        ids = [device_id(fleet, i) for i in range(self.devices)]
+        return frozenset(random.Random(f"{self.seed}/secagg/{round}").sample(ids, count))
 
     @property
     def dropped_per_round(self) -> int:
@@ -239,4 +262,5 @@ class SimulationConfig(BorrowedOptions):
             status_interval_s=self.status_interval_s, he_context=he_context,
             ldp_clip=self.ldp_clip, ldp_noise_multiplier=self.ldp_noise_multiplier,
             ldp_delta=self.ldp_delta,
+            secure_aggregation=self.secure_aggregation,
         )

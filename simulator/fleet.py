@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import random
@@ -106,6 +107,11 @@ BYZANTINE_SCALE = attacks.SCALE
 poison = attacks.scaled
 
 
+def _vanishes(config: SimulationConfig, fleet: str, device: str, round: int) -> bool:
+    """Whether simulated `device` vanishes after its masked input in `round`."""
+    return device in config.secagg_dropouts(fleet, round)
+
+
 class Simulation:
     """Owns every process and thread of one simulated run; `close()` stops them all."""
 
@@ -176,7 +182,11 @@ class Simulation:
                 transform = attacks.update_transform(c.attack, seed=c.seed * 7919 + i)
                 shard = attacks.poisoned_data(c.attack, shard,
                                               classes=task_spec(c.task).classes)
-            self.agents.append(EdgeAgent(agent_config, shard, update_transform=transform))
+            drop = None
+            if c.secagg_drop_after_input:
+                drop = functools.partial(_vanishes, c, fleet, device_id)
+            self.agents.append(EdgeAgent(agent_config, shard, update_transform=transform,
+                                         secagg_drop_after_input=drop))
         self._apply_dropout()
         if self.aggregator is not None:
             self.aggregator.start()

@@ -65,7 +65,7 @@ MALLORY = "mallory"
 ANNOUNCED = [MALLORY, "x" * 64]
 SILENT = ["eve-01"]
 STRANGERS = ANNOUNCED + SILENT
-# Levels that are no device id at all (`update/` with an empty level matches `update/+`).
+# Levels that are no device id at all (`update/0/` with an empty level matches `update/+/+`).
 BAD_LEVELS = ["", "sp ace", "x" * 65, "d\u00e9v"]
 VALID_LEVELS = AGENTS + STRANGERS
 # Where garbage goes: mostly where a stolen account may publish (its own topic), the rest

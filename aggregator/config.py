@@ -216,8 +216,8 @@ class AggregatorConfig(BrokerConfig, RoundOptions):
                        "site: folds every update on its site broker into partial aggregates "
                        "that the broker's bridge carries upstream (docs/scale.md)",
                        choices=ROLES)
-    shard: str = option("0/1", "worker: I/N, it takes the devices whose id hashes to I "
-                        "mod N (docs/scale.md)")
+    shard: str = option("0/1", "worker: I/N (N <= 64), it subscribes to the update buckets "
+                        "b with b mod N = I and takes their devices (docs/scale.md)")
     partial_sources: str = option("", "central/reducer: the workers and sites whose partial "
                                   "aggregates it folds, comma-separated (their source_name)")
     source_name: str = option("", "worker/site: the name its partial aggregates carry "

@@ -13,7 +13,8 @@ A device gets its receipt only when the central aggregator receipted the partial
 its update: "accepted" means counted in the global round, and a partial refused upstream
 (say, too late for its round) is a refusal for each of its devices, as it would have been
 without the worker. Dedup is local: a device always lands on the same worker (its id's
-shard), so a re-sent update is recognised by the one worker that folded it.
+update bucket, which one worker subscribes to), so a re-sent update is recognised by the
+one worker that folded it.
 
 No MQTT, no disk, no clock: the service (partial_service.py) feeds announcements,
 updates, receipts and `now`, and journals `state_dict()` before it acks anything.
@@ -31,7 +32,15 @@ import numpy as np
 
 from aggregator.rounds import RoundPolicy, check_timeliness, forget_counted
 from aggregator.strategy.accumulator import WeightedAccumulator
-from fedmq.core.protocol import CohortDigest, EncodedTensor, Receipt, Update, device_key
+from fedmq.core.protocol import (
+    UPDATE_BUCKETS,
+    CohortDigest,
+    EncodedTensor,
+    FleetTopics,
+    Receipt,
+    Update,
+    update_bucket,
+)
 from fedmq.errors import ConfigError, ProtocolError
 
 STATE_FORMAT = 1
@@ -42,12 +51,14 @@ REMEMBER_ROUNDS = 8
 
 @dataclass(frozen=True, slots=True)
 class Shard:
-    """Worker `index` of `count` takes the devices whose id hashes to index: the first 4
-    bytes of SHA-256(id), big-endian, mod count.
+    """Worker `index` of `count` takes the update buckets b with b mod count == index, and
+    so the devices whose bucket that is (topics.update_bucket: the first 4 bytes of
+    SHA-256(id), big-endian, mod UPDATE_BUCKETS). Each bucket goes to exactly one worker;
+    with count dividing UPDATE_BUCKETS every worker has the same number of buckets, and a
+    device's shard is its key mod count, as before topic layout 2.
 
-    SHA-256 because it is the same in every process and language (Python's hash is
-    salted) and mixes well: crc32's low bits put dev0..dev3 all on one of two workers.
-    Under a microsecond per message, before anything is decoded."""
+    The worker subscribes to its buckets' topics only, so the broker sends it no other
+    worker's updates."""
 
     index: int = 0
     count: int = 1
@@ -55,6 +66,9 @@ class Shard:
     def __post_init__(self) -> None:
         if not (self.count >= 1 and 0 <= self.index < self.count):
             raise ConfigError(f"shard {self.index}/{self.count} must be I/N with 0 <= I < N")
+        if self.count > UPDATE_BUCKETS:
+            raise ConfigError(f"shard {self.index}/{self.count}: at most {UPDATE_BUCKETS} "
+                              f"workers (the protocol has {UPDATE_BUCKETS} update buckets)")
 
     @classmethod
     def parse(cls, text: str) -> Shard:
@@ -65,10 +79,25 @@ class Shard:
                               "workers") from None
         return cls(index, count)
 
+    @property
+    def buckets(self) -> tuple[int, ...]:
+        return tuple(range(self.index, UPDATE_BUCKETS, self.count))
+
+    @property
+    def even(self) -> bool:
+        """Whether every worker of this count has as many buckets."""
+        return UPDATE_BUCKETS % self.count == 0
+
     def owns(self, device_id: str) -> bool:
         if self.count == 1:
             return True
-        return int.from_bytes(device_key(device_id), "big") % self.count == self.index
+        return update_bucket(device_id) % self.count == self.index
+
+    def update_filters(self, topics: FleetTopics) -> tuple[str, ...]:
+        """The topic filters of this shard's updates (one for all buckets when alone)."""
+        if self.count == 1:
+            return (topics.update_filter,)
+        return tuple(topics.update_bucket_filter(b) for b in self.buckets)
 
 
 @dataclass(frozen=True, slots=True)

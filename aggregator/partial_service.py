@@ -29,7 +29,13 @@ from aggregator.partial import PartialRound, Sealed, Shard
 from aggregator.rejections import RejectionLog
 from fedmq import storage
 from fedmq.core.chunking import split_payload
-from fedmq.core.protocol import DeviceStatus, FleetTopics, ModelAnnouncement, Receipt
+from fedmq.core.protocol import (
+    UPDATE_BUCKETS,
+    DeviceStatus,
+    FleetTopics,
+    ModelAnnouncement,
+    Receipt,
+)
 from fedmq.errors import ConfigError, ProtocolError
 from fedmq.models import build_model
 from fedmq.transport.mqtt import MqttLink
@@ -94,7 +100,8 @@ class PartialService(ServiceLoop):
         self.rejected: Counter[str] = Counter()
         self.rejections = RejectionLog(self.rejected, log)
         self.folded = 0  # device updates folded in
-        self.others = 0  # updates of devices another worker takes, passed over
+        self.others = 0  # updates of devices another worker takes, passed over (none
+        # arrive while the broker honours the bucket subscriptions)
         self.sent = 0  # partial aggregates published (re-sends included)
         storage.check_writable(config.checkpoint, what="checkpoint")
         self.store = StateFile(config.checkpoint)
@@ -107,10 +114,16 @@ class PartialService(ServiceLoop):
             password=config.password, on_connect=self._on_connect, tls=config.tls(),
             max_payload=config.max_payload, session_expiry_s=config.session_expiry_s,
             manual_ack=True)
+        # a worker subscribes to its own update buckets only: the broker sends it no other
+        # worker's updates. Worker 0 (or the site) also takes topic layout 1's
+        # update/{device}, to refuse and count what old devices still send there.
+        update_filters = self.shard.update_filters(self.topics)
+        if self.shard.index == 0:
+            update_filters += (self.topics.legacy_update_filter,)
         for kind, topic_filter in (("status", self.topics.device_status_filter),
                                    ("model", self.topics.model_current),
                                    ("receipt", self.topics.receipt(self.source)),
-                                   ("update", self.topics.update_filter)):
+                                   *(("update", f) for f in update_filters)):
             self.link.route(topic_filter, functools.partial(self._enqueue, kind), qos=1)
 
     def _enqueue(self, kind: str, message) -> None:
@@ -279,9 +292,13 @@ class PartialService(ServiceLoop):
         Path(self.config.checkpoint).parent.mkdir(parents=True, exist_ok=True)
         self._start_loop(self.config.role)
         self.link.start()
-        log.info("%s %s started (shard %s), sending partial aggregates to %s",
-                 self.config.role, self.source, self.config.shard,
-                 self.topics.partial(self.source))
+        log.info("%s %s started (shard %s: %d of %d update buckets), sending partial "
+                 "aggregates to %s", self.config.role, self.source, self.config.shard,
+                 len(self.shard.buckets), UPDATE_BUCKETS, self.topics.partial(self.source))
+        if not self.shard.even:
+            log.warning("%d workers do not divide the %d update buckets: some workers take "
+                        "one bucket more than others (use a power of two for an even "
+                        "split)", self.shard.count, UPDATE_BUCKETS)
 
     def stop(self) -> None:
         self._stop_loop()

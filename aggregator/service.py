@@ -146,8 +146,10 @@ class AggregatorService(SecureAggregationDriver, ServiceLoop):
             manual_ack=True,
         )
         if config.role == "central":  # a reducer's workers take the devices' updates
-            self.link.route(self.topics.update_filter, lambda m: self._inbox.put(
-                _Inbound(m.topic, m.payload, m.mid, m.qos)), qos=1)
+            # every bucket, and topic layout 1's update/{device} to refuse it (old_topic)
+            for topic_filter in (self.topics.update_filter, self.topics.legacy_update_filter):
+                self.link.route(topic_filter, lambda m: self._inbox.put(
+                    _Inbound(m.topic, m.payload, m.mid, m.qos)), qos=1)
         if config.sources():
             self.link.route(self.topics.partial_filter, lambda m: self._inbox.put(
                 _Inbound(m.topic, m.payload, m.mid, m.qos, partial=True)), qos=1)

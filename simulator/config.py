@@ -13,10 +13,12 @@ from dataclasses import dataclass
 from aggregator.config import AggregatorConfig, check_he_options
 from edge_agent.config import AgentConfig
 from fedmq.config import Default, borrow_options, option
+from fedmq.core.protocol import UPDATE_BUCKETS
 from fedmq.errors import ConfigError
 from fedmq.tasks import task_spec
 from simulator.attacks import ATTACKS, check_attack
 from simulator.profiles import MIXES, DeviceProfile, fleet_profiles
+from simulator.tiers import site_names, worker_names
 
 # Aggregator keys the simulator sets itself on every run, so not flags of `fedmq simulate`.
 SET_BY_SIMULATOR = (
@@ -116,6 +118,14 @@ class SimulationConfig(BorrowedOptions):
                            "4s, Pi Zeros, cellular links: slower compute, thin uplinks, "
                            "advertised in each birth) or stragglers (30%% 10x slower, 30%% "
                            "on a link down about 3 s of every 7)", choices=MIXES)
+    workers: int = option(0, "aggregate through this many worker processes and a reducer "
+                          "(the simulator's aggregator) on the one broker: each worker takes "
+                          "the devices of its update buckets (docs/scale.md); 0: one "
+                          "aggregator. Needs aggregation = mean without central DP")
+    sites: int = option(0, "spread the devices over this many sites: each a mosquitto of its "
+                        "own, bridged to the private central broker, with a site aggregator "
+                        "process that sends partial aggregates upstream (docs/scale.md); "
+                        "0: every device on the central broker")
     he_clip_norm: float = option(1.0, "--he ckks: the L2 norm every device clips its "
                                  "update to before encrypting it (in the run's key pair)")
     engine: str = option("auto", "how devices run: agents (each a real EdgeAgent: its own "
@@ -158,6 +168,7 @@ class SimulationConfig(BorrowedOptions):
         if self.engine == "hosted" and self._needs_agents():
             raise ConfigError(f"--engine hosted runs uniform devices without fault proxies; "
                               f"{self._needs_agents()} needs --engine agents")
+        self._check_tiers()
         if self.clients_per_round > self.devices:
             raise ConfigError(f"clients_per_round {self.clients_per_round} > devices "
                               f"{self.devices}")
@@ -180,6 +191,36 @@ class SimulationConfig(BorrowedOptions):
     @property
     def attacker_count(self) -> int:
         return self.attackers or self.byzantine
+
+    def _check_tiers(self) -> None:
+        if self.workers < 0 or self.sites < 0:
+            raise ConfigError("workers and sites must be >= 0")
+        if self.workers and self.sites:
+            raise ConfigError("give --workers or --sites, not both")
+        if self.workers > UPDATE_BUCKETS:
+            raise ConfigError(f"at most {UPDATE_BUCKETS} workers (the protocol's update "
+                              "buckets)")
+        if self.sites > self.devices:
+            raise ConfigError(f"sites {self.sites} > devices {self.devices}: every site "
+                              "needs a device")
+        if (self.workers or self.sites) and self.agents_only:
+            raise ConfigError("--agents-only runs no aggregator: start the workers or sites "
+                              "yourself (docs/scale.md)")
+        if self.sites and self.broker:
+            raise ConfigError("--sites starts the central broker and the site brokers "
+                              "itself: leave out --broker")
+        if (self.workers or self.sites) and (self.he or self.secure_aggregation):
+            raise ConfigError("workers and sites fold plain updates into partial sums: "
+                              "--he and --secure-aggregation need every update at one "
+                              "aggregator")
+        if self.sites and self._needs_agents():
+            raise ConfigError(f"{self._needs_agents()} puts fault proxies in front of one "
+                              "broker: it does not combine with --sites")
+
+    @property
+    def partial_sources(self) -> str:
+        """The workers' or sites' names the aggregator folds partials of ('' if none)."""
+        return ",".join(worker_names(self.workers) + site_names(self.sites))
 
     def _needs_agents(self) -> str:
         """What in this run only EdgeAgents can do ('' if nothing)."""
@@ -239,6 +280,10 @@ class SimulationConfig(BorrowedOptions):
         values.update(
             broker=broker, fleet=fleet, client_id=f"{fleet}-aggregator", checkpoint=checkpoint,
             log_level="WARNING", buffer_size=self.buffer,
+            # with workers the simulator's aggregator is their reducer; with sites the
+            # central aggregator (it would also fold devices connected to it directly)
+            role="reducer" if self.workers else "central",
+            partial_sources=self.partial_sources,
             # with selection, the cohort's K closes a round; in async mode, the buffer
             min_updates=self.quorum if self.mode == "sync" and not self.clients_per_round else 1)
         if he_keys is None:

@@ -36,6 +36,7 @@ from simulator.config import DEVICE_ID, SimulationConfig
 from simulator.faultproxy import ProxyPool
 from simulator.hostproc import HostPlan, HostProcess, HostReport, merged
 from simulator.profiles import DeviceProfile, fleet_profiles
+from simulator.tiers import Tiers, site_blocks
 
 __all__ = ["BYZANTINE_SCALE", "Simulation", "SimulationConfig", "SimulationResult",
            "metrics_figure", "plot_metrics", "poison", "write_metrics"]
@@ -58,6 +59,8 @@ class SimulationResult:
     connect_failures: dict[str, int] = field(default_factory=dict)
     stopped: str = ""  # why the aggregator stopped training early (the privacy budget)
     ldp_epsilon: float | None = None  # local DP: the most any device spent (None: off)
+    # --workers / --sites: device updates each worker or site aggregator folded
+    partials: dict[str, int] = field(default_factory=dict)
 
     @property
     def final_accuracy(self) -> float | None:
@@ -81,7 +84,14 @@ class SimulationResult:
         if self.ldp_epsilon is not None:
             privacy += f", local DP epsilon {self.ldp_epsilon:.3g} per device (at most)"
         return (f"final accuracy {acc:.4f} after {len(self.rounds)} rounds, "
-                f"{self.bytes_up} bytes uploaded{privacy}{self.offline_note()}{stopped}")
+                f"{self.bytes_up} bytes uploaded{privacy}{self.partials_note()}"
+                f"{self.offline_note()}{stopped}")
+
+    def partials_note(self) -> str:
+        if not self.partials:
+            return ""
+        return ", device updates folded by " + ", ".join(
+            f"{name} {n}" for name, n in self.partials.items())
 
     def offline_note(self) -> str:
         if not self.never_connected_count:
@@ -133,6 +143,9 @@ class Simulation:
         self._dropout_rng = random.Random(config.seed)
         self._dropout_round = -1
         self._flaky: dict[str, DeviceProfile] = {}  # devices whose link flaps on a schedule
+        self.tiers = Tiers(workers=config.workers, sites=config.sites)
+        self.site_urls: list[str] = []  # --sites: each site's broker
+        self._partials: dict[str, int] = {}
         self.he_keys: tuple[str, str] | None = None  # --he: (public, secret) key files
 
     def start(self) -> None:
@@ -154,12 +167,20 @@ class Simulation:
             self.broker.start()
             url = self.broker.url
         fleet = c.fleet or f"sim-{os.urandom(3).hex()}"
+        if c.sites:
+            assert self.broker is not None  # the config refuses --sites with --broker
+            self.site_urls = self.tiers.start_site_brokers(
+                central_port=self.broker.port, fleet=fleet, workdir=self.workdir)
         if c.he:  # the run's own key pair: the aggregator decrypts, devices encrypt
             public, secret, _ = generate_he_keys(
                 self.workdir / "he", CkksParams(clip_norm=c.he_clip_norm), force=True)
             self.he_keys = (str(public), str(secret))
         if not c.agents_only:
             self._start_aggregator(url, fleet, test)
+            if c.workers or c.sites:  # listening before the first round is announced
+                assert self.aggregator is not None
+                self.tiers.start(self.aggregator.config, workdir=self.workdir,
+                                 site_urls=self.site_urls or None)
         if c.hosted:
             self._start_hosts(url, fleet)
             return
@@ -168,7 +189,8 @@ class Simulation:
         if c.dropout > 0 or any(p.link_kbps or p.flaky for p in profiles):
             self.proxies = ProxyPool.for_broker(url)
         for i, (shard, profile) in enumerate(zip(shards, profiles, strict=True)):
-            agent_config = c.agent_config(i, broker=url, fleet=fleet, profile=profile,
+            agent_config = c.agent_config(i, broker=self._device_broker(i, url), fleet=fleet,
+                                          profile=profile,
                                           he_context=self.he_keys[0] if self.he_keys else "")
             device_id = agent_config.device_id
             if self.proxies is not None:  # the device talks to the broker through its proxy
@@ -197,14 +219,10 @@ class Simulation:
         """Devices first, in their own processes; the aggregator once they are online (or
         ONLINE_WAIT_S passed), so its first round selects from the whole fleet."""
         c = self.config
-        for first in range(0, c.devices, HOSTED_PER_PROCESS):
-            plan = HostPlan(broker=url, fleet=fleet, first=first,
-                            count=min(HOSTED_PER_PROCESS, c.devices - first),
-                            device_count=c.devices, task=c.task, alpha=c.alpha, seed=c.seed,
-                            codec=c.codec, id_format=DEVICE_ID, byzantine=c.attacker_count,
-                            attack=c.attack,
-                            log_level="WARNING", status_interval_s=c.status_interval_s)
-            self.hosts.append(HostProcess(plan))
+        for block, broker in self._device_blocks(url):
+            for first in range(block.start, block.stop, HOSTED_PER_PROCESS):
+                self.hosts.append(HostProcess(self._host_plan(
+                    broker, fleet, first, min(HOSTED_PER_PROCESS, block.stop - first))))
         for host in self.hosts:
             host.start()
         started = time.monotonic()
@@ -222,6 +240,24 @@ class Simulation:
                  self.online_s, len(self.hosts))
         if self.aggregator is not None:
             self.aggregator.start()
+
+    def _host_plan(self, broker: str, fleet: str, first: int, count: int) -> HostPlan:
+        c = self.config
+        return HostPlan(broker=broker, fleet=fleet, first=first, count=count,
+                        device_count=c.devices, task=c.task, alpha=c.alpha, seed=c.seed,
+                        codec=c.codec, id_format=DEVICE_ID, byzantine=c.attacker_count,
+                        attack=c.attack,
+                        log_level="WARNING", status_interval_s=c.status_interval_s)
+
+    def _device_blocks(self, url: str) -> list[tuple[range, str]]:
+        """(device indexes, their broker): all on `url`, or one block per site."""
+        if not self.site_urls:
+            return [(range(self.config.devices), url)]
+        return list(zip(site_blocks(self.config.devices, len(self.site_urls)),
+                        self.site_urls, strict=True))
+
+    def _device_broker(self, index: int, url: str) -> str:
+        return next(broker for block, broker in self._device_blocks(url) if index in block)
 
     def _poll_hosts(self) -> HostReport:
         if self.hosts:
@@ -309,12 +345,19 @@ class Simulation:
             with self.round_closed:
                 self.round_closed.wait(0.1)
             self._poll_hosts()
+            self._poll_tiers()
             self._apply_dropout()
             if progress is not None:
                 shown = progress(self, shown)
         if progress is not None:
             progress(self, shown)
         return self._result(time.monotonic() - (self.began or started))
+
+    def _poll_tiers(self, *, fresh: bool = False) -> None:
+        """Raises if a worker or site aggregator failed; notes what each folded."""
+        for process in self.tiers.processes:
+            report = process.fresh() if fresh else process.poll()
+            self._partials[process.name] = report.folded
 
     def _traffic(self, round_no: int) -> tuple[int, int]:
         """(bytes uploaded, bytes downloaded) of all devices for one round, as they counted."""
@@ -345,6 +388,8 @@ class Simulation:
         if self.aggregator is not None:
             result.rejected = dict(self.aggregator.rejected)
             result.stopped = self.aggregator.stopped
+        self._poll_tiers(fresh=True)  # counts as of now
+        result.partials = dict(self._partials)
         return result
 
     def stop_devices(self) -> HostReport:
@@ -366,6 +411,7 @@ class Simulation:
 
     def close(self) -> None:
         self.stop_devices()
+        self.tiers.close()  # the workers or sites, and the site brokers
         if self.proxies is not None:
             self.proxies.stop()
         if self.aggregator is not None:

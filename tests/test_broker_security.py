@@ -181,6 +181,9 @@ def test_a_device_cannot_publish_as_another_device(secure):
     with running(aggregator, device_a):
         publish(device_a, FLEET.update("dev-b"), b"forged update")
         publish(device_a, f"{FLEET.update('dev-b')}/0", b"forged part")
+        # topic layout 1 (update/{id}) and levels below its own topic are not granted
+        publish(device_a, f"{FLEET.prefix}/update/dev-a", b"old-layout update")
+        publish(device_a, f"{FLEET.update('dev-a')}/0", b"below its own topic")
         publish(device_a, FLEET.device_status("dev-b"), b"forged status")
         publish(device_a, FLEET.update("dev-a"), b"own update")
         publish(device_a, FLEET.device_status("dev-a"), b"own status")
@@ -238,7 +241,8 @@ def test_the_aggregator_reads_updates_and_statuses_of_every_device(secure):
             publish(device, FLEET.device_status(device.client_id), b"online", retain=True)
         wait_for(lambda: len(updates.messages) == 2 and len(statuses.messages) == 2,
                  "both devices' updates and statuses")
-    assert sorted(updates.messages) == [(FLEET.update(d), b"update") for d in ("dev-a", "dev-b")]
+    assert sorted(updates.messages) == sorted((FLEET.update(d), b"update")
+                                              for d in ("dev-a", "dev-b"))
     assert sorted(statuses.messages) == [(FLEET.device_status(d), b"online")
                                          for d in ("dev-a", "dev-b")]
 

@@ -65,7 +65,7 @@ MALLORY = "mallory"
 ANNOUNCED = [MALLORY, "x" * 64]
 SILENT = ["eve-01"]
 STRANGERS = ANNOUNCED + SILENT
-# Levels that are no device id at all (`update/` with an empty level matches `update/+`).
+# Levels that are no device id at all (`update/0/` with an empty level matches `update/+/+`).
 BAD_LEVELS = ["", "sp ace", "x" * 65, "d\u00e9v"]
 VALID_LEVELS = AGENTS + STRANGERS
 # Where garbage goes: mostly where a stolen account may publish (its own topic), the rest
@@ -337,7 +337,9 @@ def materialize(items: list[tuple[str, object]],
             if body.get("t") == FRESH_ID:
                 body = {**body, "t": b"fz" + next(serials).to_bytes(6, "big")}
             body = msgpack.packb(body, use_bin_type=True)
-        out.append((f"fedmq/{FLEET}/update/{level}", body))
+        # a device's own topic is update/{bucket}/{id}; an invalid id goes in bucket 0
+        out.append((TOPICS.update(level) if level in VALID_LEVELS
+                    else f"fedmq/{FLEET}/update/0/{level}", body))
     return out
 
 
@@ -440,10 +442,10 @@ def aim(messages: list[tuple[str, bytes]]) -> list[Shot]:
     limit never gets that far."""
     shots = []
     for topic, payload in messages:
-        level = topic.removeprefix(f"{TOPICS.prefix}/update/")
+        level = topic.rsplit("/", 1)[-1]
         if len(payload) + publish_overhead(topic, qos=1) > MAX_PACKET:
             shots.append(Shot(topic, payload, MALLORY, TOO_BIG))
-        elif level in STRANGERS:
+        elif level in STRANGERS and topic == TOPICS.update(level):
             shots.append(Shot(topic, payload, level, DELIVERED))
         else:
             shots.append(Shot(topic, payload, MALLORY, DENIED))

@@ -5,8 +5,11 @@ import msgpack
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from paho.mqtt.client import topic_matches_sub
 
+from aggregator.partial import Shard
 from fedmq.core.protocol import (
+    UPDATE_BUCKETS,
     AggregatorStatus,
     CohortDigest,
     DeviceActivity,
@@ -145,13 +148,22 @@ def test_reserved_envelope_keys_cannot_be_field_keys():
 
 def test_topics():
     t = FleetTopics("plant-7")
-    assert t.update("pi-1") == "fedmq/plant-7/update/pi-1"
-    assert t.device_from_update_topic("fedmq/plant-7/update/pi-1") == "pi-1"
+    # topic layout 2: SHA-256("pi-1")[:4] big-endian mod 64 = 53
+    assert t.update("pi-1") == "fedmq/plant-7/update/53/pi-1"
+    assert t.device_from_update_topic("fedmq/plant-7/update/53/pi-1") == "pi-1"
     assert t.device_from_status_topic(t.device_status("pi-2")) == "pi-2"
     assert t.model_payload_chunk(3) == "fedmq/plant-7/model/payload/3"
-    for bad in ("fedmq/other/update/pi-1", "fedmq/plant-7/update/a/b", "fedmq/plant-7/update/"):
-        with pytest.raises(ProtocolError):
+    for bad in ("fedmq/other/update/53/pi-1", "fedmq/plant-7/update/a/b",
+                "fedmq/plant-7/update/", "fedmq/plant-7/update/53/", "fedmq/plant-7/update//pi-1",
+                "fedmq/plant-7/update/52/pi-1", "fedmq/plant-7/update/053/pi-1",
+                "fedmq/plant-7/update/117/pi-1", "fedmq/plant-7/update/53/pi-1/x",
+                "fedmq/plant-7/update/53/+"):
+        with pytest.raises(ProtocolError) as err:
             t.device_from_update_topic(bad)
+        assert err.value.reason == "bad_topic", bad
+    with pytest.raises(ProtocolError) as err:  # layout 1: refused, with its own reason
+        t.device_from_update_topic("fedmq/plant-7/update/pi-1")
+    assert err.value.reason == "old_topic"
     for bad_name in ("", "a/b", "#", "+", "x" * 65, "dev\n"):
         with pytest.raises(ConfigError):
             FleetTopics(bad_name)
@@ -222,3 +234,19 @@ def test_a_cohort_digest_is_small_and_rarely_admits_a_stranger():
 def test_malformed_cohort_digests_are_refused(changes):
     with pytest.raises(ProtocolError):
         dataclasses.replace(make_announcement(), **changes)
+
+
+@given(st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789_.-", min_size=1, max_size=64),
+       st.integers(1, UPDATE_BUCKETS))
+def test_every_update_topic_reaches_exactly_one_worker(device, workers):
+    """The worker filters of N workers partition the update topics: each device's topic
+    matches exactly one worker's filters, the worker whose shard owns the device."""
+    t = FleetTopics("plant-7")
+    topic = t.update(device)
+    assert t.device_from_update_topic(topic) == device
+    matching = [i for i in range(workers)
+                if any(topic_matches_sub(f, topic) for f in Shard(i, workers).update_filters(t))]
+    assert len(matching) == 1
+    assert Shard(matching[0], workers).owns(device)
+    assert not topic_matches_sub(t.legacy_update_filter, topic)
+    assert topic_matches_sub(t.update_filter, topic)

@@ -333,14 +333,14 @@ def doc_fields(data: Any, schema: dict[str, tuple[type, bool]]) -> None:
 
 
 def doc_message(payload: bytes, kind: str) -> dict[str, Any]:
-    """Envelope: msgpack map, `$v` the integer 1, `$k` the kind."""
+    """Envelope: msgpack map, `$v` the integer 2, `$k` the kind."""
     try:
         data = msgpack.unpackb(payload, raw=False, strict_map_key=True)
     except Exception:
         raise Refused("malformed") from None
     doc_require(isinstance(data, dict), "malformed")
     version = data.get("$v")
-    doc_require(isinstance(version, int) and not isinstance(version, bool) and version == 1,
+    doc_require(isinstance(version, int) and not isinstance(version, bool) and version == 2,
                 "bad_version")
     doc_require(data.get("$k") == kind, "wrong_kind")
     return data
@@ -636,3 +636,21 @@ def test_the_doc_preprocesses_task_inputs():
     expected = np.concatenate([w.mean(2), w.std(2), w.min(2), w.max(2),
                                np.abs(np.diff(w, axis=2)).mean(2)], axis=1)
     assert np.allclose(expected.ravel(), feats["features"], atol=1e-6)
+
+
+def doc_update_topic(fleet: str, device: str, buckets: int) -> str:
+    """"Topics": update/{bucket}/{device_id}, bucket = SHA-256(id)[:4] big-endian mod 64."""
+    bucket = int.from_bytes(hashlib.sha256(device.encode()).digest()[:4], "big") % buckets
+    return f"fedmq/{fleet}/update/{bucket}/{device}"
+
+
+@pytest.mark.parametrize("entry", load("updates.json")["update_topics"],
+                         ids=[e["device"][:16] for e in load("updates.json")["update_topics"]])
+def test_the_doc_and_fedmq_give_every_device_its_update_topic(entry):
+    from fedmq.core.protocol import FleetTopics, update_bucket
+
+    assert load("updates.json")["buckets"] == 64
+    assert doc_update_topic("demo", entry["device"], 64) == entry["topic"]
+    assert FleetTopics("demo").update(entry["device"]) == entry["topic"]
+    assert update_bucket(entry["device"]) == entry["bucket"]
+    assert FleetTopics("demo").device_from_update_topic(entry["topic"]) == entry["device"]

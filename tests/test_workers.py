@@ -51,12 +51,33 @@ def test_two_workers_and_a_reducer_give_every_round_every_device(broker, tmp_pat
     wait_for(reducer.finished.is_set, "three rounds through the workers", timeout=120)
     assert [r.participants for r in reducer.history] == [DEVICES] * 3
     assert reducer.history[-1].accuracy > 0.5
-    # each worker folded only its own shard, and every device got its receipt from it
-    assert all(w.folded > 0 and w.others > 0 for w in workers)
+    # each worker folded only its own shard, and every device got its receipt from it;
+    # the broker sent each worker only its own buckets' updates (topic layout 2)
+    assert all(w.folded > 0 and w.others == 0 for w in workers)
     assert sum(w.folded for w in workers) == 3 * DEVICES
     wait_for(lambda: accepted(agents) == 3 * DEVICES, "every device's receipts")
     assert all(len(a.outbox) == 0 for a in agents)
     assert not reducer.rejected and not any(w.rejected for w in workers)
+
+
+def test_an_update_on_the_old_topic_is_refused_and_counted_once(broker, tmp_path, stoppers):
+    """Topic layout 1's update/{device} reaches worker 0 only (not every worker), and the
+    central aggregator; each refuses it as old_topic."""
+    from fedmq.core.protocol import FleetTopics
+    from fedmq.transport.mqtt import MqttLink
+
+    workers = [make_worker(broker.url, tmp_path, stoppers, f"w{i}", shard=f"{i}/2")
+               for i in range(2)]
+    central = make_aggregator(broker.url, tmp_path, stoppers, model="logreg", rounds=1,
+                              min_updates=1)
+    link = MqttLink(client_id="old-device", broker=broker.url, on_connect=lambda _: None)
+    link.start()
+    stoppers(link.stop)
+    link.wait_connected(30)
+    link.publish(f"{FleetTopics('test').prefix}/update/dev0", b"an update, old layout")
+    wait_for(lambda: workers[0].rejected["old_topic"] == 1
+             and central.rejected["old_topic"] == 1, "both refusals")
+    assert not workers[1].rejected and central.accepted == 0
 
 
 def test_a_device_update_on_a_partial_topic_or_from_a_stranger_is_refused(

@@ -27,9 +27,12 @@ from fedmq.core import codecs
 from fedmq.core.chunking import frame
 from fedmq.core.layout import ParamLayout
 from fedmq.core.protocol import (
+    PROTOCOL_VERSION,
+    UPDATE_BUCKETS,
     AggregatorStatus,
     DeviceStatus,
     EncodedTensor,
+    FleetTopics,
     ModelAnnouncement,
     ModelChunk,
     Part,
@@ -37,6 +40,7 @@ from fedmq.core.protocol import (
     Receipt,
     TaskConfig,
     Update,
+    update_bucket,
 )
 from fedmq.core.signing import SIGNED_CONTEXT, AnnouncementSigner, SignedAnnouncement
 from fedmq.core.transfer import chunk_tensor
@@ -44,6 +48,9 @@ from fedmq.core.transfer import chunk_tensor
 HERE = Path(__file__).resolve().parent
 FLEET = "demo"
 DEVICE = "dev-01"
+TOPICS = FleetTopics(FLEET)
+# Device ids whose update topics (layout 2: update/{bucket}/{id}) updates.json lists.
+TOPIC_DEVICES = ("dev-01", "dev-02", "pi-1", "a", "x" * 64, "0")
 # The test key: derived from this public phrase, so anyone can recompute it. NEVER use it
 # (or anything derived from it) to sign a real model.
 TEST_KEY_PHRASE = b"fedmq conformance vectors: TEST KEY, never use it to sign a real model"
@@ -209,7 +216,7 @@ def _tensor_entry(name: str, tensor: EncodedTensor, *, note: str, index: int,
     entry["reencode"] = encoder_input is not None and spec.lossless == "none"
     entry["compressor_dependent"] = spec.lossless != "none"
     entry["update"] = message_entry(f"update-{name}", payload, Update,
-                                    topic=topic(f"update/{DEVICE}"))
+                                    topic=TOPICS.update(DEVICE))
     return entry
 
 
@@ -225,8 +232,13 @@ def updates() -> dict[str, Any]:
     for offset, (name, tensor, note) in enumerate(_handmade_tensors()):
         entries.append(_tensor_entry(name, tensor, note=note, index=100 + offset,
                                      encoder_input=None, rng_seed=None))
-    return {"about": "Updates (update/{device_id}) carrying one delta per codec; "
-                     "`decoded` is the delta every receiver must get, bit for bit.",
+    return {"about": "Updates (update/{bucket}/{device_id}) carrying one delta per codec; "
+                     "`decoded` is the delta every receiver must get, bit for bit. "
+                     "`update_topics`: a device's bucket is the first 4 bytes of "
+                     "SHA-256(device id), big-endian, mod `buckets`.",
+            "buckets": UPDATE_BUCKETS,
+            "update_topics": [{"device": d, "bucket": update_bucket(d),
+                               "topic": TOPICS.update(d)} for d in TOPIC_DEVICES],
             "vectors": entries}
 
 
@@ -270,9 +282,9 @@ def messages() -> dict[str, Any]:
                     layout_hash=_layout().hash, train_s=0.75, steps=4, complete=False)
     minimal_update = {"dev": DEVICE, "id": "x", "r": 0, "bv": 0, "ns": 1, "l": 2,
                       "x": {"c": "f32", "n": 0, "d": b""}, "zz": "a key nobody knows",
-                      "$v": 1, "$k": "upd"}
-    minimal_model = {"$k": "model", "$v": 1, "f": FLEET, "v": 0, "r": 1, "m": "logreg",
-                     "mc": {"inputs": 4, "classes": 3}, "lay": _layout().to_wire(),
+                      "$v": PROTOCOL_VERSION, "$k": "upd"}
+    minimal_model = {"$k": "model", "$v": PROTOCOL_VERSION, "f": FLEET, "v": 0, "r": 1,
+                     "m": "logreg", "mc": {"inputs": 4, "classes": 3}, "lay": _layout().to_wire(),
                      "lh": _layout().hash, "t": {},
                      "p": {"c": "f32", "n": 0, "h": hashlib.sha256(b"").hexdigest()}}
     entries = [
@@ -290,10 +302,10 @@ def messages() -> dict[str, Any]:
         message_entry("part", Part(transfer_id=bytes.fromhex("0011223344556677"), index=0,
                                    count=2, size=20, sha256=hashlib.sha256(b"x" * 20).digest(),
                                    data=b"x" * 10).to_payload(),
-                      Part, topic=topic(f"update/{DEVICE}")),
-        message_entry("upd", update.to_payload(), Update, topic=topic(f"update/{DEVICE}")),
+                      Part, topic=TOPICS.update(DEVICE)),
+        message_entry("upd", update.to_payload(), Update, topic=TOPICS.update(DEVICE)),
         message_entry("upd-minimal", _handmade(minimal_update), Update,
-                      topic=topic(f"update/{DEVICE}"),
+                      topic=TOPICS.update(DEVICE),
                       note="required keys only, an integer for the float `l`, and an "
                            "unknown key `zz` (ignored)"),
         message_entry("rcpt-accepted", Receipt(update_id="5eed0001", round=3,
@@ -343,7 +355,7 @@ def parts() -> dict[str, Any]:
         pieces = _split(payload, max_payload, bytes.fromhex("a0a1a2a3a4a5a6a7"))
         assert all(len(p) <= max_payload for p in pieces) and len(pieces) > 1
         entries.append({
-            "name": name, "topic": topic(f"update/{DEVICE}"), "max_payload": max_payload,
+            "name": name, "topic": TOPICS.update(DEVICE), "max_payload": max_payload,
             "parts_hex": [p.hex() for p in pieces],
             "parts": [jsonable(unpacked(p)) for p in pieces],
             "payload_hex": payload.hex(), "sha256": hashlib.sha256(payload).hexdigest(),
@@ -477,9 +489,10 @@ def invalid() -> dict[str, Any]:
     rows = [
         ("not-msgpack", b"\xc1", "message", "malformed"),
         ("not-a-map", _handmade([1, 2]), "message", "malformed"),
-        ("version-2", upd(**{"$v": 2}), "message", "bad_version"),
+        ("version-1", upd(**{"$v": 1}), "message", "bad_version"),
+        ("version-3", upd(**{"$v": 3}), "message", "bad_version"),
         ("version-true", upd(**{"$v": True}), "message", "bad_version"),
-        ("version-float", upd(**{"$v": 1.0}), "message", "bad_version"),
+        ("version-float", upd(**{"$v": float(PROTOCOL_VERSION)}), "message", "bad_version"),
         ("kind-model-on-update-topic", upd(**{"$k": "model"}), "message", "wrong_kind"),
         ("missing-ns", _handmade({k: v for k, v in good.items() if k != "ns"}), "message",
          "malformed"),
@@ -512,7 +525,7 @@ def invalid() -> dict[str, Any]:
         ("zlib-garbage", tensor("f32+zlib", 4, b"\x00\x01\x02"), "delta", "malformed"),
         ("wrong-size-for-model", tensor("f32", 3, bytes(12)), "delta", "bad_shape"),
     ]
-    return {"about": "Payloads on update/{device_id} every receiver must refuse, with the "
+    return {"about": "Payloads on update/{bucket}/{device_id} every receiver must refuse, with the "
                      "reason token. `stage`: `message` fails when the Update is decoded, "
                      "`delta` when its delta is decoded into a model of `model_size` values.",
             "model_size": 4,

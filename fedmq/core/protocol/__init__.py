@@ -16,11 +16,12 @@ from fedmq.core.protocol.messages import (
     cohort_digest,
     device_key,
 )
-from fedmq.core.protocol.topics import FleetTopics, check_name
+from fedmq.core.protocol.topics import UPDATE_BUCKETS, FleetTopics, check_name, update_bucket
 from fedmq.core.protocol.wire import PROTOCOL_VERSION, Message
 
 __all__ = [
     "PROTOCOL_VERSION",
+    "UPDATE_BUCKETS",
     "AggregatorStatus",
     "CohortDigest",
     "DeviceActivity",
@@ -38,4 +39,5 @@ __all__ = [
     "check_name",
     "cohort_digest",
     "device_key",
+    "update_bucket",
 ]

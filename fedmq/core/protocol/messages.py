@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import bisect
-import hashlib
 import itertools
 import math
 from collections.abc import Container, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from fedmq.core.protocol.topics import check_name
+from fedmq.core.protocol.topics import DEVICE_KEY_BYTES, check_name, device_key
 from fedmq.core.protocol.wire import MAX_DECODED_BYTES, Message, WireObject, wire
 from fedmq.errors import ProtocolError
 
@@ -18,13 +17,7 @@ from fedmq.errors import ProtocolError
 # take 1 KiB instead of ~5 KiB of ids, in the retained announcement every device of the
 # fleet receives each round; a device outside the cohort matches by chance with
 # probability (cohort size) / 2^32, and then only trains an update refused as not_selected.
-COHORT_KEY_BYTES = 4
-
-
-def device_key(device_id: str) -> bytes:
-    """The first 4 bytes of SHA-256(device id): its key in a cohort digest (and, as a
-    big-endian integer, what workers shard devices by)."""
-    return hashlib.sha256(device_id.encode()).digest()[:COHORT_KEY_BYTES]
+COHORT_KEY_BYTES = DEVICE_KEY_BYTES  # a device's key in a cohort digest: device_key(id)
 
 
 def cohort_digest(device_ids: Iterable[str]) -> bytes:

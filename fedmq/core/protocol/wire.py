@@ -18,7 +18,10 @@ import msgpack
 
 from fedmq.errors import ConfigError, ProtocolError
 
-PROTOCOL_VERSION = 1
+# 2: updates moved to update/{bucket}/{device_id} (topics.py: topic layout 2). A
+# version-1 peer meets a version-2 one with bad_version on the first message, instead of
+# updates sent where nobody listens.
+PROTOCOL_VERSION = 2
 # Envelope keys start with "$"; field keys never do, so the two cannot collide.
 VERSION_KEY = "$v"
 KIND_KEY = "$k"

@@ -106,6 +106,7 @@ class PartialService(ServiceLoop):
             client_id=config.client_id, broker=config.broker, username=config.username,
             password=config.password, on_connect=self._on_connect, tls=config.tls(),
             max_payload=config.max_payload, session_expiry_s=config.session_expiry_s,
+            mqtt_version=config.mqtt_version,
             manual_ack=True)
         for kind, topic_filter in (("status", self.topics.device_status_filter),
                                    ("model", self.topics.model_current),

@@ -141,6 +141,7 @@ class AggregatorService(ServiceLoop):
             password=config.password, on_connect=self._on_connect, tls=config.tls(),
             will=Will(self.topics.aggregator_status, AggregatorStatus(online=False).to_payload()),
             max_payload=config.max_payload, session_expiry_s=config.session_expiry_s,
+            mqtt_version=config.mqtt_version,
             manual_ack=True,
         )
         if config.role == "central":  # a reducer's workers take the devices' updates

@@ -60,6 +60,14 @@ class LeanClient(mqtt.Client):
         self._lean = self.supported
         self.split_publishes = 0  # messages delivered through the one-copy path
 
+    def use_mqtt311(self, *, clean_session: bool) -> None:
+        """Speak MQTT 3.1.1 from the next CONNECT on (a broker refused MQTT 5). paho fixes
+        the version in its constructor; it reads these two attributes anew for every
+        CONNECT, subscription and PUBLISH, so switching between connections is safe. The
+        one-copy receive path follows: publish_header_length is told the version."""
+        self._protocol = mqtt.MQTTv311
+        self._clean_session = clean_session
+
     def _handle_publish(self):  # runs on paho's network thread
         packet = self._in_packet["packet"]
         command = self._in_packet["command"]

@@ -125,6 +125,9 @@ class SimulationConfig(BorrowedOptions):
         if self.engine == "hosted" and self._needs_agents():
             raise ConfigError(f"--engine hosted runs uniform devices without fault proxies; "
                               f"{self._needs_agents()} needs --engine agents")
+        if self.engine == "hosted" and self.mqtt_version == "3.1.1":
+            raise ConfigError("--engine hosted speaks MQTT 5 only; --mqtt-version 3.1.1 needs "
+                              "--engine agents")
         if self.clients_per_round > self.devices:
             raise ConfigError(f"clients_per_round {self.clients_per_round} > devices "
                               f"{self.devices}")
@@ -190,5 +193,5 @@ class SimulationConfig(BorrowedOptions):
             log_level="WARNING", cpus=profile.cpus, link_kbps=profile.link_kbps,
             on_battery=profile.battery, slowdown=profile.slowdown,
             train_threads=1,  # many devices share this host
-            status_interval_s=self.status_interval_s,
+            status_interval_s=self.status_interval_s, mqtt_version=self.mqtt_version,
         )

@@ -478,3 +478,19 @@ class MqttLink:
             log.warning("%s: disconnected from %s (%s); reconnecting", self.client_id,
                         self.address, reason_code)
             self._fail_over("lost")
+
+
+def negotiate_mqtt_version(broker: str | Sequence[str], *, timeout: float = 30.0,
+                           username: str = "", password: str = "",
+                           tls: TlsFiles | None = None) -> str:
+    """The MQTT version ("5" or "3.1.1") a broker speaks, found by connecting once with
+    mqtt_version "auto" (a broker that refuses 5 is said at WARNING, once). For a process
+    about to open many connections: it tells them the version, so none repeats the try."""
+    link = MqttLink(client_id=f"fedmq-probe-{random.getrandbits(32):08x}", broker=broker,
+                    username=username, password=password, tls=tls)
+    link.start()
+    try:
+        link.wait_connected(timeout)
+        return link.protocol_version
+    finally:
+        link.stop()

@@ -178,16 +178,15 @@ class Simulation:
         """Another broker than the private mosquitto: with mqtt_version auto, one probe
         finds its version (one WARNING if it speaks only 3.1.1), so the engine is chosen
         for it and no device repeats the try."""
-        version = c.mqtt_version
-        if version == "auto":
-            version = negotiate_mqtt_version(c.broker, timeout=min(30.0, c.timeout_s))
-            c = dataclasses.replace(c, mqtt_version=version)
+        if c.mqtt_version != "auto":
+            return c
+        version = negotiate_mqtt_version(c.broker, timeout=min(30.0, c.timeout_s))
         if version == "3.1.1" and c.hosted:
             raise ConfigError(
                 f"the hosted engine speaks MQTT 5 only, and {c.broker} speaks 3.1.1: run "
                 f"--engine agents (every device a real EdgeAgent, up to a few hundred "
                 f"devices; this run has {c.devices}) or use a broker that speaks MQTT 5")
-        return c
+        return dataclasses.replace(c, mqtt_version=version)
 
     def _start_hosts(self, url: str, fleet: str) -> None:
         """Devices first, in their own processes; the aggregator once they are online (or

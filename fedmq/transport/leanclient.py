@@ -68,6 +68,13 @@ class LeanClient(mqtt.Client):
         self._protocol = mqtt.MQTTv311
         self._clean_session = clean_session
 
+    def aim(self, host: str, port: int) -> None:
+        """Make paho's next reconnect go to host:port (failing over to another broker).
+        paho's own host/port setters refuse while its state still says connected, which it
+        does inside on_disconnect, after the socket is already closed; reconnect() reads
+        these two attributes afresh."""
+        self._host, self._port = host, port
+
     def _handle_publish(self):  # runs on paho's network thread
         packet = self._in_packet["packet"]
         command = self._in_packet["command"]

@@ -394,7 +394,7 @@ class MqttLink:
             return
         self._next_address = (self._next_address + 1) % len(self.addresses)
         previous, self.address = self.address, self.addresses[self._next_address]
-        self._client.host, self._client.port = self.address.host, self.address.port
+        self._client.aim(self.address.host, self.address.port)
         self.failovers += 1
         log.warning("%s: %s %s; trying %s next", self.client_id, why, previous, self.address)
 

@@ -258,3 +258,18 @@ def test_broker_lists_and_versions_are_checked_in_the_config(tmp_path):
         AgentConfig(broker="mqtts://a:8883, mqtt://b:1883")
     with pytest.raises(ConfigError, match=r"mqtt_version '4' must be one of auto, 5, 3\.1\.1"):
         AgentConfig(mqtt_version="4")
+
+
+def test_names_with_dots_on_nats_stop_with_a_clear_error_not_a_reconnect_loop(nats, stoppers,
+                                                                             caplog):
+    """NATS 2.9's MQTT gateway refuses topics with '.' and drops the client; fedmq names
+    may contain dots. The link says why and stops, instead of retrying forever."""
+    caplog.set_level(logging.ERROR)
+    (agent,) = make_agents(nats.urls[0], stoppers, 1, fleet="lab.1", mqtt_version="3.1.1")
+    wait_for(lambda: agent.link.fatal is not None, "the link to give up")
+    assert "without '.'" in agent.link.fatal
+    with pytest.raises(BrokerError, match="NATS"):
+        agent.link.wait_connected(1)
+    wait_for(lambda: not agent.link.connected.is_set(), "the link to stay down")
+    refusals = sum("not reconnecting" in r.message for r in caplog.records)
+    assert refusals == 1

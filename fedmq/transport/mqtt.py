@@ -202,7 +202,10 @@ class MqttLink:
         # Set once the broker acknowledged every subscription of the current connection:
         # from then on, nothing published to our filters is missed.
         self.subscribed = threading.Event()
-        self._pending_subacks: set[int] = set()
+        self._pending_subacks: dict[int, str] = {}  # SUBSCRIBE packet id -> its filter
+        # Why this link gave up for good (a broker that refuses fedmq's topics): retrying
+        # cannot help, so it stopped reconnecting. None while all is well.
+        self.fatal: str | None = None
         self._lock = threading.Lock()
         self.handler_errors = 0
         if self.protocol_version == "3.1.1":
@@ -223,6 +226,9 @@ class MqttLink:
         self._unreachable: str | None = None  # the last connect failure said, until connected
         self._connack: bool | None = None  # this connection's CONNACK: accepted, refused, none
         self._client.on_connect_fail = self._handle_connect_fail
+        # Dotted topics: NATS's MQTT gateway (before 2.10) drops the client (see _dotted)
+        self._will_topic = will.topic if will is not None else ""
+        self._closed_unanswered = 0  # connections closed before CONNACK, in a row
         if will is not None:
             self._client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
         jitter = random.uniform(1.0 - RECONNECT_JITTER, 1.0 + RECONNECT_JITTER)
@@ -292,6 +298,8 @@ class MqttLink:
         TLS), since retrying the same credentials will not help."""
         deadline = time.monotonic() + timeout
         while not self.connected.wait(min(0.1, max(0.0, deadline - time.monotonic()))):
+            if self.fatal is not None:
+                raise BrokerError(f"{self.client_id}: {self.fatal}")
             refusal = self.refusal
             if refusal is not None:
                 raise BrokerError(f"{self.client_id}: {self.address} refused the connection: "
@@ -358,6 +366,7 @@ class MqttLink:
                       self.client_id, self.address, self.refusal)
             return
         self.refusal = None
+        self._closed_unanswered = 0
         self._note_packet_limit(getattr(props, "MaximumPacketSize", None))
         with self._lock:
             active = list(self._subscriptions.items())
@@ -386,6 +395,21 @@ class MqttLink:
                     "(set mqtt_version = \"3.1.1\" to skip the attempt)", self.client_id,
                     self.address, reason_code)
         return True
+
+    def _dotted(self, what: str) -> str:
+        return (f"{self.address} {what}: brokers that refuse '.' in MQTT topics (NATS's MQTT "
+                "gateway before 2.10) drop such clients every time; name the fleet and the "
+                "devices without '.' (A-Z a-z 0-9 _ -)")
+
+    def _give_up(self, why: str) -> None:
+        """Stop reconnecting: the broker will refuse us the same way every time."""
+        if self.fatal is None:
+            self.fatal = why
+            log.error("%s: %s; not reconnecting", self.client_id, why)
+            self._client.disconnect()
+            # On paho's own thread (a callback): ends its retry loop without joining it;
+            # stop() joins it later.
+            self._client.loop_stop()
 
     def _fail_over(self, why: str) -> None:
         """Aim paho's next reconnect at the next address of the list (paho's backoff
@@ -445,16 +469,20 @@ class MqttLink:
             for topic_filter, qos in subscriptions:
                 rc, mid = self._client.subscribe(topic_filter, qos=qos)
                 if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and mid is not None:
-                    self._pending_subacks.add(mid)
+                    self._pending_subacks[mid] = topic_filter
             if not self._pending_subacks:
                 self.subscribed.set()
 
     def _handle_subscribe(self, _client, _userdata, mid, reason_codes, _props) -> None:
+        with self._lock:
+            topic_filter = self._pending_subacks.pop(mid, "")
         for code in reason_codes:
             if code.is_failure:
-                log.error("%s: broker refused a subscription: %s", self.client_id, code)
+                log.error("%s: broker refused the subscription %s: %s", self.client_id,
+                          topic_filter, code)
+                if "." in topic_filter:
+                    self._give_up(self._dotted(f"refused the subscription {topic_filter!r}"))
         with self._lock:
-            self._pending_subacks.discard(mid)
             if not self._pending_subacks:
                 self.subscribed.set()
 
@@ -469,6 +497,13 @@ class MqttLink:
             if self.refusal is not None:  # refused for good: another node may let us in
                 self._fail_over("refused by")
             return  # refused in CONNACK (or falling back to 3.1.1): logged there
+        if connack is None and not self.address.tls and self._will_topic:
+            self._closed_unanswered += 1
+            if self._closed_unanswered >= 2 and "." in self._will_topic:
+                self._give_up(self._dotted(f"closed the connection before answering CONNECT "
+                                           f"{self._closed_unanswered} times; our will "
+                                           f"topic {self._will_topic!r} has a '.'"))
+                return
         if connack is None and self.address.tls and reason_code != 0:
             self.refusal = TLS_CLOSED
             log.error("%s: %s closed the TLS connection before answering CONNECT: %s",

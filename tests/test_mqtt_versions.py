@@ -36,8 +36,10 @@ class RefusingBroker:
     fixed header) and accepts 3.1.1, acknowledging subscriptions and pings: all a link
     needs to say it is connected."""
 
-    def __init__(self, refusal: bytes) -> None:
+    def __init__(self, refusal: bytes, *, refuse_subscriptions: int = 0) -> None:
         self.refusal = refusal
+        self.refuse_subscriptions = refuse_subscriptions  # the first N SUBSCRIBEs get 0x80
+        self.subscribes = 0
         self.levels: list[int] = []  # protocol level of every CONNECT seen
         self._server = socket.create_server(("127.0.0.1", 0))
         self.port = self._server.getsockname()[1]
@@ -93,10 +95,11 @@ class RefusingBroker:
                 conn.sendall(b"\x20\x02\x00\x00")
                 while (packet := self._packet(conn)) is not None:
                     kind = packet[0] >> 4
-                    if kind == 8:  # SUBSCRIBE: grant QoS 1 to each filter
-                        count = packet[1].count(b"\x01")  # (close enough for one filter)
-                        conn.sendall(bytes([0x90, 2 + max(1, count)]) + packet[1][:2]
-                                     + b"\x01" * max(1, count))
+                    if kind == 8:  # SUBSCRIBE (of one filter): grant QoS 1, or refuse
+                        self.subscribes += 1
+                        granted = b"\x80" if self.subscribes <= self.refuse_subscriptions \
+                            else b"\x01"
+                        conn.sendall(b"\x90\x03" + packet[1][:2] + granted)
                     elif kind == 12:  # PINGREQ
                         conn.sendall(b"\xd0\x00")
                     elif kind == 14:  # DISCONNECT
@@ -162,6 +165,20 @@ def test_a_forced_version_5_fails_with_a_hint_and_3_1_1_goes_straight_in(refusin
     old.wait_connected(30)
     assert refusing.levels.count(5) >= 1 and refusing.levels[-1] == 4
     assert old.protocol_version == "3.1.1" and old.max_packet_size is None
+
+
+def test_a_refused_subscription_is_asked_again_until_granted(stoppers, caplog):
+    """NATS refuses a subscription when creating its JetStream consumer times out (a
+    loaded or re-forming cluster); the link asks again instead of going without."""
+    caplog.set_level(logging.ERROR)
+    fake = RefusingBroker(REFUSALS["return code 1"], refuse_subscriptions=2)
+    stoppers(fake.close)
+    link = MqttLink(client_id="dev-a", broker=fake.url, mqtt_version="3.1.1")
+    link.route("fedmq/test/model/current", lambda m: None)
+    started(link, stoppers)
+    wait_for(link.subscribed.is_set, "the subscription, granted the third time")
+    assert fake.subscribes == 3 and link.connected.is_set()
+    assert sum("refused the subscription" in r.message for r in caplog.records) == 1
 
 
 def test_311_persistent_sessions_keep_queued_messages_and_clean_ones_do_not(broker, stoppers):

@@ -185,6 +185,8 @@ class MqttLink:
         self._next_address = 0  # index into addresses of the one connected or tried now
         self.address = self.addresses[0]
         self.failovers = 0  # times the link moved on to another address of its list
+        self._last_address: BrokerAddress | None = None  # of the last accepted connection
+        self.resubscribed_after_failover = 0  # see _handle_connect
         self.mqtt_version = check_mqtt_version(mqtt_version)
         # The version spoken now: "auto" starts with 5.
         self.protocol_version = "3.1.1" if mqtt_version == "3.1.1" else "5"
@@ -206,6 +208,11 @@ class MqttLink:
         # Why this link gave up for good (a broker that refuses fedmq's topics): retrying
         # cannot help, so it stopped reconnecting. None while all is well.
         self.fatal: str | None = None
+        # Subscriptions the broker refused, asked again after a delay (_retry_subscription)
+        self._retrying: set[str] = set()
+        self._sub_attempts: dict[str, int] = {}
+        self._timers: list[threading.Timer] = []
+        self._generation = 0  # connections accepted so far: a retry belongs to one
         self._lock = threading.Lock()
         self.handler_errors = 0
         if self.protocol_version == "3.1.1":
@@ -351,6 +358,9 @@ class MqttLink:
         else:
             self._client.disconnect()
         self._client.loop_stop()
+        for timer in self._timers:
+            timer.cancel()
+        self._timers = []
         # paho leaves its wake-up socket pair open until garbage collection, which then
         # may warn about unclosed sockets; close it now (start() makes a new one).
         self._client._reset_sockets(sockpair_only=True)
@@ -370,6 +380,18 @@ class MqttLink:
         self._note_packet_limit(getattr(props, "MaximumPacketSize", None))
         with self._lock:
             active = list(self._subscriptions.items())
+            self._generation += 1
+            self._retrying.clear()
+        moved = self._last_address is not None and self._last_address != self.address
+        self._last_address = self.address
+        if moved and flags.session_present and active:
+            # Another node of a cluster that shares sessions (NATS) handed us our session
+            # back. Its subscriptions may be bound to state that died with the old node
+            # (a consumer that never delivers again), and a SUBSCRIBE that repeats an
+            # existing one need not bring the retained messages: drop them and subscribe
+            # anew, so retained models and parts come down again.
+            self._client.unsubscribe([f for f, _ in active])
+            self.resubscribed_after_failover += 1
         self._subscribe(active)
         self.connected.set()
         self._unreachable = None
@@ -476,15 +498,45 @@ class MqttLink:
     def _handle_subscribe(self, _client, _userdata, mid, reason_codes, _props) -> None:
         with self._lock:
             topic_filter = self._pending_subacks.pop(mid, "")
-        for code in reason_codes:
-            if code.is_failure:
-                log.error("%s: broker refused the subscription %s: %s", self.client_id,
-                          topic_filter, code)
-                if "." in topic_filter:
-                    self._give_up(self._dotted(f"refused the subscription {topic_filter!r}"))
+        refused = [code for code in reason_codes if code.is_failure]
+        if refused and "." in topic_filter:
+            log.error("%s: broker refused the subscription %s: %s", self.client_id,
+                      topic_filter, refused[0])
+            self._give_up(self._dotted(f"refused the subscription {topic_filter!r}"))
+        elif refused:
+            self._retry_subscription(topic_filter, refused[0])
+        else:
+            self._sub_attempts.pop(topic_filter, None)
         with self._lock:
-            if not self._pending_subacks:
+            if not self._pending_subacks and not self._retrying:
                 self.subscribed.set()
+
+    def _retry_subscription(self, topic_filter: str, code) -> None:
+        """A broker may refuse a subscription for a while (NATS's MQTT gateway refuses one
+        when creating its JetStream consumer times out, on a loaded or re-forming cluster):
+        ask again with the reconnect backoff, on this connection, until it is granted."""
+        attempt = self._sub_attempts.get(topic_filter, 0)
+        self._sub_attempts[topic_filter] = attempt + 1
+        delay = min(self.reconnect_delays[1], self.reconnect_delays[0] * 2 ** attempt)
+        level = logging.ERROR if attempt == 0 else logging.DEBUG
+        log.log(level, "%s: broker %s refused the subscription %s: %s; asking again in "
+                "%.1f s", self.client_id, self.address, topic_filter, code, delay)
+        generation = self._generation
+        with self._lock:
+            self._retrying.add(topic_filter)
+
+        def again() -> None:
+            with self._lock:
+                self._retrying.discard(topic_filter)
+                qos = self._subscriptions.get(topic_filter)
+                current = generation == self._generation and self.connected.is_set()
+            if qos is not None and current:
+                self._subscribe([(topic_filter, qos)])
+
+        timer = threading.Timer(delay, again)
+        timer.daemon = True
+        self._timers = [t for t in self._timers if t.is_alive()] + [timer]
+        timer.start()
 
     def _handle_disconnect(self, _client, _userdata, _flags, reason_code, _props) -> None:
         connack, self._connack = self._connack, None

@@ -413,7 +413,11 @@ class AggregatorService(ServiceLoop):
                         self.config.min_updates)
             if self.machine.extend(now):  # ask more devices: the cohort may be gone
                 self.broadcast.forget()
-                self._announce()
+            # Announced again either way: fresh for a new cohort, else the same bytes
+            # (devices ignore repeats) for a device whose broker lost the retained model
+            # or its delivery (seen on a loaded NATS cluster: "unable to store retained
+            # message ... timeout").
+            self._announce()
         elif action is Action.RERUN:
             kept = self.machine.rerun(now)
             log.warning("round %d had only %d of %d updates by the deadline; re-announced the "

@@ -71,6 +71,9 @@ def test_a_fleet_trains_on_a_nats_cluster_as_on_mosquitto_and_survives_a_node_ki
     assert all(r.participants == DEVICES for r in history)
     for agent in on_killed:
         assert agent.link.failovers >= 1 and str(agent.link.address) != urls[KILLED]
+        # NATS keeps sessions in JetStream, cluster-wide: the next node hands the session
+        # back, and the link drops and renews its subscriptions there
+        assert agent.link.resubscribed_after_failover >= 1
     # nothing lost: every outbox drains with a receipt; nothing counted twice
     wait_for(lambda: all(len(a.outbox) == 0 for a in agents), "every outbox to drain")
     wait_for(lambda: sum(a.stats.receipts["accepted"] for a in agents) == service.accepted,

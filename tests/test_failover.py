@@ -57,3 +57,23 @@ def test_a_fleet_whose_broker_is_killed_finishes_on_the_next_one_losslessly(
     counted = sum(r.participants for r in service.history) + len(service.machine.open.devices)
     assert service.accepted == counted
     assert service.history[-1].accuracy > service.history[0].accuracy
+
+
+def test_a_retained_model_the_broker_lost_comes_back_at_the_next_deadline(broker, tmp_path,
+                                                                           stoppers):
+    """A loaded NATS cluster failed to store a retained model ("unable to store retained
+    message ... timeout"): a device that subscribes later finds nothing. A round short of
+    updates at its deadline announces its model again, so that device still trains."""
+    service = make_aggregator(broker.url, tmp_path, stoppers, rounds=1, min_updates=3,
+                              deadline_s=1.0)
+    make_agents(broker.url, stoppers, 2, total=3)
+    wait_for(lambda: service.machine.open.count == 2, "two updates")
+    eraser = MqttLink(client_id="eraser", broker=broker.url)
+    eraser.start()
+    stoppers(eraser.stop)
+    eraser.wait_connected(30)
+    # what the broker lost: the retained announcement (an empty retained message clears it)
+    eraser.publish(service.topics.model_current, b"", qos=1, retain=True).wait_for_publish(30)
+    (late,) = make_agents(broker.url, stoppers, 1, total=3, first=2)
+    wait_for(service.finished.is_set, "the round, with the late device")
+    assert late.stats.updates_sent >= 1 and service.history[0].participants == 3

@@ -49,6 +49,10 @@ _PAHO_PROTOCOL = {"5": mqtt.MQTTv5, "3.1.1": mqtt.MQTTv311}
 _UNSUPPORTED_PROTOCOL = "Unsupported protocol version"
 _UNSUPPORTED_PROTOCOL_CODE = 0x84
 
+# With "auto": connections closed without a CONNACK, in a row, after which a broker that
+# never answered MQTT 5 is taken for one that cannot parse it (RabbitMQ before 3.13).
+UNANSWERED_BEFORE_FALLBACK = 2
+
 # Handlers get fedmq's own Message: paho's MQTTMessage never reaches them.
 Handler = Callable[[Message], None]
 
@@ -236,6 +240,7 @@ class MqttLink:
         # Dotted topics: NATS's MQTT gateway (before 2.10) drops the client (see _dotted)
         self._will_topic = will.topic if will is not None else ""
         self._closed_unanswered = 0  # connections closed before CONNACK, in a row
+        self._answered_v5 = False  # a broker answered an MQTT 5 CONNECT of this link
         if will is not None:
             self._client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
         jitter = random.uniform(1.0 - RECONNECT_JITTER, 1.0 + RECONNECT_JITTER)
@@ -368,6 +373,8 @@ class MqttLink:
 
     def _handle_connect(self, client, _userdata, flags, reason_code, props) -> None:
         self._connack = not reason_code.is_failure
+        if self.protocol_version == "5" and not self._fall_back_pending(reason_code):
+            self._answered_v5 = True  # a broker that answers 5 speaks it, refusal or not
         if reason_code.is_failure and self._fall_back(reason_code):
             return
         if reason_code.is_failure:
@@ -404,19 +411,26 @@ class MqttLink:
                 self.handler_errors += 1
                 log.exception("%s: on-connect hook failed", self.client_id)
 
+    @staticmethod
+    def _fall_back_pending(reason_code) -> bool:
+        return (str(reason_code) == _UNSUPPORTED_PROTOCOL
+                or getattr(reason_code, "value", None) == _UNSUPPORTED_PROTOCOL_CODE)
+
     def _fall_back(self, reason_code) -> bool:
         """With mqtt_version "auto", a broker that refuses MQTT 5 gets 3.1.1 from the next
         attempt on (paho reconnects after its backoff); said once, at WARNING."""
-        refused = (str(reason_code) == _UNSUPPORTED_PROTOCOL
-                   or getattr(reason_code, "value", None) == _UNSUPPORTED_PROTOCOL_CODE)
+        refused = self._fall_back_pending(reason_code)
         if not (refused and self.mqtt_version == "auto" and self.protocol_version == "5"):
             return False
+        self._fall_back_to_311(str(reason_code))
+        return True
+
+    def _fall_back_to_311(self, why: str) -> None:
         self.protocol_version = "3.1.1"
         self._client.use_mqtt311(clean_session=self.session_expiry_s <= 0)
         log.warning("%s: broker %s does not speak MQTT 5 (%s); speaking MQTT 3.1.1 to it "
                     "(set mqtt_version = \"3.1.1\" to skip the attempt)", self.client_id,
-                    self.address, reason_code)
-        return True
+                    self.address, why)
 
     def _dotted(self, what: str) -> str:
         return (f"{self.address} {what}: brokers that refuse '.' in MQTT topics (NATS's MQTT "
@@ -549,9 +563,24 @@ class MqttLink:
             if self.refusal is not None:  # refused for good: another node may let us in
                 self._fail_over("refused by")
             return  # refused in CONNACK (or falling back to 3.1.1): logged there
-        if connack is None and not self.address.tls and self._will_topic:
+        if connack is None and not self.address.tls:
             self._closed_unanswered += 1
-            if self._closed_unanswered >= 2 and "." in self._will_topic:
+            if (self._closed_unanswered >= UNANSWERED_BEFORE_FALLBACK
+                    and self.mqtt_version == "auto" and self.protocol_version == "5"
+                    and not self._answered_v5):
+                # RabbitMQ's MQTT plugin before 3.13 cannot parse an MQTT 5 CONNECT and
+                # hangs up without a CONNACK
+                self._closed_unanswered = 0
+                self._fall_back_to_311(f"closed the connection {UNANSWERED_BEFORE_FALLBACK} "
+                                       "times without answering an MQTT 5 CONNECT")
+                return
+            if (self.mqtt_version == "auto" and self.protocol_version == "5"
+                    and not self._answered_v5):
+                log.info("%s: %s closed the connection without answering; trying again",
+                         self.client_id, self.address)
+                return  # said at WARNING once it is clear what it means
+            if (self._closed_unanswered >= 2 and "." in self._will_topic
+                    and self.protocol_version == "3.1.1"):
                 self._give_up(self._dotted(f"closed the connection before answering CONNECT "
                                            f"{self._closed_unanswered} times; our will "
                                            f"topic {self._will_topic!r} has a '.'"))

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from aggregator.rounds import RoundPolicy, check_timeliness
+from aggregator.rounds import RoundPolicy, check_timeliness, forget_counted
 from aggregator.strategy.accumulator import WeightedAccumulator
 from fedmq.core.protocol import CohortDigest, EncodedTensor, Receipt, Update, device_key
 from fedmq.errors import ConfigError, ProtocolError
@@ -243,8 +243,8 @@ class PartialRound:
         """Drop what no re-send can need any more: answered updates of old rounds. Folded
         ones still pending upstream stay (their devices may re-send meanwhile)."""
         waiting = {m for s in self.pending.values() for m in s.members}
-        self.folded = {k: v for k, v in self.folded.items()
-                       if k in waiting or v[0] >= round - REMEMBER_ROUNDS}
+        self.folded = forget_counted(
+            self.folded, lambda k, v: k in waiting or v[0] >= round - REMEMBER_ROUNDS)
         self.answered = {k: v for k, v in self.answered.items() if k in self.folded}
         self.contributed = {(d, v) for (d, _), (_, v) in self.folded.items()}
 

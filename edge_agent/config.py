@@ -45,6 +45,9 @@ class AgentConfig(BrokerConfig):
     model_public_key: str = option("", "PEM Ed25519 public key of the aggregator's "
                                    "signing_key: refuse unsigned or tampered models (empty: "
                                    "accept unsigned ones)")
+    he_context: str = option("", "the fleet's public HE key file (he-public.ctx from `fedmq "
+                             "keys he-init`): encrypt every update under it, for an "
+                             "aggregator with he = ckks (needs fedmq[he]); empty: plain")
     link_kbps: float = option(0.0, "uplink speed this device advertises, kbit/s (0: unknown); "
                               "the aggregator may assign a smaller codec to slow links")
     on_battery: bool = option(False, "advertise that this device runs on battery (the "
@@ -52,6 +55,9 @@ class AgentConfig(BrokerConfig):
     cpus: int = option(0, "cores to advertise (0: all the machine has)")
     train_threads: int = option(0, "threads a torch model trains with (0: the advertised "
                                 "cores); numpy models use one")
+    secure_aggregation: bool = option(False, "send updates only masked, in the aggregator's "
+                                      "SecAgg+ rounds (docs/secagg.md): never in the clear, "
+                                      "whatever the aggregator asks")
     slowdown: float = option(1.0, "simulation only: compute this many times slower than "
                              "the host (a Pi Zero next to a laptop), time budget included")
 
@@ -64,6 +70,9 @@ class AgentConfig(BrokerConfig):
             raise ConfigError("status_interval_s must be >= 0 (0: publish the birth only)")
         if self.max_payload < 1024:
             raise ConfigError("max_payload must be at least 1024 bytes")
+        if self.he_context and self.secure_aggregation:
+            raise ConfigError("he_context and secure_aggregation are two ways of hiding "
+                              "updates; set the one your aggregator uses (docs/privacy.md)")
         if self.data_reload and not self.data_source.strip():
             raise ConfigError("data_reload needs a data_source to re-read (the bundled shard "
                               "never changes)")

@@ -210,6 +210,28 @@ def test_a_resent_update_never_counts_twice_however_late_it_may_still_be_folded(
     restored.load_state_dict(m.state_dict(), now=0.0)
     assert restored.offer(update("a", uid="first")) is False  # also after a restart
     m.close(11.0)
-    with pytest.raises(ProtocolError) as info:  # 11 behind: refused, still never counted
-        m.offer(update("a", uid="first"))
+    # 11 behind: still its device's latest counted id, so "accepted", never counted again
+    assert m.offer(update("a", uid="first")) is False
+    with pytest.raises(ProtocolError) as info:  # an update never counted is too stale
+        m.offer(update("a", uid="second"))
     assert info.value.reason == "too_stale"
+
+
+def test_a_device_away_for_many_rounds_still_hears_accepted_for_what_counted():
+    """Its receipt was lost and it came back 20 short rounds later (seen in the 30-minute
+    soak): the re-send must be recognised as counted, not refused as stale. Memory stays
+    bounded: each device's last few ids, plus the recent rounds'."""
+    from aggregator.rounds import LAST_PER_DEVICE, REMEMBER_ROUNDS
+
+    m = machine(min_updates=1)
+    assert m.offer(update("a", uid="first"))
+    for version in range(1, 21):
+        m.close(float(version))
+        m.offer(update("b", round=version + 1, version=version, uid=f"b{version}"))
+    m.close(21.0)
+    assert m.offer(update("a", uid="first")) is False  # already counted: "accepted"
+    restored = machine(min_updates=1)
+    restored.load_state_dict(m.state_dict(), now=0.0)
+    assert restored.offer(update("a", uid="first")) is False
+    remembered_b = [u for (d, u) in m.recent if d == "b"]
+    assert len(remembered_b) <= REMEMBER_ROUNDS + LAST_PER_DEVICE

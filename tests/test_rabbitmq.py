@@ -1,4 +1,4 @@
-"""A fleet on RabbitMQ's MQTT plugin: a private node (its own node name, ports, epmd,
+"""A fleet on RabbitMQ's MQTT plugin: a private node (its own node name, ports, epmd port,
 database, log and enabled_plugins file; never the machine's RabbitMQ on 5672).
 
 RabbitMQ before 3.13 (Debian 12 ships 3.10) speaks MQTT 3.1.1 only and cannot even parse
@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from simulator.broker import free_port, port_open
+from simulator.broker import port_open
 from simulator.fleet import Simulation, SimulationConfig
 
 pytestmark = pytest.mark.integration
@@ -29,11 +30,20 @@ RABBITMQ_SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"
 START_S = 90.0
 
 
+def distinct_ports(count: int) -> list[int]:
+    """Free loopback ports, all different: held open together while they are picked (one
+    at a time, the kernel may hand the same port out twice)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in socks]
+
+
 class RabbitNode:
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
-        self.amqp_port, self.mqtt_port = free_port(), free_port()
-        self.dist_port, self.epmd_port = free_port(), free_port()
+        self.amqp_port, self.mqtt_port, self.dist_port, self.epmd_port = distinct_ports(4)
         self.procs: list[subprocess.Popen] = []
 
     @property
@@ -49,6 +59,7 @@ class RabbitNode:
             f"mqtt.listeners.tcp.default = 127.0.0.1:{self.mqtt_port}\n"
             "mqtt.allow_anonymous = true\n")
         env = dict(os.environ, HOME=str(d), ERL_EPMD_PORT=str(self.epmd_port),
+                   ERL_CRASH_DUMP=str(d / "erl_crash.dump"),
                    RABBITMQ_NODENAME=f"fedmqtest{self.amqp_port}@localhost",
                    RABBITMQ_NODE_IP_ADDRESS="127.0.0.1",
                    RABBITMQ_NODE_PORT=str(self.amqp_port),
@@ -58,12 +69,8 @@ class RabbitNode:
                    RABBITMQ_CONFIG_FILE=str(d / "rabbitmq"),
                    RABBITMQ_PID_FILE=str(d / "pid"),
                    RABBITMQ_PLUGINS_EXPAND_DIR=str(d / "plugins-expand"))
-        log = open(d / "out.txt", "wb")  # noqa: SIM115 - handed to the processes
-        # our own epmd in the foreground (a child we can stop), on our own port
-        self.procs.append(subprocess.Popen([shutil.which("epmd") or "epmd", "-port",
-                                            str(self.epmd_port)], stdout=log,
-                                           stderr=subprocess.STDOUT, env=env,
-                                           start_new_session=True))
+        log = open(d / "out.txt", "wb")  # noqa: SIM115 - handed to the process
+        # The node starts its own epmd on our epmd port; stop() ends it by that port.
         self.procs.append(subprocess.Popen([RABBITMQ_SERVER], stdout=log,
                                            stderr=subprocess.STDOUT, env=env,
                                            start_new_session=True))
@@ -73,21 +80,26 @@ class RabbitNode:
             if self.procs[-1].poll() is not None or time.monotonic() > deadline:
                 tail = (d / "out.txt").read_text(errors="replace")[-800:]
                 self.stop()
-                pytest.skip(f"a private RabbitMQ node did not open its MQTT port: {tail}")
+                pytest.skip(f"a private RabbitMQ node (ports amqp {self.amqp_port}, mqtt "
+                            f"{self.mqtt_port}, dist {self.dist_port}, epmd {self.epmd_port}) "
+                            f"did not open its MQTT port: {tail}")
             time.sleep(0.2)
         return self
 
     def stop(self) -> None:
-        for proc in reversed(self.procs):  # the node (and its beam) first, epmd last
+        for proc in self.procs:
             if proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGTERM)  # its own session: node and beam
+                    os.killpg(proc.pid, signal.SIGTERM)  # its own session: script and beam
                 try:
                     proc.wait(30)
                 except subprocess.TimeoutExpired:
                     with contextlib.suppress(ProcessLookupError):
                         os.killpg(proc.pid, signal.SIGKILL)
                     proc.wait(10)
+        # the epmd the node started on our private port (never the machine's on 4369)
+        subprocess.run([shutil.which("epmd") or "epmd", "-port", str(self.epmd_port), "-kill"],
+                       capture_output=True, timeout=30, check=False)
 
 
 @pytest.fixture

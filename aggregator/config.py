@@ -13,6 +13,7 @@ from aggregator.partial import Shard
 from aggregator.rounds import LATE_POLICIES, ON_INSUFFICIENT, RoundPolicy
 from aggregator.selection import AssignmentPolicy, CohortPolicy
 from aggregator.staleness import STALENESS_KINDS, StalenessPolicy
+from aggregator.strategy.accounting import accountant_names
 from aggregator.strategy.optimizers import ServerOptConfig, create_optimizer, optimizer_names
 from aggregator.strategy.privacy import CentralDP
 from aggregator.strategy.rules import rule_names
@@ -62,16 +63,35 @@ class RoundOptions:
                                         "round's sum; devices weigh equally (0: off)")
     dp_clip_norm: float = option(1.0, "DP: every update is clipped to this L2 norm")
     dp_delta: float = option(1e-5, "DP: the delta of the (epsilon, delta) reported per round")
+    dp_accountant: str = option("rdp", "DP: privacy accountant of dp-accounting (extra dp): "
+                                "rdp (amplified by cohort sampling without replacement, "
+                                "under replace-one) or pld (no amplification claimed)",
+                                choices=accountant_names)
+    dp_target_epsilon: float = option(0.0, "DP: stop training before a round would spend "
+                                      "beyond this epsilon (0: no budget)")
+    dp_seed: int = option(-1, "DP: seed of the noise, for reproducible tests only (-1: fresh "
+                          "from the OS; a known seed makes the noise removable)")
+    dp_clip_quantile: float = option(0.0, "DP: adapt the clip to this quantile of the "
+                                     "updates' norms (Andrew et al. 2021; e.g. 0.5; 0: the "
+                                     "fixed dp_clip_norm, which is then where it starts)")
+    dp_clip_lr: float = option(0.2, "DP: learning rate of the adaptive clip's geometric step")
+    dp_clip_count_noise: float = option(0.0, "DP: noise std of the adaptive clip's count of "
+                                        "updates within it (0: expected updates / 20)")
     he: str = option("", "homomorphic encryption of updates: ckks (devices encrypt their "
                      "clipped update under the fleet's public key, the server sums "
                      "ciphertexts; needs fedmq[he], docs/privacy.md); empty: off",
                      choices=HE_SCHEMES)
     aggregation: str = option("mean", "mean (FedAvg, weighted by samples), or robust to a "
                               "minority of corrupted updates: median or trimmed_mean "
-                              "(coordinate-wise, unweighted; keeps the round's updates)",
+                              "(coordinate-wise), krum, multi_krum, bulyan or centered_clip "
+                              "(see byzantine_f); robust rules are unweighted and keep the "
+                              "round's updates",
                               choices=rule_names)
     trim_fraction: float = option(0.1, "trimmed_mean: fraction cut from each end, per "
                                   "coordinate (tolerates floor(fraction x updates) bad ones)")
+    byzantine_f: int = option(1, "krum, multi_krum (n >= 2f+3 updates a round), bulyan "
+                              "(n >= 4f+3) and centered_clip (n >= 2f+1): attackers a round "
+                              "withstands")
 
 
 def check_he_options(options: RoundOptions) -> None:
@@ -360,9 +380,16 @@ class AggregatorConfig(BrokerConfig, RoundOptions):
         sync = self.mode == "sync"
         target = self.clients_per_round if sync else self.buffer_size
         dp = None
+        if not self.dp_noise_multiplier and (self.dp_target_epsilon or self.dp_clip_quantile):
+            raise ConfigError("dp_target_epsilon and dp_clip_quantile are settings of central "
+                              "DP: set dp_noise_multiplier too (e.g. 1.0)")
         if self.dp_noise_multiplier:
             dp = CentralDP(clip_norm=self.dp_clip_norm, noise_multiplier=self.dp_noise_multiplier,
-                           denominator=max(target, self.min_updates), delta=self.dp_delta)
+                           denominator=max(target, self.min_updates), delta=self.dp_delta,
+                           accountant=self.dp_accountant,
+                           target_epsilon=self.dp_target_epsilon, seed=self.dp_seed,
+                           clip_quantile=self.dp_clip_quantile, clip_lr=self.dp_clip_lr,
+                           count_noise=self.dp_clip_count_noise)
         return RoundPolicy(
             min_updates=self.min_updates, deadline_s=self.deadline_s,
             target_updates=target, on_insufficient=self.on_insufficient,
@@ -370,6 +397,7 @@ class AggregatorConfig(BrokerConfig, RoundOptions):
             staleness=StalenessPolicy(kind=self.staleness, a=self.staleness_a,
                                       b=self.staleness_b, max_staleness=self.max_staleness),
             dp=dp, aggregation=self.aggregation, trim_fraction=self.trim_fraction,
+            byzantine_f=self.byzantine_f,
             cohort=self.cohort_policy(), guard=ModelGuard(max_growth=self.max_model_growth),
             he=self.he_setup(),
         )

@@ -71,6 +71,7 @@ class FleetView:
     devices_total: int
     devices_online: int
     devices: tuple[DeviceRow, ...]  # online first, then those in the round, by id
+    stopped: str = ""  # why training stopped early (the DP budget); '' if it did not
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON types; NaN and infinities (a round without a reported train loss)
@@ -134,7 +135,7 @@ def fleet_view(service: AggregatorService, *, since: int = 0,
             cohort=cohort.size(number), deadline_in_s=open_round.deadline_at - now),
         history_total=len(history), history_from=since, history=tuple(history[since:]),
         devices_total=len(devices), devices_online=sum(i.online for i in devices.values()),
-        devices=tuple(row(d) for d in shown),
+        devices=tuple(row(d) for d in shown), stopped=service.stopped,
     )
 
 

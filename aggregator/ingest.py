@@ -93,6 +93,7 @@ class Screened:
     samples: int
     norm: float | None
     notes: tuple[tuple[str, str], ...] = ()
+    clipped: bool = False  # its norm before clipping was above the bound
 
 
 @dataclass(frozen=True)
@@ -274,7 +275,8 @@ class UpdateIngest:
             self.machine.check_selected(update)  # 6
             screened = self.contents(update)  # 7
             counted = self.machine.offer(update, payload_bytes=wire_bytes,  # 8
-                                         decoded=screened.delta, samples=screened.samples)
+                                         decoded=screened.delta, samples=screened.samples,
+                                         clipped=screened.clipped)
             self.reassembler.delivered(device)  # its share of the budget is free again
         except ProtocolError as exc:
             owed = None if update is None or exc.reason == "wrong_topic" else update
@@ -337,7 +339,9 @@ class UpdateIngest:
             raise _reject(f"update value {peak:.3g} x {samples} samples would "
                           "overflow the aggregate", "out_of_range")
         norm = quick_norm(scratch, peak)
-        bound = self.bounds.norm_bound()
+        # under DP the round's clip (fixed, or adaptive: rounds.py), else the update bound
+        dp_clip = self.machine.dp_clip_norm()
+        bound = dp_clip if dp_clip is not None else self.bounds.norm_bound()
         if bound is not None and norm > bound * (1 - QUICK_NORM_ERROR):
             norm = l2_norm(scratch)  # at the bound: exactly, so a clip holds it to it
         factor = 1.0 if bound is None else clip_factor(norm, bound, self.limits.norm_policy)
@@ -348,7 +352,7 @@ class UpdateIngest:
                        f"norm {norm:.4g}, clipped to the bound {bound:.4g} (max_update_norm, "
                        "or adaptive_norm_factor x the median of recent updates)"),)
             norm = l2_norm(scratch)
-        return Screened(scratch, samples, norm, notes)
+        return Screened(scratch, samples, norm, notes, clipped=factor != 1.0)
 
     def credit(self, update: Update) -> tuple[int, tuple[tuple[str, str], ...]]:
         """The samples `update` is weighted by (see bounds.py), and a note if capped. A

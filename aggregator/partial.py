@@ -151,10 +151,16 @@ class PartialRound:
             raise ProtocolError(f"{update.device_id} is not in round {update.round}'s cohort",
                                 reason="not_selected")
 
+    def dp_clip_norm(self) -> float | None:
+        """Workers and sites run without central DP (config refuses it): no DP clip."""
+        return None
+
     def offer(self, update: Update, *, payload_bytes: int = 0,
-              decoded: np.ndarray | None = None, samples: int | None = None) -> bool:
+              decoded: np.ndarray | None = None, samples: int | None = None,
+              clipped: bool = False) -> bool:
         """Fold a device's update, or raise ProtocolError with a reason. False: it is
         already folded (a re-send); its receipt comes, or came, from upstream.
+        `clipped` (adaptive DP clipping's count) means nothing here.
         `samples`: what the ingest path credited it with (None: its claim)."""
         if not self.following:
             raise ProtocolError(f"update from {update.device_id} arrived before any model "

@@ -36,6 +36,7 @@ class RoundRecord:
     cohort: int = 0  # devices selected for the round (0: every device)
     top3: float | None = None  # top-3 accuracy, for tasks that report it (keyboard)
     epsilon: float | None = None  # DP: privacy spent so far, at the configured dp_delta
+    stopped: str = ""  # why training stopped after this round ('': it goes on)
     # Model bytes all devices downloaded for the round: measured on the devices, so only
     # the simulator knows it.
     bytes_down: int | None = None

@@ -20,8 +20,15 @@ from aggregator.guard import ModelGuard
 from aggregator.he_round import HESetup
 from aggregator.selection import CohortPolicy
 from aggregator.staleness import StalenessPolicy
+from aggregator.strategy.accounting import (
+    LedgerSettings,
+    PrivacyLedger,
+    RoundEvent,
+    cohort_event,
+    legacy_ledger_entries,
+)
 from aggregator.strategy.optimizers import ServerOptimizer
-from aggregator.strategy.privacy import CentralDP, epsilon_from_rdp
+from aggregator.strategy.privacy import AdaptiveClip, CentralDP
 from aggregator.strategy.rule import AggregationRule
 from aggregator.strategy.rules import create_rule
 from fedmq.core.protocol import Update
@@ -82,6 +89,7 @@ class RoundPolicy:
     dp: CentralDP | None = None  # central differential privacy of every round's aggregate
     aggregation: str = "mean"  # a registered rule (strategy/rules.py): median, trimmed_mean
     trim_fraction: float = 0.1  # trimmed_mean: cut from each end, per coordinate
+    byzantine_f: int = 1  # krum, multi_krum, bulyan, centered_clip: attackers withstood
     cohort: CohortPolicy = field(default_factory=CohortPolicy)  # who is asked to train
     guard: ModelGuard = field(default_factory=ModelGuard)  # what a new model must pass
     he: HESetup | None = None  # he = "ckks": the rule sums ciphertexts (he_round.py)
@@ -94,7 +102,8 @@ class RoundPolicy:
         """A fresh aggregate for one round of `size`-parameter updates."""
         if self.he is not None:
             return self.he.rule(size, min_count=self.min_updates)
-        return create_rule(self.aggregation, size, trim_fraction=self.trim_fraction)
+        return create_rule(self.aggregation, size, trim_fraction=self.trim_fraction,
+                           byzantine_f=self.byzantine_f)
 
     def __post_init__(self) -> None:
         if self.min_updates < 1:
@@ -142,6 +151,8 @@ class RoundResult:
     # Why the model guard refused the round's model ('' : it was taken); a refused round
     # leaves `version` (the last good model) in place and is run again as the next round.
     refused: str = ""
+    # Why training stops after this round ('': it goes on): the privacy budget is spent.
+    stopped: str = ""
 
 
 @dataclass
@@ -160,6 +171,7 @@ class _OpenRound:
     max_staleness: int = 0
     partial: int = 0
     target: int = 0  # this round's K when it differs from the policy's (a small cohort)
+    clipped: int = 0  # DP: updates above the round's clip before clipping
 
     @property
     def count(self) -> int:
@@ -190,9 +202,17 @@ class RoundMachine:
         # (device, update id) -> (round counted in, base version) of every counted update
         # a device might still re-send: see _forget
         self.recent: dict[tuple[str, str], tuple[int, int]] = {}
-        # Models released with DP noise, and the summed RDP of every noised round, released
-        # or refused (noise may differ by round)
-        self.dp_rounds, self.dp_rdp = 0, 0.0
+        # Models released with DP noise; the ledger holds every noised round, released or
+        # refused (accounting.py), the clip the next round's updates are held to, and the
+        # bound on a device's chance to be in the open round's cohort (sum over its plans)
+        self.dp_rounds = 0
+        dp = policy.dp
+        self.ledger = None if dp is None else PrivacyLedger(LedgerSettings(
+            accountant=dp.accountant, delta=dp.delta,
+            sampled=policy.cohort.clients_per_round > 0))
+        self.clip = None if dp is None else AdaptiveClip(dp)
+        self.inclusion = 0.0
+        self.stopped = ""  # why training stopped: the privacy budget (derived, not saved)
         self.refused = 0  # rounds whose model the guard refused
         self.refused_updates = 0  # updates counted in them (receipted, then dropped)
 
@@ -208,17 +228,56 @@ class RoundMachine:
     def epsilon(self) -> float:
         """Privacy spent by every model released so far, at the policy's dp_delta: infinite
         once any was released without noise (a checkpoint from before DP was turned on)."""
-        dp = self.policy.dp
-        if dp is None or self.plain_releases:
+        if self.ledger is None or self.plain_releases:
             return math.inf
-        return epsilon_from_rdp(self.dp_rdp, dp.delta)
+        return self.ledger.epsilon()
+
+    def dp_clip_norm(self) -> float | None:
+        """The L2 clip of DP this round's updates are held to (None: no DP)."""
+        return None if self.clip is None else self.clip.clip
+
+    def round_event(self) -> RoundEvent:
+        """The open round as the accountant sees it, were it closed now."""
+        dp = self.policy.dp
+        assert dp is not None
+        return cohort_event(z=dp.noise_multiplier, count_noise=dp.count_sigma,
+                            inclusion=self.inclusion or 1.0,
+                            asked=self.cohort.size(self.open.round))
+
+    def _check_budget(self) -> None:
+        """Stop (`stopped` says why) if the next round, sampled like the last one, would
+        spend beyond dp_target_epsilon."""
+        dp, ledger = self.policy.dp, self.ledger
+        if dp is None or ledger is None or not dp.target_epsilon:
+            return
+        last = RoundEvent.from_list(ledger.entries[-1][0]) if ledger.entries else None
+        event = RoundEvent(z=dp.noise_multiplier, count_noise=dp.count_sigma,
+                           sample=last.sample if last else 0,
+                           population=last.population if last else 0)
+        self._stop_if_beyond(event)
+
+    def _stop_if_beyond(self, event: RoundEvent) -> bool:
+        dp, ledger = self.policy.dp, self.ledger
+        assert dp is not None and ledger is not None
+        after = ledger.epsilon_after(event)
+        if after > dp.target_epsilon:
+            self.stopped = (f"privacy budget spent: epsilon {ledger.epsilon():.4g} after "
+                            f"{ledger.rounds} noised round(s); one more would reach "
+                            f"{after:.4g}, beyond dp_target_epsilon {dp.target_epsilon:g} "
+                            f"(at delta {dp.delta:g})")
+            return True
+        return False
 
     def plan(self, online: list[str]) -> list[str] | None:
         """The devices to ask in this announcement of the open round, from those online
         (None: everyone may train). Each plan of the same round asks devices not asked
         yet, and the round closes on min(K, devices asked)."""
+        before = self.cohort.asked if self.cohort.round == self.open.round else None
+        fresh = sum(1 for d in online if d not in (before or ()))
         self.cohort, chosen = self.cohort.plan(self.open.round, online, self.policy.cohort,
                                                seed=self.seed)
+        # a device's chance to be asked by this plan (Cohort.plan asks from the fresh ones)
+        self.inclusion += 1.0 if chosen is None else len(chosen) / max(1, fresh or len(online))
         self._retarget()
         return chosen
 
@@ -241,13 +300,15 @@ class RoundMachine:
             self.open.target = max(self.policy.min_updates, min(self.policy.close_at, asked))
 
     def offer(self, update: Update, *, payload_bytes: int = 0,
-              decoded: np.ndarray | None = None, samples: int | None = None) -> bool:
+              decoded: np.ndarray | None = None, samples: int | None = None,
+              clipped: bool = False) -> bool:
         """Fold a valid update into the open round, or raise ProtocolError with a reason.
 
         `decoded`: its delta, already decoded (and validated, maybe clipped) by the
         caller, so it is not decoded again; None: the rule decodes `update.delta` itself.
         `samples`: what it is weighted by, its claim as credited by the caller (see
-        bounds.py); None: its num_samples.
+        bounds.py); None: its num_samples. `clipped`: its norm was above the DP clip
+        (adaptive clipping counts those within).
         Idempotent on (device, update id): an update that already counts (a redelivery or
         a device re-sending what it never got a receipt for) returns False and changes
         nothing; a newly counted one returns True.
@@ -285,6 +346,7 @@ class RoundMachine:
         o.loss_sum += update.loss * credited
         o.bytes_up += payload_bytes
         o.partial += not update.complete
+        o.clipped += clipped
         if tau:
             o.stale += 1
             o.max_staleness = max(o.max_staleness, tau)
@@ -327,14 +389,29 @@ class RoundMachine:
         A model the guard refuses (non-finite, or its norm exploded) is dropped with the
         round: the optimizer's state goes back to before the step, the last good model
         stays, and the next round trains on it again (`RoundResult.refused` says why)."""
-        dp = self.policy.dp
-        delta = self.acc.result() if dp is None else dp.noised_mean(self.acc.total)
-        if dp is not None:  # the noise was drawn on private data: spent even if refused
-            self.dp_rdp += dp.rdp_per_round
+        dp, o = self.policy.dp, self.open
+        clip = self.dp_clip_norm()
+        if dp is None or self.clip is None or self.ledger is None:
+            delta = self.acc.result()
+        else:
+            event = self.round_event()
+            if dp.target_epsilon and self._stop_if_beyond(event):
+                # nothing drawn, nothing released: the round stays open, unspent
+                return RoundResult(round=o.round, version=self.version,
+                                   participants=o.count, samples=o.samples,
+                                   train_loss=float("nan"), bytes_up=o.bytes_up,
+                                   devices=tuple(sorted(o.devices)), refused=self.stopped,
+                                   stopped=self.stopped)
+            rng = dp.rng(o.round)
+            delta = dp.noised_mean(self.acc.total, rng, clip_norm=clip)
+            # the noise was drawn on private data: spent even if the guard refuses it
+            self.ledger.spend(event)
+            self.clip.step(within=o.count - o.clipped, counted=o.count, rng=rng)
         before = self._optimizer_state or self.optimizer.state_dict()
         new = self.optimizer.step(self.params, delta)
         refused = self.acc.refusal() or self.policy.guard.refusal(
-            self.params, new, slack=0.0 if dp is None else dp.noise_norm(self.params.size))
+            self.params, new, slack=0.0 if dp is None else dp.noise_norm(self.params.size,
+                                                                         clip))
         if refused:
             self.optimizer.load_state_dict(before)
             self.refused += 1
@@ -344,13 +421,13 @@ class RoundMachine:
             self.version += 1
             self.dp_rounds += int(dp is not None)
         self._optimizer_state = None
-        o = self.open
+        self._check_budget()
         result = RoundResult(
             round=o.round, version=self.version, participants=o.count, samples=o.samples,
             train_loss=o.loss_sum / o.samples if o.samples else float("nan"),
             bytes_up=o.bytes_up, devices=tuple(sorted(o.devices)), stale=o.stale,
             max_staleness=o.max_staleness, partial=o.partial, cohort=self.cohort.size(o.round),
-            refused=refused,
+            refused=refused, stopped=self.stopped,
         )
         self._start(o.round + 1, now)
         return result
@@ -372,6 +449,7 @@ class RoundMachine:
     def _start(self, round: int, now: float) -> None:
         self.acc = self.policy.rule(self.params.size)
         self.open = _OpenRound(round=round, deadline_at=now + self.policy.deadline_s)
+        self.inclusion = 0.0
         self.recent = forget_counted(self.recent, lambda _, v: self._remember(*v, round))
 
     def _remember(self, counted_in: int, base_version: int, round: int) -> bool:
@@ -403,9 +481,12 @@ class RoundMachine:
                      "represented": o.represented,
                      "samples": o.samples, "loss_sum": o.loss_sum, "bytes_up": o.bytes_up,
                      "stale": o.stale, "max_staleness": o.max_staleness,
-                     "partial": o.partial},
+                     "partial": o.partial, "clipped": o.clipped},
             "recent": [[d, u, r, v] for (d, u), (r, v) in self.recent.items()],
-            "dp_rounds": self.dp_rounds, "dp_rdp": self.dp_rdp, "refused": self.refused,
+            "dp_rounds": self.dp_rounds, "refused": self.refused,
+            "dp_ledger": None if self.ledger is None else self.ledger.state_dict(),
+            "dp_clip": None if self.clip is None else self.clip.state_dict(),
+            "dp_inclusion": self.inclusion,
             "refused_updates": self.refused_updates,
             "cohort": self.cohort.state_dict(),
         }
@@ -434,7 +515,7 @@ class RoundMachine:
         self.recent = {(e[0], e[1]): (int(e[2]), int(e[3]) if len(e) > 3 else int(e[2]) - 1)
                        for e in state.get("recent", [])}
         self.dp_rounds = int(state.get("dp_rounds", 0))
-        self.dp_rdp = float(state.get("dp_rdp", 0.0))
+        self._load_privacy(state)
         self.refused = int(state.get("refused", 0))
         self.refused_updates = int(state.get("refused_updates", 0))
         self._start(int(state["round"]), now)  # the deadline starts afresh
@@ -442,6 +523,8 @@ class RoundMachine:
         self.cohort = (Cohort.from_state(state["cohort"], open_round=self.open.round)
                        if state.get("cohort") is not None else Cohort())
         self._retarget()
+        self.inclusion = float(state.get("dp_inclusion", 0.0))
+        self._check_budget()
         partial = state.get("open")
         if partial and partial["contributions"]:  # an empty round: any aggregation may go on
             self.acc.load_state_dict(partial["acc"])
@@ -454,6 +537,20 @@ class RoundMachine:
             o.stale = int(partial["stale"])
             o.max_staleness = int(partial["max_staleness"])
             o.partial = int(partial.get("partial", 0))
+            o.clipped = int(partial.get("clipped", 0))
+
+    def _load_privacy(self, state: dict[str, Any]) -> None:
+        """The ledger and the clip; a checkpoint from before the ledger kept the summed RDP
+        of its (unsampled Gaussian) rounds, which is one round of an equivalent z."""
+        if self.ledger is None or self.clip is None:
+            return
+        if state.get("dp_ledger") is not None:
+            self.ledger.load_state_dict(state["dp_ledger"])
+        elif state.get("dp_rdp"):
+            self.ledger.load_state_dict({"relation": self.ledger.settings.relation,
+                                         "entries": legacy_ledger_entries(state["dp_rdp"])})
+        if state.get("dp_clip") is not None:
+            self.clip.load_state_dict(state["dp_clip"])
 
 
 def check_he(policy: RoundPolicy) -> None:

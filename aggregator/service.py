@@ -231,6 +231,8 @@ class AggregatorService(SecureAggregationDriver, ServiceLoop):
         self._saved_secagg = state.get("secagg")
         log.info("resumed from %s at round %d (model v%d)", self.config.checkpoint,
                  self.machine.round, self.machine.version)
+        if self.machine.stopped:
+            log.warning("resumed with training stopped: %s", self.machine.stopped)
         if self.machine.policy.dp is not None and self.machine.plain_releases:
             log.warning("%d of the %d models in %s were released without DP noise: the "
                         "epsilon reported is infinite; start from a fresh checkpoint for a "
@@ -249,7 +251,8 @@ class AggregatorService(SecureAggregationDriver, ServiceLoop):
         return state
 
     def _done(self) -> bool:
-        return self.config.rounds > 0 and self.machine.version >= self.config.rounds
+        return ((self.config.rounds > 0 and self.machine.version >= self.config.rounds)
+                or bool(self.machine.stopped))
 
     # -- publishing ----------------------------------------------------------------------
     def _announce(self) -> None:
@@ -444,6 +447,9 @@ class AggregatorService(SecureAggregationDriver, ServiceLoop):
 
     def _close_round(self, now: float) -> None:
         result: RoundResult = self.machine.close(now)
+        if result.refused and result.stopped:  # the budget: nothing drawn, nothing released
+            self._stop_training(result.stopped)
+            return
         if result.refused:
             self._refuse_round(result)
             return
@@ -465,6 +471,7 @@ class AggregatorService(SecureAggregationDriver, ServiceLoop):
             partial=result.partial,
             cohort=result.cohort,
             top3=top3, epsilon=self.machine.epsilon() if dp else None,
+            stopped=result.stopped,
         )
         self.history.append(record)
         # The closed round is on disk before its model goes out: a model a restart would
@@ -489,10 +496,29 @@ class AggregatorService(SecureAggregationDriver, ServiceLoop):
         if self.exporter is not None:
             self.exporter.submit(self.machine.params, version=result.version, round=result.round)
         self.observers.round_closed(record)
+        if result.stopped:
+            self._stop_training(result.stopped, announced=True)
         if self._done():
             self.finished.set()
         if self.on_round is not None:
             self.on_round(record)
+
+    def _stop_training(self, reason: str, *, announced: bool = False) -> None:
+        """The privacy budget allows no further round: the last model stays announced,
+        asking nobody to train, and the service says why and finishes."""
+        log.warning("training stopped: %s. Model v%d is final; raise dp_target_epsilon "
+                    "(and restart from this checkpoint) to train on", reason,
+                    self.machine.version)
+        if not announced:
+            self._checkpoint(wait=True)
+            self.broadcast.forget()
+            self._announce()  # the final model again, with an empty cohort
+        self.finished.set()
+
+    @property
+    def stopped(self) -> str:
+        """Why training stopped before its rounds were done ('': it did not)."""
+        return self.machine.stopped
 
     def _refuse_round(self, result: RoundResult) -> None:
         """The guard refused the round's model: it is never published; the devices train

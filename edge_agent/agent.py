@@ -25,6 +25,7 @@ import numpy as np
 
 from edge_agent.config import AgentConfig
 from edge_agent.outbox import Outbox
+from edge_agent.privacy import LocalDP
 from edge_agent.statedir import StateDirLock
 from fedmq import __version__, storage
 from fedmq.core import codecs
@@ -121,7 +122,8 @@ class LocalTrainer:
                  state_path: str | Path | None = None, slowdown: float = 1.0,
                  threads: int = 1, reload: Callable[[], Dataset] | None = None,
                  update_transform: Callable[[np.ndarray], np.ndarray] | None = None,
-                 task: str = "", encryptor: PublicKey | None = None) -> None:
+                 task: str = "", encryptor: PublicKey | None = None,
+                 ldp: LocalDP | None = None) -> None:
         if len(data) == 0:
             raise FedmqError(f"device {device_id} has no training data")
         # A live source (reload) is read again before every round, on its own thread: a
@@ -156,6 +158,10 @@ class LocalTrainer:
         # public key instead of going through a codec (fedmq/core/he.py)
         self.encryptor = encryptor
         self.task = task
+        # local DP: every update clipped and noised here (edge_agent/privacy.py); the
+        # rounds spent survive a reboot with the state file
+        self.ldp = ldp
+        self.ldp_rounds = int((state or {}).get("ldp_rounds", 0))
         # the model a user task registered ("" for a bundled task): resolved now, so a
         # task that cannot load fails at start-up
         self.own_model = task_spec(task).model if task else ""
@@ -201,8 +207,16 @@ class LocalTrainer:
         self.feedback.spec = spec
         encoded = self.feedback.encode(delta, rng=rng)
         if self.state_path is not None:
-            storage.save_state(self.state_path, {"feedback": self.feedback.state_dict()})
+            storage.save_state(self.state_path, self._state())
         return encoded
+
+    def _state(self) -> dict:
+        return {"feedback": self.feedback.state_dict(), "ldp_rounds": self.ldp_rounds}
+
+    @property
+    def ldp_epsilon(self) -> float | None:
+        """Local DP spent by this device's updates so far (None: local DP is off)."""
+        return None if self.ldp is None else self.ldp.epsilon(self.ldp_rounds)
 
     @property
     def backend(self) -> str:
@@ -277,6 +291,13 @@ class LocalTrainer:
         if self.slowdown > 1.0:
             self.halt.wait(result.seconds * (self.slowdown - 1.0))
         delta = model.get_flat() - received.params
+        if self.ldp is not None:
+            delta = self.ldp.privatize(delta)
+            self.ldp_rounds += 1
+            if self.state_path is not None:
+                storage.save_state(self.state_path, self._state())
+            log.info("%s: local DP update %d, epsilon %.3g at delta %g", self.device_id,
+                     self.ldp_rounds, self.ldp_epsilon, self.ldp.delta)
         if self.update_transform is not None:
             delta = self.update_transform(delta)
         return delta, result, rng
@@ -353,7 +374,8 @@ class EdgeAgent:
                                     update_transform=update_transform,
                                     task=config.task if task_spec(config.task).custom else "",
                                     encryptor=load_he_public(config.he_context)
-                                    if config.he_context else None)
+                                    if config.he_context else None,
+                                    ldp=config.local_dp())
         self.stats = AgentStats()
         # The retained status: birth, then fresh activity at most every status_interval_s
         # (published from the training thread's tick); guarded: paho's thread sends too.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from edge_agent.privacy import LocalDP
 from fedmq.config import BrokerConfig, default_device_id, option
 from fedmq.core.protocol.topics import check_name
 from fedmq.errors import ConfigError
@@ -60,6 +61,10 @@ class AgentConfig(BrokerConfig):
                                       "whatever the aggregator asks")
     slowdown: float = option(1.0, "simulation only: compute this many times slower than "
                              "the host (a Pi Zero next to a laptop), time budget included")
+    ldp_clip: float = option(0.0, "local DP: clip this device's update to this L2 norm and "
+                             "add Gaussian noise before upload (0: off; docs/privacy.md)")
+    ldp_noise_multiplier: float = option(1.0, "local DP: noise std in units of ldp_clip")
+    ldp_delta: float = option(1e-5, "local DP: the delta of the epsilon this device reports")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -70,9 +75,17 @@ class AgentConfig(BrokerConfig):
             raise ConfigError("status_interval_s must be >= 0 (0: publish the birth only)")
         if self.max_payload < 1024:
             raise ConfigError("max_payload must be at least 1024 bytes")
+        self.local_dp()  # bad local DP settings fail now
         if self.he_context and self.secure_aggregation:
             raise ConfigError("he_context and secure_aggregation are two ways of hiding "
                               "updates; set the one your aggregator uses (docs/privacy.md)")
         if self.data_reload and not self.data_source.strip():
             raise ConfigError("data_reload needs a data_source to re-read (the bundled shard "
                               "never changes)")
+
+    def local_dp(self) -> LocalDP | None:
+        """The device's local DP (None: off)."""
+        if not self.ldp_clip:
+            return None
+        return LocalDP(clip=self.ldp_clip, noise_multiplier=self.ldp_noise_multiplier,
+                       delta=self.ldp_delta)

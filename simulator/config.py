@@ -15,6 +15,7 @@ from edge_agent.config import AgentConfig
 from fedmq.config import Default, borrow_options, option
 from fedmq.errors import ConfigError
 from fedmq.tasks import task_spec
+from simulator.attacks import ATTACKS, check_attack
 from simulator.profiles import MIXES, DeviceProfile, fleet_profiles
 
 # Aggregator keys the simulator sets itself on every run, so not flags of `fedmq simulate`.
@@ -66,7 +67,8 @@ HOSTED_ABOVE = 200
 ENGINES = ("auto", "agents", "hosted")
 
 # Device keys every simulated device shares.
-AGENT_KEYS = ("codec", "alpha", "status_interval_s")
+AGENT_KEYS = ("codec", "alpha", "status_interval_s", "ldp_clip", "ldp_noise_multiplier",
+              "ldp_delta")
 AGENT_DEFAULTS: dict[str, Default] = {
     "codec": Default("float32", "update codec of every device (see `fedmq codecs`)"),
     "alpha": Default(0.5, "Dirichlet label skew across devices (0 = IID)"),
@@ -97,9 +99,13 @@ class SimulationConfig(BorrowedOptions):
     timeout_s: float = option(600.0, "give up if the run takes longer than this")
     agents_only: bool = option(False, "run only the devices, against an aggregator started "
                                "separately (`fedmq aggregator`) on --broker and --fleet")
-    byzantine: int = option(0, "this many devices send their delta flipped and scaled by "
-                            "BYZANTINE_SCALE: an attack for --aggregation median or "
-                            "trimmed_mean to withstand")
+    attackers: int = option(0, "devices 0 .. K-1 attack, as --attack says (an attack for a "
+                            "robust --aggregation to withstand)")
+    attack: str = option("scaled", "what attackers do: sign_flip (-delta), scaled (-10 "
+                         "delta), gaussian (random, 10x the delta's RMS) or label_flip "
+                         "(train on flipped labels; --engine agents)", choices=ATTACKS)
+    byzantine: int = option(0, "this many devices send their delta flipped and scaled by 10 "
+                            "(the same as --attack scaled --attackers K)")
     dropout: float = option(0.0, "fraction of devices cut off from the broker before every "
                             "round (each device talks through its own fault proxy)")
     secagg_drop_after_input: float = option(0.0, "with --secure-aggregation: this fraction "
@@ -128,6 +134,14 @@ class SimulationConfig(BorrowedOptions):
             raise ConfigError("devices and rounds must be >= 1")
         if not 0 <= self.byzantine <= self.devices:
             raise ConfigError(f"byzantine {self.byzantine} must be between 0 and devices")
+        if not 0 <= self.attackers <= self.devices:
+            raise ConfigError(f"attackers {self.attackers} must be between 0 and devices")
+        if self.attackers and self.byzantine:
+            raise ConfigError("give --attackers (with --attack) or --byzantine, not both")
+        if self.byzantine and self.attack != "scaled":
+            raise ConfigError("--byzantine is --attack scaled; for another attack use "
+                              "--attackers")
+        check_attack(self.attack)
         if not 0.0 <= self.secagg_drop_after_input < 1.0:
             raise ConfigError(f"secagg_drop_after_input {self.secagg_drop_after_input} must "
                               "be in [0, 1)")
@@ -166,8 +180,16 @@ class SimulationConfig(BorrowedOptions):
         self.aggregator_config(broker=self.broker or "mqtt://127.0.0.1:1883",
                                fleet=self.fleet or "sim", checkpoint="", he_keys=None)
 
+    @property
+    def attacker_count(self) -> int:
+        return self.attackers or self.byzantine
+
     def _needs_agents(self) -> str:
         """What in this run only EdgeAgents can do ('' if nothing)."""
+        if self.attacker_count and self.attack == "label_flip":
+            return "--attack label_flip"
+        if self.ldp_clip:
+            return "--ldp-clip"
         if self.profiles != "uniform":
             return f"--profiles {self.profiles}"
         if self.secure_aggregation:
@@ -241,5 +263,7 @@ class SimulationConfig(BorrowedOptions):
             on_battery=profile.battery, slowdown=profile.slowdown,
             train_threads=1,  # many devices share this host
             status_interval_s=self.status_interval_s, he_context=he_context,
+            ldp_clip=self.ldp_clip, ldp_noise_multiplier=self.ldp_noise_multiplier,
+            ldp_delta=self.ldp_delta,
             secure_aggregation=self.secure_aggregation, mqtt_version=self.mqtt_version,
         )

@@ -29,8 +29,9 @@ from edge_agent.agent import EdgeAgent
 from fedmq.core.he import CkksParams
 from fedmq.errors import BrokerError, ConfigError, FedmqError, require
 from fedmq.keyfiles import generate_he_keys
-from fedmq.tasks import device_shard, device_shards, fleet_test_set, plugins
+from fedmq.tasks import device_shard, device_shards, fleet_test_set, plugins, task_spec
 from fedmq.transport.mqtt import negotiate_mqtt_version
+from simulator import attacks
 from simulator.broker import LocalMosquitto
 from simulator.config import DEVICE_ID, SimulationConfig
 from simulator.faultproxy import ProxyPool
@@ -56,6 +57,8 @@ class SimulationResult:
     never_connected: list[str] = field(default_factory=list)
     never_connected_count: int = 0
     connect_failures: dict[str, int] = field(default_factory=dict)
+    stopped: str = ""  # why the aggregator stopped training early (the privacy budget)
+    ldp_epsilon: float | None = None  # local DP: the most any device spent (None: off)
 
     @property
     def final_accuracy(self) -> float | None:
@@ -75,8 +78,11 @@ class SimulationResult:
             return f"devices took part in {len(self.rounds)} rounds, {self.bytes_up} bytes uploaded"
         epsilon = self.rounds[-1].epsilon
         privacy = f", differential privacy epsilon {epsilon:.2f}" if epsilon is not None else ""
+        stopped = f"; training stopped: {self.stopped}" if self.stopped else ""
+        if self.ldp_epsilon is not None:
+            privacy += f", local DP epsilon {self.ldp_epsilon:.3g} per device (at most)"
         return (f"final accuracy {acc:.4f} after {len(self.rounds)} rounds, "
-                f"{self.bytes_up} bytes uploaded{privacy}{self.offline_note()}")
+                f"{self.bytes_up} bytes uploaded{privacy}{self.offline_note()}{stopped}")
 
     def offline_note(self) -> str:
         if not self.never_connected_count:
@@ -96,20 +102,15 @@ HOSTED_PER_PROCESS = 10_000
 ONLINE_WAIT_S = 60.0
 HOST_POLL_S = 0.1
 
-# A Byzantine device sends -BYZANTINE_SCALE x its honest delta: it pushes the model
-# hard the wrong way, as a poisoning attack would (Blanchard et al. 2017 use the like).
-BYZANTINE_SCALE = 10.0
+# `--byzantine K` is `--attack scaled --attackers K` (simulator/attacks.py): the delta
+# reversed and scaled, a well-formed update that validation alone cannot tell apart.
+BYZANTINE_SCALE = attacks.SCALE
+poison = attacks.scaled
 
 
 def _vanishes(config: SimulationConfig, fleet: str, device: str, round: int) -> bool:
     """Whether simulated `device` vanishes after its masked input in `round`."""
     return device in config.secagg_dropouts(fleet, round)
-
-
-def poison(delta: np.ndarray) -> np.ndarray:
-    """What an attacker sends for its honest delta: the delta reversed and scaled, encoded
-    like any other (a well-formed update that validation alone cannot tell apart)."""
-    return -BYZANTINE_SCALE * delta
 
 
 class Simulation:
@@ -179,11 +180,15 @@ class Simulation:
                 self.proxies.proxy(device_id).bandwidth(profile.bandwidth_bytes_per_s)
                 if profile.flaky:
                     self._flaky[device_id] = profile
+            transform = None
+            if i < c.attacker_count:
+                transform = attacks.update_transform(c.attack, seed=c.seed * 7919 + i)
+                shard = attacks.poisoned_data(c.attack, shard,
+                                              classes=task_spec(c.task).classes)
             drop = None
             if c.secagg_drop_after_input:
                 drop = functools.partial(_vanishes, c, fleet, device_id)
-            self.agents.append(EdgeAgent(agent_config, shard,
-                                         update_transform=poison if i < c.byzantine else None,
+            self.agents.append(EdgeAgent(agent_config, shard, update_transform=transform,
                                          secagg_drop_after_input=drop))
         self._apply_dropout()
         if self.aggregator is not None:
@@ -218,7 +223,8 @@ class Simulation:
             plan = HostPlan(broker=url, fleet=fleet, first=first,
                             count=min(HOSTED_PER_PROCESS, c.devices - first),
                             device_count=c.devices, task=c.task, alpha=c.alpha, seed=c.seed,
-                            codec=c.codec, id_format=DEVICE_ID, byzantine=c.byzantine,
+                            codec=c.codec, id_format=DEVICE_ID, byzantine=c.attacker_count,
+                            attack=c.attack,
                             log_level="WARNING", status_interval_s=c.status_interval_s)
             self.hosts.append(HostProcess(plan))
         for host in self.hosts:
@@ -355,8 +361,12 @@ class Simulation:
                 for r in range(1, self.rounds_done() + 1)]
         result.rounds = [dataclasses.replace(r, bytes_down=self._traffic(r.round)[1])
                          for r in self.records]
+        spent = [a.trainer.ldp_epsilon for a in self.agents
+                 if a.trainer.ldp_epsilon is not None]
+        result.ldp_epsilon = max(spent) if spent else None
         if self.aggregator is not None:
             result.rejected = dict(self.aggregator.rejected)
+            result.stopped = self.aggregator.stopped
         return result
 
     def stop_devices(self) -> HostReport:

@@ -42,7 +42,8 @@ class HostPlan:
     seed: int
     codec: str = "float32"
     id_format: str = "dev{index}"  # device ids: id_format.format(index=i)
-    byzantine: int = 0  # devices 0 .. byzantine-1 of the fleet attack
+    byzantine: int = 0  # devices 0 .. byzantine-1 of the fleet attack ...
+    attack: str = "scaled"  # ... so (simulator/attacks.py; not label_flip: agents only)
     train_workers: int = 1
     log_level: str = "WARNING"
     status_interval_s: float = 10.0  # as AgentConfig's
@@ -76,7 +77,7 @@ def serve(plan: HostPlan, conn: Connection) -> None:
     logging.basicConfig(level=plan.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from fedmq.tasks import device_data, task_spec
-    from simulator.fleet import poison
+    from simulator import attacks
     from simulator.host import DeviceHost
 
     data_for = device_data(plan.task, device_count=plan.device_count, alpha=plan.alpha,
@@ -85,7 +86,8 @@ def serve(plan: HostPlan, conn: Connection) -> None:
     host = DeviceHost(broker=plan.broker, fleet=plan.fleet, count=plan.count, first=plan.first,
                       data_for=data_for, id_format=plan.id_format, codec=plan.codec,
                       seed=plan.seed, train_workers=plan.train_workers,
-                      update_transform_for=lambda i: poison if i in attackers else None,
+                      update_transform_for=lambda i: attacks.update_transform(
+                          plan.attack, seed=plan.seed * 7919 + i) if i in attackers else None,
                       status_interval_s=plan.status_interval_s,
                       task=plan.task if task_spec(plan.task).custom else "")
     host.start()

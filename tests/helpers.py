@@ -61,8 +61,9 @@ def make_agents(broker_url: str, stoppers, count: int, *, total: int | None = No
     return agents
 
 
-def trained_digits_delta(task, **trainer_options):
-    """Device 0 of 4 trains a digits MLP (v0, as `task` says) once; its decoded delta."""
+def trained_digits_delta(task, *, with_trainer=False, **trainer_options):
+    """Device 0 of 4 trains a digits MLP (v0, as `task` says) once; its decoded delta
+    (and the trainer, `with_trainer`)."""
     from edge_agent.agent import LocalTrainer
     from fedmq.core import codecs
     from fedmq.core.protocol import ModelAnnouncement
@@ -80,4 +81,5 @@ def trained_digits_delta(task, **trainer_options):
     data = device_shard("digits", device_index=0, device_count=4, alpha=0.5, seed=0)
     trainer = LocalTrainer(device_id="d0", data=data, codec="float32", seed=1,
                            **trainer_options)
-    return codecs.decode(trainer.train(ReceivedModel(announcement, params, 0)).delta)
+    delta = codecs.decode(trainer.train(ReceivedModel(announcement, params, 0)).delta)
+    return (delta, trainer) if with_trainer else delta

@@ -11,8 +11,9 @@ from hypothesis import strategies as st
 
 from aggregator.config import AggregatorConfig
 from aggregator.ingest import UpdateLimits
-from aggregator.strategy.privacy import CentralDP, gaussian_epsilon
+from aggregator.strategy.privacy import CentralDP
 
+from .test_accounting import closed_form_epsilon, library_rdp
 from .test_rounds import machine, update
 
 
@@ -24,17 +25,16 @@ def brute_force_epsilon(rounds: int, sigma: float, delta: float) -> float:
 
 @given(rounds=st.integers(1, 10_000), sigma=st.floats(0.3, 20.0),
        delta=st.floats(1e-12, 0.1))
-def test_the_closed_form_epsilon_is_the_rdp_minimum(rounds, sigma, delta):
-    closed = gaussian_epsilon(rounds, sigma, delta)
+def test_the_closed_form_reference_is_the_rdp_minimum(rounds, sigma, delta):
+    """The closed form the tests compare the library's RDP with is itself right."""
+    closed = closed_form_epsilon(rounds, sigma, delta)
     assert closed == pytest.approx(brute_force_epsilon(rounds, sigma, delta), rel=1e-4)
 
 
 def test_epsilon_grows_with_rounds_and_shrinks_with_noise():
-    assert gaussian_epsilon(0, 1.0, 1e-5) == 0.0
-    # one round at sigma 1, delta 1e-5: 1/2 + 2 sqrt(ln(1e5) / 2) = 5.298
-    assert gaussian_epsilon(1, 1.0, 1e-5) == pytest.approx(5.2983, abs=1e-3)
-    assert gaussian_epsilon(100, 1.0, 1e-5) > gaussian_epsilon(10, 1.0, 1e-5)
-    assert gaussian_epsilon(100, 4.0, 1e-5) < gaussian_epsilon(100, 1.0, 1e-5)
+    assert library_rdp(1, 1.0, 1e-5) < closed_form_epsilon(1, 1.0, 1e-5)  # 5.2983
+    assert library_rdp(100, 1.0, 1e-5) > library_rdp(10, 1.0, 1e-5)
+    assert library_rdp(100, 4.0, 1e-5) < library_rdp(100, 1.0, 1e-5)
 
 
 def test_the_noise_has_the_promised_spread_and_is_fresh_every_time():
@@ -101,7 +101,7 @@ def test_a_simulated_private_fleet_reports_its_privacy_spent_each_round(tmp_path
     with Simulation(config, workdir=tmp_path / "sim") as sim:
         result = sim.wait()
     assert [r.epsilon for r in result.rounds] == pytest.approx(
-        [gaussian_epsilon(t, 0.2, 1e-4) for t in (1, 2, 3)])
+        [library_rdp(t, 0.2, 1e-4) for t in (1, 2, 3)])
     assert "differential privacy epsilon" in result.summary()
     assert result.final_accuracy > 0.3  # it learns (chance: 0.1; 0.64-0.80 in 15 runs)
 
@@ -119,7 +119,7 @@ def test_a_closed_round_carries_the_noise_into_the_model():
     m.offer(update("a", delta=np.zeros(200_000, np.float32)))
     m.close(now=1.0)
     assert float(m.params.std()) == pytest.approx(0.5, rel=0.02)
-    assert m.epsilon() == pytest.approx(gaussian_epsilon(1, 1.0, 1e-5))
+    assert m.epsilon() == pytest.approx(library_rdp(1, 1.0, 1e-5))
 
 
 def test_epsilon_adds_up_rounds_of_different_noise_and_is_infinite_after_plain_ones():
@@ -132,9 +132,14 @@ def test_epsilon_adds_up_rounds_of_different_noise_and_is_infinite_after_plain_o
     resumed.load_state_dict(m.state_dict(), now=2.0)
     resumed.offer(update("a", round=2, version=1, uid="u2"))
     resumed.close(now=3.0)
-    rdp = 1 / 2 + 1 / 8  # one round at sigma 1, one at sigma 2
-    assert resumed.epsilon() == pytest.approx(
-        rdp + 2 * math.sqrt(rdp * math.log(1e5)))
+    import dp_accounting
+
+    from aggregator.strategy.accounting import RDP_ORDERS
+
+    direct = dp_accounting.rdp.RdpAccountant(list(RDP_ORDERS))
+    direct.compose(dp_accounting.GaussianDpEvent(1.0))  # one round at sigma 1 ...
+    direct.compose(dp_accounting.GaussianDpEvent(2.0))  # ... one at sigma 2
+    assert resumed.epsilon() == pytest.approx(direct.get_epsilon(1e-5))
     plain = machine(min_updates=1)  # a model released without DP ...
     plain.offer(update("a"))
     plain.close(now=1.0)

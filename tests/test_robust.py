@@ -95,7 +95,7 @@ def test_a_round_closed_by_median_ignores_one_huge_update_and_sample_claims():
 
 
 @pytest.mark.parametrize(("settings", "message"), [
-    ({"aggregation": "krum"}, "aggregation 'krum' must be mean, median or trimmed_mean"),
+    ({"aggregation": "geomed"}, "aggregation 'geomed' must be bulyan, centered_clip, krum"),
     ({"aggregation": "trimmed_mean", "trim_fraction": 0.5}, "trim_fraction 0.5"),
     ({"aggregation": "median", "dp_noise_multiplier": 1.0}, "differential privacy works on"),
 ])

@@ -138,7 +138,8 @@ def test_simulate_help_lists_the_allowed_values_of_each_choice_from_its_registry
         del rules._REGISTRY[Krum.name]
     for dest, names in [("optimizer", optimizer_names()), ("mode", MODES),
                         ("profiles", list(MIXES)),
-                        ("aggregation", ["mean", "median", "trimmed_mean", Krum.name])]:
+                        ("aggregation", ["bulyan", "centered_clip", "krum", "mean", "median",
+                                         "multi_krum", "trimmed_mean", Krum.name])]:
         listed = re.search(r"one of: ([^;)]*)", flags[dest])
         assert listed, flags[dest]
         assert listed.group(1).split(", ") == sorted(names) if dest in (

@@ -153,7 +153,8 @@ function drawSummary(state) {
   text("accepted", String(state.accepted));
   text("rejected", String(Object.values(state.rejected).reduce((a, b) => a + b, 0)));
   const status = $("status");
-  status.textContent = state.finished ? "finished" : "live";
+  status.textContent = state.finished ? (state.stopped ? "stopped" : "finished") : "live";
+  status.title = state.stopped || "";
   status.className = `pill ${state.finished ? "finished" : "live"}`;
   if (state.finished) {
     text("progress-label", `all ${state.history_total} rounds done`);

@@ -1,4 +1,5 @@
-"""Rules that keep every update of a round: coordinate-wise median and trimmed mean.
+"""Rules that keep every update of a round: coordinate-wise median and trimmed mean, and
+the Byzantine-robust Krum, multi-Krum, Bulyan and centered clipping (robust.py).
 
 Unlike the streaming sum they need all of a round's updates, so they keep each one as it
 arrived (encoded, so 1-4 bytes a value) and decode them all when the round closes into
@@ -25,8 +26,10 @@ class UpdateCollector(AggregationRule):
     streams = False
 
     @classmethod
-    def build(cls, size: int, *, trim_fraction: float = 0.1) -> AggregationRule:
+    def build(cls, size: int, *, trim_fraction: float = 0.1,
+              byzantine_f: int = 1) -> AggregationRule:
         check_trim(trim_fraction)  # set for a robust rule, so checked for each
+        check_f(byzantine_f)
         return cls(size)
 
     def __init__(self, size: int) -> None:
@@ -93,7 +96,9 @@ class TrimmedMean(UpdateCollector):
         self.trim = trim_fraction
 
     @classmethod
-    def build(cls, size: int, *, trim_fraction: float = 0.1) -> TrimmedMean:
+    def build(cls, size: int, *, trim_fraction: float = 0.1,
+              byzantine_f: int = 1) -> TrimmedMean:
+        check_f(byzantine_f)
         return cls(size, trim_fraction=trim_fraction)
 
     def check_round_size(self, smallest_round: int) -> None:
@@ -105,6 +110,107 @@ class TrimmedMean(UpdateCollector):
 
     def result(self) -> np.ndarray:
         return robust.trimmed_mean(self.rows(), self.trim)
+
+
+class ByzantineCollector(UpdateCollector):
+    """A rule that withstands `f` attackers in a round of at least `smallest(f)` updates."""
+
+    def __init__(self, size: int, *, f: int = 1) -> None:
+        check_f(f)
+        super().__init__(size)
+        self.f = f
+
+    @classmethod
+    def build(cls, size: int, *, trim_fraction: float = 0.1,
+              byzantine_f: int = 1) -> AggregationRule:
+        check_trim(trim_fraction)
+        return cls(size, f=byzantine_f)
+
+    @classmethod
+    def smallest(cls, f: int) -> int:
+        raise NotImplementedError
+
+    @classmethod
+    def needs(cls) -> str:
+        raise NotImplementedError
+
+    def check_round_size(self, smallest_round: int) -> None:
+        least = self.smallest(self.f)
+        if smallest_round < least:
+            raise ConfigError(f"{self.name} withstands byzantine_f = {self.f} attackers only "
+                              f"in rounds of at least {least} updates ({self.needs()}); "
+                              f"min_updates is {smallest_round}: raise it or lower "
+                              "byzantine_f")
+
+    def result(self) -> np.ndarray:
+        rows = self.rows()
+        if len(rows) < self.smallest(self.f):  # a deadline closed it short: say so
+            raise ConfigError(f"{self.name} got {len(rows)} updates, fewer than the "
+                              f"{self.smallest(self.f)} byzantine_f = {self.f} needs")
+        return self.reduce(rows)
+
+    def reduce(self, rows: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+
+class Krum(ByzantineCollector):
+    name = "krum"
+
+    @classmethod
+    def smallest(cls, f: int) -> int:
+        return 2 * f + 3
+
+    @classmethod
+    def needs(cls) -> str:
+        return "n >= 2f + 3"
+
+    def reduce(self, rows: np.ndarray) -> np.ndarray:
+        return robust.krum(rows, self.f)
+
+
+class MultiKrum(Krum):
+    name = "multi_krum"
+
+    def reduce(self, rows: np.ndarray) -> np.ndarray:
+        return robust.multi_krum(rows, self.f)
+
+
+class Bulyan(ByzantineCollector):
+    name = "bulyan"
+
+    @classmethod
+    def smallest(cls, f: int) -> int:
+        return 4 * f + 3
+
+    @classmethod
+    def needs(cls) -> str:
+        return "n >= 4f + 3"
+
+    def reduce(self, rows: np.ndarray) -> np.ndarray:
+        return robust.bulyan(rows, self.f)
+
+
+class CenteredClip(ByzantineCollector):
+    """Norm-bounded mean around the median: f < n / 2 attackers."""
+
+    name = "centered_clip"
+
+    @classmethod
+    def smallest(cls, f: int) -> int:
+        return 2 * f + 1
+
+    @classmethod
+    def needs(cls) -> str:
+        return "n >= 2f + 1: a median of honest majority to start from"
+
+    def reduce(self, rows: np.ndarray) -> np.ndarray:
+        return robust.centered_clip(rows)
+
+
+def check_f(f: int) -> None:
+    if isinstance(f, bool) or not isinstance(f, int) or f < 0:
+        raise ConfigError(f"byzantine_f {f!r} must be a whole number >= 0: the attackers a "
+                          "round must withstand")
 
 
 def check_trim(trim_fraction: float) -> None:

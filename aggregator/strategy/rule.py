@@ -22,7 +22,8 @@ class AggregationRule(ABC):
     streams: ClassVar[bool] = True  # False: keeps the round's updates until it closes
 
     @classmethod
-    def build(cls, size: int, *, trim_fraction: float = 0.1) -> AggregationRule:
+    def build(cls, size: int, *, trim_fraction: float = 0.1,
+              byzantine_f: int = 1) -> AggregationRule:
         """A rule for `size` parameters from the aggregation settings it uses."""
         return cls(size)  # type: ignore[call-arg]
 

@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 from aggregator.strategy.accumulator import WeightedAccumulator
-from aggregator.strategy.collectors import CoordinateMedian, TrimmedMean
+from aggregator.strategy.collectors import (
+    Bulyan,
+    CenteredClip,
+    CoordinateMedian,
+    Krum,
+    MultiKrum,
+    TrimmedMean,
+)
 from aggregator.strategy.rule import AggregationRule
 from fedmq.errors import ConfigError
 
@@ -20,7 +27,8 @@ def register_rule(cls: type[AggregationRule]) -> type[AggregationRule]:
     return cls
 
 
-for _cls in (WeightedAccumulator, CoordinateMedian, TrimmedMean):
+for _cls in (WeightedAccumulator, CoordinateMedian, TrimmedMean, Krum, MultiKrum, Bulyan,
+             CenteredClip):
     register_rule(_cls)
 
 
@@ -37,7 +45,8 @@ def rule_class(name: str) -> type[AggregationRule]:
     return cls
 
 
-def create_rule(name: str, size: int, *, trim_fraction: float = 0.1) -> AggregationRule:
+def create_rule(name: str, size: int, *, trim_fraction: float = 0.1,
+                byzantine_f: int = 1) -> AggregationRule:
     """A fresh rule for one round of `size`-parameter updates; ConfigError for an unknown
     name (listing the known ones) or settings the rule refuses."""
-    return rule_class(name).build(size, trim_fraction=trim_fraction)
+    return rule_class(name).build(size, trim_fraction=trim_fraction, byzantine_f=byzantine_f)

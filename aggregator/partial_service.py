@@ -113,6 +113,7 @@ class PartialService(ServiceLoop):
             client_id=config.client_id, broker=config.broker, username=config.username,
             password=config.password, on_connect=self._on_connect, tls=config.tls(),
             max_payload=config.max_payload, session_expiry_s=config.session_expiry_s,
+            mqtt_version=config.mqtt_version,
             manual_ack=True)
         # a worker subscribes to its own update buckets only: the broker sends it no other
         # worker's updates. Worker 0 (or the site) also takes topic layout 1's

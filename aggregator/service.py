@@ -143,6 +143,7 @@ class AggregatorService(SecureAggregationDriver, ServiceLoop):
             password=config.password, on_connect=self._on_connect, tls=config.tls(),
             will=Will(self.topics.aggregator_status, AggregatorStatus(online=False).to_payload()),
             max_payload=config.max_payload, session_expiry_s=config.session_expiry_s,
+            mqtt_version=config.mqtt_version,
             manual_ack=True,
         )
         if config.role == "central":  # a reducer's workers take the devices' updates
@@ -434,7 +435,11 @@ class AggregatorService(SecureAggregationDriver, ServiceLoop):
                         self.config.min_updates)
             if self.machine.extend(now):  # ask more devices: the cohort may be gone
                 self.broadcast.forget()
-                self._announce()
+            # Announced again either way: fresh for a new cohort, else the same bytes
+            # (devices ignore repeats) for a device whose broker lost the retained model
+            # or its delivery (seen on a loaded NATS cluster: "unable to store retained
+            # message ... timeout").
+            self._announce()
         elif action is Action.RERUN:
             kept = self.machine.rerun(now)
             log.warning("round %d had only %d of %d updates by the deadline; re-announced the "

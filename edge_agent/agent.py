@@ -408,6 +408,7 @@ class EdgeAgent:
             password=config.password, on_connect=self._on_connect, tls=config.tls(),
             will=Will(self.topics.device_status(config.device_id), offline),
             max_payload=config.max_payload, session_expiry_s=config.session_expiry_s,
+            mqtt_version=config.mqtt_version,
         )
         self.link.route(self.topics.receipt(config.device_id), self._on_receipt)
         self.link.route(self.topics.model_current, self._on_announcement)

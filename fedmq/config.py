@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 from fedmq.core.protocol.topics import check_name
 from fedmq.errors import ConfigError
+from fedmq.transport.mqtt import MQTT_VERSIONS, check_mqtt_version, parse_brokers
 from fedmq.transport.tls import TlsFiles
 
 if sys.version_info >= (3, 11):
@@ -35,13 +36,20 @@ LOG_FORMATS = ("text", "json")
 Choices = Iterable[str] | Callable[[], Iterable[str]]
 
 
-def option(default: Any, help: str, *, choices: Choices | None = None) -> Any:
+def option(default: Any, help: str, *, choices: Choices | None = None,
+           list_sep: str | None = None) -> Any:
     """A config field with its help text (shown by --help and in the example configs).
 
     `choices`: the values allowed, or a function returning them (a registry's names, read
     when --help is built, so every registered entry shows); --help lists them. The config
-    class still checks the value, with its own message."""
-    metadata = {"help": help} if choices is None else {"help": help, "choices": choices}
+    class still checks the value, with its own message. `list_sep`: a str option the TOML
+    file may also give as a list of strings, joined with this separator (a flag gives the
+    joined form)."""
+    metadata: dict[str, Any] = {"help": help}
+    if choices is not None:
+        metadata["choices"] = choices
+    if list_sep is not None:
+        metadata["list_sep"] = list_sep
     return dataclasses.field(default=default, metadata=metadata)
 
 
@@ -85,7 +93,8 @@ def borrow_options(source: type, *, keys: Iterable[str] | None = None,
         default, help_text = (f.default, f.metadata.get("help", "")) if new is None else (
             new.value, new.help or f.metadata.get("help", ""))
         out.append((name, hints[name], option(default, help_text,
-                                              choices=f.metadata.get("choices"))))
+                                              choices=f.metadata.get("choices"),
+                                              list_sep=f.metadata.get("list_sep"))))
     return out
 
 
@@ -168,6 +177,10 @@ def load_config(cls: type[C], path: str | Path | None = None,
                 raise ConfigError(
                     f"{path}: unknown key {key!r}; valid keys: {', '.join(sorted(fields))}"
                 )
+            sep = fields[key].metadata.get("list_sep")
+            if sep is not None and isinstance(value, list) and all(
+                    isinstance(v, str) for v in value):
+                value = sep.join(value)
             values[key] = _coerce(value, hints[key], key, str(path))
     for key, value in (overrides or {}).items():
         if value is not None and key in fields:
@@ -215,7 +228,11 @@ class BrokerConfig:
     """Where the broker is and how to log in; shared by agent and aggregator configs."""
 
     broker: str = option("mqtt://127.0.0.1:1883", "broker URL, mqtt://host:port "
-                         "(mqtts://host:8883: TLS)")
+                         "(mqtts://host:8883: TLS); several, as a TOML list or separated by "
+                         "commas, are tried in turn: a lost connection moves on to the next "
+                         "(the nodes of a clustered broker)", list_sep=",")
+    mqtt_version: str = option("auto", "MQTT version: 5, 3.1.1, or auto (5, and 3.1.1 once "
+                               "a broker refuses 5, said at WARNING)", choices=MQTT_VERSIONS)
     username: str = option("", "MQTT user name (empty: anonymous)")
     password: str = option("", "MQTT password")
     ca_file: str = option("", "PEM CA certificate that signed the broker's certificate "
@@ -231,6 +248,8 @@ class BrokerConfig:
 
     def __post_init__(self) -> None:
         check_name(self.fleet, "fleet name")
+        parse_brokers(self.broker)  # a bad URL fails now, naming itself
+        check_mqtt_version(self.mqtt_version)
         if self.log_level.upper() not in LOG_LEVELS:
             raise ConfigError(f"log_level {self.log_level!r} must be one of "
                               f"{', '.join(LOG_LEVELS)}")

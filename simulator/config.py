@@ -169,6 +169,9 @@ class SimulationConfig(BorrowedOptions):
             raise ConfigError(f"--engine hosted runs uniform devices without fault proxies; "
                               f"{self._needs_agents()} needs --engine agents")
         self._check_tiers()
+        if self.engine == "hosted" and self.mqtt_version == "3.1.1":
+            raise ConfigError("--engine hosted speaks MQTT 5 only; --mqtt-version 3.1.1 needs "
+                              "--engine agents")
         if self.clients_per_round > self.devices:
             raise ConfigError(f"clients_per_round {self.clients_per_round} > devices "
                               f"{self.devices}")
@@ -307,5 +310,5 @@ class SimulationConfig(BorrowedOptions):
             status_interval_s=self.status_interval_s, he_context=he_context,
             ldp_clip=self.ldp_clip, ldp_noise_multiplier=self.ldp_noise_multiplier,
             ldp_delta=self.ldp_delta,
-            secure_aggregation=self.secure_aggregation,
+            secure_aggregation=self.secure_aggregation, mqtt_version=self.mqtt_version,
         )

@@ -27,9 +27,10 @@ from aggregator.records import RoundRecord
 from aggregator.service import AggregatorService
 from edge_agent.agent import EdgeAgent
 from fedmq.core.he import CkksParams
-from fedmq.errors import BrokerError, FedmqError, require
+from fedmq.errors import BrokerError, ConfigError, FedmqError, require
 from fedmq.keyfiles import generate_he_keys
 from fedmq.tasks import device_shard, device_shards, fleet_test_set, plugins, task_spec
+from fedmq.transport.mqtt import negotiate_mqtt_version
 from simulator import attacks
 from simulator.broker import LocalMosquitto
 from simulator.config import DEVICE_ID, SimulationConfig
@@ -166,6 +167,8 @@ class Simulation:
             self.broker.workdir.mkdir(parents=True, exist_ok=True)
             self.broker.start()
             url = self.broker.url
+        else:
+            c = self.config = self._settle_mqtt_version(c)
         fleet = c.fleet or f"sim-{os.urandom(3).hex()}"
         if c.sites:
             assert self.broker is not None  # the config refuses --sites with --broker
@@ -214,6 +217,25 @@ class Simulation:
             self.aggregator.start()
         for agent in self.agents:
             agent.start()
+
+    @staticmethod
+    def _settle_mqtt_version(c: SimulationConfig) -> SimulationConfig:
+        """Another broker than the private mosquitto: with mqtt_version auto, one probe
+        finds its version (one WARNING if it speaks only 3.1.1), so the engine is chosen
+        for it and no device repeats the try."""
+        if c.mqtt_version != "auto":
+            return c
+        try:
+            version = negotiate_mqtt_version(c.broker, timeout=min(10.0, c.timeout_s / 4))
+        except BrokerError as exc:  # not there yet: every link tries for itself, as before
+            log.info("no MQTT version probe (%s); every device negotiates its own", exc)
+            return c
+        if version == "3.1.1" and c.hosted:
+            raise ConfigError(
+                f"the hosted engine speaks MQTT 5 only, and {c.broker} speaks 3.1.1: run "
+                f"--engine agents (every device a real EdgeAgent, up to a few hundred "
+                f"devices; this run has {c.devices}) or use a broker that speaks MQTT 5")
+        return dataclasses.replace(c, mqtt_version=version)
 
     def _start_hosts(self, url: str, fleet: str) -> None:
         """Devices first, in their own processes; the aggregator once they are online (or

@@ -11,6 +11,8 @@ from hypothesis import settings
 from fedmq.ops.certs import Pki
 from simulator.broker import LocalMosquitto
 
+from . import helpers
+
 # Property tests check what is computed, never how fast: on a shared 2-core machine one
 # example can take seconds, and hypothesis's default 200 ms deadline then fails the run.
 settings.register_profile("fedmq", deadline=None)
@@ -37,6 +39,15 @@ def broker_factory(tmp_path) -> Iterator[Callable[..., LocalMosquitto]]:
 def broker(broker_factory) -> LocalMosquitto:
     """A fresh loopback mosquitto (anonymous, no persistence) for one test."""
     return broker_factory()
+
+
+@pytest.fixture(params=["5", "3.1.1"])
+def mqtt_version(request, monkeypatch) -> str:
+    """The MQTT version matrix: a test taking this fixture runs once per version, every
+    aggregator and agent that tests/helpers.py builds speaking it (no fallback: a broker
+    refusing it fails the test)."""
+    monkeypatch.setattr(helpers, "MQTT_VERSION", request.param)
+    return request.param
 
 
 @pytest.fixture

@@ -14,6 +14,10 @@ from fedmq.tasks import partition, split_task
 # Generous: a shared 2-core CI box can stall a thread for seconds.
 WAIT_S = 60.0
 
+# The MQTT version every service and agent built here speaks unless a test says otherwise;
+# the `mqtt_version` fixture (conftest.py) runs a test once on "5" and once on "3.1.1".
+MQTT_VERSION = "auto"
+
 
 def wait_for(condition: Callable[[], bool], what: str, timeout: float = WAIT_S) -> None:
     deadline = time.monotonic() + timeout
@@ -27,7 +31,7 @@ def make_aggregator(broker_url: str, tmp_path, stoppers, *, start: bool = True,
                     **overrides) -> AggregatorService:
     settings = dict(broker=broker_url, fleet="test", task="digits", model="mlp", hidden=16,
                     min_updates=3, rounds=3, epochs=1, lr=0.1, deadline_s=30.0,
-                    checkpoint=str(tmp_path / "aggregator.ckpt"))
+                    checkpoint=str(tmp_path / "aggregator.ckpt"), mqtt_version=MQTT_VERSION)
     settings.update(overrides)
     service = AggregatorService(AggregatorConfig(**settings))
     if not start:
@@ -42,6 +46,7 @@ def make_agents(broker_url: str, stoppers, count: int, *, total: int | None = No
                 first: int = 0, fleet: str = "test", start: bool = True,
                 **overrides) -> list[EdgeAgent]:
     total = total or count
+    overrides.setdefault("mqtt_version", MQTT_VERSION)
     train, _ = split_task("digits", seed=0)
     shards = partition(train.y, devices=total, alpha=0.5, seed=0)
     agents = []

@@ -147,7 +147,7 @@ def test_the_open_rounds_partial_aggregate_survives_a_crash():
 
 
 @pytest.mark.integration
-def test_every_update_gets_a_receipt_and_outboxes_drain(broker, tmp_path, stoppers):
+def test_every_update_gets_a_receipt_and_outboxes_drain(broker, tmp_path, stoppers, mqtt_version):
     service = make_aggregator(broker.url, tmp_path, stoppers, rounds=3)
     agents = make_agents(broker.url, stoppers, 3)
     wait_for(service.finished.is_set, "3 rounds")
@@ -155,13 +155,14 @@ def test_every_update_gets_a_receipt_and_outboxes_drain(broker, tmp_path, stoppe
              "a receipt for every counted update")
     wait_for(lambda: all(len(a.outbox) == 0 for a in agents), "outboxes to drain")
     assert service.accepted >= 9
+    assert {a.link.protocol_version for a in agents} == {mqtt_version}
     # every update message was acked to the broker (late ones included, hence >=)
     assert service.answered >= service.accepted
 
 
 @pytest.mark.integration
 def test_an_agent_killed_between_training_and_publishing_sends_on_restart(
-        broker, tmp_path, stoppers):
+        broker, tmp_path, stoppers, mqtt_version):
     service = make_aggregator(broker.url, tmp_path, stoppers, rounds=1, min_updates=3)
     make_agents(broker.url, stoppers, 2, total=3)
     state = tmp_path / "dev2-state"

@@ -17,10 +17,12 @@ from .helpers import make_agents, make_aggregator, wait_for
 pytestmark = pytest.mark.integration
 
 
-def test_three_agents_three_rounds_accuracy_rises(broker, tmp_path, stoppers):
+def test_three_agents_three_rounds_accuracy_rises(broker, tmp_path, stoppers, mqtt_version):
     service = make_aggregator(broker.url, tmp_path, stoppers)
-    make_agents(broker.url, stoppers, 3)
+    agents = make_agents(broker.url, stoppers, 3)
     wait_for(service.finished.is_set, "3 rounds")
+    assert {a.link.protocol_version for a in [*agents, service]
+            if hasattr(a, "link")} == {mqtt_version}
     history = service.history
     assert [r.round for r in history] == [1, 2, 3]
     assert all(r.participants == 3 for r in history)
@@ -115,7 +117,7 @@ def test_garbage_on_update_topics_is_rejected_counted_and_survived(broker, tmp_p
     assert service.accepted == 4
 
 
-def test_training_continues_after_the_broker_restarts(broker, tmp_path, stoppers):
+def test_training_continues_after_the_broker_restarts(broker, tmp_path, stoppers, mqtt_version):
     """Everyone reconnects by themselves; the round the restart interrupted still closes."""
     service = make_aggregator(broker.url, tmp_path, stoppers, rounds=4, min_updates=3)
     agents = make_agents(broker.url, stoppers, 3)
@@ -127,6 +129,7 @@ def test_training_continues_after_the_broker_restarts(broker, tmp_path, stoppers
     assert [r.round for r in service.history][-1] >= 4
     assert all(r.participants == 3 for r in service.history)
     assert all(a.link.connected.is_set() for a in agents)
+    assert service.link.protocol_version == mqtt_version
 
 
 def test_missing_mosquitto_says_how_to_install_it(monkeypatch):
@@ -140,7 +143,7 @@ def test_missing_mosquitto_says_how_to_install_it(monkeypatch):
 
 
 def test_updates_lost_while_the_aggregator_was_away_are_trained_again(broker, tmp_path,
-                                                                       stoppers):
+                                                                       stoppers, mqtt_version):
     service = make_aggregator(broker.url, tmp_path, stoppers, rounds=1, min_updates=3)
     devices = make_agents(broker.url, stoppers, 2, total=3)
     wait_for(lambda: len(service.machine.open.devices) == 2, "two updates")

@@ -252,7 +252,7 @@ class ModelClient:
 
 @pytest.mark.integration
 def test_a_signed_fleet_trains_normally_and_devices_without_the_key_still_follow(
-        secure, tmp_path, stoppers, keys):
+        secure, tmp_path, stoppers, keys, mqtt_version):
     service = signing_aggregator(secure, tmp_path, stoppers, keys, rounds=2, min_updates=3)
     verifying = enrolled_agents(secure, stoppers, [0, 1], total=3,
                                 model_public_key=str(keys.public))
@@ -264,6 +264,7 @@ def test_a_signed_fleet_trains_normally_and_devices_without_the_key_still_follow
     for agent in [*verifying, *unkeyed]:
         assert agent.stats.models_received >= 2 and not agent.stats.rejected
     assert verifying[0].announcements.verifying and not unkeyed[0].announcements.verifying
+    assert service.link.protocol_version == unkeyed[0].link.protocol_version == mqtt_version
     auditor = ModelClient(secure.password_link("auditor", PASSWORDS["auditor"]), stoppers)
     assert SignedAnnouncement.from_payload(auditor.genuine()).key_id == keys.key_id
 

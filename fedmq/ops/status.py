@@ -168,7 +168,8 @@ class StatusReader:
         # each other's connection; no session, nothing queued for a reader that left.
         self.link = MqttLink(client_id=f"fedmq-status-{os.urandom(4).hex()}",
                              broker=config.broker, username=config.username,
-                             password=config.password, tls=config.tls(), session_expiry_s=0)
+                             password=config.password, tls=config.tls(), session_expiry_s=0,
+                             mqtt_version=config.mqtt_version)
         for topic_filter in (self.topics.aggregator_status, self.topics.device_status_filter):
             self.link.route(topic_filter, self._on_status, qos=1)
 

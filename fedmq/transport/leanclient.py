@@ -60,6 +60,21 @@ class LeanClient(mqtt.Client):
         self._lean = self.supported
         self.split_publishes = 0  # messages delivered through the one-copy path
 
+    def use_mqtt311(self, *, clean_session: bool) -> None:
+        """Speak MQTT 3.1.1 from the next CONNECT on (a broker refused MQTT 5). paho fixes
+        the version in its constructor; it reads these two attributes anew for every
+        CONNECT, subscription and PUBLISH, so switching between connections is safe. The
+        one-copy receive path follows: publish_header_length is told the version."""
+        self._protocol = mqtt.MQTTv311
+        self._clean_session = clean_session
+
+    def aim(self, host: str, port: int) -> None:
+        """Make paho's next reconnect go to host:port (failing over to another broker).
+        paho's own host/port setters refuse while its state still says connected, which it
+        does inside on_disconnect, after the socket is already closed; reconnect() reads
+        these two attributes afresh."""
+        self._host, self._port = host, port
+
     def _handle_publish(self):  # runs on paho's network thread
         packet = self._in_packet["packet"]
         command = self._in_packet["command"]

@@ -1,4 +1,5 @@
-"""Thin adapter over one paho-mqtt 2.x client (MQTT v5): connect, reconnect, route messages.
+"""Thin adapter over one paho-mqtt 2.x client (MQTT 5 or 3.1.1): connect, reconnect, route
+messages, fail over to the next of several broker addresses.
 
 Handlers run on paho's network thread and must be quick; exceptions in them are logged
 and counted here so a bad message can never stop the network loop.
@@ -13,7 +14,7 @@ import ssl
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
@@ -39,6 +40,19 @@ RECONNECT_MAX_S = 30.0
 RECONNECT_JITTER = 0.5
 KEEPALIVE_S = 30
 
+# mqtt_version settings: "auto" tries MQTT 5 and falls back to 3.1.1 when the broker refuses
+# the protocol version in its CONNACK (docs/brokers.md lists who speaks what).
+MQTT_VERSIONS = ("auto", "5", "3.1.1")
+_PAHO_PROTOCOL = {"5": mqtt.MQTTv5, "3.1.1": mqtt.MQTTv311}
+# paho's name for the CONNACK of a broker that does not speak MQTT 5 (it answers a v5 CONNECT
+# with its own 3.1.1 refusal, return code 1, or with v5 reason code 0x84).
+_UNSUPPORTED_PROTOCOL = "Unsupported protocol version"
+_UNSUPPORTED_PROTOCOL_CODE = 0x84
+
+# With "auto": connections closed without a CONNACK, in a row, after which a broker that
+# never answered MQTT 5 is taken for one that cannot parse it (RabbitMQ before 3.13).
+UNANSWERED_BEFORE_FALLBACK = 2
+
 # Handlers get fedmq's own Message: paho's MQTTMessage never reaches them.
 Handler = Callable[[Message], None]
 
@@ -51,6 +65,8 @@ _REFUSAL_HINTS = {
     "Bad user name or password": _CREDENTIALS_HINT,
     "Client identifier not valid": "check device_id / client_id",
     "Banned": "the broker banned this client",
+    _UNSUPPORTED_PROTOCOL: ('the broker does not speak this MQTT version; set mqtt_version = '
+                            '"auto" (or "3.1.1")'),
 }
 # A TLS broker that hangs up before CONNACK rejected the handshake after it completed on
 # our side (TLS 1.3 verifies the client certificate late).
@@ -63,13 +79,13 @@ def _refusal_hint(reason: str) -> str:
     return f"; {hint}" if hint else ""
 
 
-def publish_overhead(topic: str, *, qos: int) -> int:
-    """Bytes an MQTT v5 PUBLISH adds around its payload: what a broker's packet limit
-    counts beyond the payload itself."""
+def publish_overhead(topic: str, *, qos: int, v5: bool = True) -> int:
+    """Bytes a PUBLISH adds around its payload: what a broker's packet limit counts beyond
+    the payload itself."""
     fixed_header = 1 + 4  # packet type and flags, remaining length (a varint of up to 4 bytes)
     topic_name = 2 + len(topic.encode("utf-8"))
     packet_id = 2 if qos > 0 else 0
-    properties = 1  # publish() sends none: a one-byte zero length
+    properties = 1 if v5 else 0  # publish() sends none: a one-byte zero length (v5 only)
     return fixed_header + topic_name + packet_id + properties
 
 
@@ -109,6 +125,27 @@ class BrokerAddress:
         return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
 
 
+def parse_brokers(spec: str | Sequence[str]) -> tuple[BrokerAddress, ...]:
+    """One broker URL, several separated by commas, or a list of them: the addresses a link
+    tries in turn. All must be TLS (mqtts://) or all plain: one TLS setup serves them all."""
+    urls = [u.strip() for u in (spec.split(",") if isinstance(spec, str) else spec)]
+    urls = [u for u in urls if u]
+    if not urls:
+        raise ConfigError("broker is empty: give a URL like mqtt://host:1883 (or several, "
+                          "separated by commas)")
+    addresses = tuple(BrokerAddress.parse(u) for u in urls)
+    if len({a.tls for a in addresses}) > 1:
+        raise ConfigError(f"broker list {', '.join(map(str, addresses))} mixes mqtts:// and "
+                          "mqtt://; use one scheme for all of them")
+    return addresses
+
+
+def check_mqtt_version(value: str) -> str:
+    if value not in MQTT_VERSIONS:
+        raise ConfigError(f"mqtt_version {value!r} must be one of {', '.join(MQTT_VERSIONS)}")
+    return value
+
+
 @dataclass(frozen=True, slots=True)
 class Will:
     topic: str
@@ -129,19 +166,34 @@ def _no_delay(_client, _userdata, sock) -> None:
 
 
 class MqttLink:
-    """One MQTT v5 client that reconnects by itself and re-subscribes on every connect."""
+    """One MQTT client (v5 or 3.1.1) that reconnects by itself, to the next broker of its
+    list when it has several, and re-subscribes on every connect."""
 
     def __init__(
-        self, *, client_id: str, broker: str, username: str = "", password: str = "",
-        will: Will | None = None, on_connect: Callable[[bool], None] | None = None,
+        self, *, client_id: str, broker: str | Sequence[str], username: str = "",
+        password: str = "", will: Will | None = None,
+        on_connect: Callable[[bool], None] | None = None,
         max_payload: int = DEFAULT_MAX_PAYLOAD, session_expiry_s: int = 0,
-        manual_ack: bool = False, tls: TlsFiles | None = None,
+        manual_ack: bool = False, tls: TlsFiles | None = None, mqtt_version: str = "auto",
     ) -> None:
-        """session_expiry_s > 0: a persistent session (clean_start false) the broker keeps
-        that long after a disconnect, queueing QoS 1 messages for us. manual_ack: QoS 1
-        messages are acknowledged only by `ack()`, after the caller stored them. tls: CA and
-        client certificate for an mqtts:// broker (mqtts:// alone: the system's CAs)."""
-        self.address = BrokerAddress.parse(broker)
+        """broker: one URL, or several (a list, or separated by commas): a lost connection
+        or a failed connect moves on to the next, with the same backoff. session_expiry_s
+        > 0: a persistent session the broker keeps that long after a disconnect, queueing
+        QoS 1 messages for us (MQTT 5: clean_start false and a Session Expiry Interval;
+        3.1.1: clean_session false, kept as long as the broker's own settings say).
+        manual_ack: QoS 1 messages are acknowledged only by `ack()`, after the caller
+        stored them. tls: CA and client certificate for an mqtts:// broker (mqtts://
+        alone: the system's CAs). mqtt_version: "5", "3.1.1", or "auto" (5, then 3.1.1 for
+        good once a broker refuses 5, said once at WARNING)."""
+        self.addresses = parse_brokers(broker)
+        self._next_address = 0  # index into addresses of the one connected or tried now
+        self.address = self.addresses[0]
+        self.failovers = 0  # times the link moved on to another address of its list
+        self._last_address: BrokerAddress | None = None  # of the last accepted connection
+        self.resubscribed_after_failover = 0  # see _handle_connect
+        self.mqtt_version = check_mqtt_version(mqtt_version)
+        # The version spoken now: "auto" starts with 5.
+        self.protocol_version = "3.1.1" if mqtt_version == "3.1.1" else "5"
         self.session_expiry_s = session_expiry_s
         self.client_id = client_id
         self.max_payload = max_payload
@@ -156,13 +208,25 @@ class MqttLink:
         # Set once the broker acknowledged every subscription of the current connection:
         # from then on, nothing published to our filters is missed.
         self.subscribed = threading.Event()
-        self._pending_subacks: set[int] = set()
+        self._pending_subacks: dict[int, str] = {}  # SUBSCRIBE packet id -> its filter
+        # Why this link gave up for good (a broker that refuses fedmq's topics): retrying
+        # cannot help, so it stopped reconnecting. None while all is well.
+        self.fatal: str | None = None
+        # Subscriptions the broker refused, asked again after a delay (_retry_subscription)
+        self._retrying: set[str] = set()
+        self._sub_attempts: dict[str, int] = {}
+        self._timers: list[threading.Timer] = []
+        self._generation = 0  # connections accepted so far: a retry belongs to one
         self._lock = threading.Lock()
         self.handler_errors = 0
-        self._client = LeanClient(
-            callback_api_version=CallbackAPIVersion.VERSION2, client_id=client_id,
-            protocol=mqtt.MQTTv5,
-        )
+        if self.protocol_version == "3.1.1":
+            self._client = LeanClient(
+                callback_api_version=CallbackAPIVersion.VERSION2, client_id=client_id,
+                protocol=mqtt.MQTTv311, clean_session=session_expiry_s <= 0)
+        else:
+            self._client = LeanClient(
+                callback_api_version=CallbackAPIVersion.VERSION2, client_id=client_id,
+                protocol=mqtt.MQTTv5)
         if manual_ack:
             self._client.manual_ack_set(True)
         if username:
@@ -173,6 +237,10 @@ class MqttLink:
         self._unreachable: str | None = None  # the last connect failure said, until connected
         self._connack: bool | None = None  # this connection's CONNACK: accepted, refused, none
         self._client.on_connect_fail = self._handle_connect_fail
+        # Dotted topics: NATS's MQTT gateway (before 2.10) drops the client (see _dotted)
+        self._will_topic = will.topic if will is not None else ""
+        self._closed_unanswered = 0  # connections closed before CONNACK, in a row
+        self._answered_v5 = False  # a broker answered an MQTT 5 CONNECT of this link
         if will is not None:
             self._client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
         jitter = random.uniform(1.0 - RECONNECT_JITTER, 1.0 + RECONNECT_JITTER)
@@ -219,13 +287,15 @@ class MqttLink:
 
     def start(self) -> None:
         """Connect in the background; paho keeps retrying while the broker is away."""
-        props = Properties(PacketTypes.CONNECT)
-        if self.session_expiry_s > 0:
-            props.SessionExpiryInterval = self.session_expiry_s
+        v5: dict = {}
+        if self.protocol_version == "5":
+            props = Properties(PacketTypes.CONNECT)
+            if self.session_expiry_s > 0:
+                props.SessionExpiryInterval = self.session_expiry_s
+            v5 = {"clean_start": self.session_expiry_s <= 0, "properties": props}
         try:
             self._client.connect_async(self.address.host, self.address.port,
-                                       keepalive=KEEPALIVE_S,
-                                       clean_start=self.session_expiry_s <= 0, properties=props)
+                                       keepalive=KEEPALIVE_S, **v5)
         except (OSError, ValueError) as exc:
             raise BrokerError(f"cannot connect to {self.address}: {exc}") from exc
         if self._started_before:
@@ -240,6 +310,8 @@ class MqttLink:
         TLS), since retrying the same credentials will not help."""
         deadline = time.monotonic() + timeout
         while not self.connected.wait(min(0.1, max(0.0, deadline - time.monotonic()))):
+            if self.fatal is not None:
+                raise BrokerError(f"{self.client_id}: {self.fatal}")
             refusal = self.refusal
             if refusal is not None:
                 raise BrokerError(f"{self.client_id}: {self.address} refused the connection: "
@@ -268,9 +340,10 @@ class MqttLink:
     def effective_max_payload(self, topic: str, *, qos: int = 1) -> int:
         """The largest payload to publish on `topic`: max_payload, or less when the broker's
         packet limit leaves less room after the PUBLISH headers."""
-        if self.max_packet_size is None:
+        if self.max_packet_size is None:  # MQTT 3.1.1 always: its CONNACK says no limit
             return self.max_payload
-        return min(self.max_payload, self.max_packet_size - publish_overhead(topic, qos=qos))
+        return min(self.max_payload, self.max_packet_size - publish_overhead(
+            topic, qos=qos, v5=self.protocol_version == "5"))
 
     def stop(self, *, final: tuple[str, bytes] | None = None, timeout: float = 5.0) -> None:
         """Disconnect cleanly, first publishing `final` (e.g. a retained offline status)."""
@@ -290,6 +363,9 @@ class MqttLink:
         else:
             self._client.disconnect()
         self._client.loop_stop()
+        for timer in self._timers:
+            timer.cancel()
+        self._timers = []
         # paho leaves its wake-up socket pair open until garbage collection, which then
         # may warn about unclosed sockets; close it now (start() makes a new one).
         self._client._reset_sockets(sockpair_only=True)
@@ -297,25 +373,90 @@ class MqttLink:
 
     def _handle_connect(self, client, _userdata, flags, reason_code, props) -> None:
         self._connack = not reason_code.is_failure
+        if self.protocol_version == "5" and not self._fall_back_pending(reason_code):
+            self._answered_v5 = True  # a broker that answers 5 speaks it, refusal or not
+        if reason_code.is_failure and self._fall_back(reason_code):
+            return
         if reason_code.is_failure:
             self.refusal = f"{reason_code}{_refusal_hint(str(reason_code))}"
             log.error("%s: broker %s refused the connection: %s (retrying with backoff)",
                       self.client_id, self.address, self.refusal)
             return
         self.refusal = None
+        self._closed_unanswered = 0
         self._note_packet_limit(getattr(props, "MaximumPacketSize", None))
         with self._lock:
             active = list(self._subscriptions.items())
+            self._generation += 1
+            self._retrying.clear()
+        moved = self._last_address is not None and self._last_address != self.address
+        self._last_address = self.address
+        if moved and flags.session_present and active:
+            # Another node of a cluster that shares sessions (NATS) handed us our session
+            # back. Its subscriptions may be bound to state that died with the old node
+            # (a consumer that never delivers again), and a SUBSCRIBE that repeats an
+            # existing one need not bring the retained messages: drop them and subscribe
+            # anew, so retained models and parts come down again.
+            self._client.unsubscribe([f for f, _ in active])
+            self.resubscribed_after_failover += 1
         self._subscribe(active)
         self.connected.set()
         self._unreachable = None
-        log.info("%s: connected to %s", self.client_id, self.address)
+        log.info("%s: connected to %s (MQTT %s)", self.client_id, self.address,
+                 self.protocol_version)
         if self._on_connect_cb is not None:
             try:
                 self._on_connect_cb(bool(flags.session_present))
             except Exception:
                 self.handler_errors += 1
                 log.exception("%s: on-connect hook failed", self.client_id)
+
+    @staticmethod
+    def _fall_back_pending(reason_code) -> bool:
+        return (str(reason_code) == _UNSUPPORTED_PROTOCOL
+                or getattr(reason_code, "value", None) == _UNSUPPORTED_PROTOCOL_CODE)
+
+    def _fall_back(self, reason_code) -> bool:
+        """With mqtt_version "auto", a broker that refuses MQTT 5 gets 3.1.1 from the next
+        attempt on (paho reconnects after its backoff); said once, at WARNING."""
+        refused = self._fall_back_pending(reason_code)
+        if not (refused and self.mqtt_version == "auto" and self.protocol_version == "5"):
+            return False
+        self._fall_back_to_311(str(reason_code))
+        return True
+
+    def _fall_back_to_311(self, why: str) -> None:
+        self.protocol_version = "3.1.1"
+        self._client.use_mqtt311(clean_session=self.session_expiry_s <= 0)
+        log.warning("%s: broker %s does not speak MQTT 5 (%s); speaking MQTT 3.1.1 to it "
+                    "(set mqtt_version = \"3.1.1\" to skip the attempt)", self.client_id,
+                    self.address, why)
+
+    def _dotted(self, what: str) -> str:
+        return (f"{self.address} {what}: brokers that refuse '.' in MQTT topics (NATS's MQTT "
+                "gateway before 2.10) drop such clients every time; name the fleet and the "
+                "devices without '.' (A-Z a-z 0-9 _ -)")
+
+    def _give_up(self, why: str) -> None:
+        """Stop reconnecting: the broker will refuse us the same way every time."""
+        if self.fatal is None:
+            self.fatal = why
+            log.error("%s: %s; not reconnecting", self.client_id, why)
+            self._client.disconnect()
+            # On paho's own thread (a callback): ends its retry loop without joining it;
+            # stop() joins it later.
+            self._client.loop_stop()
+
+    def _fail_over(self, why: str) -> None:
+        """Aim paho's next reconnect at the next address of the list (paho's backoff
+        applies as before). Called with the socket closed."""
+        if len(self.addresses) < 2:
+            return
+        self._next_address = (self._next_address + 1) % len(self.addresses)
+        previous, self.address = self.address, self.addresses[self._next_address]
+        self._client.aim(self.address.host, self.address.port)
+        self.failovers += 1
+        log.warning("%s: %s %s; trying %s next", self.client_id, why, previous, self.address)
 
     def _setup_tls(self, tls: TlsFiles, *, has_password: bool) -> None:
         """TLS for mqtts:// only: TLS files with mqtt:// would silently go unused."""
@@ -345,6 +486,7 @@ class MqttLink:
             self._unreachable = cause
             log.log(level, "%s: cannot reach the broker at %s (%s); retrying with backoff",
                     self.client_id, self.address, exc)
+        self._fail_over("cannot reach")
 
     def _note_packet_limit(self, limit: int | None) -> None:
         """Keep the broker's limit; say so once when it lowers max_payload."""
@@ -363,18 +505,52 @@ class MqttLink:
             for topic_filter, qos in subscriptions:
                 rc, mid = self._client.subscribe(topic_filter, qos=qos)
                 if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and mid is not None:
-                    self._pending_subacks.add(mid)
+                    self._pending_subacks[mid] = topic_filter
             if not self._pending_subacks:
                 self.subscribed.set()
 
     def _handle_subscribe(self, _client, _userdata, mid, reason_codes, _props) -> None:
-        for code in reason_codes:
-            if code.is_failure:
-                log.error("%s: broker refused a subscription: %s", self.client_id, code)
         with self._lock:
-            self._pending_subacks.discard(mid)
-            if not self._pending_subacks:
+            topic_filter = self._pending_subacks.pop(mid, "")
+        refused = [code for code in reason_codes if code.is_failure]
+        if refused and "." in topic_filter:
+            log.error("%s: broker refused the subscription %s: %s", self.client_id,
+                      topic_filter, refused[0])
+            self._give_up(self._dotted(f"refused the subscription {topic_filter!r}"))
+        elif refused:
+            self._retry_subscription(topic_filter, refused[0])
+        else:
+            self._sub_attempts.pop(topic_filter, None)
+        with self._lock:
+            if not self._pending_subacks and not self._retrying:
                 self.subscribed.set()
+
+    def _retry_subscription(self, topic_filter: str, code) -> None:
+        """A broker may refuse a subscription for a while (NATS's MQTT gateway refuses one
+        when creating its JetStream consumer times out, on a loaded or re-forming cluster):
+        ask again with the reconnect backoff, on this connection, until it is granted."""
+        attempt = self._sub_attempts.get(topic_filter, 0)
+        self._sub_attempts[topic_filter] = attempt + 1
+        delay = min(self.reconnect_delays[1], self.reconnect_delays[0] * 2 ** attempt)
+        level = logging.ERROR if attempt == 0 else logging.DEBUG
+        log.log(level, "%s: broker %s refused the subscription %s: %s; asking again in "
+                "%.1f s", self.client_id, self.address, topic_filter, code, delay)
+        generation = self._generation
+        with self._lock:
+            self._retrying.add(topic_filter)
+
+        def again() -> None:
+            with self._lock:
+                self._retrying.discard(topic_filter)
+                qos = self._subscriptions.get(topic_filter)
+                current = generation == self._generation and self.connected.is_set()
+            if qos is not None and current:
+                self._subscribe([(topic_filter, qos)])
+
+        timer = threading.Timer(delay, again)
+        timer.daemon = True
+        self._timers = [t for t in self._timers if t.is_alive()] + [timer]
+        timer.start()
 
     def _handle_disconnect(self, _client, _userdata, _flags, reason_code, _props) -> None:
         connack, self._connack = self._connack, None
@@ -384,7 +560,31 @@ class MqttLink:
         with self._lock:
             self._pending_subacks.clear()
         if connack is False:
-            return  # refused in CONNACK: logged there
+            if self.refusal is not None:  # refused for good: another node may let us in
+                self._fail_over("refused by")
+            return  # refused in CONNACK (or falling back to 3.1.1): logged there
+        if connack is None and not self.address.tls:
+            self._closed_unanswered += 1
+            if (self._closed_unanswered >= UNANSWERED_BEFORE_FALLBACK
+                    and self.mqtt_version == "auto" and self.protocol_version == "5"
+                    and not self._answered_v5):
+                # RabbitMQ's MQTT plugin before 3.13 cannot parse an MQTT 5 CONNECT and
+                # hangs up without a CONNACK
+                self._closed_unanswered = 0
+                self._fall_back_to_311(f"closed the connection {UNANSWERED_BEFORE_FALLBACK} "
+                                       "times without answering an MQTT 5 CONNECT")
+                return
+            if (self.mqtt_version == "auto" and self.protocol_version == "5"
+                    and not self._answered_v5):
+                log.info("%s: %s closed the connection without answering; trying again",
+                         self.client_id, self.address)
+                return  # said at WARNING once it is clear what it means
+            if (self._closed_unanswered >= 2 and "." in self._will_topic
+                    and self.protocol_version == "3.1.1"):
+                self._give_up(self._dotted(f"closed the connection before answering CONNECT "
+                                           f"{self._closed_unanswered} times; our will "
+                                           f"topic {self._will_topic!r} has a '.'"))
+                return
         if connack is None and self.address.tls and reason_code != 0:
             self.refusal = TLS_CLOSED
             log.error("%s: %s closed the TLS connection before answering CONNECT: %s",
@@ -393,3 +593,20 @@ class MqttLink:
         if reason_code != 0:
             log.warning("%s: disconnected from %s (%s); reconnecting", self.client_id,
                         self.address, reason_code)
+            self._fail_over("lost")
+
+
+def negotiate_mqtt_version(broker: str | Sequence[str], *, timeout: float = 30.0,
+                           username: str = "", password: str = "",
+                           tls: TlsFiles | None = None) -> str:
+    """The MQTT version ("5" or "3.1.1") a broker speaks, found by connecting once with
+    mqtt_version "auto" (a broker that refuses 5 is said at WARNING, once). For a process
+    about to open many connections: it tells them the version, so none repeats the try."""
+    link = MqttLink(client_id=f"fedmq-probe-{random.getrandbits(32):08x}", broker=broker,
+                    username=username, password=password, tls=tls)
+    link.start()
+    try:
+        link.wait_connected(timeout)
+        return link.protocol_version
+    finally:
+        link.stop()

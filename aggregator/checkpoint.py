@@ -1,22 +1,28 @@
-"""The aggregator's state on disk: the model rarely, the open round on every commit.
+"""The aggregator's state on disk: the model once per round, the open round on every commit.
 
 Within a round only the open round changes (its running sum, who counted), yet it must be
-on disk before any of its updates is acknowledged, many times a second under load. So:
+on disk before any of its updates is acknowledged, many times a second under load; and
+each new model must be on disk before it is published, once a round, which sets how
+short a round can be. So:
 
-- `path` holds the whole state (model, optimizer, history, open round) and is rewritten,
-  write-then-rename, only when the model's version changes or this process first saves;
-- two journal slots next to it (`path.round-0`, `path.round-1`) take turns holding
-  everything but the model and optimizer. A slot is overwritten in place (no new file, no
-  rename, no metadata to journal: an fdatasync of data blocks the file already owns),
-  framed by a sequence number, its length and a CRC32, so a write torn by a crash is
-  recognised and the other slot, one commit older and never acknowledged past, is used.
+- `path` holds the whole state (model, optimizer, history, open round), written
+  write-then-rename when this process first saves;
+- two model slots next to it (`path.model-0`, `path.model-1`) take turns holding the
+  whole state each time the model's version changes after that;
+- two journal slots (`path.round-0`, `path.round-1`) take turns holding everything but
+  the model and optimizer after every other commit.
 
-On load, a slot counts only if it was written after the whole-state file by the same
-process (a random run id ties them: slots left behind when an operator moved the file away
-never count for a new one), for the same model version and layout; the slot's open round
-then replaces the file's.
+A slot is overwritten in place (no new file, no rename, no directory entry to make
+durable: one fdatasync of blocks the file already owns, ~0.25 ms here against ~2 ms for
+write-then-rename, on rounds of ~10 ms), framed by a sequence number, its length and a
+CRC32, so a write torn by a crash is recognised and the other slot, one commit older and
+never acknowledged past, is used.
+
+On load, the newest of `path` and the model slots written after it by the same process
+(a random run id ties them: slots left behind when an operator moved the file away never
+count for a new one) is the base; the newest journal slot written after the base, for
+the same model version and layout, then replaces its open round.
 """
-
 from __future__ import annotations
 
 import os
@@ -44,11 +50,15 @@ class CheckpointStore:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         self.slots = [self.path.with_name(f"{self.path.name}.round-{i}") for i in range(_SLOTS)]
+        self.model_slots = [self.path.with_name(f"{self.path.name}.model-{i}")
+                            for i in range(_SLOTS)]
         self._seq = 0  # of the last save; every save takes the next number
         self._run = secrets.token_hex(8)  # this process's whole file and slots carry it
         self._model_version: int | None = None  # version of the model in `path`, if current
-        self._fds: list[int | None] = [None] * _SLOTS
-        self.full_writes = 0
+        self._fds: dict[Path, int] = {}
+        self._file_written = False  # `path` holds this process's run: model slots may follow
+        self.full_writes = 0  # saves of the whole state: `path` once, then model slots
+        self.file_writes = 0
         self.journal_writes = 0
 
     # -- writing -------------------------------------------------------------------------
@@ -57,22 +67,29 @@ class CheckpointStore:
         self._seq += 1
         version = state["machine"]["version"]
         if version != self._model_version:
-            storage.save_state(self.path, {**state, "seq": self._seq, "run": self._run})
+            whole = {**state, "seq": self._seq, "run": self._run}
+            if self._file_written:
+                self._write_slot(whole, self.model_slots[self.full_writes % _SLOTS])
+            else:
+                storage.save_state(self.path, whole)
+                self._file_written = True
+                self.file_writes += 1
             self._model_version = version
             self.full_writes += 1
             return
         machine = {k: v for k, v in state["machine"].items() if k not in MODEL_KEYS}
-        self._write_slot({**state, "machine": machine, "seq": self._seq, "run": self._run})
+        self._write_slot({**state, "machine": machine, "seq": self._seq, "run": self._run},
+                         self.slots[self._seq % _SLOTS])
         self.journal_writes += 1
 
-    def _write_slot(self, journal: dict[str, Any]) -> None:
+    def _write_slot(self, journal: dict[str, Any], path: Path) -> None:
         parts = storage.dump_parts(journal)
         length, crc = 0, 0
         for part in parts:
             length += len(part)
             crc = zlib.crc32(part, crc)
         buffers = [_HEADER.pack(_MAGIC, _FORMAT, self._seq, length, crc), *parts]
-        fd = self._slot_fd(self._seq % _SLOTS)
+        fd = self._slot_fd(path)
         offset = 0
         for buffer in buffers:  # pwritev may stop short; whatever is left goes on
             view = memoryview(buffer)
@@ -82,21 +99,19 @@ class CheckpointStore:
                 view = view[written:]
         _datasync(fd)
 
-    def _slot_fd(self, index: int) -> int:
-        fd = self._fds[index]
+    def _slot_fd(self, path: Path) -> int:
+        fd = self._fds.get(path)
         if fd is None:
-            path = self.slots[index]
             existed = path.exists()
-            fd = self._fds[index] = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            fd = self._fds[path] = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
             if not existed:  # the new name itself must survive a crash
                 storage.fsync_dir(path.parent)
         return fd
 
     def close(self) -> None:
-        for i, fd in enumerate(self._fds):
-            if fd is not None:
-                os.close(fd)
-                self._fds[i] = None
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
 
     # -- reading -------------------------------------------------------------------------
     def load(self) -> dict[str, Any] | None:
@@ -105,8 +120,15 @@ class CheckpointStore:
         if state is None:
             return None
         seq, run = int(state.pop("seq", 0)), state.pop("run", None)
+        models = [m for m in map(_read_slot, self.model_slots) if m is not None]
         journals = [j for j in map(_read_slot, self.slots) if j is not None]
-        self._seq = max([seq] + [j["seq"] for j in journals])  # later saves number on
+        # later saves number on
+        self._seq = max([seq] + [j["seq"] for j in journals + models])
+        newer = [m for m in models if m["seq"] > seq and m.get("run") == run]
+        if newer:
+            state = max(newer, key=lambda m: m["seq"])
+            seq = int(state.pop("seq"))
+            del state["run"]
         machine = state["machine"]
         current = [j for j in journals
                    if j["seq"] > seq and j.get("run") == run

@@ -199,8 +199,8 @@ class AggregatorConfig(BrokerConfig, RoundOptions):
                                     "he-init`; empty: the public part of he_secret_context)")
     he_secret_context: str = option("", "he: the key holder's secret HE key file; only the "
                                     "decryptor reads it, for each round's encrypted sum")
-    checkpoint: str = option("fedmq-aggregator.ckpt", "state file (FILE.round-0 and -1 beside "
-                             "it journal the open round)")
+    checkpoint: str = option("fedmq-aggregator.ckpt", "state file (FILE.model-0/-1 beside it "
+                             "take new models, FILE.round-0/-1 journal the open round)")
     metrics: str = option("", "append one JSON line per round to this file")
     metrics_port: int = option(0, "serve Prometheus metrics at http://METRICS_BIND:PORT/metrics "
                                "(0: off; needs fedmq[metrics]; deploy/prometheus.yml scrapes it)")

@@ -220,7 +220,8 @@ class AggregatorService(SecureAggregationDriver, ServiceLoop):
             state = self.store.load()
         except storage.StateError as exc:
             raise ConfigError(f"checkpoint {self.config.checkpoint}: {exc}; move it (and its "
-                              ".round-0/.round-1 journal) away to start fresh") from None
+                              "FILE.model-0/-1 and FILE.round-0/-1 slots) away to start "
+                              "fresh") from None
         if state is None:
             self.lineage = secrets.token_hex(6)  # a new line of models (see ModelAnnouncement)
             return

@@ -169,3 +169,57 @@ def test_a_failed_checkpoint_write_is_one_error_line_and_stops_acknowledging(tmp
     [record] = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert str(folder / "agg.ckpt") in record.getMessage()
     assert record.exc_info is None  # in words, not a traceback
+
+
+def test_new_models_after_the_first_save_go_in_place_to_alternating_model_slots(tmp_path):
+    """No write-then-rename per round: the whole file once per process, then each new
+    model overwrites the older of two model slots (one fdatasync)."""
+    path = tmp_path / "agg.ckpt"
+    store = CheckpointStore(path)
+    store.save(state(0, 1, 0))
+    inode = path.stat().st_ino
+    for version in range(1, 6):
+        store.save(state(version, version + 1, 0))
+        store.save(state(version, version + 1, 1))
+        assert_same(CheckpointStore(path).load(), state(version, version + 1, 1))
+    assert (store.file_writes, store.full_writes) == (1, 6)
+    assert path.stat().st_ino == inode  # never replaced
+    assert all(slot.exists() for slot in store.model_slots)
+    store.close()
+
+
+def test_a_torn_model_slot_falls_back_to_the_model_before_and_its_journal(tmp_path):
+    """A crash while a round's new model is written: that model was never published, so
+    the state is the previous model with its open round as last journaled."""
+    path = tmp_path / "agg.ckpt"
+    store = CheckpointStore(path)
+    store.save(state(0, 1, 0))
+    store.save(state(1, 2, 0))  # model slot
+    store.save(state(1, 2, 3))  # journal of version 1: three updates acknowledged
+    store.save(state(2, 3, 0))  # the next model: torn below
+    store.close()
+    newest = store.model_slots[(store.full_writes - 1) % 2]
+    data = bytearray(newest.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    newest.write_bytes(bytes(data))
+    assert_same(CheckpointStore(path).load(), state(1, 2, 3))
+
+
+def test_model_slots_of_an_earlier_process_never_count_after_a_restart(tmp_path):
+    path = tmp_path / "agg.ckpt"
+    first = CheckpointStore(path)
+    for version in range(4):
+        first.save(state(version, version + 1, 0))
+    first.close()
+    second = CheckpointStore(path)
+    assert_same(second.load(), state(3, 4, 0))
+    second.save(state(3, 4, 0))  # the whole file again, under a new run
+    second.close()
+    third = CheckpointStore(path)
+    assert_same(third.load(), state(3, 4, 0))
+    path.rename(tmp_path / "moved-away.ckpt")  # an operator starts fresh
+    fresh = CheckpointStore(path)
+    assert fresh.load() is None
+    fresh.save(state(0, 1, 0))
+    fresh.close()
+    assert_same(CheckpointStore(path).load(), state(0, 1, 0))

@@ -25,6 +25,7 @@ import numpy as np
 
 from edge_agent.config import AgentConfig
 from edge_agent.outbox import Outbox
+from edge_agent.personal import PersonalLayers
 from edge_agent.statedir import StateDirLock
 from fedmq import __version__, storage
 from fedmq.core import codecs
@@ -36,11 +37,14 @@ from fedmq.core.device import (
     Connected,
     Decision,
     DeviceMachine,
+    Evaluate,
+    Evaluated,
     Event,
     Ignored,
     NewLineage,
     ReceiptIn,
     Rejected,
+    Report,
     Send,
     Sent,
     Settled,
@@ -51,12 +55,22 @@ from fedmq.core.device import (
     Trained,
     Unsubscribe,
 )
-from fedmq.core.protocol import DeviceStatus, FleetTopics, ModelAnnouncement, TaskConfig, Update
+from fedmq.core.layout import LayoutMask
+from fedmq.core.protocol import (
+    DeviceStatus,
+    EvalMetrics,
+    EvalReport,
+    FleetTopics,
+    ModelAnnouncement,
+    TaskConfig,
+    Update,
+)
 from fedmq.core.transfer import DELTA, FULL, ReceivedModel
 from fedmq.errors import ConfigError, DataError, FedmqError, ProtocolError
 from fedmq.keyfiles import opener_for_config
 from fedmq.models import Model, build_model, model_names
 from fedmq.tasks import Dataset, task_spec
+from fedmq.tasks.holdout import local_holdout
 from fedmq.transport.message import Message
 from fedmq.transport.mqtt import MqttLink, Will
 
@@ -120,9 +134,14 @@ class LocalTrainer:
                  state_path: str | Path | None = None, slowdown: float = 1.0,
                  threads: int = 1, reload: Callable[[], Dataset] | None = None,
                  update_transform: Callable[[np.ndarray], np.ndarray] | None = None,
-                 task: str = "") -> None:
+                 task: str = "", holdout: float = 0.0) -> None:
+        """holdout: the share of the device's data kept aside to score models on (for
+        federated evaluation; fedmq/tasks/holdout.py), never trained on; 0: none."""
         if len(data) == 0:
             raise FedmqError(f"device {device_id} has no training data")
+        self.holdout = holdout
+        self.eval_data: Dataset | None = None
+        data = self._split(data, seed)
         # A live source (reload) is read again before every round, on its own thread: a
         # failed read keeps the last good data, and a read still going after
         # RELOAD_WAIT_S (a hung sensor) is left to finish for a later round. A sensor
@@ -143,6 +162,14 @@ class LocalTrainer:
         state = storage.load_state(self.state_path) if self.state_path is not None else None
         self.feedback = codecs.ErrorFeedback.resume((state or {}).get("feedback", {}),
                                                     default=self.spec)
+        # Personal layers (announcement `personal`): kept across restarts with the residual
+        self.personal = PersonalLayers()
+        if (state or {}).get("personal") is not None:
+            try:
+                self.personal.load_state_dict(state["personal"])
+            except storage.StateError as exc:
+                log.warning("%s: personal layers in %s not restored (%s); they start again "
+                            "from the next model", device_id, self.state_path, exc)
         self._model: Model | None = None
         self._model_key: tuple | None = None
         if not slowdown >= 1.0:
@@ -155,6 +182,18 @@ class LocalTrainer:
         # the model a user task registered ("" for a bundled task): resolved now, so a
         # task that cannot load fails at start-up
         self.own_model = task_spec(task).model if task else ""
+
+    def _split(self, data: Dataset, seed: int) -> Dataset:
+        """The training part of `data`; its held-out part becomes eval_data."""
+        train, held = local_holdout(data, self.holdout, seed=seed)
+        if held is not None or self.eval_data is None:
+            self.eval_data = held
+        return train
+
+    def _save_state(self) -> None:
+        if self.state_path is not None:
+            storage.save_state(self.state_path, {"feedback": self.feedback.state_dict(),
+                                                 "personal": self.personal.state_dict()})
 
     def _model_for(self, a: ModelAnnouncement) -> Model:
         if self.own_model and a.model != self.own_model:
@@ -196,8 +235,7 @@ class LocalTrainer:
             return codecs.encode(delta, spec, rng=rng)
         self.feedback.spec = spec
         encoded = self.feedback.encode(delta, rng=rng)
-        if self.state_path is not None:
-            storage.save_state(self.state_path, {"feedback": self.feedback.state_dict()})
+        self._save_state()
         return encoded
 
     @property
@@ -227,7 +265,7 @@ class LocalTrainer:
                         "examples", self.device_id, read.error, len(self.data))
             return
         assert read.data is not None
-        self.data = read.data
+        self.data = self._split(read.data, self.seed)
         self.reloads += 1
 
     def train(self, received: ReceivedModel, task: TaskConfig | None = None) -> Update:
@@ -236,7 +274,9 @@ class LocalTrainer:
         task = task or a.task
         model = self._model_for(a)
         self._refresh_data()
-        model.set_flat(received.params)
+        mask = self._mask(model, a)
+        start = self.personal.start(mask, received.params)
+        model.set_flat(start)
         rng = np.random.default_rng([self.seed, a.round])
         # A device `slowdown` times slower does 1/slowdown of the work in its budget and
         # takes `slowdown` times as long for what it does.
@@ -246,7 +286,12 @@ class LocalTrainer:
                              max_steps=task.max_steps)
         if self.slowdown > 1.0:
             self.halt.wait(result.seconds * (self.slowdown - 1.0))
-        delta = model.get_flat() - received.params
+        trained = model.get_flat()
+        # only the shared tensors go up; the personal ones stay here (and on disk)
+        delta = mask.take_shared(trained - start)
+        self.personal.keep(mask, trained)
+        if mask.patterns and not self.spec.error_feedback:
+            self._save_state()
         if self.update_transform is not None:
             delta = self.update_transform(delta)
         try:
@@ -258,9 +303,47 @@ class LocalTrainer:
         return Update(
             device_id=self.device_id, update_id=os.urandom(4).hex(), round=a.round,
             base_version=a.version, num_samples=result.num_samples, loss=result.loss,
-            delta=encoded, layout_hash=a.layout_hash, train_s=result.seconds,
-            steps=result.steps, complete=result.complete,
+            delta=encoded, layout_hash=mask.shared.hash if mask.patterns else a.layout_hash,
+            train_s=result.seconds, steps=result.steps, complete=result.complete,
         )
+
+    @staticmethod
+    def _mask(model: Model, a: ModelAnnouncement) -> LayoutMask:
+        return LayoutMask(model.layout, tuple(a.personal))
+
+    def evaluate(self, received: ReceivedModel, task: TaskConfig | None = None
+                 ) -> EvalReport | None:
+        """Score the announced model on this device's held-out data and, when the device
+        personalizes (personal layers, or fine-tuning), the model it would use: its personal
+        layers in, then `finetune_steps` steps on its training data. None: no held-out data
+        (eval_holdout 0, or too few examples)."""
+        held = self.eval_data
+        if held is None:
+            return None
+        a = received.announcement
+        task = task or a.task
+        began = time.perf_counter()
+        model = self._model_for(a)
+        model.set_flat(received.params)
+        announced = _metrics(model.evaluate(held.x, held.y))
+        personal = None
+        mask = self._mask(model, a)
+        if mask.patterns or a.finetune_steps:
+            model.set_flat(self.personal.start(mask, received.params))
+            if a.finetune_steps:
+                model.train(self.data.x, self.data.y, epochs=1000, batch_size=task.batch_size,
+                            lr=task.lr, rng=np.random.default_rng([self.seed, a.round, 1]),
+                            max_steps=a.finetune_steps)
+            personal = _metrics(model.evaluate(held.x, held.y))
+        return EvalReport(device_id=self.device_id, round=a.round, version=a.version,
+                          num_samples=len(held), metrics=announced, personal=personal,
+                          eval_s=time.perf_counter() - began)
+
+
+def _metrics(ev) -> EvalMetrics:
+    """A model's EvalResult as the wire's EvalMetrics."""
+    return EvalMetrics(loss=float(ev.loss),
+                       accuracy=None if ev.accuracy is None else float(ev.accuracy))
 
 
 @dataclass
@@ -273,8 +356,16 @@ class AgentStats:
     models_received: int = 0
     receipts: Counter = field(default_factory=Counter)  # by status
     rejected: Counter = field(default_factory=Counter)
+    evaluated: int = 0  # evaluation reports sent
+    not_evaluated: int = 0  # evaluations asked of a device without held-out data
     # round -> [bytes uploaded, bytes downloaded]
     traffic: dict[int, list[int]] = field(default_factory=lambda: defaultdict(lambda: [0, 0]))
+
+
+def _accuracy(metrics: EvalMetrics) -> str:
+    if metrics.accuracy is None:
+        return f"loss {metrics.loss:.4f}"
+    return f"accuracy {metrics.accuracy:.4f} (loss {metrics.loss:.4f})"
 
 
 class _Read:
@@ -331,8 +422,10 @@ class EdgeAgent:
                                     threads=config.train_threads or config.cpus
                                     or os.cpu_count() or 1, reload=reload,
                                     update_transform=update_transform,
-                                    task=config.task if task_spec(config.task).custom else "")
+                                    task=config.task if task_spec(config.task).custom else "",
+                                    holdout=config.eval_holdout)
         self.stats = AgentStats()
+        self.last_eval: EvalReport | None = None  # the newest report sent
         # The retained status: birth, then fresh activity at most every status_interval_s
         # (published from the training thread's tick); guarded: paho's thread sends too.
         # `examples`: the aggregator weighs this device's updates by at most a few times
@@ -355,6 +448,7 @@ class EdgeAgent:
         # (ticks, trained updates); decisions are carried out outside this lock.
         self._machine_lock = threading.Lock()
         self._pending: Train | None = None
+        self._pending_eval: Evaluate | None = None
         self._wake = threading.Condition()
         self._stopping = False
         self._worker: threading.Thread | None = None
@@ -432,6 +526,18 @@ class EdgeAgent:
                 # newest wins: never train on a superseded model; and the worker re-sends
                 # what a new model makes due
                 self._wake_worker(decision)
+            case Evaluate(model=model):
+                if self.trainer.eval_data is None:
+                    self.stats.not_evaluated += 1
+                    log.info("%s: asked to score model v%d but holds no held-out data (set "
+                             "eval_holdout)", device, model.announcement.version)
+                else:
+                    with self._wake:  # newest wins, as for training
+                        self._pending_eval = decision
+            case Report(topic=topic, payload=payload):
+                self.link.publish(topic, payload, qos=1)
+                self.stats.evaluated += 1
+                return len(payload)
             case NewLineage(lineage=lineage):
                 log.warning("%s: the aggregator started over (model lineage %s): dropping the "
                             "model held and following the new one", device, lineage or "-")
@@ -488,10 +594,13 @@ class EdgeAgent:
                 if self._stopping:
                     return
                 train, self._pending = self._pending, None
+                evaluate, self._pending_eval = self._pending_eval, None
             # receipts can reach us once subscribed: re-send what is due
             self._handle(Tick(time.monotonic(), online=self.link.subscribed.is_set()))
             if self.link.connected.is_set():
                 self._publish_status()
+            if evaluate is not None:
+                self._evaluate_and_report(evaluate)
             if train is not None:
                 try:
                     self._train_and_publish(train)
@@ -503,6 +612,24 @@ class EdgeAgent:
                     self.stats.rejected["train_error"] += 1
                     log.exception("%s: round %d failed; waiting for the next model",
                                   self.config.device_id, train.model.announcement.round)
+
+    def _evaluate_and_report(self, evaluate: Evaluate) -> None:
+        a = evaluate.model.announcement
+        try:
+            report = self.trainer.evaluate(evaluate.model, a.task_for(self.config.device_id))
+        except Exception as exc:  # a user task's evaluate, or a bug: training goes on
+            self.stats.rejected["eval_error"] += 1
+            log.error("%s: scoring model v%d failed: %s", self.config.device_id, a.version,
+                      exc)
+            return
+        if report is None:
+            return
+        self.last_eval = report
+        self._handle(Evaluated(report, time.monotonic()))
+        personal = report.personal
+        log.info("%s: model v%d scores %s on %d held-out examples%s", self.config.device_id,
+                 a.version, _accuracy(report.metrics), report.num_samples,
+                 f" (personalized: {_accuracy(personal)})" if personal is not None else "")
 
     def _train_and_publish(self, train: Train) -> None:
         a = train.model.announcement

@@ -52,6 +52,10 @@ class AgentConfig(BrokerConfig):
     cpus: int = option(0, "cores to advertise (0: all the machine has)")
     train_threads: int = option(0, "threads a torch model trains with (0: the advertised "
                                 "cores); numpy models use one")
+    eval_holdout: float = option(0.0, "share of this device's examples kept aside, never "
+                                 "trained on, to score models on when the aggregator asks "
+                                 "(evaluate_fraction) and to compare personalized with "
+                                 "global accuracy; 0: none (it then never evaluates)")
     slowdown: float = option(1.0, "simulation only: compute this many times slower than "
                              "the host (a Pi Zero next to a laptop), time budget included")
 
@@ -64,6 +68,8 @@ class AgentConfig(BrokerConfig):
             raise ConfigError("status_interval_s must be >= 0 (0: publish the birth only)")
         if self.max_payload < 1024:
             raise ConfigError("max_payload must be at least 1024 bytes")
+        if not 0.0 <= self.eval_holdout < 1.0:
+            raise ConfigError(f"eval_holdout {self.eval_holdout} must be in [0, 1)")
         if self.data_reload and not self.data_source.strip():
             raise ConfigError("data_reload needs a data_source to re-read (the bundled shard "
                               "never changes)")

@@ -6,6 +6,8 @@ from fedmq.core.protocol.messages import (
     DeviceActivity,
     DeviceStatus,
     EncodedTensor,
+    EvalMetrics,
+    EvalReport,
     ModelAnnouncement,
     ModelChunk,
     Part,
@@ -15,6 +17,7 @@ from fedmq.core.protocol.messages import (
     Update,
     cohort_digest,
     device_key,
+    evaluates,
 )
 from fedmq.core.protocol.topics import FleetTopics, check_name
 from fedmq.core.protocol.wire import PROTOCOL_VERSION, Message
@@ -26,6 +29,8 @@ __all__ = [
     "DeviceActivity",
     "DeviceStatus",
     "EncodedTensor",
+    "EvalMetrics",
+    "EvalReport",
     "FleetTopics",
     "Message",
     "ModelAnnouncement",
@@ -38,4 +43,5 @@ __all__ = [
     "check_name",
     "cohort_digest",
     "device_key",
+    "evaluates",
 ]

@@ -58,10 +58,13 @@ HOSTED_ABOVE = 200
 ENGINES = ("auto", "agents", "hosted")
 
 # Device keys every simulated device shares.
-AGENT_KEYS = ("codec", "alpha", "status_interval_s")
+AGENT_KEYS = ("codec", "alpha", "status_interval_s", "eval_holdout")
 AGENT_DEFAULTS: dict[str, Default] = {
     "codec": Default("float32", "update codec of every device (see `fedmq codecs`)"),
     "alpha": Default(0.5, "Dirichlet label skew across devices (0 = IID)"),
+    "eval_holdout": Default(0.2, "share of each device's examples held out to score models "
+                            "on, with --evaluate-fraction, --personal-layers or "
+                            "--finetune-steps (else none)"),
 }
 
 
@@ -140,6 +143,8 @@ class SimulationConfig(BorrowedOptions):
             return f"--profiles {self.profiles}"
         if self.dropout:
             return "--dropout"
+        if self.evaluate_fraction or self.personal_layers or self.finetune_steps:
+            return "--evaluate-fraction, --personal-layers or --finetune-steps"
         return ""
 
     @property
@@ -191,4 +196,10 @@ class SimulationConfig(BorrowedOptions):
             on_battery=profile.battery, slowdown=profile.slowdown,
             train_threads=1,  # many devices share this host
             status_interval_s=self.status_interval_s,
+            eval_holdout=self.eval_holdout if self.evaluates else 0.0,
         )
+
+    @property
+    def evaluates(self) -> bool:
+        """Whether devices score models (and so hold data out for it)."""
+        return bool(self.evaluate_fraction or self.personal_layers or self.finetune_steps)

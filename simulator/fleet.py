@@ -25,6 +25,7 @@ import numpy as np
 from aggregator.records import RoundRecord
 from aggregator.service import AggregatorService
 from edge_agent.agent import EdgeAgent
+from fedmq.core.protocol import EvalReport
 from fedmq.errors import BrokerError, FedmqError, require
 from fedmq.tasks import device_shard, device_shards, fleet_test_set, plugins
 from simulator.broker import LocalMosquitto
@@ -52,6 +53,9 @@ class SimulationResult:
     never_connected: list[str] = field(default_factory=list)
     never_connected_count: int = 0
     connect_failures: dict[str, int] = field(default_factory=dict)
+    # Federated evaluation: each agent's newest EvalReport (its own held-out score of the
+    # announced model and, personalizing, of its personalized one), by device id.
+    device_evals: dict[str, EvalReport] = field(default_factory=dict)
 
     @property
     def final_accuracy(self) -> float | None:
@@ -314,6 +318,8 @@ class Simulation:
                 for r in range(1, self.rounds_done() + 1)]
         result.rounds = [dataclasses.replace(r, bytes_down=self._traffic(r.round)[1])
                          for r in self.records]
+        result.device_evals = {a.config.device_id: a.last_eval for a in self.agents
+                               if a.last_eval is not None}
         if self.aggregator is not None:
             result.rejected = dict(self.aggregator.rejected)
         return result
@@ -393,6 +399,18 @@ def metrics_figure(result: SimulationResult):
                                                     layout="constrained")
     ax_acc.plot(rounds, [np.nan if r.accuracy is None else r.accuracy for r in records],
                 marker="o")
+    # the devices' scores of the model each round trained from: the previous round's
+    if any(r.fleet_accuracy is not None for r in records):
+        ax_acc.lines[0].set_label("aggregator's held-out set")
+        ax_acc.plot([r.round - 1 for r in records],
+                    [np.nan if r.fleet_accuracy is None else r.fleet_accuracy for r in records],
+                    marker="s", linestyle="--", label="devices' held-out data (global model)")
+        if any(r.personal_accuracy is not None for r in records):
+            ax_acc.plot([r.round - 1 for r in records],
+                        [np.nan if r.personal_accuracy is None else r.personal_accuracy
+                         for r in records], marker="^", linestyle=":",
+                        label="devices' held-out data (personalized)")
+        ax_acc.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     ax_acc.set_ylabel("test accuracy")
     ax_loss.plot(rounds, [np.nan if r.loss is None else r.loss for r in records],
                  marker="o", label="test")

@@ -18,9 +18,9 @@ from aggregator.strategy.rules import rule_names
 from fedmq.config import BrokerConfig, option
 from fedmq.core import codecs
 from fedmq.core.chunking import Reassembler
+from fedmq.core.layout import LayoutMask
 from fedmq.core.protocol import TaskConfig, check_name
 from fedmq.errors import ConfigError, ProtocolError
-from fedmq.core.layout import LayoutMask
 from fedmq.models import build_model, model_names
 from fedmq.tasks import TASKS, task_spec
 

@@ -18,13 +18,15 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from aggregator.broadcast import ModelBroadcast
 from aggregator.checkpoint import CheckpointStore
 from aggregator.config import AggregatorConfig
 from aggregator.dashboard import DashboardServer
 from aggregator.devices import DeviceRegistry
-from aggregator.fleetview import serve_dashboard
 from aggregator.evaluation import EvalPool, fleet_fields
+from aggregator.fleetview import serve_dashboard
 from aggregator.ingest import Accepted, Evaluated, UpdateIngest, UpdateLimits
 from aggregator.loop import WRITER_IDLE, ServiceLoop
 from aggregator.observers import AggregatorObserver, ObserverFanout
@@ -33,8 +35,6 @@ from aggregator.rejections import RejectionLog
 from aggregator.rounds import Action, RoundMachine, RoundResult
 from aggregator.selection import assign_tasks
 from aggregator.strategy.optimizers import create_optimizer
-import numpy as np
-
 from fedmq import storage
 from fedmq.core.layout import LayoutMask
 from fedmq.core.protocol import (
@@ -289,7 +289,7 @@ class AggregatorService(ServiceLoop):
     def _announcement_fields(self) -> dict:
         """What an announcement of this round says besides the model: the model's shape,
         the task, and who is asked to train (planned now)."""
-        m, c = self.machine, self.config
+        c = self.config
         cohort, tiers, assign = self._plan_round()
         return dict(fleet=c.fleet, model=c.model_name, model_config=c.model_config(),
                     layout=self.model.layout.to_wire(), layout_hash=self.model.layout.hash,

@@ -17,15 +17,18 @@ from aggregator.evaluation import EvalPool, fleet_fields, fleet_score, weighted_
 from aggregator.ingest import Evaluated, Rejected, UpdateIngest, UpdateLimits
 from aggregator.records import RoundRecord
 from edge_agent.personal import PersonalLayers
+from fedmq.core import codecs
 from fedmq.core.chunking import Reassembler
 from fedmq.core.device import (
     AnnouncementIn,
     DeviceMachine,
     Evaluate,
-    Evaluated as EvaluatedEvent,
     Report,
     SitOut,
     Train,
+)
+from fedmq.core.device import (
+    Evaluated as EvaluatedEvent,
 )
 from fedmq.core.layout import LayoutMask, ParamLayout
 from fedmq.core.protocol import (
@@ -37,7 +40,6 @@ from fedmq.core.protocol import (
     TaskConfig,
     evaluates,
 )
-from fedmq.core import codecs
 from fedmq.core.transfer import chunk_tensor, encode_model
 from fedmq.errors import ConfigError, ProtocolError
 from fedmq.storage import StateError
@@ -244,7 +246,8 @@ def announcement(*, cohort=None, evaluate=0.0, version=1) -> bytes:
                            version=version, inline_max=1 << 20)
     return ModelAnnouncement(fleet="f", version=version, round=version, model="m",
                              model_config={}, layout=[["w", [4]]], layout_hash="x",
-                             task=TaskConfig(), payload=info, cohort=cohort, evaluate=evaluate).to_payload()
+                             task=TaskConfig(), payload=info, cohort=cohort,
+                             evaluate=evaluate).to_payload()
 
 
 def device(name="d1") -> DeviceMachine:

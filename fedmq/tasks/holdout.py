@@ -29,7 +29,7 @@ def local_holdout(data: Dataset, fraction: float, *, seed: int) -> tuple[Dataset
     n = len(data)
     if fraction == 0.0:
         return data, None
-    held = int(round(n * fraction))
+    held = round(n * fraction)
     if is_sequential(data):
         gap = data.x.shape[1]
         if held < 1 or n - held - gap < 1:

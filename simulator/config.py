@@ -57,14 +57,17 @@ DEVICE_ID = "{fleet}-dev{index:03d}"
 HOSTED_ABOVE = 200
 ENGINES = ("auto", "agents", "hosted")
 
+# The share of its data a simulated device holds out to score models on, unless told.
+SIM_EVAL_HOLDOUT = 0.2
 # Device keys every simulated device shares.
 AGENT_KEYS = ("codec", "alpha", "status_interval_s", "eval_holdout")
 AGENT_DEFAULTS: dict[str, Default] = {
     "codec": Default("float32", "update codec of every device (see `fedmq codecs`)"),
     "alpha": Default(0.5, "Dirichlet label skew across devices (0 = IID)"),
-    "eval_holdout": Default(0.2, "share of each device's examples held out to score models "
+    "eval_holdout": Default(0.0, "share of each device's examples held out to score models "
                             "on, with --evaluate-fraction, --personal-layers or "
-                            "--finetune-steps (else none)"),
+                            f"--finetune-steps (0: {SIM_EVAL_HOLDOUT:g} with them, else "
+                            "none)"),
 }
 
 
@@ -196,7 +199,7 @@ class SimulationConfig(BorrowedOptions):
             on_battery=profile.battery, slowdown=profile.slowdown,
             train_threads=1,  # many devices share this host
             status_interval_s=self.status_interval_s,
-            eval_holdout=self.eval_holdout if self.evaluates else 0.0,
+            eval_holdout=(self.eval_holdout or SIM_EVAL_HOLDOUT) if self.evaluates else 0.0,
         )
 
     @property

@@ -326,3 +326,34 @@ def test_personal_layers_start_from_the_announced_model_then_keep_their_own():
 def test_personal_layers_refuse_a_bad_state(state):
     with pytest.raises(StateError):
         PersonalLayers().load_state_dict(state)
+
+
+# -- a user's task: its Trainer scores and personalizes like a bundled model ----------------
+def test_a_user_task_scores_personalizes_and_sends_only_its_shared_arrays():
+    from edge_agent.agent import LocalTrainer
+    from fedmq.core.transfer import ReceivedModel
+    from fedmq.models import build_model
+    from fedmq.tasks import device_shard
+
+    task = "tests.user_tasks.numpy_task:BlobsTask"
+    data = device_shard(task, device_index=0, device_count=2, alpha=0.0, seed=0)
+    model = build_model(task, {})
+    params = model.get_flat()
+    info, _ = encode_model(params, codec="float32", version=0)
+    a = ModelAnnouncement(fleet="f", version=0, round=1, model=model.name, model_config={},
+                          layout=model.layout.to_wire(), layout_hash=model.layout.hash,
+                          task=TaskConfig(epochs=1, batch_size=16, lr=0.2), payload=info,
+                          evaluate=1.0, personal=("b",), finetune_steps=5)
+    trainer = LocalTrainer(device_id="d0", data=data, codec="float32", seed=1, task=task,
+                           holdout=0.25)
+    assert len(trainer.eval_data) == round(len(data) * 0.25)
+    assert len(trainer.data) + len(trainer.eval_data) == len(data)
+    received = ReceivedModel(a, params, 0)
+    report = trainer.evaluate(received)
+    assert report.num_samples == len(trainer.eval_data)
+    assert report.personal is not None and report.personal.accuracy > report.metrics.accuracy
+    update = trainer.train(received)
+    mask = LayoutMask(model.layout, ("b",))
+    assert update.layout_hash == mask.shared.hash != model.layout.hash
+    assert update.delta.size == mask.shared.size == params.size - 4
+    assert trainer.personal.values is not None and trainer.personal.values.size == 4

@@ -256,6 +256,10 @@ class AggregatorConfig(BrokerConfig, RoundOptions):
         if partial and self.personal_patterns():
             raise ConfigError("personal_layers works with one central aggregator: workers, "
                               "sites and reducers fold whole-model updates")
+        if partial and (self.evaluate_fraction or self.finetune_steps):
+            raise ConfigError("evaluate_fraction and finetune_steps need the devices' reports "
+                              "at one central aggregator: workers and sites do not forward "
+                              "them; leave them 0 with role, partial_sources")
         if partial and (self.aggregation != "mean" or self.dp_noise_multiplier):
             raise ConfigError("workers and sites send weighted sums: they work with "
                               "aggregation = mean and without central DP (median, "

@@ -357,3 +357,20 @@ def test_a_user_task_scores_personalizes_and_sends_only_its_shared_arrays():
     assert update.layout_hash == mask.shared.hash != model.layout.hash
     assert update.delta.size == mask.shared.size == params.size - 4
     assert trainer.personal.values is not None and trainer.personal.values.size == 4
+
+
+def test_the_aggregator_config_checks_evaluation_and_personal_layers():
+    from aggregator.config import AggregatorConfig
+
+    config = AggregatorConfig(task="keyboard", personal_layers="out.*", evaluate_fraction=0.5)
+    assert config.personal_patterns() == ("out.*",)
+    with pytest.raises(ConfigError, match="matches none of the model's tensors"):
+        AggregatorConfig(personal_layers="head.*")
+    with pytest.raises(ConfigError, match="nothing would be federated"):
+        AggregatorConfig(personal_layers="*")
+    with pytest.raises(ConfigError, match="evaluate_fraction"):
+        AggregatorConfig(evaluate_fraction=1.5)
+    with pytest.raises(ConfigError, match="one central aggregator"):
+        AggregatorConfig(role="worker", personal_layers="w2")
+    with pytest.raises(ConfigError, match="one central aggregator"):
+        AggregatorConfig(role="worker", evaluate_fraction=0.5)

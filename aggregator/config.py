@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from aggregator.guard import ModelGuard
+from aggregator.he_round import HESetup, load_setup
 from aggregator.ingest import NORM_POLICIES, UpdateLimits
 from aggregator.partial import Shard
 from aggregator.rounds import LATE_POLICIES, ON_INSUFFICIENT, RoundPolicy
@@ -16,7 +17,7 @@ from aggregator.strategy.optimizers import ServerOptConfig, create_optimizer, op
 from aggregator.strategy.privacy import CentralDP
 from aggregator.strategy.rules import rule_names
 from fedmq.config import BrokerConfig, option
-from fedmq.core import codecs
+from fedmq.core import codecs, he
 from fedmq.core.chunking import Reassembler
 from fedmq.core.layout import LayoutMask
 from fedmq.core.protocol import TaskConfig, check_name
@@ -28,6 +29,7 @@ ROLES = ("central", "reducer", "worker", "site")
 # Where the dashboard's password may come from instead of a flag (which `ps` shows).
 DASHBOARD_PASSWORD_ENV = "FEDMQ_DASHBOARD_PASSWORD"
 MODES = ("sync", "async")
+HE_SCHEMES = ("", *he.SCHEMES)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -61,6 +63,10 @@ class RoundOptions:
                                         "round's sum; devices weigh equally (0: off)")
     dp_clip_norm: float = option(1.0, "DP: every update is clipped to this L2 norm")
     dp_delta: float = option(1e-5, "DP: the delta of the (epsilon, delta) reported per round")
+    he: str = option("", "homomorphic encryption of updates: ckks (devices encrypt their "
+                     "clipped update under the fleet's public key, the server sums "
+                     "ciphertexts; needs fedmq[he], docs/privacy.md); empty: off",
+                     choices=HE_SCHEMES)
     aggregation: str = option("mean", "mean (FedAvg, weighted by samples), or robust to a "
                               "minority of corrupted updates: median or trimmed_mean "
                               "(coordinate-wise, unweighted; keeps the round's updates)",
@@ -79,6 +85,28 @@ class RoundOptions:
                                  "accuracy beside the global one (0: off)")
     trim_fraction: float = option(0.1, "trimmed_mean: fraction cut from each end, per "
                                   "coordinate (tolerates floor(fraction x updates) bad ones)")
+
+
+def check_he_options(options: RoundOptions) -> None:
+    """Refuse, at config load, what `he` cannot be combined with (RoundPolicy checks the
+    same on its own fields; this says it in the config's words, before keys are read)."""
+    if options.he not in HE_SCHEMES:
+        raise ConfigError(f"he {options.he!r} must be ckks or empty (off)")
+    if not options.he:
+        return
+    if options.aggregation != "mean":
+        raise ConfigError(f"he = ckks sums encrypted updates: aggregation = "
+                          f"{options.aggregation} needs every update in the clear; use mean")
+    if options.dp_noise_multiplier:
+        raise ConfigError("he = ckks with central DP is not supported: leave "
+                          "dp_noise_multiplier at 0")
+    if options.mode != "sync" or options.late_updates != "discard":
+        raise ConfigError("he = ckks needs mode = sync and late_updates = discard: a late "
+                          "update's weight s(tau) cannot be applied to its ciphertext")
+    if getattr(options, "max_update_norm", 0.0):
+        raise ConfigError("he = ckks: the server cannot measure an encrypted update's norm; "
+                          "devices clip to the clip norm of the key file (`fedmq keys "
+                          "he-init --clip-norm`): leave max_update_norm at 0")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -160,6 +188,10 @@ class AggregatorConfig(BrokerConfig, RoundOptions):
                                      "good model (0: refuse only non-finite models)")
     signing_key: str = option("", "PEM Ed25519 private key that signs model announcements "
                               "(`fedmq keys init`); empty: unsigned")
+    he_public_context: str = option("", "he: the fleet's public HE key file (`fedmq keys "
+                                    "he-init`; empty: the public part of he_secret_context)")
+    he_secret_context: str = option("", "he: the key holder's secret HE key file; only the "
+                                    "decryptor reads it, for each round's encrypted sum")
     checkpoint: str = option("fedmq-aggregator.ckpt", "state file (FILE.round-0 and -1 beside "
                              "it journal the open round)")
     metrics: str = option("", "append one JSON line per round to this file")
@@ -186,6 +218,21 @@ class AggregatorConfig(BrokerConfig, RoundOptions):
     flush_after_s: float = option(2.0, "worker/site: send a partial aggregate once its "
                                   "oldest update is this old, or as soon as every device "
                                   "this round expects of it delivered")
+    secure_aggregation: bool = option(False, "SecAgg+: the aggregator learns only the sum "
+                                      "of each round's updates (docs/secagg.md); the "
+                                      "devices must run with secure_aggregation too")
+    secagg_clip: float = option(0.5, "secure aggregation: devices clip every coordinate of "
+                                "their delta to [-clip, clip] before masking it")
+    secagg_dropout: float = option(0.3, "secure aggregation: the fraction of devices a round "
+                                   "survives losing; sets the neighbours k and threshold t")
+    secagg_field_bits: int = option(32, "secure aggregation: masked values are in "
+                                    "Z_2^bits, 16, 24 or 32 (bytes per value = bits / 8)")
+    secagg_stage_s: float = option(30.0, "secure aggregation: seconds the key, share and "
+                                   "unmask stages wait for slow devices (inputs wait "
+                                   "deadline_s)")
+    secagg_weight_cap: int = option(0, "secure aggregation: a device weighs min(samples, "
+                                    "cap) (0: the largest examples x epochs the round's "
+                                    "devices declared)")
     dashboard_port: int = option(0, "serve a live web dashboard (fleet, round progress, "
                                  "accuracy, loss and bytes charts) on this TCP port (0: off)")
     dashboard_bind: str = option("127.0.0.1", "address the dashboard listens on: loopback "
@@ -228,6 +275,8 @@ class AggregatorConfig(BrokerConfig, RoundOptions):
             codecs.get_codec(codec)
         if self.mode not in MODES:
             raise ConfigError(f"mode {self.mode!r} must be {' or '.join(MODES)}")
+        self._check_secure()  # first: what it refuses may fail later checks less clearly
+        self._check_he()
         self.policy()  # validate now, not at the first round
         self._check_role()
         self.cohort_policy()
@@ -256,6 +305,9 @@ class AggregatorConfig(BrokerConfig, RoundOptions):
         if partial and self.personal_patterns():
             raise ConfigError("personal_layers works with one central aggregator: workers, "
                               "sites and reducers fold whole-model updates")
+        if self.personal_patterns() and (self.he or self.secure_aggregation):
+            raise ConfigError("personal_layers with he or secure_aggregation is not supported "
+                              "yet: their rounds sum whole-model vectors")
         if partial and (self.evaluate_fraction or self.finetune_steps):
             raise ConfigError("evaluate_fraction and finetune_steps need the devices' reports "
                               "at one central aggregator: workers and sites do not forward "
@@ -273,6 +325,38 @@ class AggregatorConfig(BrokerConfig, RoundOptions):
     def personal_patterns(self) -> tuple[str, ...]:
         """personal_layers as patterns."""
         return tuple(p.strip() for p in self.personal_layers.split(",") if p.strip())
+
+    def _check_he(self) -> None:
+        """What encrypted updates rule out, said before any key is read."""
+        if not self.he:
+            if self.he_public_context or self.he_secret_context:
+                raise ConfigError("he_public_context and he_secret_context are for he = ckks")
+            return
+        check_he_options(self)
+        if self.min_updates < 2:
+            raise ConfigError("he = ckks needs min_updates >= 2: the key holder decrypts only "
+                              "sums of at least min_updates updates, and the sum of one update "
+                              "is that update (more is better: docs/privacy.md)")
+        if self.role != "central" or self.sources():
+            raise ConfigError("he = ckks runs on one central aggregator: workers, sites and "
+                              "reducers would each need the secret key to fold partial sums; "
+                              "leave role = central and partial_sources empty")
+        if not self.he_secret_context:
+            raise ConfigError("he = ckks needs he_secret_context, the key holder's file from "
+                              "`fedmq keys he-init`, to decrypt each round's sum")
+
+    def he_setup(self) -> HESetup | None:
+        """The loaded HE keys (None: he off)."""
+        if not self.he:
+            return None
+        return load_setup(self.he_public_context, self.he_secret_context)
+    def _check_secure(self) -> None:
+        """Secure aggregation hides each update: refuse what needs to see one."""
+        if not self.secure_aggregation:
+            return
+        from aggregator.secure_round import check_secure_config
+
+        check_secure_config(self)
 
     def sources(self) -> frozenset[str]:
         """partial_sources as names."""
@@ -324,6 +408,7 @@ class AggregatorConfig(BrokerConfig, RoundOptions):
                                       b=self.staleness_b, max_staleness=self.max_staleness),
             dp=dp, aggregation=self.aggregation, trim_fraction=self.trim_fraction,
             cohort=self.cohort_policy(), guard=ModelGuard(max_growth=self.max_model_growth),
+            he=self.he_setup(),
         )
 
     def cohort_policy(self) -> CohortPolicy:

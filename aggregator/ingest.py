@@ -48,6 +48,7 @@ from aggregator.bounds import UpdateBounds, check_factor
 from aggregator.devices import DeviceRegistry
 from aggregator.evaluation import EvalPool
 from aggregator.guard import l2_norm
+from aggregator.he_round import HESetup
 from aggregator.rounds import RoundMachine
 from fedmq.core import codecs
 from fedmq.core.chunking import Reassembler
@@ -142,6 +143,7 @@ class UpdateLimits:
     max_update_bytes: int = 0  # 0: derived from the model size
     # Workers and sites whose partial aggregates (on `partial/{source}`) are taken.
     partial_sources: frozenset[str] = frozenset()
+    he: HESetup | None = None  # encrypted updates: their own size limit, nothing decoded
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.max_update_norm) and self.max_update_norm >= 0):
@@ -159,6 +161,10 @@ class UpdateLimits:
     @classmethod
     def from_config(cls, config) -> UpdateLimits:
         norm, policy = config.max_update_norm, config.norm_policy
+        norm_factor, sample_factor = config.adaptive_norm_factor, config.max_sample_factor
+        setup = config.he_setup()
+        if setup is not None:  # the server sees no update: no norm to bound, no claim to
+            norm_factor = sample_factor = 0.0  # scale (the decrypted weight is checked)
         if config.dp_noise_multiplier:  # DP: every update clipped to the noise's scale
             if norm:
                 raise ConfigError("with dp_noise_multiplier set, dp_clip_norm bounds every "
@@ -166,8 +172,8 @@ class UpdateLimits:
             # fixed: a bound learnt from the updates would itself depend on private data
             norm, policy = config.dp_clip_norm, "clip"
         return cls(require_known_devices=config.require_known_devices,
-                   max_update_norm=norm, norm_factor=config.adaptive_norm_factor,
-                   norm_policy=policy, sample_factor=config.max_sample_factor,
+                   max_update_norm=norm, norm_factor=norm_factor,
+                   norm_policy=policy, sample_factor=sample_factor, he=setup,
                    claim_epochs=max(config.epochs, config.constrained_epochs),
                    max_update_bytes=config.max_update_bytes,
                    partial_sources=config.sources())
@@ -180,7 +186,11 @@ class UpdateLimits:
     def payload_limit(self, params: int) -> int:
         """Bytes an update of a `params`-parameter model may take, whole or declared by
         its Parts."""
-        return self.max_update_bytes or MAX_BYTES_PER_PARAM * params + SIZE_SLACK
+        if self.max_update_bytes:
+            return self.max_update_bytes
+        if self.he is not None:
+            return self.he.payload_limit(params) + SIZE_SLACK
+        return MAX_BYTES_PER_PARAM * params + SIZE_SLACK
 
 
 def check_sender(device: str, registry: DeviceRegistry) -> None:
@@ -415,6 +425,8 @@ class UpdateIngest:
     @property
     def reassembly_share(self) -> int:
         """Bytes of the reassembly budget held for each device a round awaits."""
+        if self.limits.he is not None:
+            return self.limits.he.payload_limit(self.params) + SHARE_SLACK
         return SHARE_BYTES_PER_PARAM * self.params + SHARE_SLACK
 
     def plan_reassembly(self, awaited: Iterable[str]) -> None:

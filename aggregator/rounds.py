@@ -17,6 +17,7 @@ import numpy as np
 
 from aggregator.cohort import Cohort
 from aggregator.guard import ModelGuard
+from aggregator.he_round import HESetup
 from aggregator.selection import CohortPolicy
 from aggregator.staleness import StalenessPolicy
 from aggregator.strategy.optimizers import ServerOptimizer
@@ -64,6 +65,7 @@ class RoundPolicy:
     trim_fraction: float = 0.1  # trimmed_mean: cut from each end, per coordinate
     cohort: CohortPolicy = field(default_factory=CohortPolicy)  # who is asked to train
     guard: ModelGuard = field(default_factory=ModelGuard)  # what a new model must pass
+    he: HESetup | None = None  # he = "ckks": the rule sums ciphertexts (he_round.py)
 
     @property
     def close_at(self) -> int:
@@ -71,6 +73,8 @@ class RoundPolicy:
 
     def rule(self, size: int) -> AggregationRule:
         """A fresh aggregate for one round of `size`-parameter updates."""
+        if self.he is not None:
+            return self.he.rule(size, min_count=self.min_updates)
         return create_rule(self.aggregation, size, trim_fraction=self.trim_fraction)
 
     def __post_init__(self) -> None:
@@ -87,6 +91,8 @@ class RoundPolicy:
                 f"on_insufficient {self.on_insufficient!r} must be 'extend' or 'rerun'"
             )
         rule = self.rule(0)  # an unknown name or bad settings fail here
+        if self.he is not None:
+            check_he(self)
         if self.dp is not None and rule.name != "mean":
             raise ConfigError("differential privacy works on the mean: use aggregation "
                               "= mean with dp_noise_multiplier")
@@ -266,6 +272,22 @@ class RoundMachine:
         self.recent[(update.device_id, update.update_id)] = (o.round, update.base_version)
         return True
 
+    def offer_sum(self, mean: np.ndarray, *, weight: float, devices: tuple[str, ...],
+                  samples: int, session: str, bytes_up: int = 0) -> None:
+        """Fold a secure round's result (aggregator/secure_round.py): the weighted mean of
+        `devices`' updates, which the server never saw one by one, as the whole round."""
+        if self.open.contributions:
+            raise ProtocolError(f"round {self.open.round} already holds updates: a secure "
+                                "sum is the whole round", reason="duplicate")
+        self.acc.add(np.asarray(mean, dtype=np.float32), 1.0, norm=1.0)
+        o = self.open
+        for device in devices:
+            o.contributions[(device, self.version)] = session
+        o.represented = len(devices)
+        o.samples = samples
+        o.loss_sum = float("nan")  # devices' losses are not in the sum
+        o.bytes_up = bytes_up
+
     def _staleness(self, update: Update) -> int:
         return check_timeliness(update, open_round=self.open.round, version=self.version,
                                 policy=self.policy)
@@ -292,8 +314,8 @@ class RoundMachine:
             self.dp_rdp += dp.rdp_per_round
         before = self._optimizer_state or self.optimizer.state_dict()
         new = self.optimizer.step(self.params, delta)
-        refused = self.policy.guard.refusal(self.params, new, slack=0.0 if dp is None
-                                            else dp.noise_norm(self.params.size))
+        refused = self.acc.refusal() or self.policy.guard.refusal(
+            self.params, new, slack=0.0 if dp is None else dp.noise_norm(self.params.size))
         if refused:
             self.optimizer.load_state_dict(before)
             self.refused += 1
@@ -413,6 +435,24 @@ class RoundMachine:
             o.stale = int(partial["stale"])
             o.max_staleness = int(partial["max_staleness"])
             o.partial = int(partial.get("partial", 0))
+
+
+def check_he(policy: RoundPolicy) -> None:
+    """Refuse what encrypted updates cannot do: the server sees only their sum."""
+    if policy.min_updates < 2:
+        raise ConfigError("he = \"ckks\" needs min_updates >= 2: the decrypted sum of one "
+                          "update is that update")
+    if policy.aggregation != "mean":
+        raise ConfigError(f"he = \"ckks\" sums encrypted updates: aggregation = "
+                          f"{policy.aggregation} needs every update in the clear; use mean "
+                          "(docs/privacy.md)")
+    if policy.dp is not None:
+        raise ConfigError("he = \"ckks\" with central DP is not supported yet: leave "
+                          "dp_noise_multiplier at 0")
+    if policy.late_updates != "discard":
+        raise ConfigError("he = \"ckks\" needs sync rounds that discard late updates "
+                          "(mode = sync, late_updates = discard): a late update's weight "
+                          "s(tau) cannot be applied to its ciphertext")
 
 
 def check_timeliness(update: Update, *, open_round: int, version: int,

@@ -33,6 +33,7 @@ from aggregator.observers import AggregatorObserver, ObserverFanout
 from aggregator.records import RoundRecord
 from aggregator.rejections import RejectionLog
 from aggregator.rounds import Action, RoundMachine, RoundResult
+from aggregator.secure_service import SecureAggregationDriver
 from aggregator.selection import assign_tasks
 from aggregator.strategy.optimizers import create_optimizer
 from fedmq import storage
@@ -84,7 +85,7 @@ class _Inbound:
     partial: bool = False  # on a partial topic: a worker's or site's partial aggregate
 
 
-class AggregatorService(ServiceLoop):
+class AggregatorService(SecureAggregationDriver, ServiceLoop):
     def __init__(
         self, config: AggregatorConfig, *, test_data: Dataset | None = None,
         on_round: Callable[[RoundRecord], None] | None = None,
@@ -147,6 +148,7 @@ class AggregatorService(ServiceLoop):
             storage.check_writable(config.onnx_dir, what="onnx_dir", directory=True)
         self.store = CheckpointStore(config.checkpoint)
         self._init_loop(self.store, on_saved=self.observers.checkpoint_saved)
+        self._saved_secagg = None  # the checkpoint's open secure round, restored below
         self._restore()
         self._round_started = time.monotonic()
         self.link = MqttLink(
@@ -172,6 +174,7 @@ class AggregatorService(ServiceLoop):
         self.rejections = RejectionLog(self.rejected, log,
                                        on_count=self.observers.update_rejected)
         self.adjustments = RejectionLog(self.adjusted, log)  # the same, for clips and caps
+        self._init_secure(self._saved_secagg)  # secure_aggregation (secure_service.py)
         self.broadcast = ModelBroadcast(
             topics=self.topics, seal=announcement_sealer(config.signing_key),  # signed if set
             model_codec=config.model_codec, delta_codec=config.model_delta_codec,
@@ -238,6 +241,7 @@ class AggregatorService(ServiceLoop):
         if state.get("bounds") is not None:  # older checkpoints: learnt afresh
             self.bounds.load_state_dict(state["bounds"])
         self.history = [RoundRecord.from_dict(r) for r in state.get("history", [])]
+        self._saved_secagg = state.get("secagg")
         log.info("resumed from %s at round %d (model v%d)", self.config.checkpoint,
                  self.machine.round, self.machine.version)
         if self.machine.policy.dp is not None and self.machine.plain_releases:
@@ -250,9 +254,12 @@ class AggregatorService(ServiceLoop):
 
     def _snapshot(self) -> dict:
         """The state to checkpoint; state_dict copies the arrays, so the loop may go on."""
-        return {"machine": self.machine.state_dict(), "lineage": self.lineage,
-                "history": [r.to_dict() for r in self.history],
-                "bounds": self.bounds.state_dict()}
+        state = {"machine": self.machine.state_dict(), "lineage": self.lineage,
+                 "history": [r.to_dict() for r in self.history],
+                 "bounds": self.bounds.state_dict()}
+        if self.secure is not None:
+            state["secagg"] = self.secure.state_dict()
+        return state
 
     def _done(self) -> bool:
         return self.config.rounds > 0 and self.machine.version >= self.config.rounds
@@ -277,6 +284,8 @@ class AggregatorService(ServiceLoop):
         self.observers.announced(round=m.round, version=m.version, model_bytes=self.model_bytes)
         log.info("announced model v%d for round %d (%d bytes in %d messages)", m.version,
                  m.round, self.model_bytes, len(messages))
+        if self.secure is not None:
+            self._open_secure_round()
 
     def full_params(self) -> np.ndarray:
         """The global model: the machine's shared tensors with the personal ones as
@@ -309,6 +318,7 @@ class AggregatorService(ServiceLoop):
         online = self.registry.online()
         asked_before = m.cohort.size(m.round)
         cohort = m.plan(online)
+        self._plan_secure(m.round, online if cohort is None else cohort)
         self.ingest.plan_reassembly(online if m.cohort.asked is None else m.cohort.asked)
         if cohort is not None:
             log.info("round %d: selected %d of %d online devices%s", m.round, len(cohort),
@@ -378,6 +388,10 @@ class AggregatorService(ServiceLoop):
                 self.link.ack(item.mid, item.qos)
             elif not self._births_in and self._from_stranger(item.topic):
                 self._parked.append(item)  # acked once handled, after the births
+            elif self.secure is not None and not item.partial:
+                self.observers.traffic(direction="in", kind="update", nbytes=len(item.payload))
+                reply = self._handle_secure(item.topic, item.payload)
+                self._held.append(functools.partial(self._reply, item.mid, item.qos, reply))
             else:
                 self.observers.traffic(direction="in", kind="update", nbytes=len(item.payload))
                 reply = self._handle_update(item.topic, item.payload, partial=item.partial)
@@ -430,6 +444,9 @@ class AggregatorService(ServiceLoop):
                         "write it)", self.topics.aggregator_sync, SYNC_WAIT_S)
             self._synced()
         if self.finished.is_set():
+            return
+        if self.secure is not None:
+            self._tick_secure(now)
             return
         action = self.machine.due(now)
         if action is Action.CLOSE:

@@ -55,6 +55,7 @@ from fedmq.core.device import (
     Trained,
     Unsubscribe,
 )
+from fedmq.core.he import PublicKey
 from fedmq.core.layout import LayoutMask
 from fedmq.core.protocol import (
     DeviceStatus,
@@ -67,7 +68,7 @@ from fedmq.core.protocol import (
 )
 from fedmq.core.transfer import DELTA, FULL, ReceivedModel
 from fedmq.errors import ConfigError, DataError, FedmqError, ProtocolError
-from fedmq.keyfiles import opener_for_config
+from fedmq.keyfiles import load_he_public, opener_for_config
 from fedmq.models import Model, build_model, model_names
 from fedmq.tasks import Dataset, task_spec
 from fedmq.tasks.holdout import local_holdout
@@ -138,7 +139,8 @@ class LocalTrainer:
                  state_path: str | Path | None = None, slowdown: float = 1.0,
                  threads: int = 1, reload: Callable[[], Dataset] | None = None,
                  update_transform: Callable[[np.ndarray], np.ndarray] | None = None,
-                 task: str = "", holdout: float = 0.0) -> None:
+                 task: str = "", encryptor: PublicKey | None = None,
+                 holdout: float = 0.0) -> None:
         """holdout: the share of the device's data kept aside to score models on (for
         federated evaluation; fedmq/tasks/holdout.py), never trained on; 0: none."""
         if len(data) == 0:
@@ -184,6 +186,9 @@ class LocalTrainer:
         self.threads = max(1, threads)  # the device's budget, whatever the model config says
         self.halt = threading.Event()  # cuts a simulated slow device's wait short on stop
         self.update_transform = update_transform
+        # he = "ckks": every update is clipped, weighted and encrypted under the fleet's
+        # public key instead of going through a codec (fedmq/core/he.py)
+        self.encryptor = encryptor
         self.task = task
         # the model a user task registered ("" for a bundled task): resolved now, so a
         # task that cannot load fails at start-up
@@ -278,6 +283,32 @@ class LocalTrainer:
         """Train on the model as `task` says (default: the announcement's task for all)."""
         a = received.announcement
         task = task or a.task
+        delta, result, rng = self._train(received, task)
+        if self.encryptor is not None:  # never falls back to a plain codec
+            encoded = self.encryptor.encrypt(delta, result.num_samples)
+        else:
+            try:
+                encoded = self._encode(delta, task.codec, rng)
+            except FedmqError as exc:  # a codec this build does not know: ours still works
+                log.warning("%s: assigned codec %r unusable (%s); using %s", self.device_id,
+                            task.codec, exc, self.codec)
+                encoded = self._encode(delta, "", rng)
+        return Update(
+            device_id=self.device_id, update_id=os.urandom(4).hex(), round=a.round,
+            base_version=a.version, num_samples=result.num_samples, loss=result.loss,
+            delta=encoded, layout_hash=self.update_layout_hash(a), train_s=result.seconds,
+            steps=result.steps, complete=result.complete,
+        )
+
+    def train_delta(self, received: ReceivedModel,
+                    task: TaskConfig | None = None) -> tuple[np.ndarray, int]:
+        """Train, and return the raw delta and the samples it was trained on (for secure
+        aggregation, which masks the delta itself instead of encoding it)."""
+        delta, result, _ = self._train(received, task or received.announcement.task)
+        return delta, result.num_samples
+
+    def _train(self, received: ReceivedModel, task: TaskConfig):
+        a = received.announcement
         model = self._model_for(a)
         self._refresh_data()
         mask = self._mask(model, a)
@@ -300,22 +331,18 @@ class LocalTrainer:
             self._save_state()
         if self.update_transform is not None:
             delta = self.update_transform(delta)
-        try:
-            encoded = self._encode(delta, task.codec, rng)
-        except FedmqError as exc:  # a codec this build does not know: ours still works
-            log.warning("%s: assigned codec %r unusable (%s); using %s", self.device_id,
-                        task.codec, exc, self.codec)
-            encoded = self._encode(delta, "", rng)
-        return Update(
-            device_id=self.device_id, update_id=os.urandom(4).hex(), round=a.round,
-            base_version=a.version, num_samples=result.num_samples, loss=result.loss,
-            delta=encoded, layout_hash=mask.shared.hash if mask.patterns else a.layout_hash,
-            train_s=result.seconds, steps=result.steps, complete=result.complete,
-        )
+        return delta, result, rng
 
     @staticmethod
     def _mask(model: Model, a: ModelAnnouncement) -> LayoutMask:
         return LayoutMask(model.layout, tuple(a.personal))
+
+    def update_layout_hash(self, a: ModelAnnouncement) -> str:
+        """The layout hash an update of `a` carries: the shared tensors' with personal
+        layers, else the model's."""
+        if not a.personal:
+            return a.layout_hash
+        return self._mask(self._model_for(a), a).shared.hash
 
     def personalize(self, received: ReceivedModel, task: TaskConfig | None = None
                     ) -> np.ndarray | None:
@@ -421,7 +448,8 @@ class EdgeAgent:
     """
 
     def __init__(self, config: AgentConfig, data: Dataset, *,
-                 update_transform: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
+                 update_transform: Callable[[np.ndarray], np.ndarray] | None = None,
+                 secagg_drop_after_input: Callable[[int], bool] | None = None) -> None:
         self.config = config
         self.topics = FleetTopics(config.fleet)
         if config.state_dir:  # said now, not as a traceback at the first save
@@ -445,6 +473,8 @@ class EdgeAgent:
                                     or os.cpu_count() or 1, reload=reload,
                                     update_transform=update_transform,
                                     task=config.task if task_spec(config.task).custom else "",
+                                    encryptor=load_he_public(config.he_context)
+                                    if config.he_context else None,
                                     holdout=config.eval_holdout)
         self.stats = AgentStats()
         self.last_eval: EvalReport | None = None  # the newest report sent
@@ -483,6 +513,17 @@ class EdgeAgent:
         )
         self.link.route(self.topics.receipt(config.device_id), self._on_receipt)
         self.link.route(self.topics.model_current, self._on_announcement)
+        # secure_aggregation: updates go up only masked, in SecAgg+ rounds (secure.py)
+        self.secure = None
+        if config.secure_aggregation:
+            from edge_agent.secure import SecureDevice
+
+            self.secure = SecureDevice(device_id=config.device_id, topics=self.topics,
+                                       publish=self._publish_secagg,
+                                       queue_input=self._queue_masked_input,
+                                       drop_after_input=secagg_drop_after_input)
+            self.link.route(self.secure.setup_topic, self._on_secagg)
+            self.link.route(self.secure.in_topic, self._on_secagg)
         # Chunk streams are subscribed only when the machine says so (Subscribe).
         for stream in (FULL, DELTA):
             self.link.route(self.machine.stream_filter(stream), self._chunk_handler(stream),
@@ -607,6 +648,38 @@ class EdgeAgent:
                   send.update_id, send.round, connected)
         return sum(len(message) for message in messages)
 
+    # -- secure aggregation ----------------------------------------------------------------
+    def _publish_secagg(self, message) -> int:
+        """A SecAgg+ message up on this device's update topic (QoS 1, not kept)."""
+        payload = message.to_payload()
+        self.link.publish(self.machine.update_topic, payload, qos=1)
+        self.stats.traffic[message.round][0] += len(payload)
+        return len(payload)
+
+    def _queue_masked_input(self, message) -> int:
+        """The masked input into the durable outbox (re-sent until receipted), then out."""
+        payload = message.to_payload()
+        self.outbox.put(message.input_id, message.round, payload)
+        sent = self._send(Send(self.machine.update_topic, message.input_id, message.round,
+                               payload, resend=False))
+        self.stats.traffic[message.round][0] += sent
+        return sent
+
+    def _on_secagg(self, message: Message) -> None:
+        """The round's setup, or a message of it for this device."""
+        assert self.secure is not None
+        if message.topic == self.secure.setup_topic:
+            sent = self.secure.on_setup(message.payload)
+        else:
+            sent = self.secure.on_message(message.payload)
+        self.stats.traffic[self.secure.round][1] += len(message.payload)
+        self._secure_sent(sent)
+
+    def _secure_sent(self, sent: int) -> None:
+        with self._report_lock:
+            self.report.uploaded(sent)
+            self.report.holding(len(self.outbox))
+
     # -- training thread -----------------------------------------------------------------
     def _run(self) -> None:
         while True:
@@ -657,6 +730,9 @@ class EdgeAgent:
         a = train.model.announcement
         log.info("%s: round %d: training on model v%d", self.config.device_id, a.round,
                  a.version)
+        if self.secure is not None:
+            self._train_secure(train)
+            return
         try:
             update = self.trainer.train(train.model, train.task)
         except FedmqError as exc:
@@ -675,6 +751,26 @@ class EdgeAgent:
                                 backend=self.trainer.backend)
         log.info("%s: round %d: trained on %d samples (loss %.4f), sent %d bytes",
                  self.config.device_id, a.round, update.num_samples, update.loss, sent)
+
+    def _train_secure(self, train: Train) -> None:
+        """Train, then hand the raw delta to the secure round (never sent in the clear)."""
+        assert self.secure is not None
+        a = train.model.announcement
+        try:
+            delta, samples = self.trainer.train_delta(train.model, train.task)
+        except FedmqError as exc:
+            self.stats.rejected[getattr(exc, "reason", "train_failed")] += 1
+            log.error("%s: cannot train on model v%d: %s", self.config.device_id, a.version, exc)
+            return
+        self._handle(Tick(time.monotonic(), online=self.link.subscribed.is_set()))
+        sent = self.secure.submit(a.round, delta, samples)
+        self._secure_sent(sent)
+        self.stats.updates_sent += 1
+        self.stats.codecs["secagg"] += 1
+        with self._report_lock:
+            self.report.trained(round=a.round, codec="secagg", backend=self.trainer.backend)
+        log.info("%s: round %d: trained on %d samples, masked input %s", self.config.device_id,
+                 a.round, samples, "sent" if sent else "waits for the round's shares")
 
     # -- lifecycle -----------------------------------------------------------------------
     def start(self) -> None:

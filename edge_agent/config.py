@@ -45,6 +45,9 @@ class AgentConfig(BrokerConfig):
     model_public_key: str = option("", "PEM Ed25519 public key of the aggregator's "
                                    "signing_key: refuse unsigned or tampered models (empty: "
                                    "accept unsigned ones)")
+    he_context: str = option("", "the fleet's public HE key file (he-public.ctx from `fedmq "
+                             "keys he-init`): encrypt every update under it, for an "
+                             "aggregator with he = ckks (needs fedmq[he]); empty: plain")
     link_kbps: float = option(0.0, "uplink speed this device advertises, kbit/s (0: unknown); "
                               "the aggregator may assign a smaller codec to slow links")
     on_battery: bool = option(False, "advertise that this device runs on battery (the "
@@ -56,6 +59,9 @@ class AgentConfig(BrokerConfig):
                                  "trained on, to score models on when the aggregator asks "
                                  "(evaluate_fraction) and to compare personalized with "
                                  "global accuracy; 0: none (it then never evaluates)")
+    secure_aggregation: bool = option(False, "send updates only masked, in the aggregator's "
+                                      "SecAgg+ rounds (docs/secagg.md): never in the clear, "
+                                      "whatever the aggregator asks")
     slowdown: float = option(1.0, "simulation only: compute this many times slower than "
                              "the host (a Pi Zero next to a laptop), time budget included")
 
@@ -70,6 +76,9 @@ class AgentConfig(BrokerConfig):
             raise ConfigError("max_payload must be at least 1024 bytes")
         if not 0.0 <= self.eval_holdout < 1.0:
             raise ConfigError(f"eval_holdout {self.eval_holdout} must be in [0, 1)")
+        if self.he_context and self.secure_aggregation:
+            raise ConfigError("he_context and secure_aggregation are two ways of hiding "
+                              "updates; set the one your aggregator uses (docs/privacy.md)")
         if self.data_reload and not self.data_source.strip():
             raise ConfigError("data_reload needs a data_source to re-read (the bundled shard "
                               "never changes)")

@@ -1,5 +1,6 @@
 """Model-signing key files: read the aggregator's private key and a device's public key,
 and create a new pair (`fedmq keys init`). The signing itself is pure (fedmq.core.signing).
+Also the HE key files of `he = "ckks"` (`fedmq keys he-init`, fedmq.core.he).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedmq.core.he import CkksParams, KeyBundle, PublicKey, create_keys
 from fedmq.core.protocol import ModelAnnouncement
 from fedmq.core.signing import (
     PUBLIC_NAME,
@@ -109,6 +111,40 @@ def generate_keypair(directory: str | Path, *, force: bool = False) -> KeyPair:
                                                      s.PublicFormat.SubjectPublicKeyInfo),
                PUBLIC_MODE)
     return KeyPair(private, public, key_id(key.public_key()))
+
+
+HE_PUBLIC_NAME = "he-public.ctx"
+HE_SECRET_NAME = "he-secret.ctx"
+
+
+def generate_he_keys(directory: str | Path, params: CkksParams, *,
+                     force: bool = False) -> tuple[Path, Path, str]:
+    """A new CKKS key pair (fedmq/core/he.py): the secret file 0600 for the key holder, the
+    public file 0644 for devices and the aggregator; (public, secret, fingerprint)."""
+    folder = Path(directory)
+    public, secret = folder / HE_PUBLIC_NAME, folder / HE_SECRET_NAME
+    if not force:
+        for path in (public, secret):
+            if path.exists():
+                raise ConfigError(f"{path} already exists; pass --force to replace it (every "
+                                  "device then needs the new public file)")
+    public_bundle, secret_bundle = create_keys(params)
+    if not folder.exists():
+        folder.mkdir(mode=DIR_MODE, parents=True)
+        os.chmod(folder, DIR_MODE)
+    _write_new(secret, secret_bundle.to_bytes(), PRIVATE_MODE)
+    _write_new(public, public_bundle.to_bytes(), PUBLIC_MODE)
+    return public, secret, public_bundle.fingerprint
+
+
+def load_he_public(path: str | Path) -> PublicKey:
+    """A device's HE key: the fleet's public file. The secret file is refused: a device
+    holding it could decrypt every other device's update."""
+    bundle = KeyBundle.from_bytes(_read(path, "he_context"), what=f"he_context {path}")
+    if bundle.secret:
+        raise ConfigError(f"he_context {path} holds the secret key; give devices the public "
+                          f"file ({HE_PUBLIC_NAME}) and keep the secret one with its holder")
+    return PublicKey(bundle)
 
 
 def _write_new(path: Path, data: bytes, mode: int) -> None:

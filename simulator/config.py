@@ -6,9 +6,11 @@ here, in SIMULATOR_DEFAULTS, and nowhere else; `fedmq simulate --help` shows it.
 from __future__ import annotations
 
 import dataclasses
+import math
+import random
 from dataclasses import dataclass
 
-from aggregator.config import AggregatorConfig
+from aggregator.config import AggregatorConfig, check_he_options
 from edge_agent.config import AgentConfig
 from fedmq.config import Default, borrow_options, option
 from fedmq.errors import ConfigError
@@ -25,6 +27,8 @@ SET_BY_SIMULATOR = (
     "username", "password", "ca_file", "cert_file", "key_file",
     # a simulation runs one central aggregator
     "role", "shard", "partial_sources", "source_name", "flush_after_s",
+    # --he ckks: a key pair made for the run, in its temporary directory
+    "he_public_context", "he_secret_context",
 )
 
 # Aggregator keys whose default (or meaning) differs in a simulation, and why.
@@ -45,6 +49,10 @@ SIMULATOR_DEFAULTS: dict[str, Default] = {
     # the cellular links of `--profiles mixed` are slower than this
     "slow_link_kbps": Default(256.0),
 }
+
+def round_half_up(x: float) -> int:
+    return math.floor(x + 0.5)
+
 
 def device_id(fleet: str, index: int) -> str:
     """Simulated device `index`'s id (its MQTT client id and topic level)."""
@@ -100,10 +108,16 @@ class SimulationConfig(BorrowedOptions):
                             "trimmed_mean to withstand")
     dropout: float = option(0.0, "fraction of devices cut off from the broker before every "
                             "round (each device talks through its own fault proxy)")
+    secagg_drop_after_input: float = option(0.0, "with --secure-aggregation: this fraction "
+                                            "of the devices, drawn anew each round, vanish "
+                                            "once their masked input is out (they never "
+                                            "answer the unmask request)")
     profiles: str = option("uniform", "device mix: uniform (all like this host), mixed (Pi "
                            "4s, Pi Zeros, cellular links: slower compute, thin uplinks, "
                            "advertised in each birth) or stragglers (30%% 10x slower, 30%% "
                            "on a link down about 3 s of every 7)", choices=MIXES)
+    he_clip_norm: float = option(1.0, "--he ckks: the L2 norm every device clips its "
+                                 "update to before encrypting it (in the run's key pair)")
     engine: str = option("auto", "how devices run: agents (each a real EdgeAgent: its own "
                          "MQTT client and thread; every feature, up to a few hundred), "
                          "hosted (DeviceMachines on one event loop per process: 10,000s of "
@@ -120,6 +134,11 @@ class SimulationConfig(BorrowedOptions):
             raise ConfigError("devices and rounds must be >= 1")
         if not 0 <= self.byzantine <= self.devices:
             raise ConfigError(f"byzantine {self.byzantine} must be between 0 and devices")
+        if not 0.0 <= self.secagg_drop_after_input < 1.0:
+            raise ConfigError(f"secagg_drop_after_input {self.secagg_drop_after_input} must "
+                              "be in [0, 1)")
+        if self.secagg_drop_after_input and not self.secure_aggregation:
+            raise ConfigError("--secagg-drop-after-input needs --secure-aggregation")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout {self.dropout} must be in [0, 1)")
         if self.agents_only and not (self.broker and self.fleet):
@@ -136,16 +155,30 @@ class SimulationConfig(BorrowedOptions):
                               f"{self.devices}")
         if self.min_updates > self.devices:
             raise ConfigError(f"min_updates {self.min_updates} > devices {self.devices}")
-        # every aggregator key is checked now, by the aggregator's own rules
+        # every aggregator key is checked now, by the aggregator's own rules (HE keys are
+        # made when the run starts: their combinations are checked here)
+        check_he_options(self)
+        if self.he and self.devices < 2:
+            raise ConfigError("--he ckks needs at least 2 devices: the sum of one update is "
+                              "that update")
+        if self.he and self.agents_only:
+            raise ConfigError("--he with --agents-only: run the devices with `fedmq agent` "
+                              "and he_context, the public file of the aggregator's key pair")
+        if not self.he_clip_norm > 0:
+            raise ConfigError("he_clip_norm must be > 0")
         self.aggregator_config(broker=self.broker or "mqtt://127.0.0.1:1883",
-                               fleet=self.fleet or "sim", checkpoint="")
+                               fleet=self.fleet or "sim", checkpoint="", he_keys=None)
 
     def _needs_agents(self) -> str:
         """What in this run only EdgeAgents can do ('' if nothing)."""
         if self.profiles != "uniform":
             return f"--profiles {self.profiles}"
+        if self.secure_aggregation:
+            return "--secure-aggregation"
         if self.dropout:
             return "--dropout"
+        if self.he:
+            return "--he"
         if self.evaluate_fraction or self.personal_layers or self.finetune_steps:
             return "--evaluate-fraction, --personal-layers or --finetune-steps"
         return ""
@@ -156,6 +189,12 @@ class SimulationConfig(BorrowedOptions):
         if self.engine == "auto":
             return self.devices > HOSTED_ABOVE and not self._needs_agents()
         return self.engine == "hosted"
+
+    def secagg_dropouts(self, fleet: str, round: int) -> frozenset[str]:
+        """The devices that vanish after their masked input in `round`."""
+        count = round_half_up(self.secagg_drop_after_input * self.devices)
+        ids = [device_id(fleet, i) for i in range(self.devices)]
+        return frozenset(random.Random(f"{self.seed}/secagg/{round}").sample(ids, count))
 
     @property
     def dropped_per_round(self) -> int:
@@ -177,8 +216,10 @@ class SimulationConfig(BorrowedOptions):
     def buffer(self) -> int:
         return self.buffer_size or max(1, self.devices // 4)
 
-    def aggregator_config(self, *, broker: str, fleet: str, checkpoint: str) -> AggregatorConfig:
-        """The aggregator of this run: every borrowed key as given, the rest derived."""
+    def aggregator_config(self, *, broker: str, fleet: str, checkpoint: str,
+                          he_keys: tuple[str, str] | None = None) -> AggregatorConfig:
+        """The aggregator of this run: every borrowed key as given, the rest derived.
+        `he_keys`: the run's (public, secret) HE key files (None: HE off)."""
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(AggregatorConfig)
                   if f.name not in SET_BY_SIMULATOR}
         values.update(
@@ -186,11 +227,17 @@ class SimulationConfig(BorrowedOptions):
             log_level="WARNING", buffer_size=self.buffer,
             # with selection, the cohort's K closes a round; in async mode, the buffer
             min_updates=self.quorum if self.mode == "sync" and not self.clients_per_round else 1)
+        if he_keys is None:
+            values["he"] = ""
+        else:  # the key holder decrypts sums of at least 2 (a sum of 1 is the update)
+            values.update(he_public_context=he_keys[0], he_secret_context=he_keys[1],
+                          min_updates=max(2, values["min_updates"]))
         return AggregatorConfig(**values)
 
     def agent_config(self, index: int, *, broker: str, fleet: str,
-                     profile: DeviceProfile) -> AgentConfig:
-        """Device `index` of this run, shaped by its profile."""
+                     profile: DeviceProfile, he_context: str = "") -> AgentConfig:
+        """Device `index` of this run, shaped by its profile (`he_context`: the run's
+        public HE key file, with --he)."""
         return AgentConfig(
             broker=broker, fleet=fleet, device_id=device_id(fleet, index), task=self.task,
             device_index=index, device_count=self.devices, partition_seed=self.seed,
@@ -198,7 +245,8 @@ class SimulationConfig(BorrowedOptions):
             log_level="WARNING", cpus=profile.cpus, link_kbps=profile.link_kbps,
             on_battery=profile.battery, slowdown=profile.slowdown,
             train_threads=1,  # many devices share this host
-            status_interval_s=self.status_interval_s,
+            status_interval_s=self.status_interval_s, he_context=he_context,
+            secure_aggregation=self.secure_aggregation,
             eval_holdout=(self.eval_holdout or SIM_EVAL_HOLDOUT) if self.evaluates else 0.0,
         )
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import random
@@ -25,8 +26,10 @@ import numpy as np
 from aggregator.records import RoundRecord
 from aggregator.service import AggregatorService
 from edge_agent.agent import EdgeAgent
+from fedmq.core.he import CkksParams
 from fedmq.core.protocol import EvalReport
 from fedmq.errors import BrokerError, FedmqError, require
+from fedmq.keyfiles import generate_he_keys
 from fedmq.tasks import device_shard, device_shards, fleet_test_set, plugins
 from simulator.broker import LocalMosquitto
 from simulator.config import DEVICE_ID, SimulationConfig
@@ -101,6 +104,11 @@ HOST_POLL_S = 0.1
 BYZANTINE_SCALE = 10.0
 
 
+def _vanishes(config: SimulationConfig, fleet: str, device: str, round: int) -> bool:
+    """Whether simulated `device` vanishes after its masked input in `round`."""
+    return device in config.secagg_dropouts(fleet, round)
+
+
 def poison(delta: np.ndarray) -> np.ndarray:
     """What an attacker sends for its honest delta: the delta reversed and scaled, encoded
     like any other (a well-formed update that validation alone cannot tell apart)."""
@@ -128,6 +136,7 @@ class Simulation:
         self._dropout_rng = random.Random(config.seed)
         self._dropout_round = -1
         self._flaky: dict[str, DeviceProfile] = {}  # devices whose link flaps on a schedule
+        self.he_keys: tuple[str, str] | None = None  # --he: (public, secret) key files
 
     def start(self) -> None:
         self.began = time.monotonic()
@@ -148,6 +157,10 @@ class Simulation:
             self.broker.start()
             url = self.broker.url
         fleet = c.fleet or f"sim-{os.urandom(3).hex()}"
+        if c.he:  # the run's own key pair: the aggregator decrypts, devices encrypt
+            public, secret, _ = generate_he_keys(
+                self.workdir / "he", CkksParams(clip_norm=c.he_clip_norm), force=True)
+            self.he_keys = (str(public), str(secret))
         if not c.agents_only:
             self._start_aggregator(url, fleet, test)
         if c.hosted:
@@ -158,7 +171,8 @@ class Simulation:
         if c.dropout > 0 or any(p.link_kbps or p.flaky for p in profiles):
             self.proxies = ProxyPool.for_broker(url)
         for i, (shard, profile) in enumerate(zip(shards, profiles, strict=True)):
-            agent_config = c.agent_config(i, broker=url, fleet=fleet, profile=profile)
+            agent_config = c.agent_config(i, broker=url, fleet=fleet, profile=profile,
+                                          he_context=self.he_keys[0] if self.he_keys else "")
             device_id = agent_config.device_id
             if self.proxies is not None:  # the device talks to the broker through its proxy
                 agent_config = dataclasses.replace(agent_config,
@@ -166,8 +180,12 @@ class Simulation:
                 self.proxies.proxy(device_id).bandwidth(profile.bandwidth_bytes_per_s)
                 if profile.flaky:
                     self._flaky[device_id] = profile
+            drop = None
+            if c.secagg_drop_after_input:
+                drop = functools.partial(_vanishes, c, fleet, device_id)
             self.agents.append(EdgeAgent(agent_config, shard,
-                                         update_transform=poison if i < c.byzantine else None))
+                                         update_transform=poison if i < c.byzantine else None,
+                                         secagg_drop_after_input=drop))
         self._apply_dropout()
         if self.aggregator is not None:
             self.aggregator.start()
@@ -235,7 +253,8 @@ class Simulation:
 
     def _start_aggregator(self, url: str, fleet: str, test) -> None:
         config = self.config.aggregator_config(
-            broker=url, fleet=fleet, checkpoint=str(self.workdir / "aggregator.ckpt"))
+            broker=url, fleet=fleet, checkpoint=str(self.workdir / "aggregator.ckpt"),
+            he_keys=self.he_keys)
         self.aggregator = AggregatorService(config, test_data=test, on_round=self._on_round)
 
     def announced_round(self) -> int:

@@ -48,6 +48,11 @@ class AggregationRule(ABC):
     def result(self) -> np.ndarray:
         """The round's aggregate delta."""
 
+    def refusal(self) -> str:
+        """Why the last `result` is unusable ('' : it is usable); the round is refused
+        like a model the guard refuses (an encrypted round that cannot be decrypted)."""
+        return ""
+
     @abstractmethod
     def state_dict(self) -> dict[str, Any]: ...
 

@@ -1,11 +1,13 @@
-"""`fedmq keys init`: create the model-signing key pair."""
+"""`fedmq keys init`: create the model-signing key pair; `fedmq keys he-init`: the CKKS
+key pair of `he = "ckks"`."""
 
 from __future__ import annotations
 
 import argparse
 
+from fedmq.core.he import PRESETS, CkksParams
 from fedmq.core.signing import PUBLIC_NAME
-from fedmq.keyfiles import generate_keypair
+from fedmq.keyfiles import generate_he_keys, generate_keypair
 
 
 def _cmd_init(args: argparse.Namespace) -> int:
@@ -18,6 +20,20 @@ def _cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_he_init(args: argparse.Namespace) -> int:
+    params = CkksParams(poly_modulus_degree=args.poly_degree, clip_norm=args.clip_norm)
+    public, secret, fp = generate_he_keys(args.out, params, force=args.force)
+    print(f"CKKS key {fp} (N = {params.poly_modulus_degree}, {params.slots} values per "
+          f"ciphertext, devices clip updates to L2 norm {params.clip_norm:g})\n"
+          f"  secret: {secret} (mode 600; the key holder only: it decrypts round sums)\n"
+          f"  public: {public} (devices and the aggregator)\n\n"
+          f"aggregator.toml:  he = \"ckks\"\n"
+          f"                  he_public_context = \"{public}\"\n"
+          f"                  he_secret_context = \"{secret}\"\n"
+          f"agent.toml:       he_context = \"/etc/fedmq/{public.name}\"")
+    return 0
+
+
 def configure(keys: argparse.ArgumentParser) -> None:
     """`fedmq keys`: the aggregator signs every model announcement, devices with the public
     key refuse anything else."""
@@ -27,3 +43,14 @@ def configure(keys: argparse.ArgumentParser) -> None:
                       help="directory for model-signing.key (0600) and model-signing.pub")
     init.add_argument("--force", action="store_true", help="replace existing key files")
     init.set_defaults(func=_cmd_init)
+    he = verbs.add_parser("he-init", help="create a CKKS key pair for he = ckks")
+    he.add_argument("--out", required=True, metavar="DIR",
+                    help="directory for he-secret.ctx (0600) and he-public.ctx")
+    he.add_argument("--clip-norm", type=float, default=CkksParams().clip_norm,
+                    help="L2 norm every device clips its update to before encrypting it "
+                         "(default %(default)s)")
+    he.add_argument("--poly-degree", type=int, default=CkksParams().poly_modulus_degree,
+                    choices=sorted(PRESETS), help="CKKS ring degree: 8192 (precise) or 4096 "
+                    "(smaller ciphertexts); default %(default)s")
+    he.add_argument("--force", action="store_true", help="replace existing key files")
+    he.set_defaults(func=_cmd_he_init)

@@ -52,6 +52,8 @@ class SecAggSetup(Message):
     clip: float = wire("c")
     levels: int = wire("l")
     field_bits: int = wire("b", 32)
+    # samples a device's weight is capped at (core/secagg/weighting.py; 0: all weigh 1)
+    weight_cap: int = wire("w", 0, omit_default=True)
 
     def __post_init__(self) -> None:
         _check_round(self.round, self.session)
@@ -66,6 +68,7 @@ class SecAggSetup(Message):
             Quantizer(clip=self.clip, levels=self.levels)
         except ConfigError as exc:
             raise ProtocolError(str(exc), reason="bad_field") from None
+        _require(self.weight_cap >= 0, f"weight_cap {self.weight_cap} must be >= 0")
         _require(2 <= self.min_clients <= n, f"min_clients {self.min_clients} must be in "
                  f"2..{n}")
         _require(field.max_summands(self.levels) >= n, f"{n} sums of values up to "

@@ -20,9 +20,10 @@ from aggregator.strategy.rules import rule_names
 from fedmq.config import BrokerConfig, option
 from fedmq.core import codecs, he
 from fedmq.core.chunking import Reassembler
+from fedmq.core.layout import LayoutMask
 from fedmq.core.protocol import TaskConfig, check_name
 from fedmq.errors import ConfigError, ProtocolError
-from fedmq.models import model_names
+from fedmq.models import build_model, model_names
 from fedmq.tasks import TASKS, task_spec
 
 ROLES = ("central", "reducer", "worker", "site")
@@ -87,6 +88,18 @@ class RoundOptions:
                               "(see byzantine_f); robust rules are unweighted and keep the "
                               "round's updates",
                               choices=rule_names)
+    evaluate_fraction: float = option(0.0, "federated evaluation: this share of the devices "
+                                      "(a different draw for each model) score each new "
+                                      "model on their own held-out data (agents' "
+                                      "eval_holdout) and report it; the round's record "
+                                      "holds the sample-weighted fleet accuracy (0: off)")
+    personal_layers: str = option("", "personalization (FedPer): comma-separated fnmatch "
+                                  "patterns of the model's tensors that never leave a "
+                                  "device, e.g. out.* (keyboard's output layer); updates "
+                                  "carry the other tensors only (empty: all federate)")
+    finetune_steps: int = option(0, "devices fine-tune each model this many steps on their "
+                                 "own data before using it, and report its personalized "
+                                 "accuracy beside the global one (0: off)")
     trim_fraction: float = option(0.1, "trimmed_mean: fraction cut from each end, per "
                                   "coordinate (tolerates floor(fraction x updates) bad ones)")
     byzantine_f: int = option(1, "krum, multi_krum (n >= 2f+3 updates a round), bulyan "
@@ -271,6 +284,12 @@ class AggregatorConfig(BrokerConfig, RoundOptions):
                 f"unknown model {self.model!r}; available: {', '.join(model_names())}"
             )
         self.model_config()  # a model that does not fit the task fails here
+        if self.personal_patterns():  # patterns that match nothing (or all) fail here
+            try:
+                LayoutMask(build_model(self.model_name, self.model_config()).layout,
+                           self.personal_patterns())
+            except ProtocolError as exc:
+                raise ConfigError(f"personal_layers: {exc}") from None
         create_optimizer(self.optimizer_config())
         for codec in (self.model_codec, self.model_delta_codec or "float32"):
             codecs.get_codec(codec)
@@ -298,7 +317,21 @@ class AggregatorConfig(BrokerConfig, RoundOptions):
         if self.role in ("worker", "site") and self.sources():
             raise ConfigError(f"a {self.role} sends partial aggregates; partial_sources is "
                               "for the central aggregator or reducer")
+        if not 0.0 <= self.evaluate_fraction <= 1.0:
+            raise ConfigError(f"evaluate_fraction {self.evaluate_fraction} must be in [0, 1]")
+        if not 0 <= self.finetune_steps <= 100_000:
+            raise ConfigError(f"finetune_steps {self.finetune_steps} must be 0 to 100000")
         partial = self.role != "central" or self.sources()
+        if partial and self.personal_patterns():
+            raise ConfigError("personal_layers works with one central aggregator: workers, "
+                              "sites and reducers fold whole-model updates")
+        if self.personal_patterns() and (self.he or self.secure_aggregation):
+            raise ConfigError("personal_layers with he or secure_aggregation is not supported "
+                              "yet: their rounds sum whole-model vectors")
+        if partial and (self.evaluate_fraction or self.finetune_steps):
+            raise ConfigError("evaluate_fraction and finetune_steps need the devices' reports "
+                              "at one central aggregator: workers and sites do not forward "
+                              "them; leave them 0 with role, partial_sources")
         if partial and (self.aggregation != "mean" or self.dp_noise_multiplier):
             raise ConfigError("workers and sites send weighted sums: they work with "
                               "aggregation = mean and without central DP (median, "
@@ -308,6 +341,10 @@ class AggregatorConfig(BrokerConfig, RoundOptions):
             raise ConfigError("shard is for role = worker")
         if not self.flush_after_s > 0:
             raise ConfigError("flush_after_s must be > 0")
+
+    def personal_patterns(self) -> tuple[str, ...]:
+        """personal_layers as patterns."""
+        return tuple(p.strip() for p in self.personal_layers.split(",") if p.strip())
 
     def _check_he(self) -> None:
         """What encrypted updates rule out, said before any key is read."""

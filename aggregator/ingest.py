@@ -21,6 +21,13 @@ reason (docs/protocol.md lists them all):
   8. the round machine: round, version, layout, duplicates, and, for a delta not decoded
      in step 7, the decode into the aggregate (codec, shape, finiteness, range).
 
+An EvalReport (federated evaluation) comes on the same topics and takes steps 1-3 and 5,
+then its own: its device must be known (`unknown_device`) and picked by the model's
+`evaluate` share (`not_selected`), its examples no more than the device declared in its
+birth (`bad_samples`), its model the current one (`stale_eval`), once per device
+(`duplicate`); a NaN loss or an accuracy outside [0, 1] fails step 3 (`non_finite`,
+`out_of_range`). Its rejections count as `eval_<reason>`; it gets no receipt.
+
 The result is the accepted Update with its wire byte count, or one Rejected with its
 reason; nothing else is raised for a bad message. The delta is decoded at most once: by
 step 7 when a norm bound needs its values (the decoded array is what gets folded), else
@@ -39,13 +46,14 @@ import numpy as np
 
 from aggregator.bounds import UpdateBounds, check_factor
 from aggregator.devices import DeviceRegistry
+from aggregator.evaluation import EvalPool
 from aggregator.guard import l2_norm
 from aggregator.he_round import HESetup
 from aggregator.rounds import RoundMachine
 from fedmq.core import codecs
 from fedmq.core.chunking import Reassembler
 from fedmq.core.codecs.pipeline import MAX_WEIGHTED_VALUE
-from fedmq.core.protocol import FleetTopics, Part, Receipt, Update
+from fedmq.core.protocol import EvalReport, FleetTopics, Part, Receipt, Update, evaluates
 from fedmq.core.protocol.wire import decode_any
 from fedmq.errors import ConfigError, ProtocolError
 
@@ -94,6 +102,14 @@ class Screened:
     norm: float | None
     notes: tuple[tuple[str, str], ...] = ()
     clipped: bool = False  # its norm before clipping was above the bound
+
+
+@dataclass(frozen=True)
+class Evaluated:
+    """An EvalReport the evaluation pool took."""
+
+    report: EvalReport
+    wire_bytes: int
 
 
 @dataclass(frozen=True)
@@ -234,7 +250,10 @@ class UpdateIngest:
 
     def __init__(self, limits: UpdateLimits, *, params: int, topics: FleetTopics,
                  registry: DeviceRegistry, reassembler: Reassembler,
-                 machine: RoundMachine, bounds: UpdateBounds | None = None) -> None:
+                 machine: RoundMachine, bounds: UpdateBounds | None = None,
+                 evaluations: EvalPool | None = None, evaluate_fraction: float = 0.0) -> None:
+        """evaluations: where EvalReports go, asked of `evaluate_fraction` of the devices
+        (None: every report is refused as not_selected)."""
         self.limits = limits
         self.bounds = bounds if bounds is not None else limits.bounds()
         self.params = params
@@ -247,9 +266,11 @@ class UpdateIngest:
         self.clipped = 0  # updates scaled down to the norm bound
         self.capped = 0  # updates weighted by fewer samples than they claimed
         self._scratch = np.zeros(params, dtype=np.float32)
+        self.evaluations = evaluations
+        self.evaluate_fraction = evaluate_fraction if evaluations is not None else 0.0
 
     def receive(self, topic: str, payload: bytes, now: float, *,
-                partial: bool = False) -> Accepted | Rejected | None:
+                partial: bool = False) -> Accepted | Evaluated | Rejected | None:
         """One MQTT message on an update topic (`partial`: on a partial topic, from a
         worker or site), through every step (see the module doc); None: a Part was stored
         and more are to come."""
@@ -257,7 +278,10 @@ class UpdateIngest:
         try:
             device = self.partial_source(topic) if partial else self.sender(topic)  # 1
             check_size(len(payload), self.max_bytes, "update payload")  # 2
-            message = decode_any(payload, Update, Part)  # 3
+            message = (decode_any(payload, Update, Part) if partial
+                       else decode_any(payload, Update, Part, EvalReport))  # 3
+            if isinstance(message, EvalReport):
+                return self._evaluation(device, message, len(payload), now)
             # a source and a device may share a name: their transfers must not
             key = f"partial/{device}" if partial else device
             whole = self._whole(key, message, len(payload), now)  # 4
@@ -287,6 +311,31 @@ class UpdateIngest:
         if not update.represents:  # a partial's samples are a sum, its delta a mean
             self.bounds.accepted(norm=screened.norm, samples=screened.samples)
         return Accepted(update, wire_bytes, counted, screened.notes)
+
+    def _evaluation(self, device: str, report: EvalReport, wire_bytes: int,
+                    now: float) -> Evaluated | Rejected:
+        """An EvalReport's own checks (see the module doc), then into the pool."""
+        try:
+            if report.device_id != device:
+                raise _reject(f"evaluation for {report.device_id} arrived on {device}'s "
+                              "topic", "wrong_topic")
+            if not self.registry.known(device):
+                raise _reject(f"evaluation from {device}, which never published a birth",
+                              "unknown_device")
+            if self.evaluations is None or not evaluates(device, report.version,
+                                                         self.evaluate_fraction):
+                raise _reject(f"{device} sent an evaluation of model v{report.version} it "
+                              "was not asked for", "not_selected")
+            declared = self.registry.declared_examples(device)
+            if declared is not None and report.num_samples > declared:
+                raise _reject(f"{device} scored {report.num_samples} held-out examples but "
+                              f"declared {declared} in its birth", "bad_samples")
+            self.evaluations.offer(report, version=self.machine.version,
+                                   open_round=self.machine.round)
+        except ProtocolError as exc:
+            return Rejected(f"eval_{exc.reason}", str(exc))
+        self.registry.heard_from(device, now)
+        return Evaluated(report, wire_bytes)
 
     def sender(self, topic: str) -> str:
         """The device an update topic names, if it may send updates at all."""

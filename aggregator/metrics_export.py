@@ -70,10 +70,20 @@ class PrometheusExporter(AggregatorObserver):
             "loss": ("fedmq_test_loss", "Held-out loss of the newest model"),
             "epsilon": ("fedmq_dp_epsilon", "Differential privacy spent so far (at the "
                         "configured dp_delta)"),
+            "fleet_accuracy": ("fedmq_fleet_accuracy", "Federated evaluation: the devices' "
+                               "held-out accuracy of the model the last round trained "
+                               "from, weighted by their examples"),
+            "fleet_loss": ("fedmq_fleet_loss", "Federated evaluation: the devices' held-out "
+                           "loss of that model, weighted by their examples"),
+            "personal_accuracy": ("fedmq_personal_accuracy", "The devices' held-out "
+                                  "accuracy of their personalized models (personal layers, "
+                                  "fine-tuning), weighted by their examples"),
         }
         self._gauges: dict[str, object] = {}
         self.train_loss = prom.Gauge("fedmq_train_loss", "Participants' mean training loss "
                                      "in the last round, weighted by samples", registry=r)
+        self.evaluations = prom.Counter("fedmq_evaluations_accepted", "Devices' evaluation "
+                                        "reports taken (federated evaluation)", registry=r)
         self.checkpoint_seconds = prom.Histogram(
             "fedmq_checkpoint_write_seconds", "Time to write and fsync a checkpoint",
             buckets=CHECKPOINT_BUCKETS, registry=r)
@@ -127,6 +137,9 @@ class PrometheusExporter(AggregatorObserver):
             gauge = self._gauges[field] = self._prom.Gauge(name, help_text,
                                                            registry=self.registry)
         return gauge
+
+    def evaluation_accepted(self, report) -> None:
+        self.evaluations.inc()
 
     def update_accepted(self, *, device_id: str, round: int, counted: bool) -> None:
         (self.accepted if counted else self.redelivered).inc()

@@ -15,6 +15,7 @@ from typing import Protocol
 
 from aggregator.devices import DeviceInfo
 from aggregator.records import RoundRecord
+from fedmq.core.protocol import EvalReport
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,9 @@ class AggregatorObserver(Protocol):
 
     def checkpoint_saved(self, seconds: float) -> None:
         """A checkpoint write (and its fsync) took `seconds`."""
+
+    def evaluation_accepted(self, report: EvalReport) -> None:
+        """A device's evaluation report of the current model was taken."""
 
 
 class ObserverFanout(AggregatorObserver):
@@ -100,3 +104,6 @@ class ObserverFanout(AggregatorObserver):
 
     def checkpoint_saved(self, seconds: float) -> None:
         self._each("checkpoint_saved", seconds)
+
+    def evaluation_accepted(self, report: EvalReport) -> None:
+        self._each("evaluation_accepted", report)

@@ -40,6 +40,16 @@ class RoundRecord:
     # Model bytes all devices downloaded for the round: measured on the devices, so only
     # the simulator knows it.
     bytes_down: int | None = None
+    # Federated evaluation (evaluate_fraction): the model this round trained from (version
+    # - 1) scored by `fleet_devices` devices on their own held-out data, sample-weighted;
+    # personal_*: the same examples scored by the devices' personalized models (personal
+    # layers, fine-tuning). None/0: no report.
+    fleet_accuracy: float | None = None
+    fleet_loss: float | None = None
+    fleet_samples: int = 0
+    fleet_devices: int = 0
+    personal_accuracy: float | None = None
+    personal_loss: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -18,13 +18,16 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from aggregator.broadcast import ModelBroadcast
 from aggregator.checkpoint import CheckpointStore
 from aggregator.config import AggregatorConfig
 from aggregator.dashboard import DashboardServer
 from aggregator.devices import DeviceRegistry
+from aggregator.evaluation import EvalPool, fleet_fields
 from aggregator.fleetview import serve_dashboard
-from aggregator.ingest import Accepted, UpdateIngest, UpdateLimits
+from aggregator.ingest import Accepted, Evaluated, UpdateIngest, UpdateLimits
 from aggregator.loop import WRITER_IDLE, ServiceLoop
 from aggregator.observers import AggregatorObserver, ObserverFanout
 from aggregator.records import RoundRecord
@@ -34,6 +37,7 @@ from aggregator.secure_service import SecureAggregationDriver
 from aggregator.selection import assign_tasks
 from aggregator.strategy.optimizers import create_optimizer
 from fedmq import storage
+from fedmq.core.layout import LayoutMask
 from fedmq.core.protocol import (
     AggregatorStatus,
     DeviceStatus,
@@ -113,11 +117,20 @@ class AggregatorService(SecureAggregationDriver, ServiceLoop):
             self.exporter = BackgroundExporter(
                 ModelExporter(config.onnx_dir, keep=config.onnx_keep),
                 model=config.model_name, model_config=config.model_config(), task=config.task)
+        # Personal layers (personal_layers) never come up: the round machine, its rules,
+        # bounds and DP see the shared tensors only; announcements carry the personal ones
+        # as initialised, for a device's first round.
+        self.mask = LayoutMask(self.model.layout, config.personal_patterns())
+        initial = self.model.get_flat()
+        self.personal_init = self.mask.take_personal(initial)
         self.machine = RoundMachine(
-            params=self.model.get_flat(), optimizer=create_optimizer(config.optimizer_config()),
-            policy=config.policy(), layout_hash=self.model.layout.hash, now=clock(),
+            params=self.mask.take_shared(initial),
+            optimizer=create_optimizer(config.optimizer_config()),
+            policy=config.policy(), layout_hash=self.mask.shared.hash, now=clock(),
             seed=config.seed,
         )
+        self.evaluations = EvalPool()  # the devices' scores of the current model
+        self.evaluated = 0  # evaluation reports taken
         self.history: list[RoundRecord] = []
         self.accepted = 0  # updates counted
         self.redelivered = 0  # updates that already counted, seen again (receipted again)
@@ -155,10 +168,11 @@ class AggregatorService(SecureAggregationDriver, ServiceLoop):
             self.link.route(self.topics.partial_filter, lambda m: self._inbox.put(
                 _Inbound(m.topic, m.payload, m.mid, m.qos, partial=True)), qos=1)
         self.registry = DeviceRegistry()  # births and Last Wills, applied on the loop thread
-        self.ingest = UpdateIngest(self.limits, params=self.model.layout.size,
+        self.ingest = UpdateIngest(self.limits, params=self.mask.shared.size,
                                    topics=self.topics, registry=self.registry,
                                    reassembler=self.reassembler, machine=self.machine,
-                                   bounds=self.bounds)
+                                   bounds=self.bounds, evaluations=self.evaluations,
+                                   evaluate_fraction=config.evaluate_fraction)
         # counted per reason, logged sparingly
         self.rejections = RejectionLog(self.rejected, log,
                                        on_count=self.observers.update_rejected)
@@ -263,7 +277,8 @@ class AggregatorService(SecureAggregationDriver, ServiceLoop):
         m = self.machine
         limit = self.link.effective_max_payload(
             self.topics.model_payload_chunk(MAX_MODEL_CHUNKS - 1))
-        messages = self.broadcast.messages(params=m.params, version=m.version, round=m.round,
+        messages = self.broadcast.messages(params=self.full_params(), version=m.version,
+                                           round=m.round,
                                            limit=limit, fields=self._announcement_fields)
         for topic, payload in messages:
             self.link.publish(topic, payload, retain=True)
@@ -279,15 +294,24 @@ class AggregatorService(SecureAggregationDriver, ServiceLoop):
         if self.secure is not None:
             self._open_secure_round()
 
+    def full_params(self) -> np.ndarray:
+        """The global model: the machine's shared tensors with the personal ones as
+        initialised (the machine's own vector when nothing is personal)."""
+        params = self.machine.params
+        if not self.mask.patterns:
+            return params
+        return self.mask.merge(shared=params, personal=self.personal_init)
+
     def _announcement_fields(self) -> dict:
         """What an announcement of this round says besides the model: the model's shape,
         the task, and who is asked to train (planned now)."""
-        m, c = self.machine, self.config
+        c = self.config
         cohort, tiers, assign = self._plan_round()
         return dict(fleet=c.fleet, model=c.model_name, model_config=c.model_config(),
-                    layout=self.model.layout.to_wire(), layout_hash=m.layout_hash,
+                    layout=self.model.layout.to_wire(), layout_hash=self.model.layout.hash,
                     task=c.task_config(), cohort=cohort, tiers=tiers, assign=assign,
-                    lineage=self.lineage)
+                    lineage=self.lineage, evaluate=c.evaluate_fraction,
+                    personal=self.mask.patterns, finetune_steps=c.finetune_steps)
 
     def _plan_round(self) -> tuple[list[str] | None, list, dict[str, int]]:
         """The cohort the machine asks in this announcement (from the devices online) and
@@ -319,6 +343,10 @@ class AggregatorService(SecureAggregationDriver, ServiceLoop):
         another device's topic)."""
         result = self.ingest.receive(topic, payload, self.clock(), partial=partial)
         if result is None:
+            return None
+        if isinstance(result, Evaluated):  # no receipt: fire and forget
+            self.evaluated += 1
+            self.observers.evaluation_accepted(result.report)
             return None
         update = result.update
         if not isinstance(result, Accepted):
@@ -458,8 +486,9 @@ class AggregatorService(SecureAggregationDriver, ServiceLoop):
             return
         dp = self.machine.policy.dp
         accuracy = test_loss = top3 = None
+        fleet = self.evaluations.close(result.version - 1)  # the model it trained from
         if self.test_data is not None:
-            self.model.set_flat(self.machine.params)
+            self.model.set_flat(self.full_params())
             try:
                 ev = self.model.evaluate(self.test_data.x, self.test_data.y)
                 accuracy, test_loss, top3 = ev.accuracy, ev.loss, ev.top3
@@ -475,6 +504,7 @@ class AggregatorService(SecureAggregationDriver, ServiceLoop):
             cohort=result.cohort,
             top3=top3, epsilon=self.machine.epsilon() if dp else None,
             stopped=result.stopped,
+            **fleet_fields(fleet),
         )
         self.history.append(record)
         # The closed round is on disk before its model goes out: a model a restart would
@@ -490,14 +520,17 @@ class AggregatorService(SecureAggregationDriver, ServiceLoop):
             except OSError as exc:  # a full disk loses a metrics line, never the round
                 log.error("round %d's line could not be appended to metrics %s: %s",
                           result.round, self.config.metrics, exc.strerror or exc)
-        log.info("round %d closed: %d updates, %d samples, train loss %.4f%s%s", result.round,
-                 result.participants, result.samples, result.train_loss,
+        log.info("round %d closed: %d updates, %d samples, train loss %.4f%s%s%s",
+                 result.round, result.participants, result.samples, result.train_loss,
                  f", test accuracy {accuracy:.4f}" if accuracy is not None else "",
+                 f", fleet accuracy {fleet.accuracy:.4f} of v{fleet.version} on "
+                 f"{fleet.devices} devices" if fleet and fleet.accuracy is not None else "",
                  f", DP epsilon {record.epsilon:.2f} at delta {dp.delta:g}" if dp else "")
         self._round_started = time.monotonic()
         self._announce()
         if self.exporter is not None:
-            self.exporter.submit(self.machine.params, version=result.version, round=result.round)
+            self.exporter.submit(self.full_params(), version=result.version,
+                                 round=result.round)
         self.observers.round_closed(record)
         if result.stopped:
             self._stop_training(result.stopped, announced=True)
@@ -548,7 +581,7 @@ class AggregatorService(SecureAggregationDriver, ServiceLoop):
         self.observers.start()  # a metrics port in use fails here, before anything runs
         if self.exporter is not None:  # devices can predict with the model we start from
             m = self.machine
-            self.exporter.submit(m.params, version=m.version, round=m.round)
+            self.exporter.submit(self.full_params(), version=m.version, round=m.round)
         self._start_loop("aggregator")
         self.link.start()
 

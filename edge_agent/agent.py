@@ -25,6 +25,7 @@ import numpy as np
 
 from edge_agent.config import AgentConfig
 from edge_agent.outbox import Outbox
+from edge_agent.personal import PersonalLayers
 from edge_agent.privacy import LocalDP
 from edge_agent.statedir import StateDirLock
 from fedmq import __version__, storage
@@ -37,11 +38,14 @@ from fedmq.core.device import (
     Connected,
     Decision,
     DeviceMachine,
+    Evaluate,
+    Evaluated,
     Event,
     Ignored,
     NewLineage,
     ReceiptIn,
     Rejected,
+    Report,
     Send,
     Sent,
     Settled,
@@ -53,12 +57,22 @@ from fedmq.core.device import (
     Unsubscribe,
 )
 from fedmq.core.he import PublicKey
-from fedmq.core.protocol import DeviceStatus, FleetTopics, ModelAnnouncement, TaskConfig, Update
+from fedmq.core.layout import LayoutMask
+from fedmq.core.protocol import (
+    DeviceStatus,
+    EvalMetrics,
+    EvalReport,
+    FleetTopics,
+    ModelAnnouncement,
+    TaskConfig,
+    Update,
+)
 from fedmq.core.transfer import DELTA, FULL, ReceivedModel
 from fedmq.errors import ConfigError, DataError, FedmqError, ProtocolError
 from fedmq.keyfiles import load_he_public, opener_for_config
 from fedmq.models import Model, build_model, model_names
 from fedmq.tasks import Dataset, task_spec
+from fedmq.tasks.holdout import local_holdout
 from fedmq.transport.message import Message
 from fedmq.transport.mqtt import MqttLink, Will
 
@@ -68,6 +82,10 @@ RESEND_CHECK_S = 1.0
 # How long a round waits for a fresh read of a live data source before it trains on the
 # last good data (the read goes on and serves a later round).
 RELOAD_WAIT_S = 10.0
+# A device scores a model on at most this many of its held-out examples (evenly spaced),
+# so federated evaluation costs a bounded time whatever the device holds: about a second
+# of one core for the keyboard's GRU.
+EVAL_MAX_EXAMPLES = 500
 
 
 def device_capabilities(config: AgentConfig | None = None) -> dict[str, object]:
@@ -123,9 +141,14 @@ class LocalTrainer:
                  threads: int = 1, reload: Callable[[], Dataset] | None = None,
                  update_transform: Callable[[np.ndarray], np.ndarray] | None = None,
                  task: str = "", encryptor: PublicKey | None = None,
-                 ldp: LocalDP | None = None) -> None:
+                 ldp: LocalDP | None = None, holdout: float = 0.0) -> None:
+        """holdout: the share of the device's data kept aside to score models on (for
+        federated evaluation; fedmq/tasks/holdout.py), never trained on; 0: none."""
         if len(data) == 0:
             raise FedmqError(f"device {device_id} has no training data")
+        self.holdout = holdout
+        self.eval_data: Dataset | None = None
+        data = self._split(data, seed)
         # A live source (reload) is read again before every round, on its own thread: a
         # failed read keeps the last good data, and a read still going after
         # RELOAD_WAIT_S (a hung sensor) is left to finish for a later round. A sensor
@@ -146,8 +169,18 @@ class LocalTrainer:
         state = storage.load_state(self.state_path) if self.state_path is not None else None
         self.feedback = codecs.ErrorFeedback.resume((state or {}).get("feedback", {}),
                                                     default=self.spec)
+        # Personal layers (announcement `personal`): kept across restarts with the residual
+        self.personal = PersonalLayers()
+        if (state or {}).get("personal") is not None:
+            try:
+                self.personal.load_state_dict(state["personal"])
+            except storage.StateError as exc:
+                log.warning("%s: personal layers in %s not restored (%s); they start again "
+                            "from the next model", device_id, self.state_path, exc)
         self._model: Model | None = None
         self._model_key: tuple | None = None
+        # the device's own version of the newest model it scored (see personalize)
+        self.personalized: np.ndarray | None = None
         if not slowdown >= 1.0:
             raise FedmqError(f"slowdown {slowdown} must be >= 1 (1: the host's own speed)")
         self.slowdown = slowdown
@@ -165,6 +198,17 @@ class LocalTrainer:
         # the model a user task registered ("" for a bundled task): resolved now, so a
         # task that cannot load fails at start-up
         self.own_model = task_spec(task).model if task else ""
+
+    def _split(self, data: Dataset, seed: int) -> Dataset:
+        """The training part of `data`; its held-out part becomes eval_data."""
+        train, held = local_holdout(data, self.holdout, seed=seed)
+        if held is not None or self.eval_data is None:
+            self.eval_data = held
+        return train
+
+    def _save_state(self) -> None:
+        if self.state_path is not None:
+            storage.save_state(self.state_path, self._state())
 
     def _model_for(self, a: ModelAnnouncement) -> Model:
         if self.own_model and a.model != self.own_model:
@@ -206,12 +250,12 @@ class LocalTrainer:
             return codecs.encode(delta, spec, rng=rng)
         self.feedback.spec = spec
         encoded = self.feedback.encode(delta, rng=rng)
-        if self.state_path is not None:
-            storage.save_state(self.state_path, self._state())
+        self._save_state()
         return encoded
 
     def _state(self) -> dict:
-        return {"feedback": self.feedback.state_dict(), "ldp_rounds": self.ldp_rounds}
+        return {"feedback": self.feedback.state_dict(), "personal": self.personal.state_dict(),
+                "ldp_rounds": self.ldp_rounds}
 
     @property
     def ldp_epsilon(self) -> float | None:
@@ -245,7 +289,7 @@ class LocalTrainer:
                         "examples", self.device_id, read.error, len(self.data))
             return
         assert read.data is not None
-        self.data = read.data
+        self.data = self._split(read.data, self.seed)
         self.reloads += 1
 
     def train(self, received: ReceivedModel, task: TaskConfig | None = None) -> Update:
@@ -265,7 +309,7 @@ class LocalTrainer:
         return Update(
             device_id=self.device_id, update_id=os.urandom(4).hex(), round=a.round,
             base_version=a.version, num_samples=result.num_samples, loss=result.loss,
-            delta=encoded, layout_hash=a.layout_hash, train_s=result.seconds,
+            delta=encoded, layout_hash=self.update_layout_hash(a), train_s=result.seconds,
             steps=result.steps, complete=result.complete,
         )
 
@@ -280,7 +324,9 @@ class LocalTrainer:
         a = received.announcement
         model = self._model_for(a)
         self._refresh_data()
-        model.set_flat(received.params)
+        mask = self._mask(model, a)
+        start = self.personal.start(mask, received.params)
+        model.set_flat(start)
         rng = np.random.default_rng([self.seed, a.round])
         # A device `slowdown` times slower does 1/slowdown of the work in its budget and
         # takes `slowdown` times as long for what it does.
@@ -290,17 +336,81 @@ class LocalTrainer:
                              max_steps=task.max_steps)
         if self.slowdown > 1.0:
             self.halt.wait(result.seconds * (self.slowdown - 1.0))
-        delta = model.get_flat() - received.params
+        trained = model.get_flat()
+        # only the shared tensors go up; the personal ones stay here (and on disk)
+        delta = mask.take_shared(trained - start)
+        self.personal.keep(mask, trained)
         if self.ldp is not None:
             delta = self.ldp.privatize(delta)
             self.ldp_rounds += 1
-            if self.state_path is not None:
-                storage.save_state(self.state_path, self._state())
             log.info("%s: local DP update %d, epsilon %.3g at delta %g", self.device_id,
                      self.ldp_rounds, self.ldp_epsilon, self.ldp.delta)
+        if self.ldp is not None or (mask.patterns and not self.spec.error_feedback):
+            self._save_state()
         if self.update_transform is not None:
             delta = self.update_transform(delta)
         return delta, result, rng
+
+    @staticmethod
+    def _mask(model: Model, a: ModelAnnouncement) -> LayoutMask:
+        return LayoutMask(model.layout, tuple(a.personal))
+
+    def update_layout_hash(self, a: ModelAnnouncement) -> str:
+        """The layout hash an update of `a` carries: the shared tensors' with personal
+        layers, else the model's."""
+        if not a.personal:
+            return a.layout_hash
+        return self._mask(self._model_for(a), a).shared.hash
+
+    def personalize(self, received: ReceivedModel, task: TaskConfig | None = None
+                    ) -> np.ndarray | None:
+        """The parameters this device uses of the announced model: its personal layers in
+        (announcement `personal`), then `finetune_steps` steps on its training data; kept
+        as `personalized` (None when the announcement asks for neither: the device uses
+        the model as announced)."""
+        a = received.announcement
+        task = task or a.task
+        model = self._model_for(a)
+        mask = self._mask(model, a)
+        if not (mask.patterns or a.finetune_steps):
+            return None
+        model.set_flat(self.personal.start(mask, received.params))
+        if a.finetune_steps:
+            model.train(self.data.x, self.data.y, epochs=1000, batch_size=task.batch_size,
+                        lr=task.lr, rng=np.random.default_rng([self.seed, a.round, 1]),
+                        max_steps=a.finetune_steps)
+        self.personalized = model.get_flat()
+        return self.personalized
+
+    def evaluate(self, received: ReceivedModel, task: TaskConfig | None = None
+                 ) -> EvalReport | None:
+        """Score the announced model on this device's held-out data and, when the device
+        personalizes (personal layers, or fine-tuning), the model it would use: its personal
+        layers in, then `finetune_steps` steps on its training data. None: no held-out data
+        (eval_holdout 0, or too few examples)."""
+        held = self.eval_data
+        if held is None:
+            return None
+        if len(held) > EVAL_MAX_EXAMPLES:  # evenly spaced: the whole held-out span
+            held = held.subset(np.linspace(0, len(held) - 1, EVAL_MAX_EXAMPLES).astype(int))
+        a = received.announcement
+        task = task or a.task
+        began = time.perf_counter()
+        model = self._model_for(a)
+        model.set_flat(received.params)
+        announced = _metrics(model.evaluate(held.x, held.y))
+        personal = None
+        if self.personalize(received, task) is not None:  # leaves the model holding it
+            personal = _metrics(model.evaluate(held.x, held.y))
+        return EvalReport(device_id=self.device_id, round=a.round, version=a.version,
+                          num_samples=len(held), metrics=announced, personal=personal,
+                          eval_s=time.perf_counter() - began)
+
+
+def _metrics(ev) -> EvalMetrics:
+    """A model's EvalResult as the wire's EvalMetrics."""
+    return EvalMetrics(loss=float(ev.loss),
+                       accuracy=None if ev.accuracy is None else float(ev.accuracy))
 
 
 @dataclass
@@ -313,8 +423,16 @@ class AgentStats:
     models_received: int = 0
     receipts: Counter = field(default_factory=Counter)  # by status
     rejected: Counter = field(default_factory=Counter)
+    evaluated: int = 0  # evaluation reports sent
+    not_evaluated: int = 0  # evaluations asked of a device without held-out data
     # round -> [bytes uploaded, bytes downloaded]
     traffic: dict[int, list[int]] = field(default_factory=lambda: defaultdict(lambda: [0, 0]))
+
+
+def _accuracy(metrics: EvalMetrics) -> str:
+    if metrics.accuracy is None:
+        return f"loss {metrics.loss:.4f}"
+    return f"accuracy {metrics.accuracy:.4f} (loss {metrics.loss:.4f})"
 
 
 class _Read:
@@ -375,8 +493,9 @@ class EdgeAgent:
                                     task=config.task if task_spec(config.task).custom else "",
                                     encryptor=load_he_public(config.he_context)
                                     if config.he_context else None,
-                                    ldp=config.local_dp())
+                                    ldp=config.local_dp(), holdout=config.eval_holdout)
         self.stats = AgentStats()
+        self.last_eval: EvalReport | None = None  # the newest report sent
         # The retained status: birth, then fresh activity at most every status_interval_s
         # (published from the training thread's tick); guarded: paho's thread sends too.
         # `examples`: the aggregator weighs this device's updates by at most a few times
@@ -399,6 +518,7 @@ class EdgeAgent:
         # (ticks, trained updates); decisions are carried out outside this lock.
         self._machine_lock = threading.Lock()
         self._pending: Train | None = None
+        self._pending_eval: Evaluate | None = None
         self._wake = threading.Condition()
         self._stopping = False
         self._worker: threading.Thread | None = None
@@ -488,6 +608,18 @@ class EdgeAgent:
                 # newest wins: never train on a superseded model; and the worker re-sends
                 # what a new model makes due
                 self._wake_worker(decision)
+            case Evaluate(model=model):
+                if self.trainer.eval_data is None:
+                    self.stats.not_evaluated += 1
+                    log.info("%s: asked to score model v%d but holds no held-out data (set "
+                             "eval_holdout)", device, model.announcement.version)
+                else:
+                    with self._wake:  # newest wins, as for training
+                        self._pending_eval = decision
+            case Report(topic=topic, payload=payload):
+                self.link.publish(topic, payload, qos=1)
+                self.stats.evaluated += 1
+                return len(payload)
             case NewLineage(lineage=lineage):
                 log.warning("%s: the aggregator started over (model lineage %s): dropping the "
                             "model held and following the new one", device, lineage or "-")
@@ -576,10 +708,13 @@ class EdgeAgent:
                 if self._stopping:
                     return
                 train, self._pending = self._pending, None
+                evaluate, self._pending_eval = self._pending_eval, None
             # receipts can reach us once subscribed: re-send what is due
             self._handle(Tick(time.monotonic(), online=self.link.subscribed.is_set()))
             if self.link.connected.is_set():
                 self._publish_status()
+            if evaluate is not None:
+                self._evaluate_and_report(evaluate)
             if train is not None:
                 try:
                     self._train_and_publish(train)
@@ -591,6 +726,24 @@ class EdgeAgent:
                     self.stats.rejected["train_error"] += 1
                     log.exception("%s: round %d failed; waiting for the next model",
                                   self.config.device_id, train.model.announcement.round)
+
+    def _evaluate_and_report(self, evaluate: Evaluate) -> None:
+        a = evaluate.model.announcement
+        try:
+            report = self.trainer.evaluate(evaluate.model, a.task_for(self.config.device_id))
+        except Exception as exc:  # a user task's evaluate, or a bug: training goes on
+            self.stats.rejected["eval_error"] += 1
+            log.error("%s: scoring model v%d failed: %s", self.config.device_id, a.version,
+                      exc)
+            return
+        if report is None:
+            return
+        self.last_eval = report
+        self._handle(Evaluated(report, time.monotonic()))
+        personal = report.personal
+        log.info("%s: model v%d scores %s on %d held-out examples%s", self.config.device_id,
+                 a.version, _accuracy(report.metrics), report.num_samples,
+                 f" (personalized: {_accuracy(personal)})" if personal is not None else "")
 
     def _train_and_publish(self, train: Train) -> None:
         a = train.model.announcement

@@ -56,6 +56,10 @@ class AgentConfig(BrokerConfig):
     cpus: int = option(0, "cores to advertise (0: all the machine has)")
     train_threads: int = option(0, "threads a torch model trains with (0: the advertised "
                                 "cores); numpy models use one")
+    eval_holdout: float = option(0.0, "share of this device's examples kept aside, never "
+                                 "trained on, to score models on when the aggregator asks "
+                                 "(evaluate_fraction) and to compare personalized with "
+                                 "global accuracy; 0: none (it then never evaluates)")
     secure_aggregation: bool = option(False, "send updates only masked, in the aggregator's "
                                       "SecAgg+ rounds (docs/secagg.md): never in the clear, "
                                       "whatever the aggregator asks")
@@ -76,6 +80,8 @@ class AgentConfig(BrokerConfig):
         if self.max_payload < 1024:
             raise ConfigError("max_payload must be at least 1024 bytes")
         self.local_dp()  # bad local DP settings fail now
+        if not 0.0 <= self.eval_holdout < 1.0:
+            raise ConfigError(f"eval_holdout {self.eval_holdout} must be in [0, 1)")
         if self.he_context and self.secure_aggregation:
             raise ConfigError("he_context and secure_aggregation are two ways of hiding "
                               "updates; set the one your aggregator uses (docs/privacy.md)")

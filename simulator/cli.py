@@ -89,15 +89,32 @@ def results_table(result: SimulationResult):
                                    "starting up)")
     with_top3 = any(r.top3 is not None for r in result.rounds)
     top3_column = ["top-3"] if with_top3 else []
-    for col in ("round", "accuracy", *top3_column, "test loss", "updates", "KiB up",
-                "KiB down", "seconds"):
+    # federated evaluation: the devices' score of the model the round trained from
+    with_fleet = any(r.fleet_devices for r in result.rounds)
+    with_personal = any(r.personal_accuracy is not None for r in result.rounds)
+    fleet_columns = (["fleet acc."] if with_fleet else []) + (
+        ["personal"] if with_personal else [])
+    if with_fleet:
+        devices = max(r.fleet_devices for r in result.rounds)
+        table.caption = ("fleet acc.: the model the round started from, scored by up to "
+                         f"{devices} devices on their own held-out data (weighted by "
+                         "examples)" + ("; personal: their personalized models on the same "
+                                        "data" if with_personal else ""))
+    for col in ("round", "accuracy", *top3_column, *fleet_columns, "test loss", "updates",
+                "KiB up", "KiB down", "seconds"):
         table.add_column(col, justify="right")
     for r in result.rounds:
         top3 = [f"{r.top3:.4f}" if r.top3 is not None else "-"] if with_top3 else []
+        fleet = ([_score(r.fleet_accuracy)] if with_fleet else []) + (
+            [_score(r.personal_accuracy)] if with_personal else [])
         table.add_row(str(r.round), f"{r.accuracy:.4f}" if r.accuracy is not None else "-",
-                      *top3,
+                      *top3, *fleet,
                       f"{r.loss:.4f}" if r.loss is not None else "-", str(r.participants),
                       f"{r.bytes_up / 1024:.1f}",
                       f"{r.bytes_down / 1024:.1f}" if r.bytes_down is not None else "-",
                       f"{r.wall_s:.2f}")
     return table
+
+
+def _score(accuracy: float | None) -> str:
+    return "-" if accuracy is None else f"{accuracy:.4f}"

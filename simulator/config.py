@@ -68,12 +68,18 @@ DEVICE_ID = "{fleet}-dev{index:03d}"
 HOSTED_ABOVE = 200
 ENGINES = ("auto", "agents", "hosted")
 
+# The share of its data a simulated device holds out to score models on, unless told.
+SIM_EVAL_HOLDOUT = 0.2
 # Device keys every simulated device shares.
 AGENT_KEYS = ("codec", "alpha", "status_interval_s", "ldp_clip", "ldp_noise_multiplier",
-              "ldp_delta")
+              "ldp_delta", "eval_holdout")
 AGENT_DEFAULTS: dict[str, Default] = {
     "codec": Default("float32", "update codec of every device (see `fedmq codecs`)"),
     "alpha": Default(0.5, "Dirichlet label skew across devices (0 = IID)"),
+    "eval_holdout": Default(0.0, "share of each device's examples held out to score models "
+                            "on, with --evaluate-fraction, --personal-layers or "
+                            f"--finetune-steps (0: {SIM_EVAL_HOLDOUT:g} with them, else "
+                            "none)"),
 }
 
 
@@ -239,6 +245,8 @@ class SimulationConfig(BorrowedOptions):
             return "--dropout"
         if self.he:
             return "--he"
+        if self.evaluate_fraction or self.personal_layers or self.finetune_steps:
+            return "--evaluate-fraction, --personal-layers or --finetune-steps"
         return ""
 
     @property
@@ -311,4 +319,10 @@ class SimulationConfig(BorrowedOptions):
             ldp_clip=self.ldp_clip, ldp_noise_multiplier=self.ldp_noise_multiplier,
             ldp_delta=self.ldp_delta,
             secure_aggregation=self.secure_aggregation, mqtt_version=self.mqtt_version,
+            eval_holdout=(self.eval_holdout or SIM_EVAL_HOLDOUT) if self.evaluates else 0.0,
         )
+
+    @property
+    def evaluates(self) -> bool:
+        """Whether devices score models (and so hold data out for it)."""
+        return bool(self.evaluate_fraction or self.personal_layers or self.finetune_steps)

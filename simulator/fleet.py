@@ -27,6 +27,7 @@ from aggregator.records import RoundRecord
 from aggregator.service import AggregatorService
 from edge_agent.agent import EdgeAgent
 from fedmq.core.he import CkksParams
+from fedmq.core.protocol import EvalReport
 from fedmq.errors import BrokerError, ConfigError, FedmqError, require
 from fedmq.keyfiles import generate_he_keys
 from fedmq.tasks import device_shard, device_shards, fleet_test_set, plugins, task_spec
@@ -62,6 +63,9 @@ class SimulationResult:
     ldp_epsilon: float | None = None  # local DP: the most any device spent (None: off)
     # --workers / --sites: device updates each worker or site aggregator folded
     partials: dict[str, int] = field(default_factory=dict)
+    # Federated evaluation: each agent's newest EvalReport (its own held-out score of the
+    # announced model and, personalizing, of its personalized one), by device id.
+    device_evals: dict[str, EvalReport] = field(default_factory=dict)
 
     @property
     def final_accuracy(self) -> float | None:
@@ -407,6 +411,8 @@ class Simulation:
         spent = [a.trainer.ldp_epsilon for a in self.agents
                  if a.trainer.ldp_epsilon is not None]
         result.ldp_epsilon = max(spent) if spent else None
+        result.device_evals = {a.config.device_id: a.last_eval for a in self.agents
+                               if a.last_eval is not None}
         if self.aggregator is not None:
             result.rejected = dict(self.aggregator.rejected)
             result.stopped = self.aggregator.stopped
@@ -490,6 +496,18 @@ def metrics_figure(result: SimulationResult):
                                                     layout="constrained")
     ax_acc.plot(rounds, [np.nan if r.accuracy is None else r.accuracy for r in records],
                 marker="o")
+    # the devices' scores of the model each round trained from: the previous round's
+    if any(r.fleet_accuracy is not None for r in records):
+        ax_acc.lines[0].set_label("aggregator's held-out set")
+        ax_acc.plot([r.round - 1 for r in records],
+                    [np.nan if r.fleet_accuracy is None else r.fleet_accuracy for r in records],
+                    marker="s", linestyle="--", label="devices' held-out data (global model)")
+        if any(r.personal_accuracy is not None for r in records):
+            ax_acc.plot([r.round - 1 for r in records],
+                        [np.nan if r.personal_accuracy is None else r.personal_accuracy
+                         for r in records], marker="^", linestyle=":",
+                        label="devices' held-out data (personalized)")
+        ax_acc.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     ax_acc.set_ylabel("test accuracy")
     ax_loss.plot(rounds, [np.nan if r.loss is None else r.loss for r in records],
                  marker="o", label="test")

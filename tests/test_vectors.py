@@ -151,7 +151,8 @@ def _message_classes():
     from fedmq.core import protocol
 
     return (protocol.ModelAnnouncement, protocol.ModelChunk, protocol.Part, protocol.Update,
-            protocol.Receipt, protocol.DeviceStatus, protocol.AggregatorStatus)
+            protocol.Receipt, protocol.DeviceStatus, protocol.AggregatorStatus,
+            protocol.EvalReport)
 
 
 @pytest.mark.parametrize("vector", vectors("parts.json"), ids=ids("parts.json"))

@@ -89,6 +89,14 @@ function series(name, key, scale = 1) {
 function drawCharts() {
   const acc = [series("test accuracy", "accuracy")];
   if (rounds.some((r) => r.top3 !== null)) acc.push(series("top-3", "top3"));
+  // federated evaluation: the devices scored the model each round trained from (the
+  // previous round's), so their points sit one round earlier
+  for (const [name, key] of [["devices' held-out", "fleet_accuracy"],
+                             ["personalized", "personal_accuracy"]]) {
+    if (rounds.some((r) => r[key] !== undefined && r[key] !== null)) {
+      acc.push({ name, points: rounds.map((r) => [r.round - 1, r[key] ?? null]) });
+    }
+  }
   const decimals = (y) => String(Number(y.toFixed(3)));
   drawChart($("chart-accuracy"), $("legend-accuracy"), acc, { format: decimals, top: 1 });
   drawChart($("chart-loss"), $("legend-loss"),

@@ -14,6 +14,7 @@ on the quantization grid, top-k magnitudes are distinct), so the vectors are sta
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import sys
@@ -32,6 +33,8 @@ from fedmq.core.protocol import (
     AggregatorStatus,
     DeviceStatus,
     EncodedTensor,
+    EvalMetrics,
+    EvalReport,
     FleetTopics,
     ModelAnnouncement,
     ModelChunk,
@@ -308,6 +311,22 @@ def messages() -> dict[str, Any]:
                       topic=TOPICS.update(DEVICE),
                       note="required keys only, an integer for the float `l`, and an "
                            "unknown key `zz` (ignored)"),
+        message_entry("eval", EvalReport(
+            device_id=DEVICE, round=3, version=2, num_samples=40,
+            metrics=EvalMetrics(loss=1.25, accuracy=0.625)).to_payload(),
+            EvalReport, topic=TOPICS.update(DEVICE),
+            note="federated evaluation: the device scored model v2 on 40 held-out examples"),
+        message_entry("eval-personal", EvalReport(
+            device_id=DEVICE, round=3, version=2, num_samples=40,
+            metrics=EvalMetrics(loss=1.25, accuracy=0.625),
+            personal=EvalMetrics(loss=0.5, accuracy=0.875), eval_s=0.5).to_payload(),
+            EvalReport, topic=TOPICS.update(DEVICE),
+            note="with `p`: the same examples scored by the device's personalized model"),
+        message_entry("model-evaluate-personal", dataclasses.replace(
+            _announcement(), evaluate=0.25, personal=("out.*",), finetune_steps=20
+        ).to_payload(), ModelAnnouncement, topic=topic("model/current"),
+            note="`ev`, `pl` and `ft` are left out of every announcement that does not "
+                 "set them"),
         message_entry("rcpt-accepted", Receipt(update_id="5eed0001", round=3,
                                                status="accepted").to_payload(),
                       Receipt, topic=topic(f"receipt/{DEVICE}")),

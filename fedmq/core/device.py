@@ -21,12 +21,14 @@ from typing import Any
 
 from fedmq.core.outbox import Outbox
 from fedmq.core.protocol import (
+    EvalReport,
     FleetTopics,
     ModelAnnouncement,
     ModelChunk,
     Receipt,
     TaskConfig,
     Update,
+    evaluates,
 )
 from fedmq.core.signing import AnnouncementOpener
 from fedmq.core.transfer import DELTA, FULL, ModelReceiver, ReceivedModel
@@ -80,6 +82,14 @@ class Trained:
 
 
 @dataclass(frozen=True, slots=True)
+class Evaluated:
+    """The device scored a model (for an `Evaluate` decision): `report` goes up."""
+
+    report: EvalReport
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
 class Sent:
     """The caller carried out a `Send`; `connected`: the link was up when it published (a
     send into a dead link goes out again on reconnect and does not lengthen the backoff)."""
@@ -98,7 +108,8 @@ class Tick:
     online: bool
 
 
-Event = Connected | AnnouncementIn | ChunkIn | ReceiptIn | Trained | Sent | Tick
+Event = (Connected | AnnouncementIn | ChunkIn | ReceiptIn | Trained | Evaluated | Sent
+         | Tick)
 
 
 # -- decisions: what to do -----------------------------------------------------------------
@@ -119,6 +130,24 @@ class Train:
 
     model: ReceivedModel
     task: TaskConfig
+
+
+@dataclass(frozen=True, slots=True)
+class Evaluate:
+    """Score `model` on the device's held-out data (before a `Train` of the same model,
+    which comes right after when the device also trains), then report `Evaluated`. The
+    announcement's `evaluate` share picks the devices (protocol.evaluates); a newer
+    Evaluate supersedes one not yet started."""
+
+    model: ReceivedModel
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    """Publish an EvalReport `payload` on `topic` at QoS 1, once: no receipt, no outbox."""
+
+    topic: str
+    payload: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,8 +207,8 @@ class NewLineage:
     lineage: str
 
 
-Decision = (Subscribe | Unsubscribe | Train | SitOut | Send | Settled | Ignored | Rejected
-            | NewLineage)
+Decision = (Subscribe | Unsubscribe | Train | Evaluate | Report | SitOut | Send | Settled
+            | Ignored | Rejected | NewLineage)
 
 
 class DeviceMachine:
@@ -242,7 +271,8 @@ class DeviceMachine:
                     decisions.insert(0, NewLineage(announcement.lineage))
 
         def take(announcement: ModelAnnouncement) -> ReceivedModel | None:
-            if announcement.task_for(self.device_id) is None:
+            if announcement.task_for(self.device_id) is None and not self._evaluates(
+                    announcement):
                 if self.receiver.pass_over(announcement):
                     self._model_arrived(event.now)
                     decisions.append(SitOut(announcement))
@@ -278,10 +308,18 @@ class DeviceMachine:
         if received is None:
             return decisions
         self._model_arrived(event.now)
-        task = received.announcement.task_for(self.device_id)
-        assert task is not None  # a device outside the cohort never downloads
-        decisions.append(Train(received, task))
+        a = received.announcement
+        if self._evaluates(a):
+            decisions.append(Evaluate(received))
+        task = a.task_for(self.device_id)
+        if task is not None:  # else it downloaded the model only to score it
+            decisions.append(Train(received, task))
+        else:
+            decisions.append(SitOut(a))
         return decisions
+
+    def _evaluates(self, a: ModelAnnouncement) -> bool:
+        return evaluates(self.device_id, a.version, a.evaluate)
 
     def _model_arrived(self, now: float) -> None:
         """A new model means the aggregator is up and moving: whatever still lacks a
@@ -311,6 +349,9 @@ class DeviceMachine:
         return [Send(self.update_topic, entry.update_id, entry.round, entry.payload,
                      resend=False)]
 
+    def _evaluated(self, event: Evaluated) -> list[Decision]:
+        return [Report(self.update_topic, event.report.to_payload())]
+
     def _sent(self, event: Sent) -> list[Decision]:
         entry = self.outbox.get(event.update_id)
         if entry is not None:  # else its receipt came in meanwhile
@@ -332,4 +373,5 @@ _DISPATCH: dict[type, Callable[[DeviceMachine, Any], list[Decision]]] = {
     Connected: DeviceMachine._connected, AnnouncementIn: DeviceMachine._announcement,
     ChunkIn: DeviceMachine._chunk, ReceiptIn: DeviceMachine._receipt,
     Trained: DeviceMachine._trained, Sent: DeviceMachine._sent, Tick: DeviceMachine._tick,
+    Evaluated: DeviceMachine._evaluated,
 }

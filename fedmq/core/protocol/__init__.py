@@ -6,6 +6,8 @@ from fedmq.core.protocol.messages import (
     DeviceActivity,
     DeviceStatus,
     EncodedTensor,
+    EvalMetrics,
+    EvalReport,
     ModelAnnouncement,
     ModelChunk,
     Part,
@@ -15,6 +17,7 @@ from fedmq.core.protocol.messages import (
     Update,
     cohort_digest,
     device_key,
+    evaluates,
 )
 from fedmq.core.protocol.topics import UPDATE_BUCKETS, FleetTopics, check_name, update_bucket
 from fedmq.core.protocol.wire import PROTOCOL_VERSION, Message
@@ -27,6 +30,8 @@ __all__ = [
     "DeviceActivity",
     "DeviceStatus",
     "EncodedTensor",
+    "EvalMetrics",
+    "EvalReport",
     "FleetTopics",
     "Message",
     "ModelAnnouncement",
@@ -39,5 +44,6 @@ __all__ = [
     "check_name",
     "cohort_digest",
     "device_key",
+    "evaluates",
     "update_bucket",
 ]

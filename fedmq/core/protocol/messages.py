@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import hashlib
 import itertools
 import math
 from collections.abc import Container, Iterable
@@ -148,6 +149,17 @@ class ModelAnnouncement(Message):
     # device's updates forever), and never as a delta of what it holds. Empty: an
     # aggregator that predates the field.
     lineage: str = wire("ln", "")
+    # Federated evaluation: the share of devices (chosen by `evaluates`, the same on both
+    # sides) that score this model on their own held-out data and send an EvalReport. 0:
+    # none. Left out of the envelope while 0, as the two fields below while unset.
+    evaluate: float = wire("ev", 0.0, omit_default=True)
+    # Personalization: fnmatch patterns of the tensors that never leave a device (its
+    # personal layers, FedPer / FedRep); updates carry the other tensors only, under
+    # their own layout hash (fedmq.core.layout.LayoutMask).
+    personal: tuple[str, ...] = wire("pl", (), omit_default=True)
+    # Optimizer steps a device fine-tunes the model on its own data before using it (and
+    # before scoring its personalized accuracy); 0: used as announced.
+    finetune_steps: int = wire("ft", 0, omit_default=True)
 
     @property
     def key(self) -> tuple[int, int, str]:
@@ -158,6 +170,13 @@ class ModelAnnouncement(Message):
         _require(self.version >= 0 and self.round >= 0, "version and round must be >= 0")
         _require(all(isinstance(t, int) and 0 <= t < len(self.tiers)
                      for t in self.assign.values()), "device assigned a missing tier")
+        _require(math.isfinite(self.evaluate) and 0.0 <= self.evaluate <= 1.0,
+                 f"evaluate fraction {self.evaluate} must be in [0, 1]")
+        _require(all(isinstance(p, str) and 0 < len(p) <= 128 for p in self.personal)
+                 and len(self.personal) <= 64, "personal layer patterns must be 1-64 "
+                 "strings of 1-128 characters")
+        _require(0 <= self.finetune_steps <= 100_000,
+                 f"finetune_steps {self.finetune_steps} out of range")
         digest = self.cohort_digest
         if digest:
             _require(self.cohort is None, "an announcement names its cohort once: co or coh")
@@ -181,6 +200,58 @@ class ModelAnnouncement(Message):
             return None
         tier = self.assign.get(device_id)
         return self.task if tier is None else self.tiers[tier]
+
+
+def evaluates(device_id: str, version: int, fraction: float) -> bool:
+    """Whether `device_id` scores model `version` when a share `fraction` of the fleet is
+    asked to: a hash of both below the fraction, so the aggregator can tell a report it
+    asked for from one it did not, and a different share of the fleet scores each model."""
+    if fraction <= 0.0:
+        return False
+    if fraction >= 1.0:
+        return True
+    digest = hashlib.sha256(f"eval/{version}/{device_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") < fraction * 2.0**64
+
+
+@dataclass(frozen=True, slots=True)
+class EvalMetrics(WireObject):
+    """One model's score on a device's held-out examples."""
+
+    loss: float = wire("l")
+    accuracy: float | None = wire("a", None)  # top-1; None: a task without classes
+
+    def __post_init__(self) -> None:
+        _require(math.isfinite(self.loss), f"evaluation loss {self.loss} is not finite",
+                 "non_finite")
+        _require(self.accuracy is None or (math.isfinite(self.accuracy)
+                                           and 0.0 <= self.accuracy <= 1.0),
+                 f"accuracy {self.accuracy} is not in [0, 1]", "out_of_range")
+
+
+@dataclass(frozen=True, slots=True)
+class EvalReport(Message):
+    """QoS 1 on `update/{device_id}` (the topic a device already publishes on): how the
+    announced model of `version` scores on the device's own held-out data. `personal`:
+    the same examples scored by the model the device actually uses (its personal layers
+    and `finetune_steps` of fine-tuning applied), when it personalizes. Fire and forget:
+    no receipt; a lost report only thins the round's fleet sample."""
+
+    KIND = "eval"
+    device_id: str = wire("dev")
+    round: int = wire("r")
+    version: int = wire("v")
+    num_samples: int = wire("ns")
+    metrics: EvalMetrics = wire("g")
+    personal: EvalMetrics | None = wire("p", None, omit_default=True)
+    eval_s: float = wire("s", 0.0, omit_default=True)
+
+    def __post_init__(self) -> None:
+        check_name(self.device_id, "device id")
+        _require(self.round >= 0 and self.version >= 0, "round/version must be >= 0")
+        _require(0 < self.num_samples <= 1 << 31,
+                 f"num_samples {self.num_samples} must be in (0, 2^31]", "bad_samples")
+        _require(math.isfinite(self.eval_s) and self.eval_s >= 0, "eval_s must be >= 0")
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,6 +32,7 @@ from fedmq.core.device import (
 )
 from fedmq.core.layout import LayoutMask, ParamLayout
 from fedmq.core.protocol import (
+    PROTOCOL_VERSION,
     DeviceStatus,
     EvalMetrics,
     EvalReport,
@@ -212,7 +213,7 @@ def _nan_payload() -> bytes:
 
     body = report().to_wire()
     body["g"]["l"] = math.nan
-    return msgpack.packb({**body, "$v": 1, "$k": "eval"})
+    return msgpack.packb({**body, "$v": PROTOCOL_VERSION, "$k": "eval"})
 
 
 @pytest.mark.parametrize(("topic_device", "payload", "ingest_options", "reason"), [

@@ -116,8 +116,8 @@ def _span(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
 
 
 def table(rows: list[Row], runs: int) -> str:
-    lines = [f"| task | central top-1 % | federated top-1 % | gap (points) | central s | "
-             f"federated s | setting |",
+    lines = ["| task | central top-1 % | federated top-1 % | gap (points) | central s | "
+             "federated s | setting |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         gaps = [c - f for c, f in zip(r.central, r.federated, strict=True)]

@@ -42,7 +42,7 @@ from simulator.fleet import Simulation, SimulationConfig
 
 TASKS = ("digits", "sensor", "wearable", "synthetic", "keyboard")
 # Rows beside the tasks' defaults: one lever each (--tasks digits+fedavgm).
-VARIANTS = ("digits+fedavgm",)
+VARIANTS = ("digits+fedavgm", "synthetic+fedavgm")
 DROPOUT = 0.3
 GOAL_GAP = 2.0  # points: every task within this of its centralised run
 KEYBOARD_GOAL = 0.50  # LEAF's FedAvg range starts about here
@@ -68,6 +68,8 @@ SETTINGS = {
     # Server momentum 0.9 at server lr 1.0 (FedAvgM, Hsu et al. 2019).
     "digits+fedavgm": Setting(devices=10, rounds=20, quick_rounds=5, task="digits",
                               overrides=(("optimizer", "fedavgm"), ("server_lr", 1.0))),
+    "synthetic+fedavgm": Setting(devices=30, rounds=20, quick_rounds=5, task="synthetic",
+                                 overrides=(("optimizer", "fedavgm"), ("server_lr", 1.0))),
 }
 
 

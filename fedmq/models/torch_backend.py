@@ -66,7 +66,8 @@ class TorchModel(Model):
 
     def __init__(self, name: str, module, *, example_shape: tuple[int, ...],
                  example_dtype: str = "float32", threads: int = 1,
-                 report_top3: bool = False) -> None:
+                 report_top3: bool = False,
+                 train_loss: Callable[[object, object, object], object] | None = None) -> None:
         if threads < 1:
             raise ConfigError(f"model {name}: threads must be >= 1, got {threads}")
         self.name = name
@@ -75,6 +76,9 @@ class TorchModel(Model):
         self.example_dtype = np.dtype(example_dtype)
         self.threads = threads  # torch's intra-op threads while training: a device budget
         self.report_top3 = report_top3
+        # (module, x, y) -> scalar loss of local training (None: cross-entropy of the
+        # module's logits); inference and evaluation always use the module's forward.
+        self.train_loss = train_loss
         named = federated_state(module)
         self._tensors = [t for _, t in named]
         self._trainable = [p for p in module.parameters() if p.requires_grad]
@@ -140,8 +144,11 @@ class TorchModel(Model):
         """One SGD step on one batch; returns the batch's mean loss."""
         for p in self._trainable:
             p.grad = None
-        logits = self.module(self._input(x))
-        loss = torch.nn.functional.cross_entropy(logits, torch.from_numpy(np.array(y, np.int64)))
+        target = torch.from_numpy(np.array(y, np.int64))
+        if self.train_loss is not None:
+            loss = self.train_loss(self.module, self._input(x), target)
+        else:
+            loss = torch.nn.functional.cross_entropy(self.module(self._input(x)), target)
         loss.backward()
         with torch.no_grad():
             for i, p in enumerate(self._trainable):

@@ -27,6 +27,26 @@ class CharRNN(nn.Module):
         states, _ = self.rnn(self.embed(ids))
         return self.out(states[:, -1])
 
+    def forward_all(self, ids):
+        """Logits of the next character after every position (batch, seq, vocab)."""
+        states, _ = self.rnn(self.embed(ids))
+        return self.out(states)
+
+
+# A char_gru's local training loss: "last" scores the next character after the window
+# only; "all" scores the next character after every position of the window (the window's
+# own characters are the targets of the earlier positions), 64 targets per window instead
+# of one for the same forward pass. Inference is the same either way.
+CHAR_LOSSES = ("all", "last")
+
+
+def all_positions_loss(module: CharRNN, ids, target):
+    """Mean cross-entropy of every position's next character: ids[:, 1:] then target."""
+    logits = module.forward_all(ids)
+    targets = torch.cat([ids[:, 1:], target[:, None]], dim=1)
+    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                       targets.reshape(-1))
+
 
 class HarCNN(nn.Module):
     """Sensor windows (batch, channels, steps) -> activity logits (batch, classes)."""
@@ -51,17 +71,21 @@ def _check(name: str, **sizes: int) -> None:
 
 
 def char_gru(*, vocab: int, seq_len: int, embed: int = 8, hidden: int = 128, layers: int = 1,
-             cell: str = "gru", threads: int = 1, seed: int = 0) -> TorchModel:
-    """Keyboard model: embedding -> GRU (or LSTM) -> linear over the vocabulary."""
+             cell: str = "gru", threads: int = 1, loss: str = "all",
+             seed: int = 0) -> TorchModel:
+    """Keyboard model: embedding -> GRU (or LSTM) -> linear over the vocabulary, trained
+    with the loss at every position of the window (`loss="last"`: the last only)."""
     _check("char_gru", vocab=vocab, seq_len=seq_len, embed=embed, hidden=hidden, layers=layers,
            threads=threads)
     if cell not in ("gru", "lstm"):
         raise ConfigError(f"model char_gru: cell must be 'gru' or 'lstm', got {cell!r}")
+    if loss not in CHAR_LOSSES:
+        raise ConfigError(f"model char_gru: loss must be one of {CHAR_LOSSES}, got {loss!r}")
     return TorchModel.build(
         "char_gru",
         lambda: CharRNN(vocab=vocab, embed=embed, hidden=hidden, layers=layers, cell=cell),
         seed=seed, example_shape=(seq_len,), example_dtype="int64", threads=threads,
-        report_top3=True,
+        report_top3=True, train_loss=all_positions_loss if loss == "all" else None,
     )
 
 

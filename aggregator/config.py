@@ -144,6 +144,9 @@ class AggregatorConfig(BrokerConfig, RoundOptions):
     rnn_hidden: int = option(0, "hidden units of the keyboard's char_gru (0: its default, 128)")
     rnn_layers: int = option(0, "recurrent layers of the keyboard's char_gru (0: its default, "
                              "1)")
+    local_optimizer: str = option("", "local optimizer of the keyboard's char_gru: sgd or "
+                                  "adam (fresh state every round; empty: the task's "
+                                  "default); lr is its learning rate")
     seed: int = option(0, "seed of the initial model and of the held-out split")
     evaluate: bool = option(True, "evaluate each new model on the task's held-out test split")
     rounds: int = option(0, "stop after this many aggregated rounds (0: run until stopped)")
@@ -407,7 +410,8 @@ class AggregatorConfig(BrokerConfig, RoundOptions):
         """The config the model is built from, here and on every device (the task's own)."""
         return task_spec(self.task).model_config(self.model_name, hidden=self.hidden,
                                                  rnn_hidden=self.rnn_hidden,
-                                                 rnn_layers=self.rnn_layers)
+                                                 rnn_layers=self.rnn_layers,
+                                                 local_optimizer=self.local_optimizer)
 
     @property
     def model_name(self) -> str:

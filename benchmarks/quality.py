@@ -6,10 +6,10 @@ fleet's test set: keyboard's is the held-out later lines of the fleet's own role
 protocol; wearable's the later part of every subject's recordings):
 
 - central: the task's model, built from the same seed, trained by the same local
-  optimizer (SGD, the task's learning rate and batch size) on the union of the devices'
-  shards, for the compute the whole fleet spends: rounds x local epochs passes over the
-  data, capped at rounds x devices x the task's step cap where it has one (keyboard,
-  synthetic).
+  optimizer (SGD, or the keyboard's Adam; the fleet's learning rate and batch size) on
+  the union of the devices' shards, for the compute the whole fleet spends: rounds x
+  local epochs passes over the data, capped at rounds x devices x the fleet's step cap
+  where it has one (keyboard, synthetic).
 - federated: `fedmq simulate`'s engine (simulator.fleet.Simulation) with a private
   mosquitto, the task's non-IID partition (digits and sensor: Dirichlet(0.5) label skew;
   keyboard: one role per device; wearable: one subject per device; synthetic: FedProx's
@@ -83,10 +83,22 @@ class Row:
     detail: str = ""
 
 
-def central_run(task: str, *, devices: int, rounds: int, seed: int,
-                model_config: dict) -> tuple[float, float]:
+LOCAL_KEYS = ("epochs", "batch_size", "lr", "max_steps")  # local training, as the fleet's
+
+
+def local_training(task: str, overrides: dict) -> dict:
+    """The fleet's local-training settings: the task's, or the row's --set values."""
+    spec = task_spec(task)
+    # SimulationConfig's "the task's default": 0, or -1 for max_steps (0: no cap)
+    unset = dict.fromkeys(LOCAL_KEYS, 0) | {"max_steps": -1}
+    given = {k: overrides[k] for k in LOCAL_KEYS if overrides.get(k, unset[k]) != unset[k]}
+    return {k: given.get(k, getattr(spec, k)) for k in LOCAL_KEYS}
+
+
+def central_run(task: str, *, devices: int, rounds: int, seed: int, model_config: dict,
+                local: dict) -> tuple[float, float]:
     """(held-out accuracy, wall seconds) of the task's model trained on the union of the
-    devices' shards with the fleet's total compute."""
+    devices' shards with the fleet's total compute and local settings (`local`)."""
     spec = task_spec(task)
     started = time.perf_counter()
     shards = device_shards(task, device_count=devices, alpha=0.5, seed=seed)
@@ -95,9 +107,9 @@ def central_run(task: str, *, devices: int, rounds: int, seed: int,
     test = fleet_test_set(task, device_count=devices, seed=seed)
     model = build_model(spec.model, model_config, seed=seed)
     rng = np.random.default_rng(seed)
-    epochs = rounds * spec.epochs
-    max_steps = rounds * devices * spec.max_steps if spec.max_steps else 0
-    model.train(x, y, epochs=epochs, batch_size=spec.batch_size, lr=spec.lr, rng=rng,
+    epochs = rounds * local["epochs"]
+    max_steps = rounds * devices * local["max_steps"] if local["max_steps"] else 0
+    model.train(x, y, epochs=epochs, batch_size=local["batch_size"], lr=local["lr"], rng=rng,
                 max_steps=max_steps)
     accuracy = model.evaluate(test.x, test.y).accuracy
     return float(accuracy), time.perf_counter() - started
@@ -164,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="a fast check: a few rounds, one run (figures are not the goal)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="extra simulate option of every federated run (e.g. "
-                             "optimizer=fedadam); rnn_hidden/rnn_layers size both runs")
+                             "optimizer=fedadam); rnn_hidden, rnn_layers and "
+                             "local_optimizer set both runs' model")
     args = parser.parse_args(argv)
     # The cut-off devices' reconnect warnings are the dropout working, not news.
     logging.basicConfig(level=logging.ERROR)
@@ -181,12 +194,15 @@ def main(argv: list[str] | None = None) -> int:
         rounds = args.rounds or (setting.quick_rounds if args.quick else setting.rounds)
         overrides = {**dict(setting.overrides), **extra}
         spec = task_spec(task)
-        model_config = spec.model_config(rnn_hidden=int(overrides.get("rnn_hidden", 0)),
-                                         rnn_layers=int(overrides.get("rnn_layers", 0)))
+        model_config = spec.model_config(
+            rnn_hidden=int(overrides.get("rnn_hidden", 0)),
+            rnn_layers=int(overrides.get("rnn_layers", 0)),
+            local_optimizer=str(overrides.get("local_optimizer", "")))
         row = Row(name, detail=f"{setting.devices} devices, {rounds} rounds, {spec.model}")
         for seed in range(runs):
             acc, secs = central_run(task, devices=setting.devices, rounds=rounds, seed=seed,
-                                    model_config=model_config)
+                                    model_config=model_config,
+                                    local=local_training(task, overrides))
             row.central.append(acc)
             row.central_s.append(secs)
             acc_f, secs_f = federated_run(task, devices=setting.devices, rounds=rounds,

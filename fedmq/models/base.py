@@ -10,6 +10,11 @@ import numpy as np
 
 from fedmq.core.layout import ParamLayout
 
+# A torch model's local optimizer: "sgd" is plain SGD (no momentum, no state); "adam" is
+# Adam with torch's default betas, built fresh at every train() call, so no optimizer
+# state outlives a round or travels with the model (an update is still w_final - w_received).
+LOCAL_OPTIMIZERS = ("sgd", "adam")
+
 
 @dataclass(frozen=True, slots=True)
 class TrainResult:

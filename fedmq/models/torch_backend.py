@@ -25,7 +25,14 @@ import numpy as np
 
 from fedmq.core.layout import ParamLayout
 from fedmq.errors import ConfigError, DataError, require
-from fedmq.models.base import EvalResult, Model, TrainResult, batches, budget_spent
+from fedmq.models.base import (
+    LOCAL_OPTIMIZERS,
+    EvalResult,
+    Model,
+    TrainResult,
+    batches,
+    budget_spent,
+)
 
 torch = require("torch", "torch")
 
@@ -56,7 +63,8 @@ def thread_budget(threads: int) -> Iterator[None]:
 
 
 class TorchModel(Model):
-    """A torch module trained by plain SGD (+ FedProx), its state one flat float32 vector.
+    """A torch module trained by plain SGD or per-round Adam (+ FedProx), its state one
+    flat float32 vector.
 
     For the ONNX export: `module` is the nn.Module, `example_input()` a dummy input of
     the right dtype and shape, `predict_logits()` the reference output.
@@ -67,9 +75,13 @@ class TorchModel(Model):
     def __init__(self, name: str, module, *, example_shape: tuple[int, ...],
                  example_dtype: str = "float32", threads: int = 1,
                  report_top3: bool = False,
-                 train_loss: Callable[[object, object, object], object] | None = None) -> None:
+                 train_loss: Callable[[object, object, object], object] | None = None,
+                 optimizer: str = "sgd") -> None:
         if threads < 1:
             raise ConfigError(f"model {name}: threads must be >= 1, got {threads}")
+        if optimizer not in LOCAL_OPTIMIZERS:
+            raise ConfigError(f"model {name}: optimizer must be one of {LOCAL_OPTIMIZERS}, "
+                              f"got {optimizer!r}")
         self.name = name
         self.module = module
         self.example_shape = tuple(example_shape)
@@ -79,6 +91,7 @@ class TorchModel(Model):
         # (module, x, y) -> scalar loss of local training (None: cross-entropy of the
         # module's logits); inference and evaluation always use the module's forward.
         self.train_loss = train_loss
+        self.optimizer = optimizer  # local training's optimizer, LOCAL_OPTIMIZERS
         named = federated_state(module)
         self._tensors = [t for _, t in named]
         self._trainable = [p for p in module.parameters() if p.requires_grad]
@@ -128,11 +141,13 @@ class TorchModel(Model):
         total_loss, seen, steps, complete = 0.0, 0, 0, True
         with self._thread_budget():
             self.module.train()
+            adam = torch.optim.Adam(self._trainable, lr=lr) if self.optimizer == "adam" else None
             for idx in batches(len(x), epochs=epochs, batch_size=batch_size, rng=rng):
                 if steps and budget_spent(start, steps, time_budget_s, max_steps):
                     complete = False
                     break
-                loss = self._step(x[idx], y[idx], lr=lr, prox_mu=prox_mu, anchor=anchor)
+                loss = self._step(x[idx], y[idx], lr=lr, prox_mu=prox_mu, anchor=anchor,
+                                  adam=adam)
                 total_loss += loss * len(idx)
                 seen += len(idx)
                 steps += 1
@@ -140,8 +155,9 @@ class TorchModel(Model):
                            seconds=time.perf_counter() - start, steps=steps, complete=complete)
 
     def _step(self, x: np.ndarray, y: np.ndarray, *, lr: float, prox_mu: float,
-              anchor: list | None) -> float:
-        """One SGD step on one batch; returns the batch's mean loss."""
+              anchor: list | None, adam=None) -> float:
+        """One SGD step (or, given `adam`, one Adam step) on one batch; returns the
+        batch's mean loss."""
         for p in self._trainable:
             p.grad = None
         target = torch.from_numpy(np.array(y, np.int64))
@@ -157,7 +173,12 @@ class TorchModel(Model):
                 grad = p.grad
                 if anchor is not None:  # FedProx: gradient of mu/2 ||w - w_global||^2
                     grad = grad.add(p - anchor[i], alpha=prox_mu)
-                p.sub_(grad, alpha=lr)
+                if adam is None:
+                    p.sub_(grad, alpha=lr)
+                else:
+                    p.grad = grad
+        if adam is not None:
+            adam.step()
         return loss.detach().item()
 
     # -- inference -------------------------------------------------------------------------

@@ -71,10 +71,12 @@ def _check(name: str, **sizes: int) -> None:
 
 
 def char_gru(*, vocab: int, seq_len: int, embed: int = 8, hidden: int = 128, layers: int = 1,
-             cell: str = "gru", threads: int = 1, loss: str = "all",
+             cell: str = "gru", threads: int = 1, loss: str = "all", optimizer: str = "sgd",
              seed: int = 0) -> TorchModel:
     """Keyboard model: embedding -> GRU (or LSTM) -> linear over the vocabulary, trained
-    with the loss at every position of the window (`loss="last"`: the last only)."""
+    with the loss at every position of the window (`loss="last"`: the last only) by
+    `optimizer` (torch_backend.LOCAL_OPTIMIZERS: "sgd", or "adam" with fresh state each
+    round)."""
     _check("char_gru", vocab=vocab, seq_len=seq_len, embed=embed, hidden=hidden, layers=layers,
            threads=threads)
     if cell not in ("gru", "lstm"):
@@ -86,6 +88,7 @@ def char_gru(*, vocab: int, seq_len: int, embed: int = 8, hidden: int = 128, lay
         lambda: CharRNN(vocab=vocab, embed=embed, hidden=hidden, layers=layers, cell=cell),
         seed=seed, example_shape=(seq_len,), example_dtype="int64", threads=threads,
         report_top3=True, train_loss=all_positions_loss if loss == "all" else None,
+        optimizer=optimizer,
     )
 
 

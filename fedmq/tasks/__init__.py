@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from fedmq.errors import ConfigError, DataError, MissingExtraError
+from fedmq.models.base import LOCAL_OPTIMIZERS
 from fedmq.tasks import keyboard, sensor, synthetic, wearable
 from fedmq.tasks.partition import natural_partition, partition, train_test_split
 
@@ -80,10 +81,11 @@ class TaskSpec:
         return self.example_shape or (self.inputs,)
 
     def model_config(self, model: str = "", *, hidden: int = MLP_HIDDEN, rnn_hidden: int = 0,
-                     rnn_layers: int = 0) -> dict[str, Any]:
+                     rnn_layers: int = 0, local_optimizer: str = "") -> dict[str, Any]:
         """Config of `model` (default: the task's own) for this task. `hidden` sizes an
         mlp; `rnn_hidden` and `rnn_layers` size char_gru (0: its default); the model's
-        parameter layout, and so its hash, follows."""
+        parameter layout, and so its hash, follows. `local_optimizer` sets char_gru's
+        local training optimizer ("": the task's default)."""
         model = model or self.model
         config: dict[str, Any]
         if model == self.model and self.model_options:
@@ -104,6 +106,14 @@ class TaskSpec:
                                   f"{model!r} has no recurrent layers: leave it at 0")
             if value:
                 config[key] = value
+        if local_optimizer:
+            if local_optimizer not in LOCAL_OPTIMIZERS:
+                raise ConfigError(f"local_optimizer must be one of {', '.join(LOCAL_OPTIMIZERS)}"
+                                  f" (empty: the task's default), not {local_optimizer!r}")
+            if model != "char_gru":
+                raise ConfigError(f"local_optimizer = {local_optimizer} sets the keyboard's "
+                                  f"char_gru's; model {model!r} trains by SGD: leave it empty")
+            config["optimizer"] = local_optimizer
         return config
 
 

@@ -136,16 +136,20 @@ def _span(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
             f"{max(values) * scale:.{digits}f})")
 
 
-def table(rows: list[Row], runs: int) -> str:
+def table(rows: list[Row], seeds: range) -> str:
     lines = ["| task | central top-1 % | federated top-1 % | gap (points) | central s | "
              "federated s | setting |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
-        gaps = [c - f for c, f in zip(r.central, r.federated, strict=True)]
-        lines.append(f"| {r.task} | {_span(r.central)} | {_span(r.federated)} | "
-                     f"{_span(gaps)} | {_span(r.central_s, 1, 0)} | "
-                     f"{_span(r.federated_s, 1, 0)} | {r.detail} |")
-    lines.append(f"\nmean (min-max) over {runs} run(s), seeds 0..{runs - 1}; federated: "
+        if r.central:
+            gaps = [c - f for c, f in zip(r.central, r.federated, strict=True)]
+            central = (f"{_span(r.central)} | {_span(r.federated)} | {_span(gaps)} | "
+                       f"{_span(r.central_s, 1, 0)}")
+        else:  # --no-central
+            central = f"- | {_span(r.federated)} | - | -"
+        lines.append(f"| {r.task} | {central} | {_span(r.federated_s, 1, 0)} | {r.detail} |")
+    lines.append(f"\nmean (min-max) over {len(seeds)} run(s), seeds {seeds[0]}..{seeds[-1]}; "
+                 "federated: "
                  f"non-IID, codec float32, {DROPOUT:.0%} of devices cut off every round")
     return "\n".join(lines)
 
@@ -153,10 +157,11 @@ def table(rows: list[Row], runs: int) -> str:
 def verdicts(rows: list[Row]) -> list[str]:
     out = []
     for r in rows:
-        gap = statistics.fmean(c - f for c, f in zip(r.central, r.federated, strict=True))
-        out.append(f"{r.task}: gap {gap * 100:+.1f} points "
-                   f"({'within' if gap * 100 <= GOAL_GAP else 'OUTSIDE'} the {GOAL_GAP:.0f}-point "
-                   "goal)")
+        if r.central:
+            gap = statistics.fmean(c - f for c, f in zip(r.central, r.federated, strict=True))
+            out.append(f"{r.task}: gap {gap * 100:+.1f} points "
+                       f"({'within' if gap * 100 <= GOAL_GAP else 'OUTSIDE'} the "
+                       f"{GOAL_GAP:.0f}-point goal)")
         if r.task == "keyboard":
             fed = statistics.fmean(r.federated)
             out.append(f"keyboard: federated top-1 {fed:.1%} "
@@ -170,8 +175,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", default=",".join(TASKS),
                         help=f"comma-separated, from {', '.join(TASKS + VARIANTS)}")
     parser.add_argument("--runs", type=int, default=0, help="seeds per task (0: 3, --quick 1)")
+    parser.add_argument("--first-seed", type=int, default=0,
+                        help="seeds first-seed .. first-seed + runs - 1 (to split the runs "
+                             "over processes)")
     parser.add_argument("--rounds", type=int, default=0,
                         help="federated rounds of every task (0: its setting)")
+    parser.add_argument("--devices", type=int, default=0,
+                        help="devices of every task's fleet (0: its setting)")
+    parser.add_argument("--no-central", action="store_true",
+                        help="federated runs only (no central column, no gap)")
     parser.add_argument("--quick", action="store_true",
                         help="a fast check: a few rounds, one run (figures are not the goal)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -182,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     # The cut-off devices' reconnect warnings are the dropout working, not news.
     logging.basicConfig(level=logging.ERROR)
     runs = args.runs or (1 if args.quick else 3)
+    seeds = range(args.first_seed, args.first_seed + runs)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     extra = {}
     for item in args.set:
@@ -192,28 +205,34 @@ def main(argv: list[str] | None = None) -> int:
         setting = SETTINGS[name]
         task = setting.task or name
         rounds = args.rounds or (setting.quick_rounds if args.quick else setting.rounds)
+        devices = args.devices or setting.devices
         overrides = {**dict(setting.overrides), **extra}
         spec = task_spec(task)
         model_config = spec.model_config(
             rnn_hidden=int(overrides.get("rnn_hidden", 0)),
             rnn_layers=int(overrides.get("rnn_layers", 0)),
             local_optimizer=str(overrides.get("local_optimizer", "")))
-        row = Row(name, detail=f"{setting.devices} devices, {rounds} rounds, {spec.model}")
-        for seed in range(runs):
-            acc, secs = central_run(task, devices=setting.devices, rounds=rounds, seed=seed,
-                                    model_config=model_config,
-                                    local=local_training(task, overrides))
-            row.central.append(acc)
-            row.central_s.append(secs)
-            acc_f, secs_f = federated_run(task, devices=setting.devices, rounds=rounds,
-                                          seed=seed, overrides=overrides)
+        given = [f"{k}={v}" for k, v in extra.items()]
+        row = Row(name, detail=", ".join([f"{devices} devices, {rounds} rounds",
+                                          spec.model, *given]))
+        for seed in seeds:
+            central = ""
+            if not args.no_central:
+                acc, secs = central_run(task, devices=devices, rounds=rounds, seed=seed,
+                                        model_config=model_config,
+                                        local=local_training(task, overrides))
+                row.central.append(acc)
+                row.central_s.append(secs)
+                central = f"central {acc:.4f} ({secs:.0f} s), "
+            acc_f, secs_f = federated_run(task, devices=devices, rounds=rounds, seed=seed,
+                                          overrides=overrides)
             row.federated.append(acc_f)
             row.federated_s.append(secs_f)
-            print(f"{name} seed {seed}: central {acc:.4f} ({secs:.0f} s), federated "
-                  f"{acc_f:.4f} ({secs_f:.0f} s)", flush=True)
+            print(f"{name} seed {seed}: {central}federated {acc_f:.4f} ({secs_f:.0f} s)",
+                  flush=True)
         rows.append(row)
     print()
-    print(table(rows, runs))
+    print(table(rows, seeds))
     print()
     print("\n".join(verdicts(rows)))
     return 0

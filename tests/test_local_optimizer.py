@@ -80,3 +80,16 @@ def test_adam_lowers_the_training_loss():
 def test_an_unknown_optimizer_is_refused():
     with pytest.raises(ConfigError, match="optimizer must be one of"):
         build_model("char_gru", {**SMALL, "optimizer": "adagrad"})
+
+
+def test_the_aggregator_sets_it_in_the_announced_model_config():
+    from aggregator.config import AggregatorConfig
+
+    default = AggregatorConfig(task="keyboard").model_config()
+    adam = AggregatorConfig(task="keyboard", local_optimizer="adam").model_config()
+    assert adam == default | {"optimizer": "adam"}
+    assert build_model("char_gru", adam).optimizer == "adam"
+    for bad, match in [({"task": "keyboard", "local_optimizer": "adagrad"}, "one of sgd, adam"),
+                       ({"task": "digits", "local_optimizer": "adam"}, "trains by SGD")]:
+        with pytest.raises(ConfigError, match=match):
+            AggregatorConfig(**bad)

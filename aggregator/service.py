@@ -245,6 +245,8 @@ class AggregatorService(SecureAggregationDriver, ServiceLoop):
         if state.get("bounds") is not None:  # older checkpoints: learnt afresh
             self.bounds.load_state_dict(state["bounds"])
         self.history = [RoundRecord.from_dict(r) for r in state.get("history", [])]
+        if state.get("evaluations") is not None:  # older checkpoints: reports lost
+            self.evaluations.load_state_dict(state["evaluations"])
         self._saved_secagg = state.get("secagg")
         log.info("resumed from %s at round %d (model v%d)", self.config.checkpoint,
                  self.machine.round, self.machine.version)
@@ -262,7 +264,8 @@ class AggregatorService(SecureAggregationDriver, ServiceLoop):
         """The state to checkpoint; state_dict copies the arrays, so the loop may go on."""
         state = {"machine": self.machine.state_dict(), "lineage": self.lineage,
                  "history": [r.to_dict() for r in self.history],
-                 "bounds": self.bounds.state_dict()}
+                 "bounds": self.bounds.state_dict(),
+                 "evaluations": self.evaluations.state_dict()}
         if self.secure is not None:
             state["secagg"] = self.secure.state_dict()
         return state
@@ -346,6 +349,7 @@ class AggregatorService(SecureAggregationDriver, ServiceLoop):
             return None
         if isinstance(result, Evaluated):  # no receipt: fire and forget
             self.evaluated += 1
+            self._dirty = True  # acked once the pool holding it is on disk
             self.observers.evaluation_accepted(result.report)
             return None
         update = result.update

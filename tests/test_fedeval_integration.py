@@ -90,3 +90,24 @@ def test_personal_layers_stay_on_the_device_and_survive_its_restart(broker, tmp_
     finally:
         again.stop()
     assert json.dumps(records[-1].to_dict())  # the record with personal_* writes as JSON
+
+
+def test_pending_evaluations_survive_an_aggregator_restart(broker, tmp_path, stoppers):
+    """Reports of the open round are checkpointed before they are acked: after a restart
+    the round closes with the scores of devices that have gone quiet since."""
+    service = make_aggregator(broker.url, tmp_path, stoppers, rounds=1, min_updates=3,
+                              evaluate_fraction=1.0)
+    first = make_agents(broker.url, stoppers, 2, total=3, eval_holdout=0.25)
+    wait_for(lambda: len(service.evaluations.reports) == 2 and service.accepted == 2
+             and service.writer.idle and not service._dirty, "two reports on disk")
+    for agent in first:
+        agent.stop()  # they do not score the model again after the restart
+    service.stop()
+    restarted = make_aggregator(broker.url, tmp_path, stoppers, rounds=1, min_updates=3,
+                                evaluate_fraction=1.0)
+    assert set(restarted.evaluations.reports) == {"dev0", "dev1"}
+    make_agents(broker.url, stoppers, 1, total=3, first=2, eval_holdout=0.25)
+    wait_for(restarted.finished.is_set, "the round", timeout=120)
+    record = restarted.history[-1]
+    assert record.fleet_devices == 3, record
+    assert restarted.rejected["eval_duplicate"] == 0

@@ -314,7 +314,9 @@ class AggregatorService(SecureAggregationDriver, ServiceLoop):
                     layout=self.model.layout.to_wire(), layout_hash=self.model.layout.hash,
                     task=c.task_config(), cohort=cohort, tiers=tiers, assign=assign,
                     lineage=self.lineage, evaluate=c.evaluate_fraction,
-                    personal=self.mask.patterns, finetune_steps=c.finetune_steps)
+                    personal=self.mask.patterns, finetune_steps=c.finetune_steps,
+                    finetune_lr=c.finetune_lr, finetune_check=c.finetune_check,
+                    personal_steps=c.personal_steps)
 
     def _plan_round(self) -> tuple[list[str] | None, list, dict[str, int]]:
         """The cohort the machine asks in this announcement (from the devices online) and

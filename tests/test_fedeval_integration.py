@@ -111,3 +111,21 @@ def test_pending_evaluations_survive_an_aggregator_restart(broker, tmp_path, sto
     record = restarted.history[-1]
     assert record.fleet_devices == 3, record
     assert restarted.rejected["eval_duplicate"] == 0
+
+
+def test_fedrep_with_checked_fine_tuning_over_the_broker(broker, tmp_path, stoppers):
+    """personal_steps, finetune_lr and finetune_check reach the devices in the
+    announcement: they train FedRep-style, and score a personalized model every round."""
+    service = make_aggregator(broker.url, tmp_path, stoppers, rounds=2, evaluate_fraction=1.0,
+                              personal_layers="w2, b2", personal_steps=5, finetune_steps=6,
+                              finetune_lr=0.05, finetune_check=3)
+    agents = make_agents(broker.url, stoppers, 3, eval_holdout=0.2)
+    wait_for(service.finished.is_set, "two rounds", timeout=120)
+    assert all(r.fleet_devices == 3 and r.personal_accuracy is not None
+               for r in service.history)
+    heard = agents[0].receiver.announcement
+    assert (heard.personal_steps, heard.finetune_lr, heard.finetune_check) == (5, 0.05, 3)
+    # the personal layers never went up: the global ones are still as initialised
+    np.testing.assert_array_equal(service.mask.take_personal(service.full_params()),
+                                  service.personal_init)
+    assert all(a.trainer.personal.rounds == 2 for a in agents)

@@ -339,8 +339,9 @@ class AggregatorConfig(BrokerConfig, RoundOptions):
             raise ConfigError(f"finetune_lr {self.finetune_lr} must be >= 0 (0: the task's lr)")
         if not 0 <= self.finetune_check <= 100_000:
             raise ConfigError(f"finetune_check {self.finetune_check} must be 0 to 100000")
-        if self.finetune_check and not self.finetune_steps:
-            raise ConfigError("finetune_check stops fine-tuning early: set finetune_steps too")
+        for name in ("finetune_lr", "finetune_check"):
+            if getattr(self, name) and not self.finetune_steps:
+                raise ConfigError(f"{name} shapes fine-tuning: set finetune_steps too")
         if not 0 <= self.personal_steps <= 100_000:
             raise ConfigError(f"personal_steps {self.personal_steps} must be 0 to 100000")
         if self.personal_steps and not self.personal_patterns():

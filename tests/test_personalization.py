@@ -64,8 +64,9 @@ def test_announcement_carries_the_new_fields_and_omits_them_at_their_defaults():
 
 
 @pytest.mark.parametrize(("options", "message"), [
-    (dict(finetune_lr=-0.1), "finetune_lr"),
-    (dict(finetune_lr=float("inf")), "finetune_lr"),
+    (dict(finetune_steps=5, finetune_lr=-0.1), "finetune_lr"),
+    (dict(finetune_steps=5, finetune_lr=float("inf")), "finetune_lr"),
+    (dict(finetune_lr=0.1), "set finetune_steps too"),
     (dict(finetune_check=5), "set finetune_steps too"),
     (dict(finetune_steps=5, finetune_check=-1), "finetune_check"),
     (dict(personal_steps=5), "set personal_layers too"),

@@ -34,6 +34,7 @@ import time
 import numpy as np
 
 from fedmq.core.transfer import ReceivedModel
+from fedmq.tasks import keyboard
 from simulator.broker import LocalMosquitto
 from simulator.fleet import Simulation, SimulationConfig
 
@@ -137,11 +138,14 @@ def main(argv: list[str] | None = None) -> int:
                   f"s; the aggregator's held-out top-1 of the FedAvg model: {avg_server:.3f}); "
                   f"fine-tuning {steps} steps, personal layers {head}, FedRep "
                   f"{args.personal_steps} head steps")
+            names = ([r.name for r in keyboard.device_roles(
+                device_count=args.devices, seed=seed, test_fraction=0.2)]
+                if args.task == "keyboard" else list(map(str, range(args.devices))))
             print("| device | held-out | " + " | ".join(
                 "global" if c == "glob" else c for c in columns) + " |")
             print("|---|---:|" + "---:|" * len(columns))
-            for i, row in enumerate(rows):
-                print(f"| {i} | {row['examples']} | "
+            for name, row in zip(names, rows, strict=True):
+                print(f"| {name} | {row['examples']} | "
                       + " | ".join(f"{row[c]:.3f}" for c in columns) + " |")
             means = [weighted(rows, c) for c in columns]
             print(f"| fleet (weighted) | {sum(r['examples'] for r in rows)} | "

@@ -28,6 +28,10 @@ birth (`bad_samples`), its model the current one (`stale_eval`), once per device
 (`duplicate`); a NaN loss or an accuracy outside [0, 1] fails step 3 (`non_finite`,
 `out_of_range`). Its rejections count as `eval_<reason>`; it gets no receipt.
 
+In secure mode (SecAgg+) the service takes steps 2 and 4 only (`unchunk`: a big model's
+masked input comes in Parts like an update) and hands the whole payload to the secure
+round (aggregator/secure_service.py), which reads it itself.
+
 The result is the accepted Update with its wire byte count, or one Rejected with its
 reason; nothing else is raised for a bad message. The delta is decoded at most once: by
 step 7 when a norm bound needs its values (the decoded array is what gets folded), else

@@ -47,7 +47,8 @@ class KeyHolderConfig(BrokerConfig):
     he_secret_context: str = option("", "the secret HE key file (he-secret.ctx from `fedmq "
                                     "keys he-init`); only this process reads it")
     min_updates: int = option(2, "decrypt only sums of at least this many updates (>= 2; "
-                              "as the aggregator's min_updates or more)")
+                              "the aggregator's min_updates must not be lower, or it "
+                              "refuses every round)")
     state: str = option("fedmq-keyholder.state", "file of the rounds decrypted (one per "
                         "aggregator lineage): each round's sum is decrypted once, in order")
     session_expiry_s: int = option(3600, "seconds the broker keeps requests for the key "

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fedmq.core import he
 from fedmq.core.keyholder import KeyHolder, KeyHolderPolicy
@@ -210,3 +212,26 @@ def test_a_round_short_of_the_minimum_is_never_sealed(keys):
     with pytest.raises(FedmqError, match="not sent for decryption"):
         rule.seal(lineage="line", round=1, devices=("a",))
     assert not rule.sealed
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["a", "b"]), st.integers(1, 4), st.integers(0, 2),
+                          st.integers(1, 4)), max_size=25))
+def test_whatever_is_asked_each_round_yields_at_most_one_sum_in_order(asks):
+    """Any sequence of requests (lineage, round, which sum, count): per lineage, the sums
+    decrypted are one per round, in non-decreasing round order, each of enough updates."""
+    kh = holder(min_count=2)
+    decrypted: dict[str, list[tuple[int, bytes]]] = {}
+    for lineage, round, variant, count in asks:
+        req = request(round, lineage=lineage, count=count,
+                      values=(variant, 0, 0, 0, 0, 1))
+        reply = kh.answer(req)
+        if reply.status == "ok":
+            assert count >= 2
+            decrypted.setdefault(lineage, []).append((round, reply.digest))
+    for sums in decrypted.values():
+        rounds = [r for r, _ in sums]
+        assert rounds == sorted(rounds)
+        assert all(len({d for r, d in sums if r == round}) == 1 for round in set(rounds))
+    assert kh.decrypted == sum(map(len, decrypted.values()))
+    assert kh.decrypted + sum(kh.refused.values()) == len(asks)

@@ -212,7 +212,8 @@ class AggregatorConfig(BrokerConfig, RoundOptions):
     signing_key: str = option("", "PEM Ed25519 private key that signs model announcements "
                               "(`fedmq keys init`); empty: unsigned")
     he_public_context: str = option("", "he: the fleet's public HE key file (`fedmq keys "
-                                    "he-init`; empty: the public part of he_secret_context)")
+                                    "he-init`; empty, with he_decrypt = local only: the "
+                                    "public part of he_secret_context)")
     he_secret_context: str = option("", "he: the secret HE key file, with he_decrypt = local "
                                     "only (this process then decrypts each round's sum "
                                     "itself)")

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import logging
 import shutil
+import threading
 
 import numpy as np
 import pytest
 
-from aggregator.checkpoint import CheckpointStore
+from aggregator.checkpoint import CheckpointStore, _read_slot
 from aggregator.writer import CheckpointWriter
 from fedmq import storage
 
@@ -66,6 +67,25 @@ def test_journal_slots_hold_no_model(tmp_path):
     full = (tmp_path / "agg.ckpt").stat().st_size
     slot = max(path.stat().st_size for path in store.slots if path.exists())
     assert full > 2.9 * 4 * big and slot < 1.1 * 4 * big  # params + optimizer + sum vs sum
+    store.close()
+
+
+def test_journal_slots_hold_no_history_and_a_load_takes_it_from_the_model(tmp_path):
+    """A commit's cost must not grow with the rounds run: the history changes only with
+    the model, so only model writes carry it."""
+    store = CheckpointStore(tmp_path / "agg.ckpt")
+    long_run = state(0, 600, 1)  # 599 closed rounds
+    store.save(long_run)
+    store.save(state(0, 600, 2))
+    journal = max((p for p in store.slots if p.exists()), key=lambda p: p.stat().st_mtime)
+    assert "history" not in _read_slot(journal)
+    loaded = CheckpointStore(tmp_path / "agg.ckpt").load()
+    assert loaded["machine"]["open"]["acc"]["count"] == 2  # the journal's open round
+    assert loaded["history"] == long_run["history"]  # the model's history
+    store.save(state(1, 601, 0))  # a model slot now
+    store.save(state(1, 601, 1))
+    assert CheckpointStore(tmp_path / "agg.ckpt").load()["history"] == \
+        state(1, 601, 1)["history"]
     store.close()
 
 
@@ -169,6 +189,29 @@ def test_a_failed_checkpoint_write_is_one_error_line_and_stops_acknowledging(tmp
     [record] = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert str(folder / "agg.ckpt") in record.getMessage()
     assert record.exc_info is None  # in words, not a traceback
+
+
+def test_durable_returns_once_the_state_is_written_before_its_receipts_go_out(tmp_path):
+    """A closed round's model goes out as soon as its checkpoint is on disk, while the
+    receipts that checkpoint released are still being sent."""
+    path = tmp_path / "agg.ckpt"
+    writer = CheckpointWriter(CheckpointStore(path), on_failure=pytest.fail)
+    sending, release = threading.Event(), threading.Event()
+
+    def slow_receipt() -> None:
+        sending.set()
+        assert release.wait(30)
+
+    try:
+        writer.submit(state(1, 2, 0), [slow_receipt])
+        assert writer.durable(timeout=30)  # the receipt has not gone out
+        assert sending.wait(30) and not writer.idle
+        assert CheckpointStore(path).load()["machine"]["version"] == 1
+        release.set()
+        assert writer.flush(timeout=30) and writer.idle
+    finally:
+        release.set()
+        writer.close()
 
 
 def test_new_models_after_the_first_save_go_in_place_to_alternating_model_slots(tmp_path):

@@ -28,6 +28,7 @@ from aggregator.dashboard import DashboardServer
 from aggregator.devices import DeviceRegistry
 from aggregator.evaluation import EvalPool, fleet_fields
 from aggregator.fleetview import serve_dashboard
+from aggregator.he_service import HeReply, KeyHolderDriver
 from aggregator.ingest import Accepted, Evaluated, UpdateIngest, UpdateLimits
 from aggregator.loop import WRITER_IDLE, ServiceLoop
 from aggregator.observers import AggregatorObserver, ObserverFanout
@@ -86,7 +87,7 @@ class _Inbound:
     partial: bool = False  # on a partial topic: a worker's or site's partial aggregate
 
 
-class AggregatorService(SecureAggregationDriver, ServiceLoop):
+class AggregatorService(SecureAggregationDriver, KeyHolderDriver, ServiceLoop):
     def __init__(
         self, config: AggregatorConfig, *, test_data: Dataset | None = None,
         on_round: Callable[[RoundRecord], None] | None = None,
@@ -181,6 +182,8 @@ class AggregatorService(SecureAggregationDriver, ServiceLoop):
                                        on_count=self.observers.update_rejected)
         self.adjustments = RejectionLog(self.adjusted, log)  # the same, for clips and caps
         self._init_secure(self._saved_secagg)  # secure_aggregation (secure_service.py)
+        self._init_keyholder()  # he_decrypt = keyholder (he_service.py)
+        self._route_keyholder(self._inbox.put)
         self.broadcast = ModelBroadcast(
             topics=self.topics, seal=announcement_sealer(config.signing_key),  # signed if set
             model_codec=config.model_codec, delta_codec=config.model_delta_codec,
@@ -402,6 +405,8 @@ class AggregatorService(SecureAggregationDriver, ServiceLoop):
                     self._synced()
             elif item is _REPUBLISH:
                 self._announce()
+            elif isinstance(item, HeReply):
+                self._handle_keyholder(item, self.clock())
             elif item is WRITER_IDLE:
                 pass
             elif item.status:
@@ -474,6 +479,8 @@ class AggregatorService(SecureAggregationDriver, ServiceLoop):
             self._tick_secure(now)
             return
         action = self.machine.due(now)
+        if self.he_remote and self._tick_keyholder(now, action is Action.CLOSE):
+            return  # the round's sum is with the key holder
         if action is Action.CLOSE:
             self._close_round(now)
         elif action is Action.EXTEND:

@@ -9,7 +9,7 @@ import threading
 import numpy as np
 import pytest
 
-from aggregator.checkpoint import CheckpointStore, _read_slot
+from aggregator.checkpoint import HISTORY_INLINE, CheckpointStore, _read_slot
 from aggregator.writer import CheckpointWriter
 from fedmq import storage
 
@@ -87,6 +87,53 @@ def test_journal_slots_hold_no_history_and_a_load_takes_it_from_the_model(tmp_pa
     assert CheckpointStore(tmp_path / "agg.ckpt").load()["history"] == \
         state(1, 601, 1)["history"]
     store.close()
+
+
+def test_a_long_history_goes_to_its_append_only_file_and_loads_whole(tmp_path):
+    """Model writes hold only the newest HISTORY_INLINE records: their size stays flat
+    however many rounds ran, and every record loads back, also in a new process."""
+    def noted(version: int) -> dict:  # records of ~100 bytes, as real ones are
+        s = state(version, version + 1, 1)
+        s["history"] = [{"round": r, "note": "x" * 100} for r in range(1, version + 1)]
+        return s
+
+    path = tmp_path / "agg.ckpt"
+    store = CheckpointStore(path)
+    sizes = []
+    for version in range(300):
+        store.save(noted(version))
+        if version >= 2:
+            sizes.append(max(p.stat().st_size for p in store.model_slots if p.exists()))
+        if version in (5, 63, 64, 65, 130, 299):
+            assert_same(CheckpointStore(path).load(), noted(version))
+    store.close()
+    # flat once the inline window is full (236 more records inline would be ~25 KB)
+    assert max(sizes[200:]) <= max(sizes[60:70]) + 500
+    assert (tmp_path / "agg.ckpt.history").stat().st_size > 0
+    # a new process: loads the whole history, writes the file afresh, goes on
+    again = CheckpointStore(path)
+    assert len(again.load()["history"]) == 299
+    for version in range(300, 340):
+        again.save(state(version, version + 1, 0))
+    again.close()
+    assert_same(CheckpointStore(path).load(), state(339, 340, 0))
+
+
+def test_a_history_file_cut_short_loses_records_not_the_checkpoint(tmp_path, caplog):
+    path = tmp_path / "agg.ckpt"
+    store = CheckpointStore(path)
+    for version in range(150):
+        store.save(state(version, version + 1, 0))
+    store.close()
+    history = tmp_path / "agg.ckpt.history"
+    data = history.read_bytes()
+    history.write_bytes(data[:len(data) // 3])  # torn inside records the load needs
+    with caplog.at_level(logging.WARNING, logger="aggregator.checkpoint"):
+        loaded = CheckpointStore(path).load()
+    assert loaded["machine"]["version"] == 149
+    records = loaded["history"]
+    assert records[-HISTORY_INLINE:] == state(149, 150, 0)["history"][-HISTORY_INLINE:]
+    assert len(records) < 149 and "missing from the history" in caplog.text
 
 
 def test_a_torn_journal_write_falls_back_to_the_commit_before(tmp_path):

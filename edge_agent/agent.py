@@ -400,7 +400,7 @@ class LocalTrainer:
         if a.finetune_check:
             data, check = local_holdout(self.data, FINETUNE_VALIDATION, seed=self.seed)
         if check is None:  # no early stopping, or too few examples to spare
-            model.train(self.data.x, self.data.y, max_steps=a.finetune_steps, **settings)
+            model.train(data.x, data.y, max_steps=a.finetune_steps, **settings)
             return
         check = _at_most(check, EVAL_MAX_EXAMPLES)
         best, best_loss = model.get_flat(), model.evaluate(check.x, check.y).loss

@@ -105,7 +105,7 @@ class RoundOptions:
                                 "which overwrites what the fleet learnt; a tenth of it "
                                 "suits keyboard)")
     finetune_check: int = option(0, "early stopping of that fine-tuning: every this many "
-                                 "steps a device scores it on the last 20% of its training "
+                                 "steps a device scores it on the last fifth of its training "
                                  "data (kept out of fine-tuning) and keeps the best, the "
                                  "model as announced included (0: off, keep the last)")
     personal_steps: int = option(0, "FedRep, with personal_layers: each round a device "

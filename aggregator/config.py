@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,11 +101,27 @@ class RoundOptions:
     finetune_steps: int = option(0, "devices fine-tune each model this many steps on their "
                                  "own data before using it, and report its personalized "
                                  "accuracy beside the global one (0: off)")
+    finetune_lr: float = option(0.0, "learning rate of that fine-tuning (0: the task's lr, "
+                                "which overwrites what the fleet learnt; a tenth of it "
+                                "suits keyboard)")
+    finetune_check: int = option(0, "early stopping of that fine-tuning: every this many "
+                                 "steps a device scores it on the last fifth of its training "
+                                 "data (kept out of fine-tuning) and keeps the best, the "
+                                 "model as announced included (0: off, keep the last)")
+    personal_steps: int = option(0, "FedRep, with personal_layers: each round a device "
+                                 "first trains its personal layers alone this many steps "
+                                 "(shared ones frozen), then the shared ones with its "
+                                 "personal ones frozen; it also refits them this way to a "
+                                 "new model before using or scoring it (0: FedPer, both "
+                                 "train together)")
     trim_fraction: float = option(0.1, "trimmed_mean: fraction cut from each end, per "
                                   "coordinate (tolerates floor(fraction x updates) bad ones)")
     byzantine_f: int = option(1, "krum, multi_krum (n >= 2f+3 updates a round), bulyan "
                               "(n >= 4f+3) and centered_clip (n >= 2f+1): attackers a round "
                               "withstands")
+
+
+HE_DECRYPT = ("auto", "keyholder", "local")
 
 
 def check_he_options(options: RoundOptions) -> None:
@@ -212,9 +229,20 @@ class AggregatorConfig(BrokerConfig, RoundOptions):
     signing_key: str = option("", "PEM Ed25519 private key that signs model announcements "
                               "(`fedmq keys init`); empty: unsigned")
     he_public_context: str = option("", "he: the fleet's public HE key file (`fedmq keys "
-                                    "he-init`; empty: the public part of he_secret_context)")
-    he_secret_context: str = option("", "he: the key holder's secret HE key file; only the "
-                                    "decryptor reads it, for each round's encrypted sum")
+                                    "he-init`; empty, with he_decrypt = local only: the "
+                                    "public part of he_secret_context)")
+    he_secret_context: str = option("", "he: the secret HE key file, with he_decrypt = local "
+                                    "only (this process then decrypts each round's sum "
+                                    "itself)")
+    he_decrypt: str = option("auto", "he: who decrypts each round's encrypted sum: keyholder "
+                             "(a separate `fedmq keyholder` holds the secret key; the "
+                             "aggregator gets he_public_context only and refuses a secret "
+                             "key), local (this process reads he_secret_context), auto "
+                             "(local if he_secret_context is set, else keyholder)",
+                             choices=HE_DECRYPT)
+    he_keyholder_timeout_s: float = option(30.0, "he_decrypt = keyholder: ask the key holder "
+                                           "again (with a WARNING) when it has not answered "
+                                           "a round's sum within this many seconds")
     checkpoint: str = option("fedmq-aggregator.ckpt", "state file (FILE.model-0/-1 beside it "
                              "take new models, FILE.round-0/-1 journal the open round)")
     metrics: str = option("", "append one JSON line per round to this file")
@@ -324,6 +352,18 @@ class AggregatorConfig(BrokerConfig, RoundOptions):
             raise ConfigError(f"evaluate_fraction {self.evaluate_fraction} must be in [0, 1]")
         if not 0 <= self.finetune_steps <= 100_000:
             raise ConfigError(f"finetune_steps {self.finetune_steps} must be 0 to 100000")
+        if not (math.isfinite(self.finetune_lr) and self.finetune_lr >= 0):
+            raise ConfigError(f"finetune_lr {self.finetune_lr} must be >= 0 (0: the task's lr)")
+        if not 0 <= self.finetune_check <= 100_000:
+            raise ConfigError(f"finetune_check {self.finetune_check} must be 0 to 100000")
+        for name in ("finetune_lr", "finetune_check"):
+            if getattr(self, name) and not self.finetune_steps:
+                raise ConfigError(f"{name} shapes fine-tuning: set finetune_steps too")
+        if not 0 <= self.personal_steps <= 100_000:
+            raise ConfigError(f"personal_steps {self.personal_steps} must be 0 to 100000")
+        if self.personal_steps and not self.personal_patterns():
+            raise ConfigError("personal_steps trains the personal layers alone: set "
+                              "personal_layers too (e.g. out.*)")
         partial = self.role != "central" or self.sources()
         if partial and self.personal_patterns():
             raise ConfigError("personal_layers works with one central aggregator: workers, "
@@ -355,6 +395,11 @@ class AggregatorConfig(BrokerConfig, RoundOptions):
             if self.he_public_context or self.he_secret_context:
                 raise ConfigError("he_public_context and he_secret_context are for he = ckks")
             return
+        if self.he_decrypt not in HE_DECRYPT:
+            raise ConfigError(f"he_decrypt {self.he_decrypt!r} must be one of "
+                              f"{', '.join(HE_DECRYPT)}")
+        if not self.he_keyholder_timeout_s > 0:
+            raise ConfigError("he_keyholder_timeout_s must be > 0")
         check_he_options(self)
         if self.min_updates < 2:
             raise ConfigError("he = ckks needs min_updates >= 2: the key holder decrypts only "
@@ -364,15 +409,32 @@ class AggregatorConfig(BrokerConfig, RoundOptions):
             raise ConfigError("he = ckks runs on one central aggregator: workers, sites and "
                               "reducers would each need the secret key to fold partial sums; "
                               "leave role = central and partial_sources empty")
-        if not self.he_secret_context:
-            raise ConfigError("he = ckks needs he_secret_context, the key holder's file from "
-                              "`fedmq keys he-init`, to decrypt each round's sum")
+        if self.he_decrypt_mode == "keyholder":
+            if self.he_secret_context:
+                raise ConfigError("he_decrypt = keyholder: the aggregator must not have the "
+                                  "secret key; leave he_secret_context empty and give it to "
+                                  "`fedmq keyholder` only")
+            if not self.he_public_context:
+                raise ConfigError("he_decrypt = keyholder needs he_public_context, the public "
+                                  "file of `fedmq keys he-init` (he-public.ctx)")
+        elif not self.he_secret_context:
+            raise ConfigError("he_decrypt = local needs he_secret_context, the secret file "
+                              "from `fedmq keys he-init`, to decrypt each round's sum")
+
+    @property
+    def he_decrypt_mode(self) -> str:
+        """keyholder or local (auto resolved)."""
+        if self.he_decrypt != "auto":
+            return self.he_decrypt
+        return "local" if self.he_secret_context else "keyholder"
 
     def he_setup(self) -> HESetup | None:
-        """The loaded HE keys (None: he off)."""
+        """The loaded HE keys (None: he off); with a key holder, the public key only."""
         if not self.he:
             return None
-        return load_setup(self.he_public_context, self.he_secret_context)
+        secret = self.he_secret_context if self.he_decrypt_mode == "local" else ""
+        return load_setup(self.he_public_context, secret)
+
     def _check_secure(self) -> None:
         """Secure aggregation hides each update: refuse what needs to see one."""
         if not self.secure_aggregation:

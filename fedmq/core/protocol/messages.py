@@ -160,6 +160,17 @@ class ModelAnnouncement(Message):
     # Optimizer steps a device fine-tunes the model on its own data before using it (and
     # before scoring its personalized accuracy); 0: used as announced.
     finetune_steps: int = wire("ft", 0, omit_default=True)
+    # The learning rate of that fine-tuning; 0: the task's `lr`. Fine-tuning a model the
+    # whole fleet trained at the fleet's rate overwrites it with a few noisy local steps.
+    finetune_lr: float = wire("fl", 0.0, omit_default=True)
+    # Early stopping of that fine-tuning: every this many steps the device scores it on
+    # a validation part of its training data (the last share, kept out of fine-tuning)
+    # and keeps the best, the model as announced included. 0: keeps the last.
+    finetune_check: int = wire("fc", 0, omit_default=True)
+    # FedRep: steps a device trains its personal layers alone (the shared ones frozen) on
+    # each announced model, before using or scoring it and before the round's training,
+    # which then moves the shared layers only. 0: both train together (FedPer).
+    personal_steps: int = wire("ps", 0, omit_default=True)
 
     @property
     def key(self) -> tuple[int, int, str]:
@@ -177,6 +188,14 @@ class ModelAnnouncement(Message):
                  "strings of 1-128 characters")
         _require(0 <= self.finetune_steps <= 100_000,
                  f"finetune_steps {self.finetune_steps} out of range")
+        _require(math.isfinite(self.finetune_lr) and self.finetune_lr >= 0,
+                 f"finetune_lr {self.finetune_lr} must be >= 0")
+        _require(0 <= self.finetune_check <= 100_000,
+                 f"finetune_check {self.finetune_check} out of range")
+        _require(0 <= self.personal_steps <= 100_000,
+                 f"personal_steps {self.personal_steps} out of range")
+        _require(not self.personal_steps or bool(self.personal),
+                 "personal_steps needs personal layers (pl)")
         digest = self.cohort_digest
         if digest:
             _require(self.cohort is None, "an announcement names its cohort once: co or coh")
@@ -404,3 +423,61 @@ class Receipt(Message):
 
     def __post_init__(self) -> None:
         _require(self.status in RECEIPT_STATUSES, f"unknown receipt status {self.status!r}")
+
+
+DECRYPT_STATUSES = ("ok", "refused")
+
+
+@dataclass(frozen=True, slots=True)
+class DecryptRequest(Message):
+    """QoS 1 on `he/decrypt` (aggregator -> key holder, in Parts when large): decrypt the
+    encrypted sum of round `round`'s `count` updates (`he = "ckks"`, docs/privacy.md)."""
+
+    KIND = "he.req"
+    lineage: str = wire("lin")  # the aggregator's line of models (ModelAnnouncement.lineage)
+    round: int = wire("r")
+    key: str = wire("fp")  # fingerprint of the HE key the sum is encrypted under
+    size: int = wire("n")  # parameters of the model (the packed sum holds n + 1 values)
+    count: int = wire("c")  # updates in the sum
+    devices: list[str] = wire("dev")  # who contributed (for the key holder's log)
+    ciphertexts: list[bytes] = wire("ct")  # the serialized CKKS ciphertexts of the sum
+
+    def __post_init__(self) -> None:
+        _require(self.round >= 1, f"round {self.round} must be >= 1")
+        _require(self.size >= 1, f"size {self.size} must be >= 1")
+        _require(self.count >= 1, f"count {self.count} must be >= 1")
+        _require(len(self.devices) <= self.count, f"{len(self.devices)} devices for a sum of "
+                 f"{self.count} updates")
+        _require(bool(self.ciphertexts), "a sum of no ciphertexts")
+
+    def digest(self) -> bytes:
+        """SHA-256 over the ciphertexts: what the key holder decrypted, and what its
+        reply names (so a reply never answers another sum)."""
+        h = hashlib.sha256()
+        for blob in self.ciphertexts:
+            h.update(len(blob).to_bytes(8, "big"))
+            h.update(blob)
+        return h.digest()
+
+
+@dataclass(frozen=True, slots=True)
+class DecryptReply(Message):
+    """QoS 1 on `he/sum` (key holder -> aggregator, in Parts when large): a round's
+    decrypted sum, or why the key holder refused to decrypt it."""
+
+    KIND = "he.sum"
+    lineage: str = wire("lin")
+    round: int = wire("r")
+    digest: bytes = wire("h")  # DecryptRequest.digest() of the sum answered
+    status: str = wire("st")  # ok or refused
+    reason: str = wire("why", "")  # refused: a short code (too_few, replayed, ...)
+    message: str = wire("msg", "")  # refused: what to do, for the aggregator's log
+    weighted: bytes = wire("s", b"")  # ok: the weighted sum of the deltas, float64 LE
+    weight: float = wire("w", 0.0)  # ok: the decrypted total weight
+
+    def __post_init__(self) -> None:
+        _require(self.status in DECRYPT_STATUSES, f"unknown decrypt status {self.status!r}")
+        _require(len(self.digest) == 32, "digest must be the 32-byte SHA-256")
+        _require(len(self.weighted) % 8 == 0, "the weighted sum is float64: 8 bytes a value")
+        _require(self.status == "ok" or (self.reason and not self.weighted),
+                 "a refusal carries a reason and no sum")

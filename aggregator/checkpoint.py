@@ -10,7 +10,10 @@ short a round can be. So:
 - two model slots next to it (`path.model-0`, `path.model-1`) take turns holding the
   whole state each time the model's version changes after that;
 - two journal slots (`path.round-0`, `path.round-1`) take turns holding everything but
-  the model and optimizer after every other commit.
+  the model, optimizer and history after every other commit;
+- the history's round records beyond the newest HISTORY_INLINE go to an append-only
+  file (`path.history`, length- and CRC-framed), rewritten whole by each process's
+  first save.
 
 A slot is overwritten in place (no new file, no rename, no directory entry to make
 durable: one fdatasync of blocks the file already owns, ~0.25 ms here against ~2 ms for
@@ -25,6 +28,7 @@ the same model version and layout, then replaces its open round.
 """
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import struct
@@ -34,8 +38,20 @@ from typing import Any
 
 from fedmq import storage
 
+log = logging.getLogger(__name__)
+
 # Parts of state["machine"] that change only when the model's version does.
 MODEL_KEYS = ("params", "optimizer")
+# Parts of the state that change only when the model's version does: a closed round's
+# record joins the history with the model it made. Journal slots leave them out, so a
+# commit's cost does not grow with the rounds run (a 30-minute soak closes ~570).
+VERSION_KEYS = ("history",)
+# The newest round records a model write holds itself; older ones are in the append-only
+# history file (`path.history`), made durable every HISTORY_INLINE // 2 rounds, so a
+# model write costs the same at round 10 and at round 100,000 (with the whole history
+# inline, ~1 ms of packing and 165 KB per write at 570 rounds).
+HISTORY_INLINE = 64
+_FRAME = struct.Struct("<II")  # a history record's length and CRC32
 # What a slot must share with the whole-state file to count.
 _SAME = ("version", "layout_hash", "format")
 _HEADER = struct.Struct("<4sIQQI")  # magic, format, sequence, body length, CRC32 of body
@@ -57,6 +73,9 @@ class CheckpointStore:
         self._model_version: int | None = None  # version of the model in `path`, if current
         self._fds: dict[Path, int] = {}
         self._file_written = False  # `path` holds this process's run: model slots may follow
+        self.history_path = self.path.with_name(f"{self.path.name}.history")
+        self._history_count = 0  # records in the history file, written by this process
+        self._history_synced = 0  # of those, the ones known to be on disk
         self.full_writes = 0  # saves of the whole state: `path` once, then model slots
         self.file_writes = 0
         self.journal_writes = 0
@@ -67,7 +86,7 @@ class CheckpointStore:
         self._seq += 1
         version = state["machine"]["version"]
         if version != self._model_version:
-            whole = {**state, "seq": self._seq, "run": self._run}
+            whole = {**self._history_split(state), "seq": self._seq, "run": self._run}
             if self._file_written:
                 self._write_slot(whole, self.model_slots[self.full_writes % _SLOTS])
             else:
@@ -78,9 +97,50 @@ class CheckpointStore:
             self.full_writes += 1
             return
         machine = {k: v for k, v in state["machine"].items() if k not in MODEL_KEYS}
-        self._write_slot({**state, "machine": machine, "seq": self._seq, "run": self._run},
+        journal = {k: v for k, v in state.items() if k not in VERSION_KEYS}
+        self._write_slot({**journal, "machine": machine, "seq": self._seq, "run": self._run},
                          self.slots[self._seq % _SLOTS])
         self.journal_writes += 1
+
+    def _history_split(self, state: dict[str, Any]) -> dict[str, Any]:
+        """`state` with its history as the newest records (`history_tail`) and a count;
+        the older ones go to the history file first (durable before the state naming
+        them is). The first save of a process writes the file afresh: whatever an earlier
+        run left in it past what it made durable never counts."""
+        if "history" not in state:
+            return state
+        history = state["history"]
+        start = max(0, len(history) - HISTORY_INLINE)
+        if not self._file_written:
+            storage.atomic_write(self.history_path,
+                                 b"".join(map(_history_frame, history[:start])))
+            self._history_count = self._history_synced = start
+        elif len(history) > self._history_count:
+            fd = self._fds.get(self.history_path)
+            if fd is None:
+                fd = self._fds[self.history_path] = os.open(self.history_path, os.O_WRONLY)
+            frames = b"".join(map(_history_frame, history[self._history_count:]))
+            os.pwrite(fd, frames, os.fstat(fd).st_size)
+            self._history_count = len(history)
+            if start > self._history_synced or \
+                    self._history_count - self._history_synced >= HISTORY_INLINE // 2:
+                _datasync(fd)
+                self._history_synced = self._history_count
+        rest = {k: v for k, v in state.items() if k != "history"}
+        return {**rest, "history_tail": history[start:], "history_total": len(history)}
+
+    def _with_history(self, state: dict[str, Any]) -> dict[str, Any]:
+        """The inverse of `_history_split` (states of older versions hold it whole)."""
+        if "history_total" not in state:
+            return state
+        tail, total = state.pop("history_tail"), state.pop("history_total")
+        start = total - len(tail)
+        older = _read_history(self.history_path, limit=start) if start else []
+        if len(older) < start:
+            log.warning("checkpoint history %s holds %d of the %d oldest round records; the "
+                        "rest are missing from the history (the model and rounds are not "
+                        "affected)", self.history_path, len(older), start)
+        return {**state, "history": older + list(tail)}
 
     def _write_slot(self, journal: dict[str, Any], path: Path) -> None:
         parts = storage.dump_parts(journal)
@@ -133,12 +193,39 @@ class CheckpointStore:
         current = [j for j in journals
                    if j["seq"] > seq and j.get("run") == run
                    and all(j["machine"].get(k) == machine.get(k) for k in _SAME)]
+        state = self._with_history(state)
         if not current:
             return state
         newest = max(current, key=lambda j: j["seq"])
         model = {k: machine[k] for k in MODEL_KEYS}
         del newest["seq"], newest["run"]
-        return {**newest, "machine": {**newest["machine"], **model}}
+        of_version = {k: state[k] for k in VERSION_KEYS if k in state}
+        return {**newest, **of_version, "machine": {**newest["machine"], **model}}
+
+
+def _history_frame(record: dict[str, Any]) -> bytes:
+    body = storage.dumps(record)
+    return _FRAME.pack(len(body), zlib.crc32(body)) + body
+
+
+def _read_history(path: Path, *, limit: int) -> list[dict[str, Any]]:
+    """Up to `limit` records of a history file, up to the first torn or missing one."""
+    try:
+        data = memoryview(path.read_bytes())
+    except FileNotFoundError:
+        return []
+    records, offset = [], 0
+    while len(records) < limit and offset + _FRAME.size <= len(data):
+        length, crc = _FRAME.unpack_from(data, offset)
+        body = data[offset + _FRAME.size:offset + _FRAME.size + length]
+        if len(body) != length or zlib.crc32(body) != crc:
+            break
+        try:
+            records.append(storage.loads(bytes(body)))
+        except storage.StateError:
+            break
+        offset += _FRAME.size + length
+    return records
 
 
 def _read_slot(path: Path) -> dict[str, Any] | None:

@@ -107,6 +107,9 @@ class RoundOptions:
                               "withstands")
 
 
+HE_DECRYPT = ("auto", "keyholder", "local")
+
+
 def check_he_options(options: RoundOptions) -> None:
     """Refuse, at config load, what `he` cannot be combined with (RoundPolicy checks the
     same on its own fields; this says it in the config's words, before keys are read)."""
@@ -209,9 +212,20 @@ class AggregatorConfig(BrokerConfig, RoundOptions):
     signing_key: str = option("", "PEM Ed25519 private key that signs model announcements "
                               "(`fedmq keys init`); empty: unsigned")
     he_public_context: str = option("", "he: the fleet's public HE key file (`fedmq keys "
-                                    "he-init`; empty: the public part of he_secret_context)")
-    he_secret_context: str = option("", "he: the key holder's secret HE key file; only the "
-                                    "decryptor reads it, for each round's encrypted sum")
+                                    "he-init`; empty, with he_decrypt = local only: the "
+                                    "public part of he_secret_context)")
+    he_secret_context: str = option("", "he: the secret HE key file, with he_decrypt = local "
+                                    "only (this process then decrypts each round's sum "
+                                    "itself)")
+    he_decrypt: str = option("auto", "he: who decrypts each round's encrypted sum: keyholder "
+                             "(a separate `fedmq keyholder` holds the secret key; the "
+                             "aggregator gets he_public_context only and refuses a secret "
+                             "key), local (this process reads he_secret_context), auto "
+                             "(local if he_secret_context is set, else keyholder)",
+                             choices=HE_DECRYPT)
+    he_keyholder_timeout_s: float = option(30.0, "he_decrypt = keyholder: ask the key holder "
+                                           "again (with a WARNING) when it has not answered "
+                                           "a round's sum within this many seconds")
     checkpoint: str = option("fedmq-aggregator.ckpt", "state file (FILE.model-0/-1 beside it "
                              "take new models, FILE.round-0/-1 journal the open round)")
     metrics: str = option("", "append one JSON line per round to this file")
@@ -352,6 +366,11 @@ class AggregatorConfig(BrokerConfig, RoundOptions):
             if self.he_public_context or self.he_secret_context:
                 raise ConfigError("he_public_context and he_secret_context are for he = ckks")
             return
+        if self.he_decrypt not in HE_DECRYPT:
+            raise ConfigError(f"he_decrypt {self.he_decrypt!r} must be one of "
+                              f"{', '.join(HE_DECRYPT)}")
+        if not self.he_keyholder_timeout_s > 0:
+            raise ConfigError("he_keyholder_timeout_s must be > 0")
         check_he_options(self)
         if self.min_updates < 2:
             raise ConfigError("he = ckks needs min_updates >= 2: the key holder decrypts only "
@@ -361,15 +380,32 @@ class AggregatorConfig(BrokerConfig, RoundOptions):
             raise ConfigError("he = ckks runs on one central aggregator: workers, sites and "
                               "reducers would each need the secret key to fold partial sums; "
                               "leave role = central and partial_sources empty")
-        if not self.he_secret_context:
-            raise ConfigError("he = ckks needs he_secret_context, the key holder's file from "
-                              "`fedmq keys he-init`, to decrypt each round's sum")
+        if self.he_decrypt_mode == "keyholder":
+            if self.he_secret_context:
+                raise ConfigError("he_decrypt = keyholder: the aggregator must not have the "
+                                  "secret key; leave he_secret_context empty and give it to "
+                                  "`fedmq keyholder` only")
+            if not self.he_public_context:
+                raise ConfigError("he_decrypt = keyholder needs he_public_context, the public "
+                                  "file of `fedmq keys he-init` (he-public.ctx)")
+        elif not self.he_secret_context:
+            raise ConfigError("he_decrypt = local needs he_secret_context, the secret file "
+                              "from `fedmq keys he-init`, to decrypt each round's sum")
+
+    @property
+    def he_decrypt_mode(self) -> str:
+        """keyholder or local (auto resolved)."""
+        if self.he_decrypt != "auto":
+            return self.he_decrypt
+        return "local" if self.he_secret_context else "keyholder"
 
     def he_setup(self) -> HESetup | None:
-        """The loaded HE keys (None: he off)."""
+        """The loaded HE keys (None: he off); with a key holder, the public key only."""
         if not self.he:
             return None
-        return load_setup(self.he_public_context, self.he_secret_context)
+        secret = self.he_secret_context if self.he_decrypt_mode == "local" else ""
+        return load_setup(self.he_public_context, secret)
+
     def _check_secure(self) -> None:
         """Secure aggregation hides each update: refuse what needs to see one."""
         if not self.secure_aggregation:

@@ -28,6 +28,10 @@ birth (`bad_samples`), its model the current one (`stale_eval`), once per device
 (`duplicate`); a NaN loss or an accuracy outside [0, 1] fails step 3 (`non_finite`,
 `out_of_range`). Its rejections count as `eval_<reason>`; it gets no receipt.
 
+In secure mode (SecAgg+) the service takes steps 2 and 4 only (`unchunk`: a big model's
+masked input comes in Parts like an update) and hands the whole payload to the secure
+round (aggregator/secure_service.py), which reads it itself.
+
 The result is the accepted Update with its wire byte count, or one Rejected with its
 reason; nothing else is raised for a bad message. The delta is decoded at most once: by
 step 7 when a norm bound needs its values (the decoded array is what gets folded), else
@@ -51,10 +55,10 @@ from aggregator.guard import l2_norm
 from aggregator.he_round import HESetup
 from aggregator.rounds import RoundMachine
 from fedmq.core import codecs
-from fedmq.core.chunking import Reassembler
+from fedmq.core.chunking import Assembled, Reassembler
 from fedmq.core.codecs.pipeline import MAX_WEIGHTED_VALUE
 from fedmq.core.protocol import EvalReport, FleetTopics, Part, Receipt, Update, evaluates
-from fedmq.core.protocol.wire import decode_any
+from fedmq.core.protocol.wire import decode_any, peek_kind
 from fedmq.errors import ConfigError, ProtocolError
 
 # The largest honest update spends 9 bytes per parameter (top-k at 100%: a varint index
@@ -301,7 +305,7 @@ class UpdateIngest:
             counted = self.machine.offer(update, payload_bytes=wire_bytes,  # 8
                                          decoded=screened.delta, samples=screened.samples,
                                          clipped=screened.clipped)
-            self.reassembler.delivered(device)  # its share of the budget is free again
+            self.delivered(device)  # its share of the budget is free again
         except ProtocolError as exc:
             owed = None if update is None or exc.reason == "wrong_topic" else update
             return Rejected(exc.reason, str(exc), owed)
@@ -358,11 +362,36 @@ class UpdateIngest:
         """The Update and its wire bytes; a Part is held until its transfer is complete."""
         if isinstance(message, Update):
             return message, wire_bytes
-        check_size(message.size, self.max_bytes, "chunked update (declared size)")
-        assembled = self.reassembler.offer(device, message, now, wire_bytes=wire_bytes)
+        assembled = self._reassemble(device, message, wire_bytes, now)
         if assembled is None:
             return None
         return Update.from_payload(assembled.payload), assembled.wire_bytes
+
+    def _reassemble(self, device: str, part: Part, wire_bytes: int,
+                    now: float) -> Assembled | None:
+        check_size(part.size, self.max_bytes, "chunked update (declared size)")
+        return self.reassembler.offer(device, part, now, wire_bytes=wire_bytes)
+
+    def unchunk(self, device: str, payload: bytes, now: float) -> Assembled | None:
+        """Steps 2 and 4 for a message on `device`'s update topic that its caller reads
+        itself (a SecAgg+ message, which may come in Parts like an update): its size
+        checked, and a Part held until its transfer is whole. The whole payload with its
+        wire bytes, None while parts are missing; ProtocolError as for an update
+        (`too_large`, `bad_chunks`, `bad_hash`, `incomplete`). Anything but a Part,
+        garbage included, comes back as it is for the caller to read or refuse."""
+        check_size(len(payload), self.max_bytes, "update payload")
+        try:
+            chunked = peek_kind(payload) == Part.KIND
+        except ProtocolError:
+            chunked = False
+        if not chunked:
+            return Assembled(payload, len(payload))
+        return self._reassemble(device, Part.from_payload(payload), len(payload), now)
+
+    def delivered(self, device: str) -> None:
+        """`device`'s message for the round was counted outside `receive` (a masked
+        input): its share of the reassembly budget is free again."""
+        self.reassembler.delivered(device)
 
     def contents(self, update: Update) -> Screened:
         """The update's samples as credited, and its delta decoded and bounded unless

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -26,6 +27,11 @@ log = logging.getLogger(__name__)
 TICK_S = 0.2
 # Messages handled per loop pass; the checkpoint writer coalesces passes further.
 BATCH_MAX = 64
+# How long what was folded in may wait for company before its checkpoint is written (group
+# commit): updates of one round tend to come together, and a write started for the first
+# one holds up the round's own close behind it (two fsyncs where one covers both). Nobody
+# waits on a receipt: it only lets a device forget a stored update.
+COMMIT_LINGER_S = 0.005
 WRITER_IDLE = object()  # the checkpoint writer finished: hand it what piled up meanwhile
 
 Reply = tuple[str, Receipt] | None  # (device or source, its receipt), or nothing owed
@@ -48,6 +54,7 @@ class ServiceLoop:
                                        on_idle=lambda: self._inbox.put(WRITER_IDLE),
                                        on_saved=on_saved)
         self._held: list[Callable[[], None]] = []  # acks and receipts awaiting a checkpoint
+        self._linger_until: float | None = None  # when what is held gets written at latest
         self._stop = threading.Event()
         self._loop: threading.Thread | None = None
 
@@ -67,26 +74,38 @@ class ServiceLoop:
         write failed, and the service is failing)."""
         self._dirty = True
         self._commit(force=True)
-        if not wait:
-            return True
-        return self.writer.flush(timeout=None) and not self.writer.failed
+        return self._written() if wait else True
+
+    def _written(self) -> bool:
+        """Wait until everything handed to the writer is on disk: False if a write failed."""
+        return self.writer.durable()
 
     def _commit(self, *, force: bool = False) -> None:
         """Hand the held acks and receipts to the writer, behind a snapshot if the state
-        changed. Only when the writer is idle (or `force`): while a write is in flight,
-        batches pile up and one snapshot covers them all, so a big model is copied once
-        per write instead of once per batch."""
-        if not (self._held or self._dirty) or not (force or self.writer.idle):
+        changed. Only when the writer is idle and the oldest held reply lingered
+        COMMIT_LINGER_S (or `force`): while a write is in flight, batches pile up and one
+        snapshot covers them all, so a big model is copied once per write instead of once
+        per batch."""
+        if not (self._held or self._dirty):
+            return
+        now = time.monotonic()
+        if self._linger_until is None:
+            self._linger_until = now + COMMIT_LINGER_S
+        if not force and (now < self._linger_until or not self.writer.idle):
             return
         # even without new state, replies wait behind earlier writes (an idempotent
         # "accepted" must not overtake the checkpoint that holds the update)
         self.writer.submit(self._snapshot() if self._dirty else None, self._held)
-        self._held, self._dirty = [], False
+        self._held, self._dirty, self._linger_until = [], False, None
 
     def _next_batch(self) -> list:
-        """The next inbox item (waiting up to a tick), plus whatever else already waits."""
+        """The next inbox item (waiting up to a tick, or until held replies are due to be
+        written), plus whatever else already waits."""
+        timeout = TICK_S
+        if self._linger_until is not None:
+            timeout = min(timeout, max(0.0, self._linger_until - time.monotonic()))
         try:
-            batch = [self._inbox.get(timeout=TICK_S)]
+            batch = [self._inbox.get(timeout=timeout)]
         except queue.Empty:
             return []
         while len(batch) < BATCH_MAX:

@@ -11,8 +11,10 @@ Topics (docs/protocol.md, "Secure aggregation"):
     secagg/{device}/in    aggregator -> one device: neighbours' keys, routed shares,
                           the unmask request
     update/{device}       device -> aggregator: its keys, shares, masked input (through
-                          its durable outbox, receipted like an update) and reveal; the
-                          device's own topic, so production ACLs hold as they are
+                          its durable outbox, receipted like an update; in Parts when
+                          bigger than one message, reassembled before it gets here) and
+                          reveal; the device's own topic, so production ACLs hold as
+                          they are
 """
 
 from __future__ import annotations
@@ -200,9 +202,12 @@ class SecureRounds:
                 del self._finished[next(iter(self._finished))]
         self.server = None
 
-    def receive(self, device: str, payload: bytes, now: float) -> Received:
-        """A secure-aggregation message on `update/{device}`."""
-        self.bytes_in += len(payload)
+    def receive(self, device: str, payload: bytes, now: float, *,
+                wire_bytes: int = 0) -> Received:
+        """A secure-aggregation message on `update/{device}`; `wire_bytes`: what it cost
+        on the wire when it came in Parts (0: its own length)."""
+        wire_bytes = wire_bytes or len(payload)
+        self.bytes_in += wire_bytes
         try:
             message = decode_any(payload, *DEVICE_KINDS)
         except ProtocolError as exc:
@@ -222,7 +227,7 @@ class SecureRounds:
                                         input_id=input_id, round=message.round))
         if device in self._restarted and not isinstance(message, MaskedInput):
             return self._count(Received("rejected", "secagg_restarted"))
-        self._round_bytes += len(payload)  # every message of the round, up
+        self._round_bytes += wire_bytes  # every message of the round, up
         try:
             handled = server.receive(message, now=now)
         except SecureAggregationError as exc:

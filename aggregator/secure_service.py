@@ -19,6 +19,7 @@ from fedmq.errors import ConfigError, ProtocolError
 if TYPE_CHECKING:
     from aggregator.config import AggregatorConfig
     from aggregator.devices import DeviceRegistry
+    from aggregator.ingest import UpdateIngest
     from aggregator.observers import ObserverFanout
     from aggregator.rounds import RoundMachine
     from fedmq.core.protocol import FleetTopics
@@ -40,6 +41,7 @@ class SecureAggregationDriver:
     config: AggregatorConfig
     machine: RoundMachine
     registry: DeviceRegistry
+    ingest: UpdateIngest
     topics: FleetTopics
     link: MqttLink
     accepted: int
@@ -97,12 +99,18 @@ class SecureAggregationDriver:
     def _handle_secure(self, topic: str, payload: bytes) -> tuple[str, Receipt] | None:
         """A message on an update topic in secure mode: a SecAgg+ message goes to the
         secure round; a plain update is refused unread (it would show the server one
-        device's update), with a receipt so its device stops sending it."""
+        device's update), with a receipt so its device stops sending it. A message too
+        big for one MQTT message (a big model's masked input) comes in Parts, reassembled
+        by the plain path's Reassembler, budget and fair shares (ingest.unchunk)."""
         try:
             device = self.topics.device_from_update_topic(topic)
+            whole = self.ingest.unchunk(device, payload, self.clock())
         except ProtocolError as exc:
             self._count_rejected(exc.reason)
             return None
+        if whole is None:
+            return None  # a Part: more are to come
+        payload = whole.payload
         if not is_secagg(payload):
             self._count_rejected("secure_only")
             log.warning("refused a plain update from %s: this aggregator runs "
@@ -114,7 +122,10 @@ class SecureAggregationDriver:
             return device, Receipt(update_id=update_id, round=self.machine.round,
                                    status="rejected", reason="secure_only")
         assert self.secure is not None
-        received = self.secure.receive(device, payload, self.clock())
+        received = self.secure.receive(device, payload, self.clock(),
+                                       wire_bytes=whole.wire_bytes)
+        if received.input_id and received.status == "accepted":
+            self.ingest.delivered(device)  # its share of the reassembly budget is free
         self._publish_secure(received.publishes)
         if received.reason == "secagg_round_closed":
             log.debug("secure round over: a late message from %s", device)

@@ -17,16 +17,18 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from aggregator.broadcast import ModelBroadcast
+from aggregator.broadcast import Messages, ModelBroadcast
 from aggregator.checkpoint import CheckpointStore
 from aggregator.config import AggregatorConfig
 from aggregator.dashboard import DashboardServer
 from aggregator.devices import DeviceRegistry
 from aggregator.evaluation import EvalPool, fleet_fields
 from aggregator.fleetview import serve_dashboard
+from aggregator.he_service import HeReply, KeyHolderDriver
 from aggregator.ingest import Accepted, Evaluated, UpdateIngest, UpdateLimits
 from aggregator.loop import WRITER_IDLE, ServiceLoop
 from aggregator.observers import AggregatorObserver, ObserverFanout
@@ -85,7 +87,7 @@ class _Inbound:
     partial: bool = False  # on a partial topic: a worker's or site's partial aggregate
 
 
-class AggregatorService(SecureAggregationDriver, ServiceLoop):
+class AggregatorService(SecureAggregationDriver, KeyHolderDriver, ServiceLoop):
     def __init__(
         self, config: AggregatorConfig, *, test_data: Dataset | None = None,
         on_round: Callable[[RoundRecord], None] | None = None,
@@ -132,6 +134,8 @@ class AggregatorService(SecureAggregationDriver, ServiceLoop):
         self.evaluations = EvalPool()  # the devices' scores of the current model
         self.evaluated = 0  # evaluation reports taken
         self.history: list[RoundRecord] = []
+        # the records as checkpointed, each converted once (not on every commit)
+        self._history_state: list[dict[str, Any]] = []
         self.accepted = 0  # updates counted
         self.redelivered = 0  # updates that already counted, seen again (receipted again)
         self.rejected: Counter[str] = Counter()
@@ -178,6 +182,8 @@ class AggregatorService(SecureAggregationDriver, ServiceLoop):
                                        on_count=self.observers.update_rejected)
         self.adjustments = RejectionLog(self.adjusted, log)  # the same, for clips and caps
         self._init_secure(self._saved_secagg)  # secure_aggregation (secure_service.py)
+        self._init_keyholder()  # he_decrypt = keyholder (he_service.py)
+        self._route_keyholder(self._inbox.put)
         self.broadcast = ModelBroadcast(
             topics=self.topics, seal=announcement_sealer(config.signing_key),  # signed if set
             model_codec=config.model_codec, delta_codec=config.model_delta_codec,
@@ -245,6 +251,7 @@ class AggregatorService(SecureAggregationDriver, ServiceLoop):
         if state.get("bounds") is not None:  # older checkpoints: learnt afresh
             self.bounds.load_state_dict(state["bounds"])
         self.history = [RoundRecord.from_dict(r) for r in state.get("history", [])]
+        self._history_state = [r.to_dict() for r in self.history]
         self._saved_secagg = state.get("secagg")
         log.info("resumed from %s at round %d (model v%d)", self.config.checkpoint,
                  self.machine.round, self.machine.version)
@@ -261,7 +268,7 @@ class AggregatorService(SecureAggregationDriver, ServiceLoop):
     def _snapshot(self) -> dict:
         """The state to checkpoint; state_dict copies the arrays, so the loop may go on."""
         state = {"machine": self.machine.state_dict(), "lineage": self.lineage,
-                 "history": [r.to_dict() for r in self.history],
+                 "history": list(self._history_state),
                  "bounds": self.bounds.state_dict()}
         if self.secure is not None:
             state["secagg"] = self.secure.state_dict()
@@ -272,14 +279,22 @@ class AggregatorService(SecureAggregationDriver, ServiceLoop):
                 or bool(self.machine.stopped))
 
     # -- publishing ----------------------------------------------------------------------
-    def _announce(self) -> None:
-        """Publish the current model (see ModelBroadcast) and the aggregator's status."""
+    def _announcement(self) -> Messages:
+        """The current model's messages (see ModelBroadcast): encoded, with this round's
+        cohort planned, but not yet published."""
         m = self.machine
         limit = self.link.effective_max_payload(
             self.topics.model_payload_chunk(MAX_MODEL_CHUNKS - 1))
-        messages = self.broadcast.messages(params=self.full_params(), version=m.version,
-                                           round=m.round,
-                                           limit=limit, fields=self._announcement_fields)
+        return self.broadcast.messages(params=self.full_params(), version=m.version,
+                                       round=m.round, limit=limit,
+                                       fields=self._announcement_fields)
+
+    def _announce(self, messages: Messages | None = None) -> None:
+        """Publish the current model (`messages`, built by `_announcement` ahead of time, or
+        built now) and the aggregator's status."""
+        m = self.machine
+        if messages is None:
+            messages = self._announcement()
         for topic, payload in messages:
             self.link.publish(topic, payload, retain=True)
         self.model_bytes = sum(len(payload) for _, payload in messages)
@@ -384,6 +399,8 @@ class AggregatorService(SecureAggregationDriver, ServiceLoop):
                     self._synced()
             elif item is _REPUBLISH:
                 self._announce()
+            elif isinstance(item, HeReply):
+                self._handle_keyholder(item, self.clock())
             elif item is WRITER_IDLE:
                 pass
             elif item.status:
@@ -456,6 +473,8 @@ class AggregatorService(SecureAggregationDriver, ServiceLoop):
             self._tick_secure(now)
             return
         action = self.machine.due(now)
+        if self.he_remote and self._tick_keyholder(now, action is Action.CLOSE):
+            return  # the round's sum is with the key holder
         if action is Action.CLOSE:
             self._close_round(now)
         elif action is Action.EXTEND:
@@ -507,9 +526,14 @@ class AggregatorService(SecureAggregationDriver, ServiceLoop):
             **fleet_fields(fleet),
         )
         self.history.append(record)
+        self._history_state.append(record.to_dict())
         # The closed round is on disk before its model goes out: a model a restart would
-        # close (and, under DP, noise) a second time must never be released.
-        if not self._checkpoint(wait=True):
+        # close (and, under DP, noise) a second time must never be released. The model's
+        # messages are encoded (and the next cohort planned) while the writer fsyncs: the
+        # snapshot is already taken, and a round of ~10 ms would otherwise wait for both.
+        self._checkpoint()
+        announcement = self._announcement()
+        if not self._written():
             log.error("round %d closed but could not be saved; its model is not announced "
                       "(a restart closes the round again)", result.round)
             return
@@ -527,7 +551,7 @@ class AggregatorService(SecureAggregationDriver, ServiceLoop):
                  f"{fleet.devices} devices" if fleet and fleet.accuracy is not None else "",
                  f", DP epsilon {record.epsilon:.2f} at delta {dp.delta:g}" if dp else "")
         self._round_started = time.monotonic()
-        self._announce()
+        self._announce(announcement)
         if self.exporter is not None:
             self.exporter.submit(self.full_params(), version=result.version,
                                  round=result.round)

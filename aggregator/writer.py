@@ -36,6 +36,8 @@ class CheckpointWriter:
         self._jobs: queue.Queue = queue.Queue()
         self._idle = threading.Condition()
         self._pending = 0
+        self._submitted = 0  # jobs handed over, ever
+        self._durable = 0  # of those, the jobs whose state is on disk (callbacks may not have run)
         self._failed = False
         self._thread = threading.Thread(target=self._run, name="checkpoint-writer", daemon=True)
         self._thread.start()
@@ -45,7 +47,9 @@ class CheckpointWriter:
         be a snapshot: the loop goes on changing its own copy."""
         with self._idle:
             self._pending += 1
-        self._jobs.put((state, callbacks))
+            self._submitted += 1
+            number = self._submitted
+        self._jobs.put((number, state, callbacks))
 
     @property
     def failed(self) -> bool:
@@ -61,6 +65,15 @@ class CheckpointWriter:
         """Wait until everything submitted is written and its callbacks ran."""
         with self._idle:
             return self._idle.wait_for(lambda: self._pending == 0 or self._failed, timeout)
+
+    def durable(self, timeout: float | None = None) -> bool:
+        """Wait until everything submitted so far is on disk (False: a write failed, or
+        the timeout passed), not for its callbacks: a new model goes out while the
+        receipts its checkpoint released are still being sent."""
+        with self._idle:
+            target = self._submitted
+            return self._idle.wait_for(lambda: self._durable >= target or self._failed,
+                                       timeout) and not self._failed
 
     def close(self, timeout: float = 60.0) -> None:
         self.flush(timeout)
@@ -84,7 +97,8 @@ class CheckpointWriter:
                     self._jobs.put(None)
                     break
                 jobs.append(more)
-            latest = next((state for state, _ in reversed(jobs) if state is not None), None)
+            latest = next((state for _, state, _ in reversed(jobs) if state is not None),
+                          None)
             seconds = None
             try:
                 if latest is not None and not self._failed:
@@ -102,10 +116,13 @@ class CheckpointWriter:
                 else:  # a bug: its traceback
                     log.exception("checkpoint write to %s failed", self.store.path)
                 self.on_failure(exc)
+            with self._idle:
+                self._durable = jobs[-1][0]
+                self._idle.notify_all()
             if seconds is not None and self.on_saved is not None:
                 self.on_saved(seconds)
             if not self._failed:
-                for _, callbacks in jobs:
+                for _, _, callbacks in jobs:
                     for callback in callbacks:
                         try:
                             callback()

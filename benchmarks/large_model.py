@@ -15,6 +15,15 @@ parameters), every device in every round. Measured per run:
 - peak RSS: VmHWM of the run's process (aggregator, 20 agents, simulator) and of mosquitto.
 
     python benchmarks/large_model.py [--devices 20 --params 10000000 --rounds 3 --repeat 2]
+
+With --secure the rounds are SecAgg+ rounds (`secure_aggregation = true`, defaults:
+32-bit field, graph planned for 30% dropout): each device's masked input (4 bytes for
+each of params + 1 values) goes up in Parts like a plain update, and is reassembled and
+folded into the field sum as it arrives (#14 item 1). Per round it also prints the
+devices' bytes up and down (keys, shares and reveals included) for comparing with plain
+runs (--codec float32 or q8):
+
+    python benchmarks/large_model.py --devices 10 --params 1000000 --secure
 """
 
 from __future__ import annotations
@@ -67,6 +76,8 @@ class Run:
     sim_peak_kib: int = 0
     broker_peak_kib: int = 0
     budget: int = 0  # the aggregator's reassembly budget during the rounds
+    up_per_round: list[int] = field(default_factory=list)  # the devices' bytes, closed rounds
+    down_per_round: list[int] = field(default_factory=list)
     error: str = ""
 
     @property
@@ -97,7 +108,8 @@ def run(args: argparse.Namespace, repeat: int) -> Run:
     config = SimulationConfig(devices=args.devices, task="digits", model="mlp", hidden=hidden,
                               rounds=args.rounds, seed=args.seed, evaluate=False,
                               deadline_s=args.deadline_s, timeout_s=args.timeout_s,
-                              engine="agents", **extra)
+                              engine="agents", codec=args.codec,
+                              secure_aggregation=args.secure, **extra)
     try:
         with BudgetedSimulation(config) as sim:
             try:
@@ -115,6 +127,11 @@ def run(args: argparse.Namespace, repeat: int) -> Run:
             closed = {r.round for r in records}
             traffic = [(rnd, up) for a in sim.agents for rnd, (up, _) in a.stats.traffic.items()]
             out.bytes_uploaded = sum(up for rnd, up in traffic if rnd in closed)
+            for r in records:
+                out.up_per_round.append(sum(a.stats.traffic[r.round][0] for a in sim.agents
+                                            if r.round in a.stats.traffic))
+                out.down_per_round.append(sum(a.stats.traffic[r.round][1] for a in sim.agents
+                                              if r.round in a.stats.traffic))
             out.bytes_uploaded_all = sum(up for _, up in traffic)
             out.resent = sum(a.stats.resent for a in sim.agents)
             out.broker_peak_kib = status_kib(sim.broker.process.pid, "VmHWM")
@@ -132,7 +149,9 @@ def run_child(args: argparse.Namespace, repeat: int) -> Run:
             "--devices", str(args.devices), "--params", str(args.params),
             "--rounds", str(args.rounds), "--seed", str(args.seed),
             "--deadline-s", str(args.deadline_s), "--timeout-s", str(args.timeout_s),
-            "--max-pending-bytes", str(args.max_pending_bytes)]
+            "--max-pending-bytes", str(args.max_pending_bytes), "--codec", args.codec]
+    if args.secure:
+        argv.append("--secure")
     proc = subprocess.run(argv, stdout=subprocess.PIPE, text=True)
     lines = proc.stdout.strip().splitlines()
     if proc.returncode or not lines:
@@ -147,13 +166,16 @@ def describe(r: Run) -> str:
     rounds = ", ".join(f"{s:.1f}" for s in r.round_s)
     rejected = ", ".join(f"{k} {v}" for k, v in sorted(r.rejected.items())) or "none"
     failed = f"; FAILED {r.error}" if r.error else ""
+    traffic = ", ".join(f"{u / 1e6:.1f}/{d / 1e6:.1f}"
+                        for u, d in zip(r.up_per_round, r.down_per_round, strict=True))
     return (f"repeat {r.repeat}: {r.params:,} params, s/round [{rounds}], participants "
             f"{r.participants}, too_large {r.rejected.get('too_large', 0)} (rejected: "
             f"{rejected}), uploaded {r.bytes_uploaded / 1e6:.1f} MB / needed "
             f"{r.bytes_needed / 1e6:.1f} MB = {r.ratio:.3f} (all rounds "
             f"{r.bytes_uploaded_all / 1e6:.1f} MB), re-sends {r.resent}, peak RSS "
             f"sim {r.sim_peak_kib / 1024:.0f} MiB broker {r.broker_peak_kib / 1024:.0f} MiB, "
-            f"reassembly budget {r.budget / 2**20:.0f} MiB{failed}")
+            f"reassembly budget {r.budget / 2**20:.0f} MiB, devices' MB up / down per "
+            f"round [{traffic}]{failed}")
 
 
 def span(values: list[float], fmt: str) -> str:
@@ -174,6 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout-s", type=float, default=900.0)
     parser.add_argument("--max-pending-bytes", type=int, default=0,
                         help="the aggregator's reassembly budget (0: its default)")
+    parser.add_argument("--codec", default="float32", help="the devices' update codec")
+    parser.add_argument("--secure", action="store_true",
+                        help="SecAgg+ rounds (secure_aggregation = true; --codec unused)")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING,
@@ -185,13 +210,19 @@ def main(argv: list[str] | None = None) -> int:
                             text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
     print(f"large_model {time.strftime('%Y-%m-%d %H:%M:%S %Z')} commit "
           f"{commit.stdout.strip() or '?'}, {os.cpu_count()} cores, {args.devices} devices, "
-          f"~{args.params:,} params, {args.rounds} rounds", flush=True)
+          f"~{args.params:,} params, {args.rounds} rounds, "
+          f"{'SecAgg+' if args.secure else 'plain ' + args.codec}", flush=True)
     runs = []
     for repeat in range(1, args.repeat + 1):
         runs.append(run_child(args, repeat))
         print(describe(runs[-1]), flush=True)
     good = [r for r in runs if not r.error]
     rounds = [s for r in good for s in r.round_s]
+    later = [s for r in good for s in r.round_s[1:]]  # round 1 waits for the fleet too
+    up = [u / 1e6 for r in good for u in r.up_per_round[1:]]
+    down = [d / 1e6 for r in good for d in r.down_per_round[1:]]
+    print(f"\nrounds after the first, over {len(good)} runs: s/round {span(later, '.1f')}, "
+          f"devices' MB up / round {span(up, '.2f')}, down {span(down, '.2f')}")
     print(f"\nover {len(good)}/{len(runs)} runs: s/round {span(rounds, '.1f')} (median "
           f"{statistics.median(rounds) if rounds else float('nan'):.1f}), too_large "
           f"{span([r.rejected.get('too_large', 0) for r in good], 'd')}, upload ratio "

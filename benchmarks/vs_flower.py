@@ -80,6 +80,9 @@ TRACE = {
     "aggregator.checkpoint:CheckpointStore.save": "aggregator: checkpoint write",
     "edge_agent.agent:EdgeAgent._on_receipt": "device: receipt in",
     "aggregator.service:AggregatorService._close_round": "aggregator: close round",
+    "aggregator.rounds:RoundMachine.close": "aggregator: new model",
+    "fedmq.models.numpy_models:NumpyModel.evaluate": "aggregator: held-out accuracy",
+    "aggregator.broadcast:ModelBroadcast.messages": "aggregator: encode model",
 }
 SEEDS = (1, 2)  # the devices' training seeds, the same on both sides
 

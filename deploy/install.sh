@@ -411,7 +411,9 @@ service_uninstall() {
             fi
         else
             remove "$STATE_DIR/aggregator.ckpt" "$STATE_DIR/aggregator.ckpt.round-0" \
-                "$STATE_DIR/aggregator.ckpt.round-1" "$STATE_DIR/metrics.jsonl"
+                "$STATE_DIR/aggregator.ckpt.round-1" "$STATE_DIR/aggregator.ckpt.model-0" \
+                "$STATE_DIR/aggregator.ckpt.model-1" "$STATE_DIR/aggregator.ckpt.history" \
+                "$STATE_DIR/metrics.jsonl"
         fi
     else
         log "keeping $CONFIG and $INSTANCE_STATE (--purge removes them)"

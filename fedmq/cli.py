@@ -31,6 +31,8 @@ class Command:
 COMMANDS: tuple[Command, ...] = (
     Command("agent", "edge_agent.cli", "run an edge agent (long-running service)"),
     Command("aggregator", "aggregator.cli", "run the aggregator (long-running service)"),
+    Command("keyholder", "aggregator.keyholder",
+            "run the HE key holder: decrypts each round's encrypted sum (he = ckks)"),
     Command("simulate", "simulator.cli", "simulate a fleet training over a local broker"),
     Command("new", "fedmq.scaffold",
             "write a runnable project template for your own task (offline)"),

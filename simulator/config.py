@@ -51,6 +51,10 @@ SIMULATOR_DEFAULTS: dict[str, Default] = {
     "deadline_s": Default(30.0),
     # the cellular links of `--profiles mixed` are slower than this
     "slow_link_kbps": Default(256.0),
+    # --he ckks: a key holder apart from the aggregator (simulator/fleet.py runs it)
+    "he_decrypt": Default("keyholder", "--he: who decrypts each round's sum: keyholder (a "
+                          "key holder beside the aggregator, which gets the public key only) "
+                          "or local (the aggregator holds the secret key)"),
 }
 
 def round_half_up(x: float) -> int:
@@ -306,7 +310,10 @@ class SimulationConfig(BorrowedOptions):
         if he_keys is None:
             values["he"] = ""
         else:  # the key holder decrypts sums of at least 2 (a sum of 1 is the update)
-            values.update(he_public_context=he_keys[0], he_secret_context=he_keys[1],
+            local = self.he_decrypt == "local"
+            values.update(he_public_context=he_keys[0],
+                          he_secret_context=he_keys[1] if local else "",
+                          he_decrypt="local" if local else "keyholder",
                           min_updates=max(2, values["min_updates"]))
         return AggregatorConfig(**values)
 

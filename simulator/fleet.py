@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from aggregator.keyholder import KeyHolderConfig, KeyHolderService
 from aggregator.records import RoundRecord
 from aggregator.service import AggregatorService
 from edge_agent.agent import EdgeAgent
@@ -152,6 +153,9 @@ class Simulation:
         self.site_urls: list[str] = []  # --sites: each site's broker
         self._partials: dict[str, int] = {}
         self.he_keys: tuple[str, str] | None = None  # --he: (public, secret) key files
+        # --he: the key holder, the only holder of the secret key (the aggregator has the
+        # public key only), on its own MQTT connection
+        self.keyholder: KeyHolderService | None = None
 
     def start(self) -> None:
         self.began = time.monotonic()
@@ -182,7 +186,7 @@ class Simulation:
             assert self.broker is not None  # the config refuses --sites with --broker
             self.site_urls = self.tiers.start_site_brokers(
                 central_port=self.broker.port, fleet=fleet, workdir=self.workdir)
-        if c.he:  # the run's own key pair: the aggregator decrypts, devices encrypt
+        if c.he:  # the run's own key pair: devices encrypt, the key holder decrypts
             public, secret, _ = generate_he_keys(
                 self.workdir / "he", CkksParams(clip_norm=c.he_clip_norm), force=True)
             self.he_keys = (str(public), str(secret))
@@ -325,6 +329,12 @@ class Simulation:
             broker=url, fleet=fleet, checkpoint=str(self.workdir / "aggregator.ckpt"),
             he_keys=self.he_keys)
         self.aggregator = AggregatorService(config, test_data=test, on_round=self._on_round)
+        if self.he_keys is not None and self.aggregator.he_remote:
+            self.keyholder = KeyHolderService(KeyHolderConfig(
+                broker=url, fleet=fleet, client_id=f"{fleet}-keyholder",
+                he_secret_context=self.he_keys[1], min_updates=config.min_updates,
+                state=str(self.workdir / "he" / "keyholder.state"), log_level="WARNING"))
+            self.keyholder.start()  # its own MQTT client: listening before round 1
 
     def announced_round(self) -> int:
         """The newest round any simulated device has heard announced."""
@@ -450,6 +460,9 @@ class Simulation:
         if self.aggregator is not None:
             with contextlib.suppress(Exception):
                 self.aggregator.stop()
+        if self.keyholder is not None:
+            with contextlib.suppress(Exception):
+                self.keyholder.stop()
         if self.broker is not None:
             self.broker.stop()
         if self._tmp is not None:

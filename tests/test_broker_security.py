@@ -42,7 +42,8 @@ from .secure_brokers import (
 pytestmark = pytest.mark.integration
 
 AGGREGATOR = "fedmq-aggregator"
-PASSWORDS = {"dev-a": "pw-a", "dev-b": "pw-b", AGGREGATOR: "pw-agg"}
+KEYHOLDER = "fedmq-keyholder"
+PASSWORDS = {"dev-a": "pw-a", "dev-b": "pw-b", AGGREGATOR: "pw-agg", KEYHOLDER: "pw-kh"}
 FLEET = FleetTopics("farm")
 
 
@@ -245,6 +246,27 @@ def test_the_aggregator_reads_updates_and_statuses_of_every_device(secure):
                                               for d in ("dev-a", "dev-b"))
     assert sorted(statuses.messages) == [(FLEET.device_status(d), b"online")
                                          for d in ("dev-a", "dev-b")]
+
+
+def test_only_the_key_holder_reads_encrypted_sums_and_answers_them(secure):
+    """he = ckks: a device can neither read the round's sum or its decryption nor pass a
+    forged decryption to the aggregator."""
+    aggregator = secure.password_link(AGGREGATOR, "pw-agg")
+    keyholder = secure.password_link(KEYHOLDER, "pw-kh")
+    device = secure.password_link("dev-a", "pw-a")
+    requests = Inbox(keyholder, FLEET.he_decrypt)
+    answers = Inbox(aggregator, FLEET.he_sum)
+    spied = Inbox(device, f"{FLEET.prefix}/he/#")
+    with running(aggregator, keyholder, device):
+        publish(device, FLEET.he_sum, b"forged sum")
+        publish(device, FLEET.he_decrypt, b"decrypt this single update")
+        publish(aggregator, FLEET.he_decrypt, b"the round's sum")
+        publish(keyholder, FLEET.he_sum, b"decrypted")
+        wait_for(lambda: answers.has(FLEET.he_sum, b"decrypted"), "the key holder's answer")
+        wait_for(lambda: requests.has(FLEET.he_decrypt, b"the round's sum"), "the request")
+    assert answers.messages == [(FLEET.he_sum, b"decrypted")]
+    assert requests.messages == [(FLEET.he_decrypt, b"the round's sum")]
+    assert spied.messages == []
 
 
 def test_a_revoked_certificate_can_publish_nothing_after_a_reload(secure):

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import logging
 import shutil
+import threading
 
 import numpy as np
 import pytest
 
-from aggregator.checkpoint import CheckpointStore
+from aggregator.checkpoint import HISTORY_INLINE, CheckpointStore, _read_slot
 from aggregator.writer import CheckpointWriter
 from fedmq import storage
 
@@ -67,6 +68,72 @@ def test_journal_slots_hold_no_model(tmp_path):
     slot = max(path.stat().st_size for path in store.slots if path.exists())
     assert full > 2.9 * 4 * big and slot < 1.1 * 4 * big  # params + optimizer + sum vs sum
     store.close()
+
+
+def test_journal_slots_hold_no_history_and_a_load_takes_it_from_the_model(tmp_path):
+    """A commit's cost must not grow with the rounds run: the history changes only with
+    the model, so only model writes carry it."""
+    store = CheckpointStore(tmp_path / "agg.ckpt")
+    long_run = state(0, 600, 1)  # 599 closed rounds
+    store.save(long_run)
+    store.save(state(0, 600, 2))
+    journal = max((p for p in store.slots if p.exists()), key=lambda p: p.stat().st_mtime)
+    assert "history" not in _read_slot(journal)
+    loaded = CheckpointStore(tmp_path / "agg.ckpt").load()
+    assert loaded["machine"]["open"]["acc"]["count"] == 2  # the journal's open round
+    assert loaded["history"] == long_run["history"]  # the model's history
+    store.save(state(1, 601, 0))  # a model slot now
+    store.save(state(1, 601, 1))
+    assert CheckpointStore(tmp_path / "agg.ckpt").load()["history"] == \
+        state(1, 601, 1)["history"]
+    store.close()
+
+
+def test_a_long_history_goes_to_its_append_only_file_and_loads_whole(tmp_path):
+    """Model writes hold only the newest HISTORY_INLINE records: their size stays flat
+    however many rounds ran, and every record loads back, also in a new process."""
+    def noted(version: int) -> dict:  # records of ~100 bytes, as real ones are
+        s = state(version, version + 1, 1)
+        s["history"] = [{"round": r, "note": "x" * 100} for r in range(1, version + 1)]
+        return s
+
+    path = tmp_path / "agg.ckpt"
+    store = CheckpointStore(path)
+    sizes = []
+    for version in range(300):
+        store.save(noted(version))
+        if version >= 2:
+            sizes.append(max(p.stat().st_size for p in store.model_slots if p.exists()))
+        if version in (5, 63, 64, 65, 130, 299):
+            assert_same(CheckpointStore(path).load(), noted(version))
+    store.close()
+    # flat once the inline window is full (236 more records inline would be ~25 KB)
+    assert max(sizes[200:]) <= max(sizes[60:70]) + 500
+    assert (tmp_path / "agg.ckpt.history").stat().st_size > 0
+    # a new process: loads the whole history, writes the file afresh, goes on
+    again = CheckpointStore(path)
+    assert len(again.load()["history"]) == 299
+    for version in range(300, 340):
+        again.save(state(version, version + 1, 0))
+    again.close()
+    assert_same(CheckpointStore(path).load(), state(339, 340, 0))
+
+
+def test_a_history_file_cut_short_loses_records_not_the_checkpoint(tmp_path, caplog):
+    path = tmp_path / "agg.ckpt"
+    store = CheckpointStore(path)
+    for version in range(150):
+        store.save(state(version, version + 1, 0))
+    store.close()
+    history = tmp_path / "agg.ckpt.history"
+    data = history.read_bytes()
+    history.write_bytes(data[:len(data) // 3])  # torn inside records the load needs
+    with caplog.at_level(logging.WARNING, logger="aggregator.checkpoint"):
+        loaded = CheckpointStore(path).load()
+    assert loaded["machine"]["version"] == 149
+    records = loaded["history"]
+    assert records[-HISTORY_INLINE:] == state(149, 150, 0)["history"][-HISTORY_INLINE:]
+    assert len(records) < 149 and "missing from the history" in caplog.text
 
 
 def test_a_torn_journal_write_falls_back_to_the_commit_before(tmp_path):
@@ -169,6 +236,29 @@ def test_a_failed_checkpoint_write_is_one_error_line_and_stops_acknowledging(tmp
     [record] = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert str(folder / "agg.ckpt") in record.getMessage()
     assert record.exc_info is None  # in words, not a traceback
+
+
+def test_durable_returns_once_the_state_is_written_before_its_receipts_go_out(tmp_path):
+    """A closed round's model goes out as soon as its checkpoint is on disk, while the
+    receipts that checkpoint released are still being sent."""
+    path = tmp_path / "agg.ckpt"
+    writer = CheckpointWriter(CheckpointStore(path), on_failure=pytest.fail)
+    sending, release = threading.Event(), threading.Event()
+
+    def slow_receipt() -> None:
+        sending.set()
+        assert release.wait(30)
+
+    try:
+        writer.submit(state(1, 2, 0), [slow_receipt])
+        assert writer.durable(timeout=30)  # the receipt has not gone out
+        assert sending.wait(30) and not writer.idle
+        assert CheckpointStore(path).load()["machine"]["version"] == 1
+        release.set()
+        assert writer.flush(timeout=30) and writer.idle
+    finally:
+        release.set()
+        writer.close()
 
 
 def test_new_models_after_the_first_save_go_in_place_to_alternating_model_slots(tmp_path):

@@ -29,6 +29,48 @@ def test_outbox_survives_a_restart_and_forgets_only_on_remove(tmp_path):
     assert again.remove("aa11") is None
 
 
+def test_outbox_slots_are_reused_in_place_and_a_torn_one_is_ignored(tmp_path):
+    folder = tmp_path / "outbox"
+    box = Outbox(folder)
+    for round in range(1, 30):  # one at a time, receipted: one slot file serves them all
+        box.put(f"u{round}", round, b"x" * round)
+        assert box.remove(f"u{round}") is not None
+    assert sorted(p.name for p in folder.iterdir()) == ["slot-0.out"]
+    box.put("keep", 40, b"kept payload")
+    box.put("torn", 41, b"a payload cut short by a crash")
+    torn = folder / "slot-1.out"
+    torn.write_bytes(torn.read_bytes()[:-5])
+    again = Outbox(folder)
+    assert again.ids() == {"keep"}
+    assert [e.payload for e in again.due(resend_after_s=30)] == [b"kept payload"]
+    again.put("next", 42, b"y")  # into the torn (free) slot
+    assert sorted(p.name for p in folder.iterdir()) == ["slot-0.out", "slot-1.out"]
+    assert Outbox(folder).ids() == {"keep", "next"}
+
+
+def test_an_outbox_of_many_pending_updates_shrinks_back_once_receipted(tmp_path):
+    folder = tmp_path / "outbox"
+    box = Outbox(folder)
+    for i in range(10):  # a device offline for ten rounds
+        box.put(f"u{i}", i, b"z")
+    assert len(list(folder.iterdir())) == 10
+    for i in range(10):
+        box.remove(f"u{i}")
+    assert sorted(p.name for p in folder.iterdir()) == [f"slot-{i}.out" for i in range(4)]
+    assert len(Outbox(folder)) == 0
+
+
+def test_an_outbox_of_the_old_one_file_per_update_format_is_moved_into_slots(tmp_path):
+    folder = tmp_path / "outbox"
+    folder.mkdir()
+    (folder / f"{7:010d}-old1.upd").write_bytes(b"from an older fedmq")
+    box = Outbox(folder)
+    assert [(e.update_id, e.round, e.payload) for e in box.due(resend_after_s=30)] == \
+        [("old1", 7, b"from an older fedmq")]
+    assert sorted(p.name for p in folder.iterdir()) == ["slot-0.out"]
+    assert Outbox(folder).ids() == {"old1"}
+
+
 def test_outbox_resends_after_timeout_or_reconnect():
     box = Outbox()
     entry = box.put("id1", 1, b"x")

@@ -301,7 +301,10 @@ def key_files(tmp_path_factory):
     ({"role": "worker"}, "one central aggregator"),
     ({"role": "site"}, "one central aggregator"),
     ({"partial_sources": "w1"}, "one central aggregator"),
-    ({"he_secret_context": ""}, "needs he_secret_context"),
+    ({"he_secret_context": "", "he_decrypt": "local"}, "local needs he_secret_context"),
+    ({"he_decrypt": "keyholder"}, "must not have the secret key"),
+    ({"he_public_context": "", "he_secret_context": ""}, "needs he_public_context"),
+    ({"he_decrypt": "remote"}, "he_decrypt 'remote'"),
     ({"he": "paillier"}, "ckks or empty"),
     ({"min_updates": 1}, "min_updates >= 2"),
 ])

@@ -1,6 +1,8 @@
 """he = "ckks" over a real mosquitto: devices encrypt, the aggregator sums ciphertexts
-(chunked uploads: one ciphertext is larger than max_payload), the key holder's file
-decrypts the sum, and digits trains to the plain run's accuracy."""
+(chunked uploads: one ciphertext is larger than max_payload), the secret key decrypts
+the sum (here in the aggregator, he_decrypt = local; with a separate key holder in
+test_keyholder_integration.py and the simulator test below), and digits trains to the
+plain run's accuracy."""
 
 import pytest
 
@@ -56,6 +58,14 @@ def test_simulate_he_ckks_makes_the_runs_keys_and_trains(tmp_path):
     with Simulation(config, workdir=tmp_path / "sim") as sim:
         result = sim.wait()
         public, secret = sim.he_keys
+        # the split: the aggregator holds the public key only, the key holder decrypted
+        he = sim.aggregator.machine.policy.he
+        assert sim.aggregator.he_remote and he.decryptor is None
+        assert not he.key.context.is_private() and not he.key.context.has_secret_key()
+        assert sim.aggregator.config.he_secret_context == ""
+        assert sim.keyholder is not None and sim.keyholder.holder.decrypted == 3
+        assert sim.keyholder.holder.decryptor.context.is_private()
+        assert len(sim.aggregator.he_hops) == 3
         assert all(a.trainer.encryptor is not None for a in sim.agents)
         assert all(a.stats.codecs["ckks"] == a.stats.updates_sent for a in sim.agents)
     assert public.endswith("he-public.ctx") and secret.endswith("he-secret.ctx")

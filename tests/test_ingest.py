@@ -449,3 +449,61 @@ def test_routine_refusals_are_logged_at_info_and_hostile_ones_at_warning(caplog)
         rejections.record("malformed", "a", "garbage")
     assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
         (logging.INFO, "late: the round closed"), (logging.WARNING, "garbage")]
+
+
+# -- messages the caller reads itself (SecAgg+ in secure mode) -------------------------
+def masked_input(size: int, device: str = "d1"):
+    from fedmq.core.secagg import MaskedInput
+
+    data = np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8).tobytes()
+    return MaskedInput(device_id=device, round=1, session=bytes(16), data=data)
+
+
+def test_unchunk_rebuilds_a_masked_input_from_its_parts_and_passes_the_rest_through():
+    ing = ingest()
+    payload = masked_input(10_000).to_payload()
+    parts = split_payload(payload, max_payload=4096)
+    assert len(parts) == 3
+    results = [ing.unchunk("d1", p, 1.0) for p in parts]
+    assert results[:-1] == [None, None]  # held until the transfer is whole
+    assert results[-1].payload == payload
+    assert results[-1].wire_bytes == sum(len(p) for p in parts)
+    assert ing.unchunk("d1", parts[1], 1.0) is None  # a late duplicate: ignored quietly
+    whole = ing.unchunk("d1", payload, 1.0)  # fits one message: as it is
+    assert (whole.payload, whole.wire_bytes) == (payload, len(payload))
+    assert ing.unchunk("d1", b"\x01garbage", 1.0).payload == b"\x01garbage"  # caller refuses
+    # a re-send after completion opens the transfer again and is rebuilt again
+    again = [ing.unchunk("d1", p, 2.0) for p in parts]
+    assert again[-1] is not None and again[-1].payload == payload
+
+
+def test_unchunk_applies_the_update_size_limit_and_part_checks():
+    ing = ingest(max_update_bytes=8000)
+    payload = masked_input(10_000).to_payload()
+    with pytest.raises(ProtocolError) as whole:
+        ing.unchunk("d1", payload, 1.0)
+    assert whole.value.reason == "too_large"
+    first = split_payload(payload, max_payload=4096)[0]
+    with pytest.raises(ProtocolError) as declared:
+        ing.unchunk("d1", first, 1.0)
+    assert declared.value.reason == "too_large"
+    later = split_payload(masked_input(5000).to_payload(), max_payload=4096)[1]
+    with pytest.raises(ProtocolError) as orphan:
+        ing.unchunk("d2", later, 1.0)
+    assert orphan.value.reason == "incomplete"  # its part 0 never came
+
+
+def test_a_masked_input_fits_the_reassembly_share_of_its_device():
+    """The share each awaited device is sure of (4 bytes a parameter + SHARE_SLACK) holds
+    a masked input of the widest field (4 bytes for each of params + 1 values), whatever
+    the device's name and the round."""
+    from fedmq.core.secagg import MaskedInput
+    from fedmq.core.secagg.field import FIELD_BITS
+
+    longest = MaskedInput(device_id="d" * 64, round=2**62, session=bytes(16), data=b"")
+    envelope = len(longest.to_payload()) + 3  # the bin header grows from 2 to 5 bytes
+    for params in (1, 4810, 1_000_000, 10_000_000):
+        ing = UpdateIngest(UpdateLimits(), params=params, topics=TOPICS,
+                           registry=DeviceRegistry(), machine=machine(size=1),
+                           reassembler=Reassembler(timeout_s=60.0))
+        assert envelope + max(FIELD_BITS) // 8 * (params + 1) <= ing.reassembly_share

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from aggregator.config import AggregatorConfig
 from aggregator.secure_round import SecureRounds, device_topic, setup_topic
 from fedmq.core.protocol import FleetTopics
-from fedmq.core.protocol.wire import decode_any
+from fedmq.core.protocol.wire import decode_any, peek_kind
 from fedmq.core.secagg import SecAggClient, SecAggSetup
 from fedmq.core.secagg.field import Field
 from fedmq.core.secagg.weighting import weighted_mean, weighted_vector
@@ -55,9 +55,11 @@ class Recorder:
 
 
 def secure_fleet(broker, tmp_path, stoppers, count: int, *, rounds: int = 2,
-                 drop=None, **overrides):
-    """`count` secure agents, then the aggregator (so its first round finds them all)."""
-    agents = make_agents(broker.url, stoppers, count, secure_aggregation=True)
+                 drop=None, agent_options=None, before_start=None, **overrides):
+    """`count` secure agents, then the aggregator (so its first round finds them all);
+    `before_start(service, agents)` runs before the aggregator starts."""
+    agents = make_agents(broker.url, stoppers, count, secure_aggregation=True,
+                         **(agent_options or {}))
     if drop is not None:
         for agent in agents:
             agent.secure._drop_after_input = drop(agent.config.device_id)
@@ -68,6 +70,8 @@ def secure_fleet(broker, tmp_path, stoppers, count: int, *, rounds: int = 2,
     plain = []
     original = service.ingest.receive
     service.ingest.receive = lambda *a, **k: plain.append(a) or original(*a, **k)
+    if before_start is not None:
+        before_start(service, agents)
     service.start()
     stoppers(service.stop)
     return service, agents, plain
@@ -115,6 +119,79 @@ def test_the_round_completes_with_30_percent_dropping_after_sending(
     assert vanished >= 3  # they never answered an unmask request
     assert all(a.secure.stats["sa.reveal"] == 0 for a in agents
                if a.config.device_id in gone)
+
+
+PACKET_LIMIT = 8192  # bytes: the digits MLP's masked input (4,811 x 4 bytes) is 19 KB
+
+
+def lose_first_receipt(agent) -> threading.Event:
+    """The agent misses its first receipt (set once lost), so its outbox sends that
+    masked input again, whole, after resend_after_s."""
+    lost = threading.Event()
+
+    def on_receipt(message) -> None:
+        if lost.is_set():
+            agent._on_receipt(message)
+        else:
+            lost.set()
+
+    agent.link.route(agent.topics.receipt(agent.config.device_id), on_receipt)
+    return lost
+
+
+def test_masked_inputs_bigger_than_the_broker_limit_travel_in_parts(
+        broker_factory, tmp_path, stoppers, monkeypatch):
+    """A broker that refuses packets above 8 KiB: every masked input goes up in Parts,
+    is reassembled by the plain path's Reassembler and unmasked exactly; a device that
+    vanishes after sending stays in the sum, and a masked input sent again (its receipt
+    lost) is reassembled again and counted once."""
+    recorder = Recorder(monkeypatch)
+    small = broker_factory(f"max_packet_size {PACKET_LIMIT}", name="small")
+    kinds: list[str] = []
+    lost: list[threading.Event] = []
+
+    def before_start(service, agents):
+        unchunk = service.ingest.unchunk
+
+        def recording(device, payload, now):
+            kinds.append(peek_kind(payload))
+            return unchunk(device, payload, now)
+
+        service.ingest.unchunk = recording
+        lost.append(lose_first_receipt(agents[1]))
+
+    def drop(device):
+        return lambda round: device == "dev0"  # vanishes once its input is out
+
+    service, agents, plain = secure_fleet(
+        small, tmp_path, stoppers, 5, rounds=2, drop=drop, before_start=before_start,
+        agent_options=dict(resend_after_s=1.0), hidden=64)
+    wait_for(service.finished.is_set, "two secure rounds in Parts", timeout=120)
+    assert service.failure is None and plain == []
+    assert service.link.max_packet_size == PACKET_LIMIT
+    assert all(a.link.effective_max_payload(a.machine.update_topic) < PACKET_LIMIT
+               for a in agents)
+    assert len(service.secure_sums) == 2
+    for result in service.secure_sums:
+        assert sorted(result.survivors) == [f"dev{i}" for i in range(5)]  # dev0 too
+        expected = recorder.plain_sum(result.survivors, result.session, Field(32))
+        assert expected.size * 4 > PACKET_LIMIT  # no masked input fits one message
+        np.testing.assert_array_equal(result.total, expected)
+        assert result.bytes_up > 5 * expected.size * 4  # the Parts' wire bytes count
+    assert kinds.count("part") >= 2 * 5 * 3  # at least 3 Parts per masked input
+    assert "sa.input" not in kinds  # no masked input came whole
+    assert service.secure.counts["sa.input:accepted"] >= 10
+    vanished = agents[0].secure.stats["dropped_on_purpose"]
+    assert vanished >= 2 and agents[0].secure.stats["sa.reveal"] == 0
+    # the lost receipt: the masked input went up again and was counted once (the sums
+    # above are exact), and its receipt came this time
+    assert lost[0].is_set()
+    wait_for(lambda: agents[1].stats.resent >= 1, "the re-send of dev1's masked input")
+    wait_for(lambda: all(len(a.outbox) == 0 for a in agents), "empty outboxes")
+    resent = (service.secure.counts["late:accepted"]
+              + service.secure.counts["sa.input:accepted"] - 10)
+    assert resent >= 1  # answered "accepted" (resent) again, not counted
+    assert service.rejected.get("too_large", 0) == 0
 
 
 class Vanisher:

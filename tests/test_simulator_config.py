@@ -65,7 +65,7 @@ def test_a_borrowed_key_keeps_its_declaration_unless_the_simulator_states_anothe
                 or re.search(rf"[(;] ?{re.escape(shown)}:", flags[name])), name
     differing = {n for n, d in SIMULATOR_DEFAULTS.items() if d.value != service[n]}
     assert differing == {"broker", "fleet", "epochs", "batch_size", "lr", "min_updates",
-                         "deadline_s", "slow_link_kbps"}
+                         "deadline_s", "slow_link_kbps", "he_decrypt"}
     # the same value, meaning something else: its help says what
     for name in set(SIMULATOR_DEFAULTS) - differing:
         assert SIMULATOR_DEFAULTS[name].help, name

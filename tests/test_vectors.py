@@ -152,7 +152,7 @@ def _message_classes():
 
     return (protocol.ModelAnnouncement, protocol.ModelChunk, protocol.Part, protocol.Update,
             protocol.Receipt, protocol.DeviceStatus, protocol.AggregatorStatus,
-            protocol.EvalReport)
+            protocol.EvalReport, protocol.DecryptRequest, protocol.DecryptReply)
 
 
 @pytest.mark.parametrize("vector", vectors("parts.json"), ids=ids("parts.json"))

@@ -31,6 +31,8 @@ from fedmq.core.protocol import (
     PROTOCOL_VERSION,
     UPDATE_BUCKETS,
     AggregatorStatus,
+    DecryptReply,
+    DecryptRequest,
     DeviceStatus,
     EncodedTensor,
     EvalMetrics,
@@ -274,6 +276,12 @@ def _rich_announcement() -> ModelAnnouncement:
         delta=PayloadInfo(codec="q8", size=40, sha256="ab" * 32, chunks=2), delta_base=1)
 
 
+def _decrypt_request() -> DecryptRequest:
+    return DecryptRequest(lineage="a1b2c3d4e5f6", round=3, key="00112233aabbccdd", size=2,
+                          count=2, devices=["dev-01", "dev-02"],
+                          ciphertexts=[b"stand-in ciphertext"])
+
+
 def _handmade(fields: dict[str, Any]) -> bytes:
     return msgpack.packb(fields, use_bin_type=True)
 
@@ -345,6 +353,23 @@ def messages() -> dict[str, Any]:
         message_entry("agg", AggregatorStatus(online=True, round=3, version=2,
                                               ts=1700000002.0).to_payload(),
                       AggregatorStatus, topic=topic("aggregator/status")),
+        message_entry("he.req", _decrypt_request().to_payload(), DecryptRequest,
+                      topic=TOPICS.he_decrypt,
+                      note="he = ckks: the aggregator asks the key holder to decrypt round "
+                           "3's sum of 2 updates; `ct` holds stand-in bytes where real "
+                           "TenSEAL ciphertexts would be"),
+        message_entry("he.sum", DecryptReply(
+            lineage="a1b2c3d4e5f6", round=3, digest=_decrypt_request().digest(),
+            status="ok", weighted=np.array([0.5, -0.25], "<f8").tobytes(),
+            weight=64.0).to_payload(), DecryptReply, topic=TOPICS.he_sum,
+            note="the key holder's answer: `h` is the SHA-256 over the request's "
+                 "ciphertexts (each prefixed by its 8-byte big-endian length), `s` the "
+                 "weighted sum as float64 little-endian, `w` the total weight"),
+        message_entry("he.sum-refused", DecryptReply(
+            lineage="a1b2c3d4e5f6", round=2, digest=_decrypt_request().digest(),
+            status="refused", reason="replayed",
+            message="round 3 was decrypted already").to_payload(), DecryptReply,
+            topic=TOPICS.he_sum, note="a refusal: a reason token and a message, no sum"),
     ]
     return {"about": "One payload per message kind, with what it decodes to.",
             "vectors": entries}

@@ -29,7 +29,9 @@ def _cmd_he_init(args: argparse.Namespace) -> int:
           f"  public: {public} (devices and the aggregator)\n\n"
           f"aggregator.toml:  he = \"ckks\"\n"
           f"                  he_public_context = \"{public}\"\n"
-          f"                  he_secret_context = \"{secret}\"\n"
+          f"keyholder.toml:   he_secret_context = \"{secret}\"\n"
+          f"                  min_updates = 2   (no more than the aggregator's)\n"
+          f"                  and run `fedmq keyholder --config keyholder.toml`\n"
           f"agent.toml:       he_context = \"/etc/fedmq/{public.name}\"")
     return 0
 

@@ -3,6 +3,8 @@
 from fedmq.core.protocol.messages import (
     AggregatorStatus,
     CohortDigest,
+    DecryptReply,
+    DecryptRequest,
     DeviceActivity,
     DeviceStatus,
     EncodedTensor,
@@ -27,6 +29,8 @@ __all__ = [
     "UPDATE_BUCKETS",
     "AggregatorStatus",
     "CohortDigest",
+    "DecryptReply",
+    "DecryptRequest",
     "DeviceActivity",
     "DeviceStatus",
     "EncodedTensor",

@@ -404,3 +404,61 @@ class Receipt(Message):
 
     def __post_init__(self) -> None:
         _require(self.status in RECEIPT_STATUSES, f"unknown receipt status {self.status!r}")
+
+
+DECRYPT_STATUSES = ("ok", "refused")
+
+
+@dataclass(frozen=True, slots=True)
+class DecryptRequest(Message):
+    """QoS 1 on `he/decrypt` (aggregator -> key holder, in Parts when large): decrypt the
+    encrypted sum of round `round`'s `count` updates (`he = "ckks"`, docs/privacy.md)."""
+
+    KIND = "he.req"
+    lineage: str = wire("lin")  # the aggregator's line of models (ModelAnnouncement.lineage)
+    round: int = wire("r")
+    key: str = wire("fp")  # fingerprint of the HE key the sum is encrypted under
+    size: int = wire("n")  # parameters of the model (the packed sum holds n + 1 values)
+    count: int = wire("c")  # updates in the sum
+    devices: list[str] = wire("dev")  # who contributed (for the key holder's log)
+    ciphertexts: list[bytes] = wire("ct")  # the serialized CKKS ciphertexts of the sum
+
+    def __post_init__(self) -> None:
+        _require(self.round >= 1, f"round {self.round} must be >= 1")
+        _require(self.size >= 1, f"size {self.size} must be >= 1")
+        _require(self.count >= 1, f"count {self.count} must be >= 1")
+        _require(len(self.devices) <= self.count, f"{len(self.devices)} devices for a sum of "
+                 f"{self.count} updates")
+        _require(bool(self.ciphertexts), "a sum of no ciphertexts")
+
+    def digest(self) -> bytes:
+        """SHA-256 over the ciphertexts: what the key holder decrypted, and what its
+        reply names (so a reply never answers another sum)."""
+        h = hashlib.sha256()
+        for blob in self.ciphertexts:
+            h.update(len(blob).to_bytes(8, "big"))
+            h.update(blob)
+        return h.digest()
+
+
+@dataclass(frozen=True, slots=True)
+class DecryptReply(Message):
+    """QoS 1 on `he/sum` (key holder -> aggregator, in Parts when large): a round's
+    decrypted sum, or why the key holder refused to decrypt it."""
+
+    KIND = "he.sum"
+    lineage: str = wire("lin")
+    round: int = wire("r")
+    digest: bytes = wire("h")  # DecryptRequest.digest() of the sum answered
+    status: str = wire("st")  # ok or refused
+    reason: str = wire("why", "")  # refused: a short code (too_few, replayed, ...)
+    message: str = wire("msg", "")  # refused: what to do, for the aggregator's log
+    weighted: bytes = wire("s", b"")  # ok: the weighted sum of the deltas, float64 LE
+    weight: float = wire("w", 0.0)  # ok: the decrypted total weight
+
+    def __post_init__(self) -> None:
+        _require(self.status in DECRYPT_STATUSES, f"unknown decrypt status {self.status!r}")
+        _require(len(self.digest) == 32, "digest must be the 32-byte SHA-256")
+        _require(len(self.weighted) % 8 == 0, "the weighted sum is float64: 8 bytes a value")
+        _require(self.status == "ok" or (self.reason and not self.weighted),
+                 "a refusal carries a reason and no sum")

@@ -142,6 +142,18 @@ class FleetTopics:
         device birth its subscription brought (the broker keeps one client's order)."""
         return f"{self.prefix}/aggregator/sync"
 
+    @property
+    def he_decrypt(self) -> str:
+        """Aggregator -> key holder: each round's encrypted sum (DecryptRequest); with
+        `he = "ckks"` only the key holder may read it."""
+        return f"{self.prefix}/he/decrypt"
+
+    @property
+    def he_sum(self) -> str:
+        """Key holder -> aggregator: the decrypted sum (DecryptReply); only the key holder
+        may write it, only the aggregator read it."""
+        return f"{self.prefix}/he/sum"
+
     def device_from_update_topic(self, topic: str) -> str:
         """The device id a message on `update/{bucket}/{device_id}` claims to come from;
         the bucket must be that device's (written as a plain decimal), so each device has

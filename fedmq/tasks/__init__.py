@@ -26,7 +26,7 @@ import numpy as np
 
 from fedmq.errors import ConfigError, DataError, MissingExtraError
 from fedmq.tasks import keyboard, sensor, synthetic, wearable
-from fedmq.tasks.partition import check_partitioner, split_by, train_test_split
+from fedmq.tasks.partition import check_partitioner, partition, split_by, train_test_split
 
 
 @dataclass(frozen=True)
@@ -464,5 +464,5 @@ def device_shard(
 
 
 __all__ = ["FEATURE_MODELS", "TASKS", "Dataset", "TaskSpec", "device_shard", "device_shards",
-           "fleet_test_set", "held_out_set", "load_task", "split_task", "task_partition",
-           "task_spec"]
+           "fleet_test_set", "held_out_set", "load_task", "partition", "split_task",
+           "task_partition", "task_spec"]

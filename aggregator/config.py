@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,6 +101,19 @@ class RoundOptions:
     finetune_steps: int = option(0, "devices fine-tune each model this many steps on their "
                                  "own data before using it, and report its personalized "
                                  "accuracy beside the global one (0: off)")
+    finetune_lr: float = option(0.0, "learning rate of that fine-tuning (0: the task's lr, "
+                                "which overwrites what the fleet learnt; a tenth of it "
+                                "suits keyboard)")
+    finetune_check: int = option(0, "early stopping of that fine-tuning: every this many "
+                                 "steps a device scores it on the last fifth of its training "
+                                 "data (kept out of fine-tuning) and keeps the best, the "
+                                 "model as announced included (0: off, keep the last)")
+    personal_steps: int = option(0, "FedRep, with personal_layers: each round a device "
+                                 "first trains its personal layers alone this many steps "
+                                 "(shared ones frozen), then the shared ones with its "
+                                 "personal ones frozen; it also refits them this way to a "
+                                 "new model before using or scoring it (0: FedPer, both "
+                                 "train together)")
     trim_fraction: float = option(0.1, "trimmed_mean: fraction cut from each end, per "
                                   "coordinate (tolerates floor(fraction x updates) bad ones)")
     byzantine_f: int = option(1, "krum, multi_krum (n >= 2f+3 updates a round), bulyan "
@@ -335,6 +349,18 @@ class AggregatorConfig(BrokerConfig, RoundOptions):
             raise ConfigError(f"evaluate_fraction {self.evaluate_fraction} must be in [0, 1]")
         if not 0 <= self.finetune_steps <= 100_000:
             raise ConfigError(f"finetune_steps {self.finetune_steps} must be 0 to 100000")
+        if not (math.isfinite(self.finetune_lr) and self.finetune_lr >= 0):
+            raise ConfigError(f"finetune_lr {self.finetune_lr} must be >= 0 (0: the task's lr)")
+        if not 0 <= self.finetune_check <= 100_000:
+            raise ConfigError(f"finetune_check {self.finetune_check} must be 0 to 100000")
+        for name in ("finetune_lr", "finetune_check"):
+            if getattr(self, name) and not self.finetune_steps:
+                raise ConfigError(f"{name} shapes fine-tuning: set finetune_steps too")
+        if not 0 <= self.personal_steps <= 100_000:
+            raise ConfigError(f"personal_steps {self.personal_steps} must be 0 to 100000")
+        if self.personal_steps and not self.personal_patterns():
+            raise ConfigError("personal_steps trains the personal layers alone: set "
+                              "personal_layers too (e.g. out.*)")
         partial = self.role != "central" or self.sources()
         if partial and self.personal_patterns():
             raise ConfigError("personal_layers works with one central aggregator: workers, "

@@ -4,7 +4,9 @@ Devices that an announcement's `evaluate` share picks (protocol.evaluates) score
 announced model on their own held-out data and send an EvalReport. Ingest checks each
 (aggregator/ingest.py); this pool keeps the reports of the model being trained from,
 one per device, and sums them, weighted by held-out examples, when its round closes.
-Pure: no I/O, no clock.
+Pure: no I/O, no clock. The pool is checkpointed with the aggregator (state_dict): a
+report is acked to the broker only after the write that holds it, so a restart between a
+report and its round's close neither loses it nor counts it twice.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 
 from fedmq.core.protocol import EvalMetrics, EvalReport
 from fedmq.errors import ProtocolError
+from fedmq.storage import StateError
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +105,25 @@ class EvalPool:
         score = fleet_score(version, reports)
         self.version, self.reports = version + 1, {}
         return score
+
+    def state_dict(self) -> dict[str, Any]:
+        """The pending reports as their wire payloads (checked again on restore)."""
+        return {"version": self.version, "accepted": self.accepted,
+                "reports": [r.to_payload() for r in self.reports.values()]}
+
+    def load_state_dict(self, state: Any) -> None:
+        """Restore what state_dict saved; raise StateError for anything else."""
+        try:
+            version, accepted, payloads = state["version"], state["accepted"], state["reports"]
+            reports = [EvalReport.from_payload(bytes(p)) for p in payloads]
+        except (KeyError, TypeError, ValueError, ProtocolError) as exc:
+            raise StateError(f"evaluation pool state is malformed ({exc})") from None
+        if not (isinstance(version, int) and isinstance(accepted, int)
+                and all(r.version == version for r in reports)):
+            raise StateError("evaluation pool state is malformed (version, accepted, reports "
+                             "of that version)")
+        self.version, self.accepted = version, accepted
+        self.reports = {r.device_id: r for r in reports}
 
 
 def fleet_fields(score: FleetScore | None) -> dict[str, Any]:

@@ -252,6 +252,8 @@ class AggregatorService(SecureAggregationDriver, KeyHolderDriver, ServiceLoop):
             self.bounds.load_state_dict(state["bounds"])
         self.history = [RoundRecord.from_dict(r) for r in state.get("history", [])]
         self._history_state = [r.to_dict() for r in self.history]
+        if state.get("evaluations") is not None:  # older checkpoints: reports lost
+            self.evaluations.load_state_dict(state["evaluations"])
         self._saved_secagg = state.get("secagg")
         log.info("resumed from %s at round %d (model v%d)", self.config.checkpoint,
                  self.machine.round, self.machine.version)
@@ -269,7 +271,8 @@ class AggregatorService(SecureAggregationDriver, KeyHolderDriver, ServiceLoop):
         """The state to checkpoint; state_dict copies the arrays, so the loop may go on."""
         state = {"machine": self.machine.state_dict(), "lineage": self.lineage,
                  "history": list(self._history_state),
-                 "bounds": self.bounds.state_dict()}
+                 "bounds": self.bounds.state_dict(),
+                 "evaluations": self.evaluations.state_dict()}
         if self.secure is not None:
             state["secagg"] = self.secure.state_dict()
         return state
@@ -326,7 +329,9 @@ class AggregatorService(SecureAggregationDriver, KeyHolderDriver, ServiceLoop):
                     layout=self.model.layout.to_wire(), layout_hash=self.model.layout.hash,
                     task=c.task_config(), cohort=cohort, tiers=tiers, assign=assign,
                     lineage=self.lineage, evaluate=c.evaluate_fraction,
-                    personal=self.mask.patterns, finetune_steps=c.finetune_steps)
+                    personal=self.mask.patterns, finetune_steps=c.finetune_steps,
+                    finetune_lr=c.finetune_lr, finetune_check=c.finetune_check,
+                    personal_steps=c.personal_steps)
 
     def _plan_round(self) -> tuple[list[str] | None, list, dict[str, int]]:
         """The cohort the machine asks in this announcement (from the devices online) and
@@ -361,6 +366,7 @@ class AggregatorService(SecureAggregationDriver, KeyHolderDriver, ServiceLoop):
             return None
         if isinstance(result, Evaluated):  # no receipt: fire and forget
             self.evaluated += 1
+            self._dirty = True  # acked once the pool holding it is on disk
             self.observers.evaluation_accepted(result.report)
             return None
         update = result.update

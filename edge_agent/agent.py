@@ -25,7 +25,7 @@ import numpy as np
 
 from edge_agent.config import AgentConfig
 from edge_agent.outbox import Outbox
-from edge_agent.personal import PersonalLayers
+from edge_agent.personal import PersonalLayers, train_part
 from edge_agent.privacy import LocalDP
 from edge_agent.statedir import StateDirLock
 from fedmq import __version__, storage
@@ -86,6 +86,8 @@ RELOAD_WAIT_S = 10.0
 # so federated evaluation costs a bounded time whatever the device holds: about a second
 # of one core for the keyboard's GRU.
 EVAL_MAX_EXAMPLES = 500
+# finetune_check: the share of a device's training data it validates fine-tuning on
+FINETUNE_VALIDATION = 0.2
 
 
 def device_capabilities(config: AgentConfig | None = None) -> dict[str, object]:
@@ -330,10 +332,15 @@ class LocalTrainer:
         rng = np.random.default_rng([self.seed, a.round])
         # A device `slowdown` times slower does 1/slowdown of the work in its budget and
         # takes `slowdown` times as long for what it does.
-        result = model.train(self.data.x, self.data.y, epochs=task.epochs,
-                             batch_size=task.batch_size, lr=task.lr, rng=rng,
-                             prox_mu=task.prox_mu, time_budget_s=task.time_budget_s / self.slowdown,
-                             max_steps=task.max_steps)
+        settings = dict(epochs=task.epochs, batch_size=task.batch_size, lr=task.lr, rng=rng,
+                        prox_mu=task.prox_mu, time_budget_s=task.time_budget_s / self.slowdown,
+                        max_steps=task.max_steps)
+        if a.personal_steps:  # FedRep: the head alone, then the body
+            self._fit_personal(model, mask, a, task, rng)
+            result = train_part(model, self.data.x, self.data.y, frozen=~mask.index,
+                                **settings)
+        else:
+            result = model.train(self.data.x, self.data.y, **settings)
         if self.slowdown > 1.0:
             self.halt.wait(result.seconds * (self.slowdown - 1.0))
         trained = model.get_flat()
@@ -365,7 +372,8 @@ class LocalTrainer:
     def personalize(self, received: ReceivedModel, task: TaskConfig | None = None
                     ) -> np.ndarray | None:
         """The parameters this device uses of the announced model: its personal layers in
-        (announcement `personal`), then `finetune_steps` steps on its training data; kept
+        (announcement `personal`), refit to it for `personal_steps` (FedRep), then
+        `finetune_steps` steps at `finetune_lr` on its training data; kept
         as `personalized` (None when the announcement asks for neither: the device uses
         the model as announced)."""
         a = received.announcement
@@ -375,12 +383,43 @@ class LocalTrainer:
         if not (mask.patterns or a.finetune_steps):
             return None
         model.set_flat(self.personal.start(mask, received.params))
+        if a.personal_steps:
+            self._fit_personal(model, mask, a, task, np.random.default_rng([self.seed, a.round, 2]))
         if a.finetune_steps:
-            model.train(self.data.x, self.data.y, epochs=1000, batch_size=task.batch_size,
-                        lr=task.lr, rng=np.random.default_rng([self.seed, a.round, 1]),
-                        max_steps=a.finetune_steps)
+            self._finetune(model, a, task)
         self.personalized = model.get_flat()
         return self.personalized
+
+    def _finetune(self, model: Model, a: ModelAnnouncement, task: TaskConfig) -> None:
+        """`finetune_steps` steps at `finetune_lr` on the device's training data; with
+        `finetune_check`, on all but its last FINETUNE_VALIDATION share, keeping the
+        parameters (the ones it started from included) that score the lowest loss there."""
+        settings = dict(epochs=1000, batch_size=task.batch_size, lr=a.finetune_lr or task.lr,
+                        rng=np.random.default_rng([self.seed, a.round, 1]))
+        data, check = self.data, None
+        if a.finetune_check:
+            data, check = local_holdout(self.data, FINETUNE_VALIDATION, seed=self.seed)
+        if check is None:  # no early stopping, or too few examples to spare
+            model.train(data.x, data.y, max_steps=a.finetune_steps, **settings)
+            return
+        check = _at_most(check, EVAL_MAX_EXAMPLES)
+        best, best_loss = model.get_flat(), model.evaluate(check.x, check.y).loss
+        done = 0
+        while done < a.finetune_steps:
+            steps = min(a.finetune_check, a.finetune_steps - done)
+            model.train(data.x, data.y, max_steps=steps, **settings)
+            done += steps
+            loss = model.evaluate(check.x, check.y).loss
+            if loss < best_loss:
+                best, best_loss = model.get_flat(), loss
+        model.set_flat(best)
+
+    def _fit_personal(self, model: Model, mask: LayoutMask, a: ModelAnnouncement,
+                      task: TaskConfig, rng: np.random.Generator) -> None:
+        """FedRep's first phase: `personal_steps` steps on the personal layers alone, so
+        they fit the announced shared ones before anything uses them."""
+        train_part(model, self.data.x, self.data.y, frozen=mask.index, epochs=1000,
+                   batch_size=task.batch_size, lr=task.lr, rng=rng, max_steps=a.personal_steps)
 
     def evaluate(self, received: ReceivedModel, task: TaskConfig | None = None
                  ) -> EvalReport | None:
@@ -391,8 +430,7 @@ class LocalTrainer:
         held = self.eval_data
         if held is None:
             return None
-        if len(held) > EVAL_MAX_EXAMPLES:  # evenly spaced: the whole held-out span
-            held = held.subset(np.linspace(0, len(held) - 1, EVAL_MAX_EXAMPLES).astype(int))
+        held = _at_most(held, EVAL_MAX_EXAMPLES)
         a = received.announcement
         task = task or a.task
         began = time.perf_counter()
@@ -405,6 +443,13 @@ class LocalTrainer:
         return EvalReport(device_id=self.device_id, round=a.round, version=a.version,
                           num_samples=len(held), metrics=announced, personal=personal,
                           eval_s=time.perf_counter() - began)
+
+
+def _at_most(data: Dataset, n: int) -> Dataset:
+    """`data`, or n of its examples evenly spaced over it (the whole span) when larger."""
+    if len(data) <= n:
+        return data
+    return data.subset(np.linspace(0, len(data) - 1, n).astype(int))
 
 
 def _metrics(ev) -> EvalMetrics:

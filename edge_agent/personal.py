@@ -7,11 +7,13 @@ layout, or other patterns, starts the personal layers again from the announced m
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import numpy as np
 
 from fedmq.core.layout import LayoutMask
+from fedmq.models.base import Model, TrainResult, batches, budget_spent
 from fedmq.storage import StateError
 
 STATE_REVISION = 1
@@ -71,3 +73,39 @@ class PersonalLayers:
                              "finite float32 values)")
         self.layout_hash, self.patterns, self.rounds = layout, tuple(patterns), rounds
         self.values = values if values.size else None
+
+
+def train_part(model: Model, x: np.ndarray, y: np.ndarray, *, frozen: np.ndarray,
+               epochs: int, batch_size: int, lr: float, rng: np.random.Generator,
+               prox_mu: float = 0.0, time_budget_s: float = 0.0,
+               max_steps: int = 0) -> TrainResult:
+    """Model.train with the values where `frozen` (a bool per flat value) held still
+    (FedRep's two phases): one backend step per batch, the frozen values put back after
+    each, and FedProx's pull toward the start applied here. Exact for the plain SGD the
+    bundled backends run, whatever the backend; a user task's own optimizer state is
+    not frozen, only its values are."""
+    if frozen.shape != (model.layout.size,) or frozen.dtype != np.bool_:
+        raise ValueError(f"frozen must be {model.layout.size} bools, got {frozen.shape} "
+                         f"{frozen.dtype}")
+    start = time.perf_counter()
+    anchor = model.get_flat()
+    held = anchor[frozen]
+    before = anchor
+    total_loss, seen, steps, complete = 0.0, 0, 0, True
+    for idx in batches(len(x), epochs=epochs, batch_size=batch_size, rng=rng):
+        if steps and budget_spent(start, steps, time_budget_s, max_steps):
+            complete = False
+            break
+        step = model.train(x[idx], y[idx], epochs=1, batch_size=len(idx), lr=lr, rng=rng,
+                           max_steps=1)
+        after = model.get_flat()
+        if prox_mu > 0:  # FedProx: the gradient of mu/2 ||w - w_start||^2 at the step's w
+            after -= np.float32(lr * prox_mu) * (before - anchor)
+        after[frozen] = held
+        model.set_flat(after)
+        before = after
+        total_loss += step.loss * len(idx)
+        seen += len(idx)
+        steps += 1
+    return TrainResult(num_samples=seen, loss=total_loss / seen,
+                       seconds=time.perf_counter() - start, steps=steps, complete=complete)

@@ -17,6 +17,7 @@ from aggregator.evaluation import EvalPool, fleet_fields, fleet_score, weighted_
 from aggregator.ingest import Evaluated, Rejected, UpdateIngest, UpdateLimits
 from aggregator.records import RoundRecord
 from edge_agent.personal import PersonalLayers
+from fedmq import storage
 from fedmq.core import codecs
 from fedmq.core.chunking import Reassembler
 from fedmq.core.device import (
@@ -177,6 +178,25 @@ def test_pool_keeps_one_report_per_device_of_the_current_model():
                          **fleet_fields(score))
     assert RoundRecord.from_json(record.to_json()) == record
     assert pool.close(3) is None  # the next model: nothing reported yet
+
+
+def test_pool_state_round_trips_through_a_state_file_and_refuses_garbage(tmp_path):
+    pool = EvalPool()
+    pool.offer(report("a", accuracy=1.0, samples=30, version=2), version=2, open_round=3)
+    pool.offer(report("b", accuracy=0.0, samples=10, version=2,
+                      personal=EvalMetrics(loss=0.1, accuracy=1.0)), version=2, open_round=3)
+    storage.save_state(tmp_path / "s", {"evaluations": pool.state_dict()})
+    restored = EvalPool()
+    restored.load_state_dict(storage.load_state(tmp_path / "s")["evaluations"])
+    assert restored.reports == pool.reports and restored.accepted == 2
+    with pytest.raises(ProtocolError) as dup:  # still one report per device
+        restored.offer(report("a", version=2), version=2, open_round=3)
+    assert dup.value.reason == "duplicate"
+    assert restored.close(2) == pool.close(2)
+    for bad in ({}, {"version": 2, "accepted": 1, "reports": [b"junk"]},
+                {"version": 3, "accepted": 1, "reports": [report("a", version=2).to_payload()]}):
+        with pytest.raises(StateError):
+            EvalPool().load_state_dict(bad)
 
 
 @pytest.mark.parametrize(("version", "round", "reason"), [

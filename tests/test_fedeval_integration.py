@@ -90,3 +90,42 @@ def test_personal_layers_stay_on_the_device_and_survive_its_restart(broker, tmp_
     finally:
         again.stop()
     assert json.dumps(records[-1].to_dict())  # the record with personal_* writes as JSON
+
+
+def test_pending_evaluations_survive_an_aggregator_restart(broker, tmp_path, stoppers):
+    """Reports of the open round are checkpointed before they are acked: after a restart
+    the round closes with the scores of devices that have gone quiet since."""
+    service = make_aggregator(broker.url, tmp_path, stoppers, rounds=1, min_updates=3,
+                              evaluate_fraction=1.0)
+    first = make_agents(broker.url, stoppers, 2, total=3, eval_holdout=0.25)
+    wait_for(lambda: len(service.evaluations.reports) == 2 and service.accepted == 2
+             and service.writer.idle and not service._dirty, "two reports on disk")
+    for agent in first:
+        agent.stop()  # they do not score the model again after the restart
+    service.stop()
+    restarted = make_aggregator(broker.url, tmp_path, stoppers, rounds=1, min_updates=3,
+                                evaluate_fraction=1.0)
+    assert set(restarted.evaluations.reports) == {"dev0", "dev1"}
+    make_agents(broker.url, stoppers, 1, total=3, first=2, eval_holdout=0.25)
+    wait_for(restarted.finished.is_set, "the round", timeout=120)
+    record = restarted.history[-1]
+    assert record.fleet_devices == 3, record
+    assert restarted.rejected["eval_duplicate"] == 0
+
+
+def test_fedrep_with_checked_fine_tuning_over_the_broker(broker, tmp_path, stoppers):
+    """personal_steps, finetune_lr and finetune_check reach the devices in the
+    announcement: they train FedRep-style, and score a personalized model every round."""
+    service = make_aggregator(broker.url, tmp_path, stoppers, rounds=2, evaluate_fraction=1.0,
+                              personal_layers="w2, b2", personal_steps=5, finetune_steps=6,
+                              finetune_lr=0.05, finetune_check=3)
+    agents = make_agents(broker.url, stoppers, 3, eval_holdout=0.2)
+    wait_for(service.finished.is_set, "two rounds", timeout=120)
+    assert all(r.fleet_devices == 3 and r.personal_accuracy is not None
+               for r in service.history)
+    heard = agents[0].receiver.announcement
+    assert (heard.personal_steps, heard.finetune_lr, heard.finetune_check) == (5, 0.05, 3)
+    # the personal layers never went up: the global ones are still as initialised
+    np.testing.assert_array_equal(service.mask.take_personal(service.full_params()),
+                                  service.personal_init)
+    assert all(a.trainer.personal.rounds == 2 for a in agents)

@@ -335,6 +335,12 @@ def messages() -> dict[str, Any]:
         ).to_payload(), ModelAnnouncement, topic=topic("model/current"),
             note="`ev`, `pl` and `ft` are left out of every announcement that does not "
                  "set them"),
+        message_entry("model-personal-fedrep", dataclasses.replace(
+            _announcement(), evaluate=0.25, personal=("out.*",), finetune_steps=20,
+            finetune_lr=0.1, finetune_check=5, personal_steps=20
+        ).to_payload(), ModelAnnouncement, topic=topic("model/current"),
+            note="FedRep (`ps`) with checked fine-tuning at its own rate (`fl`, `fc`); "
+                 "all three are left out when 0"),
         message_entry("rcpt-accepted", Receipt(update_id="5eed0001", round=3,
                                                status="accepted").to_payload(),
                       Receipt, topic=topic(f"receipt/{DEVICE}")),

@@ -160,6 +160,17 @@ class ModelAnnouncement(Message):
     # Optimizer steps a device fine-tunes the model on its own data before using it (and
     # before scoring its personalized accuracy); 0: used as announced.
     finetune_steps: int = wire("ft", 0, omit_default=True)
+    # The learning rate of that fine-tuning; 0: the task's `lr`. Fine-tuning a model the
+    # whole fleet trained at the fleet's rate overwrites it with a few noisy local steps.
+    finetune_lr: float = wire("fl", 0.0, omit_default=True)
+    # Early stopping of that fine-tuning: every this many steps the device scores it on
+    # a validation part of its training data (the last share, kept out of fine-tuning)
+    # and keeps the best, the model as announced included. 0: keeps the last.
+    finetune_check: int = wire("fc", 0, omit_default=True)
+    # FedRep: steps a device trains its personal layers alone (the shared ones frozen) on
+    # each announced model, before using or scoring it and before the round's training,
+    # which then moves the shared layers only. 0: both train together (FedPer).
+    personal_steps: int = wire("ps", 0, omit_default=True)
 
     @property
     def key(self) -> tuple[int, int, str]:
@@ -177,6 +188,14 @@ class ModelAnnouncement(Message):
                  "strings of 1-128 characters")
         _require(0 <= self.finetune_steps <= 100_000,
                  f"finetune_steps {self.finetune_steps} out of range")
+        _require(math.isfinite(self.finetune_lr) and self.finetune_lr >= 0,
+                 f"finetune_lr {self.finetune_lr} must be >= 0")
+        _require(0 <= self.finetune_check <= 100_000,
+                 f"finetune_check {self.finetune_check} out of range")
+        _require(0 <= self.personal_steps <= 100_000,
+                 f"personal_steps {self.personal_steps} out of range")
+        _require(not self.personal_steps or bool(self.personal),
+                 "personal_steps needs personal layers (pl)")
         digest = self.cohort_digest
         if digest:
             _require(self.cohort is None, "an announcement names its cohort once: co or coh")

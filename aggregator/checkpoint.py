@@ -119,6 +119,9 @@ class CheckpointStore:
                 self.file_writes += 1
             self._model_version = version
             self.full_writes += 1
+            # it holds its AppendOnly lists itself: the next journal starts them over (in
+            # either file) and the list of a closed round is not kept alive here
+            self._sides.clear()
             return
         machine = {k: v for k, v in state["machine"].items() if k not in MODEL_KEYS}
         journal = {k: v for k, v in state.items() if k not in VERSION_KEYS}

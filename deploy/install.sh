@@ -413,6 +413,7 @@ service_uninstall() {
             remove "$STATE_DIR/aggregator.ckpt" "$STATE_DIR/aggregator.ckpt.round-0" \
                 "$STATE_DIR/aggregator.ckpt.round-1" "$STATE_DIR/aggregator.ckpt.model-0" \
                 "$STATE_DIR/aggregator.ckpt.model-1" "$STATE_DIR/aggregator.ckpt.history" \
+                "$STATE_DIR/aggregator.ckpt.updates-0" "$STATE_DIR/aggregator.ckpt.updates-1" \
                 "$STATE_DIR/metrics.jsonl"
         fi
     else

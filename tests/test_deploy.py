@@ -167,9 +167,10 @@ def test_install_twice_changes_nothing_and_uninstall_keeps_only_data(staged):
     assert (etc / "mosquitto/mosquitto.conf").read_text() == "# the Debian package's\n"
     assert not (root / "opt/fedmq").exists()
 
-    state = root / "var/lib/fedmq"  # what a running aggregator leaves: the six files
+    state = root / "var/lib/fedmq"  # what a running aggregator leaves: up to eight files
     state.mkdir(parents=True, exist_ok=True)
-    for suffix in ("", ".model-0", ".model-1", ".round-0", ".round-1", ".history"):
+    for suffix in ("", ".model-0", ".model-1", ".round-0", ".round-1", ".history",
+                   ".updates-0", ".updates-1"):
         (state / f"aggregator.ckpt{suffix}").write_bytes(b"state")
     for role in ROLES:
         install(root, *role, "--purge")

@@ -214,3 +214,19 @@ def test_a_median_round_keeps_counting_across_restarts_and_closes_the_same(tmp_p
     assert again.acc.count == 5
     again.close(now=3.0)
     assert np.allclose(again.params, 3.0)
+
+
+def test_entries_of_an_earlier_list_in_the_same_file_never_count_for_a_later_one(
+        tmp_path):
+    """Each entry carries its list's tag: if the later list's writes were lost (a disk
+    that lied about a sync), the earlier list's entries under them are not taken for
+    its own; the commit before is used."""
+    store = CheckpointStore(tmp_path / "agg.ckpt")
+    store.save(state(0, []))
+    store.save(state(0, [entry(1), entry(2), entry(3)]))  # file 0
+    earlier = (tmp_path / "agg.ckpt.updates-0").read_bytes()
+    store.save(state(0, [entry(4)]))  # file 1
+    store.save(state(0, [entry(5), entry(6)]))  # file 0 again
+    store.close()
+    (tmp_path / "agg.ckpt.updates-0").write_bytes(earlier)  # its entries lost
+    assert kept(CheckpointStore(tmp_path / "agg.ckpt").load()) == [entry(4)]

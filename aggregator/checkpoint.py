@@ -16,7 +16,7 @@ short a round can be. So:
   first save;
 - an append-only list in the state (storage.AppendOnly: a robust rule's kept updates)
   goes, in journal slots, to a side file (`path.NAME-0`/`-1`, framed the same way, each
-  entry tagged with the list's run): a commit appends only the entries new since the
+  entry tagged with the list it belongs to): a commit appends only the entries new since the
   last and fdatasyncs them before the slot that counts them, so its cost does not grow
   with the round's updates (a slot holds the count, not the updates). A new list (a new
   round) starts over in the other file: the newest durable state may still count
@@ -191,9 +191,11 @@ class CheckpointStore:
 
     def _append(self, marker: storage.AppendOnly, unsynced: dict[int, int]) -> dict[str, Any]:
         """Write the entries `marker` gained since the last save to its side file (not
-        yet synced: `unsynced` gets its fd and the bytes); the reference a journal holds instead of
-        the list. A new list starts over in the list's other file, whose entries the
-        newest durable state no longer counts (it counts the file in use, or none)."""
+        yet synced: `unsynced` gets its fd and the bytes); the reference a journal holds
+        instead of the list. A new list starts over in the list's other file, whose
+        entries the newest durable state no longer counts (it counts the file in use, or
+        none). Each entry carries the list's tag: entries of an earlier list left in the
+        file never pass for its own."""
         side = self._sides.get(marker.name)
         if side is None or side.items is not marker.items or marker.count < side.count:
             if not marker.name.isidentifier():

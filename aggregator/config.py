@@ -244,7 +244,8 @@ class AggregatorConfig(BrokerConfig, RoundOptions):
                                            "again (with a WARNING) when it has not answered "
                                            "a round's sum within this many seconds")
     checkpoint: str = option("fedmq-aggregator.ckpt", "state file (FILE.model-0/-1 beside it "
-                             "take new models, FILE.round-0/-1 journal the open round)")
+                             "take new models, FILE.round-0/-1 journal the open round, "
+                             "FILE.updates-0/-1 a robust rule's kept updates)")
     metrics: str = option("", "append one JSON line per round to this file")
     metrics_port: int = option(0, "serve Prometheus metrics at http://METRICS_BIND:PORT/metrics "
                                "(0: off; needs fedmq[metrics]; deploy/prometheus.yml scrapes it)")

@@ -7,6 +7,8 @@ and answers on `he/sum`. It is a thin adapter: the decisions are the pure KeyHol
 this reassembles Parts, saves the KeyHolder's state (one decrypted round per lineage)
 before a reply leaves, publishes the reply, and only then acknowledges the request, so a
 restart loses nothing (a persistent session keeps requests that came while it was away).
+With `metrics_port` its counters (decryptions, refusals by reason, malformed requests)
+are served to Prometheus, read from the KeyHolder at each scrape.
 """
 
 from __future__ import annotations
@@ -19,14 +21,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedmq import storage
+from fedmq import __version__, storage
 from fedmq.config import BrokerConfig, option
 from fedmq.core import he
 from fedmq.core.chunking import DEFAULT_MAX_PAYLOAD, Reassembler, split_payload
-from fedmq.core.keyholder import KeyHolder, KeyHolderPolicy
+from fedmq.core.keyholder import REFUSALS, KeyHolder, KeyHolderPolicy
 from fedmq.core.protocol import DecryptRequest, FleetTopics, Part
 from fedmq.core.protocol.wire import decode_any
 from fedmq.errors import ConfigError, ProtocolError
+from fedmq.keyfiles import warn_if_shared
 from fedmq.runtime import (
     add_config_flags,
     config_from_args,
@@ -57,6 +60,11 @@ class KeyHolderConfig(BrokerConfig):
                               "replies are chunked")
     chunk_timeout_s: float = option(60.0, "drop a chunked request when no new part of it "
                                     "arrived for this many seconds")
+    metrics_port: int = option(0, "serve Prometheus metrics (decryptions, refusals by "
+                               "reason) at http://METRICS_BIND:PORT/metrics (0: off; needs "
+                               "fedmq[metrics])")
+    metrics_bind: str = option("127.0.0.1", "address the metrics port listens on (0.0.0.0: "
+                               "every interface; the page is unauthenticated)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -66,6 +74,8 @@ class KeyHolderConfig(BrokerConfig):
         self.policy()
         if self.max_payload < 4096:
             raise ConfigError("max_payload must be at least 4096 bytes")
+        if not 0 <= self.metrics_port <= 65535:
+            raise ConfigError(f"metrics_port {self.metrics_port} must be 0 (off) to 65535")
 
     def policy(self) -> KeyHolderPolicy:
         return KeyHolderPolicy(min_count=self.min_updates)
@@ -76,8 +86,31 @@ class KeyHolderConfig(BrokerConfig):
         except OSError as exc:
             raise ConfigError(f"he_secret_context {self.he_secret_context}: {exc.strerror}; "
                               "write the key files with `fedmq keys he-init`") from None
+        warn_if_shared(self.he_secret_context, "he_secret_context")
         return he.Decryptor(he.KeyBundle.from_bytes(
             data, what=f"he_secret_context {self.he_secret_context}"))
+
+
+class KeyHolderCounters:
+    """A prometheus_client collector reading a KeyHolderService's counters at each scrape,
+    so the pure KeyHolder needs no hooks. Reads of ints and Counter items need no lock."""
+
+    def __init__(self, service: KeyHolderService) -> None:
+        self.service = service
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily
+
+        holder = self.service.holder
+        yield CounterMetricFamily("fedmq_keyholder_decryptions", "Round sums decrypted (a "
+                                  "repeat of the same sum included)", value=holder.decrypted)
+        refused = CounterMetricFamily("fedmq_keyholder_refusals", "Round sums refused, by "
+                                      "reason (fedmq/core/keyholder.py)", labels=["reason"])
+        for reason in REFUSALS:  # every reason, 0 included: alerts need no absent()
+            refused.add_metric([reason], holder.refused[reason])
+        yield refused
+        yield CounterMetricFamily("fedmq_keyholder_malformed", "Messages on he/decrypt that "
+                                  "did not decode", value=self.service.malformed)
 
 
 class KeyHolderService:
@@ -104,8 +137,20 @@ class KeyHolderService:
             session_expiry_s=config.session_expiry_s, mqtt_version=config.mqtt_version,
             manual_ack=True)
         self.link.route(self.topics.he_decrypt, self._inbox.put, qos=1)
+        self.metrics = None
+        if config.metrics_port:
+            from aggregator.metrics_export import MetricsServer
+
+            self.metrics = MetricsServer(port=config.metrics_port, bind=config.metrics_bind)
+            self.metrics.registry.register(KeyHolderCounters(self))
+            self.metrics.prom.Info("fedmq_keyholder", "What this key holder runs",
+                                    registry=self.metrics.registry).info(
+                {"fedmq_version": __version__, "fleet": config.fleet,
+                 "key": self.holder.decryptor.fingerprint})
 
     def start(self) -> None:
+        if self.metrics is not None:
+            self.metrics.start()  # a taken port fails the start, before any request
         log.info("key holder for fleet %s: key %s, decrypting sums of >= %d updates "
                  "(state %s)", self.config.fleet, self.holder.decryptor.fingerprint,
                  self.config.min_updates, self.config.state)
@@ -119,6 +164,8 @@ class KeyHolderService:
         if self._thread is not None:
             self._thread.join(timeout=30)
         self.link.stop()
+        if self.metrics is not None:
+            self.metrics.close()
 
     def _run(self) -> None:
         try:

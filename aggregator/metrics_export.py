@@ -3,7 +3,9 @@
 An observer (aggregator/observers.py) writing into prometheus_client's metric types, in
 a registry of its own: the process-wide default registry would carry a second
 aggregator's metrics (tests, a simulation run twice) into this one's page and refuse the
-second's registration. Needs the `metrics` extra (`pip install 'fedmq[metrics]'`).
+second's registration. `MetricsServer` (the registry and its HTTP server) also serves the
+key holder's counters (aggregator/keyholder.py). Needs the `metrics` extra
+(`pip install 'fedmq[metrics]'`).
 """
 
 from __future__ import annotations
@@ -25,16 +27,48 @@ ROUND_BUCKETS = (0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 CHECKPOINT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
-class PrometheusExporter(AggregatorObserver):
-    """The aggregator's counters, gauges and histograms, and the HTTP server that serves
-    them on `bind`:`port` (`start`; port 0 picks a free one, see `port`)."""
+class MetricsServer:
+    """A registry of its own and the HTTP server that serves it on `bind`:`port`
+    (`start`; port 0 picks a free one, see `port`)."""
+
+    def __init__(self, *, port: int, bind: str = "127.0.0.1") -> None:
+        self.prom = require("prometheus_client", "metrics")  # the module, for metric types
+        self.bind, self._port = bind, port
+        self.registry = self.prom.CollectorRegistry()
+        self._server = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        """The port serving /metrics (the one picked, when started on port 0)."""
+        return self._server.server_port if self._server is not None else self._port
+
+    def start(self) -> None:
+        try:
+            self._server, self._thread = self.prom.start_http_server(
+                self._port, addr=self.bind, registry=self.registry)
+        except OSError as exc:
+            raise ConfigError(f"cannot serve metrics on {self.bind}:{self._port} ({exc}); "
+                              "choose another metrics_port or metrics_bind, or stop what "
+                              "listens there") from None
+        log.info("Prometheus metrics on http://%s:%d/metrics", self.bind, self.port)
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            if self._thread is not None:
+                self._thread.join(5)
+            self._server = self._thread = None
+
+
+class PrometheusExporter(MetricsServer, AggregatorObserver):
+    """The aggregator's counters, gauges and histograms, served by a MetricsServer."""
 
     def __init__(self, *, port: int, bind: str = "127.0.0.1",
                  info: dict[str, str] | None = None) -> None:
-        prom = require("prometheus_client", "metrics")
-        self._prom = prom
-        self.bind, self._port = bind, port
-        self.registry = prom.CollectorRegistry()
+        super().__init__(port=port, bind=bind)
+        prom = self.prom
         r = self.registry
         self.rounds = prom.Counter("fedmq_rounds", "Rounds closed (new model versions)",
                                    registry=r)
@@ -89,31 +123,6 @@ class PrometheusExporter(AggregatorObserver):
             buckets=CHECKPOINT_BUCKETS, registry=r)
         prom.Info("fedmq_aggregator", "What this aggregator runs", registry=r).info(
             {"fedmq_version": __version__, **(info or {})})
-        self._server = None
-        self._thread: threading.Thread | None = None
-
-    @property
-    def port(self) -> int:
-        """The port serving /metrics (the one picked, when started on port 0)."""
-        return self._server.server_port if self._server is not None else self._port
-
-    def start(self) -> None:
-        try:
-            self._server, self._thread = self._prom.start_http_server(
-                self._port, addr=self.bind, registry=self.registry)
-        except OSError as exc:
-            raise ConfigError(f"cannot serve metrics on {self.bind}:{self._port} ({exc}); "
-                              "choose another metrics_port or metrics_bind, or stop what "
-                              "listens there") from None
-        log.info("Prometheus metrics on http://%s:%d/metrics", self.bind, self.port)
-
-    def close(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            if self._thread is not None:
-                self._thread.join(5)
-            self._server = self._thread = None
 
     # -- events ----------------------------------------------------------------------------
     def announced(self, *, round: int, version: int, model_bytes: int) -> None:
@@ -134,7 +143,7 @@ class PrometheusExporter(AggregatorObserver):
         gauge = self._gauges.get(field)
         if gauge is None:  # one thread closes rounds: no race on first creation
             name, help_text = self._optional[field]
-            gauge = self._gauges[field] = self._prom.Gauge(name, help_text,
+            gauge = self._gauges[field] = self.prom.Gauge(name, help_text,
                                                            registry=self.registry)
         return gauge
 

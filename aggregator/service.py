@@ -239,9 +239,8 @@ class AggregatorService(SecureAggregationDriver, KeyHolderDriver, ServiceLoop):
         try:
             state = self.store.load()
         except storage.StateError as exc:
-            raise ConfigError(f"checkpoint {self.config.checkpoint}: {exc}; move it (and its "
-                              "FILE.model-0/-1 and FILE.round-0/-1 slots) away to start "
-                              "fresh") from None
+            raise ConfigError(f"checkpoint {self.config.checkpoint}: {exc}; move it (and the "
+                              "FILE.* files beside it) away to start fresh") from None
         if state is None:
             self.lineage = secrets.token_hex(6)  # a new line of models (see ModelAnnouncement)
             return
@@ -268,7 +267,9 @@ class AggregatorService(SecureAggregationDriver, KeyHolderDriver, ServiceLoop):
             self.finished.set()
 
     def _snapshot(self) -> dict:
-        """The state to checkpoint; state_dict copies the arrays, so the loop may go on."""
+        """The state to checkpoint; state_dict copies what the loop changes in place (a
+        robust rule's kept updates are shared: they are only ever appended to), so the
+        loop may go on."""
         state = {"machine": self.machine.state_dict(), "lineage": self.lineage,
                  "history": list(self._history_state),
                  "bounds": self.bounds.state_dict(),

@@ -45,6 +45,7 @@ import ctypes
 import json
 import os
 import re
+import resource
 import socket
 import statistics
 import struct
@@ -250,6 +251,7 @@ class Side:
     trace: dict[str, list[tuple[float, str]]] = field(default_factory=dict)  # proc -> events
     final: np.ndarray | None = None
     accuracy: float = float("nan")
+    cpu_s: float = 0.0  # user + system CPU of every process the side ran, start-up included
 
     def round_seconds(self) -> list[float]:
         rounds = sorted(self.closes)
@@ -507,6 +509,18 @@ def _ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}" if b else "-"
 
 
+def _cpu_counted(run, *args) -> Side:
+    """`run(*args)`, its Side carrying the CPU time of the processes it started and
+    reaped (the broker, the server, the devices): on a shared machine the time a round
+    takes moves with the load, the CPU it needs far less. Runs of --rounds 20 and 200
+    give the CPU per round without the start-up."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    side = run(*args)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    side.cpu_s = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return side
+
+
 def report(fedmq: Side, flower: Side, args: argparse.Namespace) -> None:
     rows: list[tuple[str, str, str, str]] = []
     fs, ws = fedmq.round_seconds(), flower.round_seconds()
@@ -514,6 +528,8 @@ def report(fedmq: Side, flower: Side, args: argparse.Namespace) -> None:
                  _ratio(statistics.median(fs), statistics.median(ws))))
     rows.append((f"wall time of {args.rounds} rounds, s", f"{fedmq.wall():.3f}",
                  f"{flower.wall():.3f}", _ratio(fedmq.wall(), flower.wall())))
+    rows.append(("CPU s, all processes, start-up included", f"{fedmq.cpu_s:.2f}",
+                 f"{flower.cpu_s:.2f}", _ratio(fedmq.cpu_s, flower.cpu_s)))
     fp, wp = fedmq.phases(), flower.phases()
     for phase in fp:
         rows.append((f"  {phase}, ms (slower device)", _fmt_range(fp[phase], 1e3, 1),
@@ -592,9 +608,9 @@ def main(argv: list[str] | None = None) -> int:
                                                 seed=0)):
             np.savez(work / f"shard-{i}.npz", x=np.ascontiguousarray(shard.x), y=shard.y)
         print(f"run {run + 1}/{args.repeat}: fedmq ...", file=sys.stderr, flush=True)
-        fedmq = run_fedmq(args, work)
+        fedmq = _cpu_counted(run_fedmq, args, work)
         print(f"run {run + 1}/{args.repeat}: Flower ...", file=sys.stderr, flush=True)
-        flower = run_flower(args, work, python)
+        flower = _cpu_counted(run_flower, args, work, python)
         for side in (fedmq, flower):
             model.set_flat(side.final)
             side.accuracy = model.evaluate(test.x, test.y).accuracy

@@ -4,6 +4,7 @@
 #   sudo deploy/install.sh broker --pki DIR [--listen ADDRESS] [--cert-port]
 #   sudo deploy/install.sh aggregator [--config FILE] [--extras EXTRAS]
 #   sudo deploy/install.sh agent --instance NAME [--config FILE] [--extras EXTRAS]
+#   sudo deploy/install.sh keyholder [--config FILE] [--extras EXTRAS]
 #   sudo deploy/install.sh ROLE [--instance NAME] --uninstall [--purge]
 #
 # broker      mosquitto with broker_config/production.conf as /etc/mosquitto/mosquitto.conf
@@ -15,20 +16,28 @@
 #             /var/lib/fedmq.
 # agent       one edge agent, `fedmq-agent@NAME` (NAME is its device id, several may run on
 #             one host): /etc/fedmq/agent-NAME.toml, state in /var/lib/fedmq/agent-NAME.
+# keyholder   the HE key holder `fedmq-keyholder` (he = "ckks"; docs/privacy.md), best on
+#             another host than the aggregator: /etc/fedmq-keyholder/keyholder.toml, state
+#             in /var/lib/fedmq-keyholder, run as its own system user `fedmq-keyholder`, the
+#             only one that may read its secret key (/etc/fedmq-keyholder/he-secret.ctx,
+#             installed by hand: the script prints how).
 #
 # The services run as the system user `fedmq` from a virtualenv in /opt/fedmq/venv with
 # fedmq installed from this checkout (EXTRAS: pyproject extras, default "sim,secure": the
-# bundled demo data and signed models; "none" for the base install). A config is copied from
+# bundled demo data and signed models; "he" for the key holder; "none" for the base
+# install). A config is copied from
 # FILE (e.g. what `fedmq enroll --config FILE` wrote) or from the example in deploy/, and an
 # existing one is never overwritten. Nothing is started: the script prints how.
 #
 # Running it again changes nothing but upgrading fedmq in the virtualenv. --uninstall stops
 # and removes the services, units and, with the last of them, the virtualenv; configs and
-# state stay unless --purge (which also removes the user once no fedmq service is left).
+# state stay unless --purge (which also removes the user once no fedmq service is left; the
+# key holder's user with the key holder; a secret key stays until you delete it).
 #
 # DESTDIR=DIR installs into DIR instead of / (a staging tree; the tests use it): no packages,
 # user, file ownership, virtualenv or systemctl, and root is not needed. --no-user: the user
-# `fedmq` exists already (made by an image or a directory service), do not create or remove it.
+# (`fedmq`, or `fedmq-keyholder`) exists already (made by an image or a directory service),
+# do not create or remove it.
 set -euo pipefail
 
 DESTDIR="${DESTDIR:-}"
@@ -51,8 +60,10 @@ usage() {
 usage: sudo deploy/install.sh broker --pki DIR [--listen ADDRESS] [--cert-port]
        sudo deploy/install.sh aggregator [--config FILE] [--extras EXTRAS]
        sudo deploy/install.sh agent --instance NAME [--config FILE] [--extras EXTRAS]
+       sudo deploy/install.sh keyholder [--config FILE] [--extras EXTRAS]
        sudo deploy/install.sh ROLE [--instance NAME] --uninstall [--purge]
-  EXTRAS: comma-separated pyproject extras, or 'none' (default: sim,secure)
+  EXTRAS: comma-separated pyproject extras, or 'none' (default: sim,secure; he for the
+          keyholder)
   DESTDIR=DIR: a staged install into DIR (see the comment at the top of this script)
 USAGE
     exit 2
@@ -72,12 +83,13 @@ log() {
 ROLE="$1"
 shift
 case "$ROLE" in
-    broker | agent | aggregator) ;;
+    broker | agent | aggregator | keyholder) ;;
     -h | --help) usage ;;
     *) echo "install.sh: unknown role '$ROLE'" >&2; usage ;;
 esac
 
 EXTRAS="sim,secure"
+[ "$ROLE" = keyholder ] && EXTRAS="he"  # TenSEAL; no demo data, no model training
 INSTANCE=""
 CONFIG_FROM=""
 PKI=""
@@ -185,10 +197,18 @@ package_installed() {
     [ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null || true)" = "install ok installed" ]
 }
 
-# Units of fedmq services present (aggregator, agent template): the venv and user stay while
-# any is left.
+# Units of fedmq services present (aggregator, agent template, key holder): the venv stays
+# while any is left.
 fedmq_units_left() {
     compgen -G "$DESTDIR$UNIT_DIR/fedmq-*.service" >/dev/null
+}
+
+# Units of services running as SERVICE_USER: the user, its config and state directories
+# stay while any is left. The key holder's user is its own.
+user_units_left() {
+    [ "$ROLE" != keyholder ] || return 1
+    [ -e "$DESTDIR$UNIT_DIR/fedmq-aggregator.service" ] \
+        || compgen -G "$DESTDIR$UNIT_DIR/fedmq-agent*.service" >/dev/null
 }
 
 # -- checks ------------------------------------------------------------------------------
@@ -279,6 +299,18 @@ if [ "$ROLE" = agent ]; then
     CONFIG="$CONF_DIR/agent-$INSTANCE.toml"
     EXAMPLE="$SCRIPT_DIR/agent.toml"
     INSTANCE_STATE="$STATE_DIR/agent-$INSTANCE"
+elif [ "$ROLE" = keyholder ]; then
+    # A user, config and state directory of its own: nothing else on the host (an aggregator
+    # or agent running as fedmq) may read the secret key.
+    SERVICE_USER=fedmq-keyholder
+    CONF_DIR=/etc/fedmq-keyholder
+    STATE_DIR=/var/lib/fedmq-keyholder
+    UNIT_FILE="fedmq-keyholder.service"
+    SERVICE="fedmq-keyholder.service"
+    CONFIG="$CONF_DIR/keyholder.toml"
+    EXAMPLE="$SCRIPT_DIR/keyholder.toml"
+    INSTANCE_STATE="$STATE_DIR"
+    SECRET_KEY="$CONF_DIR/he-secret.ctx"  # where deploy/keyholder.toml expects it
 else
     UNIT_FILE="fedmq-aggregator.service"
     SERVICE="fedmq-aggregator.service"
@@ -381,6 +413,13 @@ runs the agent as --device-id $INSTANCE): pass --instance with its device id"
     if [ "$ROLE" = agent ]; then
         echo "  1. check $CONFIG: broker, credentials (fedmq enroll $INSTANCE --config FILE"
         echo "     on the broker), device_index/device_count"
+    elif [ "$ROLE" = keyholder ]; then
+        echo "  1. the secret key of fedmq keys he-init, here only (the aggregator and devices"
+        echo "     get he-public.ctx): sudo install -m 0600 -o $SERVICE_USER -g $SERVICE_USER \\"
+        echo "         he-secret.ctx $SECRET_KEY"
+        echo "     and check $CONFIG: broker and credentials"
+        echo "     (fedmq enroll fedmq-keyholder --role keyholder --config FILE on the broker),"
+        echo "     fleet, min_updates (no more than the aggregator's)"
     else
         echo "  1. check $CONFIG: broker and credentials (sudo fedmq enroll"
         echo "     fedmq-aggregator --role aggregator --config $CONFIG), min_updates, rounds"
@@ -404,7 +443,7 @@ service_uninstall() {
     sysctl_ daemon-reload
     if [ "$PURGE" = yes ]; then
         remove "$CONFIG"
-        if [ "$ROLE" = agent ]; then
+        if [ "$ROLE" = agent ] || [ "$ROLE" = keyholder ]; then
             if [ -d "$DESTDIR$INSTANCE_STATE" ]; then
                 log "removing $INSTANCE_STATE"
                 rm -rf -- "$DESTDIR$INSTANCE_STATE"
@@ -413,22 +452,25 @@ service_uninstall() {
             remove "$STATE_DIR/aggregator.ckpt" "$STATE_DIR/aggregator.ckpt.round-0" \
                 "$STATE_DIR/aggregator.ckpt.round-1" "$STATE_DIR/aggregator.ckpt.model-0" \
                 "$STATE_DIR/aggregator.ckpt.model-1" "$STATE_DIR/aggregator.ckpt.history" \
+                "$STATE_DIR/aggregator.ckpt.updates-0" "$STATE_DIR/aggregator.ckpt.updates-1" \
                 "$STATE_DIR/metrics.jsonl"
         fi
     else
         log "keeping $CONFIG and $INSTANCE_STATE (--purge removes them)"
     fi
-    if ! fedmq_units_left; then
-        if [ -d "$DESTDIR$PREFIX" ]; then
-            log "removing $PREFIX (no fedmq service is left)"
-            rm -rf -- "$DESTDIR$PREFIX"
-        fi
-        if [ "$PURGE" = yes ]; then
-            remove "$STATE_DIR" "$CONF_DIR"
-            if [ "$MAKE_USER" = yes ] && getent passwd "$SERVICE_USER" >/dev/null; then
-                log "removing system user $SERVICE_USER"
-                userdel "$SERVICE_USER"
-            fi
+    if [ "$PURGE" = yes ] && [ "$ROLE" = keyholder ] && [ -e "$DESTDIR$SECRET_KEY" ]; then
+        echo "warning: keeping the secret key $SECRET_KEY: it decrypts every update" \
+            "encrypted to it; delete it yourself (shred -u) once no fleet uses it" >&2
+    fi
+    if ! fedmq_units_left && [ -d "$DESTDIR$PREFIX" ]; then
+        log "removing $PREFIX (no fedmq service is left)"
+        rm -rf -- "$DESTDIR$PREFIX"
+    fi
+    if [ "$PURGE" = yes ] && ! user_units_left; then
+        remove "$STATE_DIR" "$CONF_DIR"
+        if [ "$MAKE_USER" = yes ] && getent passwd "$SERVICE_USER" >/dev/null; then
+            log "removing system user $SERVICE_USER"
+            userdel "$SERVICE_USER"
         fi
     fi
 }

@@ -34,7 +34,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         data = device_shard(config.task, device_index=config.device_index,
                             device_count=config.device_count, alpha=config.alpha,
-                            seed=config.partition_seed)
+                            seed=config.partition_seed, partition=config.partition,
+                            shards_per_device=config.shards_per_device)
     agent = EdgeAgent(config, data)
     log = logging.getLogger("fedmq")
     log.info("agent %s starts with %d local examples", config.device_id, len(data))

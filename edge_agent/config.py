@@ -8,6 +8,7 @@ from edge_agent.privacy import LocalDP
 from fedmq.config import BrokerConfig, default_device_id, option
 from fedmq.core.protocol.topics import check_name
 from fedmq.errors import ConfigError
+from fedmq.tasks.partition import check_partitioner
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -19,7 +20,12 @@ class AgentConfig(BrokerConfig):
     device_index: int = option(0, "this device's share of the bundled data: index ...")
     device_count: int = option(1, "... out of this many shares")
     partition_seed: int = option(0, "seed of the train/test split and the partition")
+    partition: str = option("", "how the bundled data is split over devices: iid, "
+                            "dirichlet (label skew, alpha), shards (shards_per_device labels "
+                            "per device) or natural (whole subjects; keyboard's roles); "
+                            "empty: the task's own (dirichlet, natural for wearable)")
     alpha: float = option(0.5, "Dirichlet label skew of the partition (0 = IID)")
+    shards_per_device: int = option(2, "the shards partition: labels per device")
     data_source: str = option("", "this device's own data instead of the bundled shard: "
                               "csv:PATH, npz:PATH, text:PATH or python:package.module:function "
                               "(read at start, and before every round with data_reload)")
@@ -75,6 +81,10 @@ class AgentConfig(BrokerConfig):
         if not self.device_id:
             object.__setattr__(self, "device_id", default_device_id())
         check_name(self.device_id, "device_id")
+        if self.partition:
+            check_partitioner(self.partition)
+        if self.shards_per_device < 1:
+            raise ConfigError(f"shards_per_device {self.shards_per_device} must be >= 1")
         if not self.status_interval_s >= 0:
             raise ConfigError("status_interval_s must be >= 0 (0: publish the birth only)")
         if self.max_payload < 1024:

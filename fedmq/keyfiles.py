@@ -40,6 +40,14 @@ def _read(path: str | Path, what: str) -> bytes:
                           "with `fedmq keys init --out DIR`") from None
 
 
+def warn_if_shared(path: str | Path, what: str) -> None:
+    """A WARNING when a secret key file is open to its group or others (it should be 0600,
+    owned by the one service that reads it)."""
+    mode = Path(path).stat().st_mode & 0o777
+    if mode & 0o077:
+        log.warning("%s %s is readable by others (mode %o): chmod 600 it", what, path, mode)
+
+
 def load_signer(path: str | Path) -> AnnouncementSigner:
     """The aggregator's signer from its PEM private key (warns if others can read it)."""
     data = _read(path, "model signing key")
@@ -48,10 +56,7 @@ def load_signer(path: str | Path) -> AnnouncementSigner:
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"{path} is not an unencrypted PEM private key ({exc}); create "
                           "one with `fedmq keys init --out DIR`") from None
-    mode = Path(path).stat().st_mode & 0o777
-    if mode & 0o077:
-        log.warning("model signing key %s is readable by others (mode %o): chmod 600 it",
-                    path, mode)
+    warn_if_shared(path, "model signing key")
     signer = AnnouncementSigner(key)
     log.info("model announcements are signed with key %s (%s)", signer.key_id, path)
     return signer

@@ -9,6 +9,8 @@ import errno
 import os
 import struct
 import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,31 @@ class StateError(FedmqError):
     """A state file is corrupt or from an incompatible version."""
 
 
+def _as_is(item: Any) -> Any:
+    return item
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class AppendOnly:
+    """A list in a state that only grows: a store that saves the state often may write only
+    what was appended since its last save (aggregator/checkpoint.py); elsewhere it is
+    saved as the plain list of its items, each through `pack`.
+
+    The first `count` of `items` belong to the state; `items` is the owner's own list,
+    not a copy (a snapshot costs nothing however long it is), which it may go on
+    appending to meanwhile, but never change otherwise: a new list starts over. `name`
+    tells one such list of a state from another."""
+
+    name: str
+    items: Sequence[Any]
+    count: int
+    pack: Callable[[Any], Any] = _as_is
+
+    def packed(self, start: int = 0) -> list[Any]:
+        """The items from `start` on, each packed."""
+        return [self.pack(item) for item in self.items[start:self.count]]
+
+
 def _contiguous(arr: np.ndarray) -> np.ndarray:
     # not np.ascontiguousarray: it turns a 0-d array into a 1-d one
     return arr if arr.flags.c_contiguous else arr.copy(order="C")
@@ -41,6 +68,8 @@ def _encode(obj: Any) -> Any:
                 "data": memoryview(arr.reshape(-1)).cast("B") if arr.size else b""}
     if isinstance(obj, np.generic):
         return obj.item()
+    if isinstance(obj, AppendOnly):
+        return obj.packed()
     raise TypeError(f"cannot persist {type(obj).__name__}")
 
 
@@ -56,11 +85,13 @@ def _decode(obj: dict) -> Any:
 _SKELETON_LEN = struct.Struct("<Q")
 
 
-def dump_parts(state: Any) -> list[bytes | memoryview]:
+def dump_parts(state: Any, *, appended: Callable[[AppendOnly], Any] | None = None,
+               ) -> list[bytes | memoryview]:
     """`state` as buffers to write one after another, arrays not copied: a length-prefixed
     msgpack skeleton in which each array names its dtype and shape, then the arrays' bytes.
     For state written often (the aggregator's open round): msgpack would copy each array
-    into its growing output buffer several times."""
+    into its growing output buffer several times. `appended` says what to write in place
+    of each AppendOnly list (by default, its items)."""
     arrays: list[memoryview] = []
 
     def by_reference(obj: Any) -> Any:
@@ -70,6 +101,8 @@ def dump_parts(state: Any) -> list[bytes | memoryview]:
             arr = _contiguous(obj)
             arrays.append(memoryview(arr.reshape(-1)).cast("B") if arr.size else memoryview(b""))
             return {_ARRAY: True, "dtype": arr.dtype.str, "shape": list(arr.shape)}
+        if appended is not None and isinstance(obj, AppendOnly):
+            return appended(obj)
         return _encode(obj)
 
     skeleton = msgpack.packb(state, default=by_reference, use_bin_type=True)

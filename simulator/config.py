@@ -15,7 +15,7 @@ from edge_agent.config import AgentConfig
 from fedmq.config import Default, borrow_options, option
 from fedmq.core.protocol import UPDATE_BUCKETS
 from fedmq.errors import ConfigError
-from fedmq.tasks import task_spec
+from fedmq.tasks import task_partition, task_spec
 from simulator.attacks import ATTACKS, check_attack
 from simulator.profiles import MIXES, DeviceProfile, fleet_profiles
 from simulator.tiers import site_names, worker_names
@@ -75,10 +75,15 @@ ENGINES = ("auto", "agents", "hosted")
 # The share of its data a simulated device holds out to score models on, unless told.
 SIM_EVAL_HOLDOUT = 0.2
 # Device keys every simulated device shares.
-AGENT_KEYS = ("codec", "alpha", "status_interval_s", "ldp_clip", "ldp_noise_multiplier",
-              "ldp_delta", "eval_holdout")
+AGENT_KEYS = ("codec", "partition", "alpha", "shards_per_device", "status_interval_s",
+              "ldp_clip", "ldp_noise_multiplier", "ldp_delta", "eval_holdout")
 AGENT_DEFAULTS: dict[str, Default] = {
     "codec": Default("float32", "update codec of every device (see `fedmq codecs`)"),
+    "partition": Default("", "how the task's data is split over the devices: iid, dirichlet "
+                         "(label skew, --alpha), shards (--shards-per-device labels per "
+                         "device) or natural (whole subjects, one or more per device); empty: "
+                         "the task's own (digits and sensor: dirichlet; wearable: natural; "
+                         "keyboard, synthetic and user tasks: their own, only)"),
     "alpha": Default(0.5, "Dirichlet label skew across devices (0 = IID)"),
     "eval_holdout": Default(0.0, "share of each device's examples held out to score models "
                             "on, with --evaluate-fraction, --personal-layers or "
@@ -147,6 +152,7 @@ class SimulationConfig(BorrowedOptions):
 
     def __post_init__(self) -> None:
         spec = task_spec(self.task)  # an unknown task fails here
+        task_partition(self.task, self.partition)  # and a partition it cannot have
         for name in ("rounds", "epochs", "batch_size", "lr"):  # 0: the task's default
             if not getattr(self, name):
                 object.__setattr__(self, name, getattr(spec, name))
@@ -318,7 +324,9 @@ class SimulationConfig(BorrowedOptions):
         return AgentConfig(
             broker=broker, fleet=fleet, device_id=device_id(fleet, index), task=self.task,
             device_index=index, device_count=self.devices, partition_seed=self.seed,
-            alpha=self.alpha, codec=self.codec, seed=self.seed * 1_000_003 + index,
+            partition=self.partition, alpha=self.alpha,
+            shards_per_device=self.shards_per_device, codec=self.codec,
+            seed=self.seed * 1_000_003 + index,
             log_level="WARNING", cpus=profile.cpus, link_kbps=profile.link_kbps,
             on_battery=profile.battery, slowdown=profile.slowdown,
             train_threads=1,  # many devices share this host

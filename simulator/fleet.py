@@ -31,7 +31,7 @@ from fedmq.core.he import CkksParams
 from fedmq.core.protocol import EvalReport
 from fedmq.errors import BrokerError, ConfigError, FedmqError, require
 from fedmq.keyfiles import generate_he_keys
-from fedmq.tasks import device_shard, device_shards, fleet_test_set, plugins, task_spec
+from fedmq.tasks import device_data, fleet_test_set, plugins, task_spec
 from fedmq.transport.mqtt import negotiate_mqtt_version
 from simulator import attacks
 from simulator.broker import LocalMosquitto
@@ -165,10 +165,14 @@ class Simulation:
     def _start(self) -> None:
         c = self.config
         test = fleet_test_set(c.task, device_count=c.devices, seed=c.seed)
+        # The devices' data before anything starts: a partition the data cannot make fails
+        # now, naming the largest fleet it allows (a generated or user task's device data
+        # is made when asked).
+        data_for = device_data(c.task, device_count=c.devices, alpha=c.alpha, seed=c.seed,
+                               partition=c.partition, shards_per_device=c.shards_per_device)
         user = plugins.cached(c.task)
         if user is not None:  # a user's code: tried once before anything starts
-            user.rehearse(device_shard(c.task, device_index=0, device_count=c.devices,
-                                       alpha=c.alpha, seed=c.seed), test)
+            user.rehearse(data_for(0), test)
         url = c.broker
         if not url:
             self.broker = LocalMosquitto(workdir=self.workdir / "broker")
@@ -195,7 +199,7 @@ class Simulation:
         if c.hosted:
             self._start_hosts(url, fleet)
             return
-        shards = device_shards(c.task, device_count=c.devices, alpha=c.alpha, seed=c.seed)
+        shards = [data_for(i) for i in range(c.devices)]
         profiles = fleet_profiles(c.profiles, c.devices, seed=c.seed)
         if c.dropout > 0 or any(p.link_kbps or p.flaky for p in profiles):
             self.proxies = ProxyPool.for_broker(url)
@@ -275,6 +279,7 @@ class Simulation:
         c = self.config
         return HostPlan(broker=broker, fleet=fleet, first=first, count=count,
                         device_count=c.devices, task=c.task, alpha=c.alpha, seed=c.seed,
+                        partition=c.partition, shards_per_device=c.shards_per_device,
                         codec=c.codec, id_format=DEVICE_ID, byzantine=c.attacker_count,
                         attack=c.attack,
                         log_level="WARNING", status_interval_s=c.status_interval_s)

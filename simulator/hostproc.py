@@ -40,6 +40,8 @@ class HostPlan:
     task: str
     alpha: float
     seed: int
+    partition: str = ""  # as SimulationConfig's
+    shards_per_device: int = 2
     codec: str = "float32"
     id_format: str = "dev{index}"  # device ids: id_format.format(index=i)
     byzantine: int = 0  # devices 0 .. byzantine-1 of the fleet attack ...
@@ -81,6 +83,7 @@ def serve(plan: HostPlan, conn: Connection) -> None:
     from simulator.host import DeviceHost
 
     data_for = device_data(plan.task, device_count=plan.device_count, alpha=plan.alpha,
+                           partition=plan.partition, shards_per_device=plan.shards_per_device,
                            seed=plan.seed)
     attackers = range(plan.byzantine)
     host = DeviceHost(broker=plan.broker, fleet=plan.fleet, count=plan.count, first=plan.first,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import urllib.request
 from collections.abc import Callable
 
 from aggregator.config import AggregatorConfig
@@ -83,3 +84,14 @@ def trained_digits_delta(task, *, with_trainer=False, **trainer_options):
                            **trainer_options)
     delta = codecs.decode(trainer.train(ReceivedModel(announcement, params, 0)).delta)
     return (delta, trainer) if with_trainer else delta
+
+
+def scrape(port: int) -> dict[tuple[str, tuple], float]:
+    """Every sample of a Prometheus page on 127.0.0.1:port, parsed by prometheus_client's
+    own text parser: {(name, sorted labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=WAIT_S) as page:
+        text = page.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}

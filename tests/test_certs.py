@@ -20,6 +20,7 @@ from fedmq.ops.certs import Pki, client_uri
 from fedmq.ops.enroll import add_password, enroll, password_users
 from fedmq.transport.mqtt import MqttLink
 
+from .helpers import wait_for
 from .secure_brokers import production_broker, running
 
 if sys.version_info >= (3, 11):
@@ -224,3 +225,62 @@ def test_signing_keys_go_to_the_aggregator_and_public_keys_to_devices(tmp_path):
     with pytest.raises(ConfigError, match="--model-public-key"):
         enroll("fedmq-aggregator", role="aggregator", fleet="farm", broker="mqtts://b:8883",
                password_file=passwd, model_public_key="/etc/fedmq/model-signing.pub")
+
+
+@pytest.mark.integration
+def test_enroll_gives_the_key_holder_the_account_acl_conf_names(pki, tmp_path, capsys):
+    """`--role keyholder` writes its login into deploy/keyholder.toml in place; with it the
+    key holder receives what the aggregator sends on he/decrypt (broker_config/acl.conf
+    grants that to fedmq-keyholder alone)."""
+    from aggregator.keyholder import KeyHolderConfig
+    from fedmq.core.protocol import FleetTopics
+
+    broker = production_broker(tmp_path / "broker", pki, passwords={"fedmq-aggregator": "pw"})
+    config = tmp_path / "keyholder.toml"
+    config.write_text(Path("deploy/keyholder.toml").read_text())
+    code, out, err = fedmq(capsys, "enroll", "fedmq-keyholder", "--role", "keyholder",
+                           "--fleet", "farm", "--password-file", str(broker.passwd),
+                           "--broker", broker.password_url, "--config", str(config))
+    assert code == 0 and out == "" and "note:" not in err
+    assert "readable by root and fedmq-keyholder only" in err
+    values = tomllib.loads(config.read_text())
+    assert "require_known_devices" not in values and "device_id" not in values
+    settings = load_config(KeyHolderConfig, config)
+    assert (settings.client_id, settings.username, settings.fleet) == (
+        "fedmq-keyholder", "fedmq-keyholder", "farm")
+    assert settings.ca_file == "/etc/fedmq-keyholder/ca.crt"  # install.sh's directory
+    assert settings.he_secret_context == "/etc/fedmq-keyholder/he-secret.ctx"  # kept
+
+    settings = load_config(KeyHolderConfig, config, {"ca_file": str(pki.ca.cert)})
+    keyholder = MqttLink(client_id=settings.client_id, broker=settings.broker,
+                         username=settings.username, password=settings.password,
+                         tls=settings.tls())
+    received: list[bytes] = []
+    topics = FleetTopics("farm")
+    keyholder.route(topics.he_decrypt, lambda message: received.append(message.payload),
+                    qos=1)
+    aggregator = MqttLink(client_id="fedmq-aggregator", broker=broker.password_url,
+                          username="fedmq-aggregator", password="pw",
+                          tls=settings.tls())
+    broker.mosquitto.start()
+    try:
+        with running(keyholder, aggregator):
+            aggregator.publish(topics.he_decrypt, b"the round's sum", qos=1)
+            wait_for(lambda: received, "the request at the key holder")
+    finally:
+        broker.mosquitto.close()
+    assert received == [b"the round's sum"]
+
+
+def test_enroll_names_the_acl_user_a_server_account_needs(tmp_path, capsys):
+    code, out, err = fedmq(capsys, "enroll", "keyholder-2", "--role", "keyholder",
+                           "--password-file", str(tmp_path / "passwd"),
+                           "--broker", "mqtts://b:8883")
+    assert code == 0 and "grants the keyholder's topics to user fedmq-keyholder" in err
+    assert tomllib.loads(out)["client_id"] == "keyholder-2"
+    with pytest.raises(ConfigError, match="--role aggregator"):
+        enroll("fedmq-keyholder", role="keyholder", fleet="farm", broker="mqtts://b:8883",
+               password_file=tmp_path / "passwd", signing_key="/etc/fedmq/model-signing.key")
+    with pytest.raises(ConfigError, match="the key holder needs neither"):
+        enroll("fedmq-keyholder", role="keyholder", fleet="farm", broker="mqtts://b:8883",
+               password_file=tmp_path / "passwd", model_public_key="/etc/fedmq/m.pub")

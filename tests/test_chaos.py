@@ -50,15 +50,20 @@ def settle(service, agents) -> None:
         agent.stop()
 
 
+@pytest.mark.parametrize("aggregation", ["mean", "median"])
 def test_aggregator_sigkilled_mid_round_resumes_with_every_receipted_update(
-        broker, tmp_path, stoppers, processes):
+        broker, tmp_path, stoppers, processes, aggregation):
+    """The median keeps the round's updates in a side file the journal counts: those
+    too must be back after the kill, one per counted device, and the restarted process
+    (whose first save writes them inline, then appends afresh) must finish the run."""
     topics = FleetTopics("chaos")
     watcher = RetainedWatcher(broker.port, "chaos")
     stoppers(watcher.close)
     checkpoint = tmp_path / "agg.ckpt"
     command = [*FEDMQ, "aggregator", "--broker", broker.url, "--fleet", "chaos",
                "--min-updates", "3", "--rounds", "6", "--model", "logreg",
-               "--checkpoint", str(checkpoint), "--log-level", "WARNING"]
+               "--checkpoint", str(checkpoint), "--log-level", "WARNING",
+               "--aggregation", aggregation]
 
     def aggregator_round() -> int:
         raw = watcher.latest.get(topics.aggregator_status)
@@ -74,6 +79,9 @@ def test_aggregator_sigkilled_mid_round_resumes_with_every_receipted_update(
     processes[0].wait(30)
     receipted_before = sum(a.stats.receipts["accepted"] for a in agents)
     assert counted_in(checkpoint) >= receipted_before  # a receipt means "on disk"
+    if aggregation == "median":
+        held = CheckpointStore(checkpoint).load()["machine"]["open"]
+        assert len(held["acc"]["tensors"]) == len(held["contributions"])
 
     processes.append(subprocess.Popen(command))
     assert processes[1].wait(120) == 0  # exits by itself after round 6
@@ -81,11 +89,43 @@ def test_aggregator_sigkilled_mid_round_resumes_with_every_receipted_update(
     history = state["history"]
     assert [r["round"] for r in history] == [1, 2, 3, 4, 5, 6]
     assert all(r["participants"] == 3 for r in history)
-    assert history[-1]["accuracy"] > 0.8
+    # the median of three devices' updates learns slower (0.78 here) than their mean
+    assert history[-1]["accuracy"] > (0.8 if aggregation == "mean" else 0.7)
     # every trained update is either counted exactly once, with a receipt, or refused with
     # one; nothing is silently gone and nothing counts twice
     wait_for(lambda: all(len(a.outbox) == 0 for a in agents) or processes[1].poll() is not None,
              "outboxes to drain")
+    assert_every_update_accounted_for(agents, counted_in(checkpoint))
+
+
+def test_a_median_round_sigkilled_holding_updates_resumes_with_every_one(
+        broker, tmp_path, stoppers, processes):
+    """Three of the four updates a median round needs are receipted (so on disk, in the
+    side file its journal counts), then the aggregator is killed: the restarted one
+    holds all three and closes the round with a fourth device's."""
+    checkpoint = tmp_path / "agg.ckpt"
+    command = [*FEDMQ, "aggregator", "--broker", broker.url, "--fleet", "held",
+               "--min-updates", "4", "--rounds", "1", "--model", "logreg",
+               "--aggregation", "median", "--checkpoint", str(checkpoint),
+               "--log-level", "WARNING"]
+    processes.append(subprocess.Popen(command))
+    agents = make_agents(broker.url, stoppers, 3, total=4, fleet="held", start=False)
+    for i, agent in enumerate(agents):  # one commit each: the first whole, then journals
+        agent.start()
+        stoppers(agent.stop)
+        wait_for(lambda i=i: sum(a.stats.receipts["accepted"] for a in agents) > i,
+                 f"receipt {i + 1} in round 1")
+    processes[0].send_signal(signal.SIGKILL)
+    processes[0].wait(30)
+    held = CheckpointStore(checkpoint).load()["machine"]["open"]
+    assert len(held["acc"]["tensors"]) == len(held["contributions"]) == 3
+    assert (tmp_path / "agg.ckpt.updates-0").exists()
+
+    processes.append(subprocess.Popen(command))
+    agents += make_agents(broker.url, stoppers, 1, total=4, first=3, fleet="held")
+    assert processes[1].wait(120) == 0  # exits by itself after round 1
+    (record,) = CheckpointStore(checkpoint).load()["history"]
+    assert record["participants"] == 4
     assert_every_update_accounted_for(agents, counted_in(checkpoint))
 
 

@@ -1,12 +1,20 @@
+import dataclasses
+import sys
 from pathlib import Path
 
 import pytest
 
 from aggregator.config import AggregatorConfig
+from aggregator.keyholder import KeyHolderConfig
 from edge_agent.config import AgentConfig
 from fedmq.cli import build_parser
 from fedmq.config import load_config
 from fedmq.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
 
 
 def test_toml_then_flags(tmp_path):
@@ -60,6 +68,18 @@ def test_shipped_example_configs_load():
     assert aggregator.require_known_devices
     assert aggregator.adaptive_norm_factor and aggregator.max_sample_factor
     assert aggregator.max_model_growth
+
+
+def test_the_shipped_key_holder_config_loads_with_every_key_where_install_sh_puts_files():
+    """deploy/keyholder.toml sets every KeyHolderConfig key, so each is documented there;
+    its key file and state are in the directories of install.sh's keyholder role."""
+    config = load_config(KeyHolderConfig, "deploy/keyholder.toml")
+    keys = set(tomllib.loads(Path("deploy/keyholder.toml").read_text()))
+    assert keys == {field.name for field in dataclasses.fields(KeyHolderConfig)}
+    assert config.he_secret_context == "/etc/fedmq-keyholder/he-secret.ctx"
+    assert config.state == "/var/lib/fedmq-keyholder/keyholder.state"
+    assert config.client_id == "fedmq-keyholder" and config.min_updates == 2
+    assert config.metrics_port == 0 and config.metrics_bind == "127.0.0.1"
 
 
 def test_a_key_set_twice_is_named_with_both_lines(tmp_path):

@@ -24,7 +24,7 @@ from fedmq.ops.certs import Pki
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 REPO = DEPLOY.parent
 INSTALL = DEPLOY / "install.sh"
-UNITS = ("fedmq-aggregator.service", "fedmq-agent@.service")
+UNITS = ("fedmq-aggregator.service", "fedmq-agent@.service", "fedmq-keyholder.service")
 HARDENING = {"NoNewPrivileges": "yes", "ProtectSystem": "strict", "ProtectHome": "yes",
              "PrivateTmp": "yes", "PrivateDevices": "yes", "RestrictSUIDSGID": "yes",
              "CapabilityBoundingSet": "", "SystemCallFilter": "@system-service"}
@@ -47,7 +47,12 @@ def test_units_are_hardened_and_agents_get_a_state_directory_each(name):
     settings = unit_settings(name)
     for key, value in HARDENING.items():
         assert settings.get(key) == [value], f"{name}: {key}={value}"
-    assert settings["User"] == ["fedmq"] and "ReadWritePaths" not in settings
+    assert "ReadWritePaths" not in settings
+    if name == "fedmq-keyholder.service":  # a user of its own: only it reads the secret key
+        assert settings["User"] == settings["Group"] == ["fedmq-keyholder"]
+        assert settings["StateDirectory"] == ["fedmq-keyholder"]
+    else:
+        assert settings["User"] == ["fedmq"]
     if name.startswith("fedmq-agent@"):
         assert settings["StateDirectory"] == ["fedmq/agent-%i"]
         command = settings["ExecStart"][0]
@@ -77,13 +82,15 @@ def systemd_analyze(*args: str) -> subprocess.CompletedProcess:
 
 def test_systemd_analyze_verify_finds_nothing_to_say(runnable_units):
     result = systemd_analyze("verify", str(runnable_units / "fedmq-aggregator.service"),
-                             str(runnable_units / "fedmq-agent@pi-1.service"))
+                             str(runnable_units / "fedmq-agent@pi-1.service"),
+                             str(runnable_units / "fedmq-keyholder.service"))
     # verify reports unknown keys and bad values on stderr but still exits 0.
     assert result.returncode == 0 and not result.stderr.strip(), result.stderr
 
 
 def test_systemd_analyze_security_rates_the_units_ok(runnable_units):
-    for unit in ("fedmq-aggregator.service", "fedmq-agent@pi-1.service"):
+    for unit in ("fedmq-aggregator.service", "fedmq-agent@pi-1.service",
+                 "fedmq-keyholder.service"):
         result = systemd_analyze("security", "--offline=yes", str(runnable_units / unit))
         if result.returncode != 0 and "offline" in result.stderr:
             pytest.skip("this systemd-analyze cannot rate unit files offline")
@@ -124,7 +131,7 @@ def staged(tmp_path) -> tuple[Path, Pki]:
 
 
 ROLES = (("broker",), ("aggregator",), ("agent", "--instance", "pi-1"),
-         ("agent", "--instance", "pi-2"))
+         ("agent", "--instance", "pi-2"), ("keyholder",))
 
 
 def test_install_twice_changes_nothing_and_uninstall_keeps_only_data(staged):
@@ -163,18 +170,25 @@ def test_install_twice_changes_nothing_and_uninstall_keeps_only_data(staged):
     kept = {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
     assert kept == {"etc/mosquitto/mosquitto.conf", "etc/mosquitto/fedmq/passwd",
                     "etc/fedmq/aggregator.toml", "etc/fedmq/agent-pi-1.toml",
-                    "etc/fedmq/agent-pi-2.toml"}
+                    "etc/fedmq/agent-pi-2.toml", "etc/fedmq-keyholder/keyholder.toml"}
     assert (etc / "mosquitto/mosquitto.conf").read_text() == "# the Debian package's\n"
     assert not (root / "opt/fedmq").exists()
 
-    state = root / "var/lib/fedmq"  # what a running aggregator leaves: the six files
+    state = root / "var/lib/fedmq"  # what a running aggregator leaves: up to eight files
     state.mkdir(parents=True, exist_ok=True)
-    for suffix in ("", ".model-0", ".model-1", ".round-0", ".round-1", ".history"):
+    for suffix in ("", ".model-0", ".model-1", ".round-0", ".round-1", ".history",
+                   ".updates-0", ".updates-1"):
         (state / f"aggregator.ckpt{suffix}").write_bytes(b"state")
+    keyholder = root / "var/lib/fedmq-keyholder"  # and a key holder, with its secret key
+    assert keyholder.is_dir()  # kept by --uninstall
+    (keyholder / "keyholder.state").write_bytes(b"state")
+    (etc / "fedmq-keyholder/he-secret.ctx").write_bytes(b"secret")
     for role in ROLES:
-        install(root, *role, "--purge")
+        result = install(root, *role, "--purge")
+    assert "keeping the secret key /etc/fedmq-keyholder/he-secret.ctx" in result.stderr
     left = [str(p.relative_to(root)) for p in root.rglob("*")]
-    assert not [path for path in left if "fedmq" in path], left
+    assert [path for path in left if "fedmq" in path] == [
+        "etc/fedmq-keyholder", "etc/fedmq-keyholder/he-secret.ctx"]  # deleted by hand only
 
 
 def test_install_refuses_what_it_cannot_do(staged):
@@ -188,13 +202,39 @@ def test_install_refuses_what_it_cannot_do(staged):
     assert not (root / "etc/fedmq/agent-pi-1.toml").exists()
 
 
-def test_the_unit_runs_the_config_install_sh_wrote(staged):
-    """fedmq-agent@NAME's ExecStart names the file install.sh installs for NAME."""
+@pytest.mark.parametrize(("role", "unit"), [
+    (("agent", "--instance", "pi-7"), "fedmq-agent@.service"),
+    (("aggregator",), "fedmq-aggregator.service"),
+    (("keyholder",), "fedmq-keyholder.service"),
+])
+def test_the_unit_runs_the_config_install_sh_wrote(staged, role, unit):
+    """The unit's ExecStart names the file install.sh installs (for agent NAME, NAME's),
+    and the config's state lies in the unit's StateDirectory."""
     root, _ = staged
-    install(root, "agent", "--instance", "pi-7")
-    command = unit_settings("fedmq-agent@.service")["ExecStart"][0].replace("%i", "pi-7")
-    config = re.search(r"--config (\S+)", command).group(1)
-    assert (root / config.lstrip("/")).is_file()
+    install(root, *role)
+    settings = unit_settings(unit)
+    command = settings["ExecStart"][0].replace("%i", "pi-7")
+    config = root / re.search(r"--config (\S+)", command).group(1).lstrip("/")
+    assert config.is_file()
+    state = "/var/lib/" + settings["StateDirectory"][0].replace("%i", "pi-7")
+    assert (root / state.lstrip("/")).is_dir()
+    assert state in config.read_text()  # agent: state_dir; aggregator: checkpoint; ...
+
+
+def test_the_key_holder_is_installed_closed_to_other_users(staged):
+    """Its config and state directories are its user's alone (0750 with group
+    fedmq-keyholder), the config 0640; the example config points at the key file the
+    printed recipe installs 0600."""
+    root, _ = staged
+    result = install(root, "keyholder")
+    for folder in ("etc/fedmq-keyholder", "var/lib/fedmq-keyholder"):
+        assert (root / folder).stat().st_mode & 0o777 == 0o750
+    config = root / "etc/fedmq-keyholder/keyholder.toml"
+    assert config.stat().st_mode & 0o777 == 0o640
+    assert 'he_secret_context = "/etc/fedmq-keyholder/he-secret.ctx"' in config.read_text()
+    assert ("install -m 0600 -o fedmq-keyholder -g fedmq-keyholder" in result.stdout
+            and "he-secret.ctx /etc/fedmq-keyholder/he-secret.ctx" in result.stdout)
+    assert not (root / "etc/fedmq").exists()  # nothing of the fedmq user's
 
 
 # --- compose.yaml ---------------------------------------------------------------------------

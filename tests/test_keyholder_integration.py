@@ -12,8 +12,9 @@ import sys
 
 import pytest
 
-from fedmq import storage
-from tests.helpers import make_agents, make_aggregator, wait_for
+from fedmq import __version__, storage
+from simulator.broker import free_port
+from tests.helpers import make_agents, make_aggregator, scrape, wait_for
 
 pytest.importorskip("tenseal")
 pytestmark = pytest.mark.integration
@@ -94,9 +95,10 @@ def test_a_restarted_aggregator_asks_again_for_the_round_it_sealed(broker, tmp_p
 
     second = make_aggregator(broker.url, tmp_path, stoppers, **settings)
     assert second.machine.acc.sealed  # restored from the checkpoint, still awaiting
+    port = free_port()
     keyholder = KeyHolderService(KeyHolderConfig(
         broker=broker.url, fleet="he", he_secret_context=secret, min_updates=3,
-        state=str(tmp_path / "keyholder.state")))
+        state=str(tmp_path / "keyholder.state"), metrics_port=port))
     keyholder.start()
     stoppers(keyholder.stop)
     wait_for(second.finished.is_set, "both rounds", timeout=180)
@@ -104,3 +106,54 @@ def test_a_restarted_aggregator_asks_again_for_the_round_it_sealed(broker, tmp_p
     assert all(r.participants == 3 for r in second.history)
     assert keyholder.holder.refused == {}
     assert second.he_counters()["refused"] == 0
+    decrypted = scrape(port)[("fedmq_keyholder_decryptions_total", ())]
+    assert decrypted == keyholder.holder.decrypted >= 2  # a repeat of a sum counts again
+
+
+def test_the_key_holders_counters_are_served_to_prometheus(broker, tmp_path, stoppers, caplog):
+    """metrics_port: decryptions, refusals by reason (every reason, 0 included) and
+    malformed requests, read from the running key holder; a secret key others may read is
+    warned about."""
+    pytest.importorskip("prometheus_client")
+    from aggregator.keyholder import KeyHolderConfig, KeyHolderService
+    from fedmq.core import he
+    from fedmq.core.keyholder import REFUSALS
+    from fedmq.core.protocol import DecryptRequest, FleetTopics
+    from fedmq.keyfiles import generate_he_keys
+    from fedmq.transport.mqtt import MqttLink
+
+    _, secret, fingerprint = generate_he_keys(
+        tmp_path / "keys", he.CkksParams(poly_modulus_degree=4096, clip_norm=10.0))
+    secret.chmod(0o640)
+    port = free_port()
+    with caplog.at_level(logging.WARNING, logger="fedmq.keyfiles"):
+        keyholder = KeyHolderService(KeyHolderConfig(
+            broker=broker.url, fleet="khm", he_secret_context=str(secret), min_updates=3,
+            state=str(tmp_path / "keyholder.state"), metrics_port=port))
+    assert "readable by others (mode 640): chmod 600 it" in caplog.text
+    keyholder.start()
+    stoppers(keyholder.stop)
+    first = scrape(port)
+    assert first[("fedmq_keyholder_decryptions_total", ())] == 0
+    assert {reason: first[("fedmq_keyholder_refusals_total", (("reason", reason),))]
+            for reason in REFUSALS} == dict.fromkeys(REFUSALS, 0)
+    assert first[("fedmq_keyholder_info", (("fedmq_version", __version__), ("fleet", "khm"),
+                                           ("key", fingerprint)))] == 1
+
+    def ask(key: str, count: int) -> bytes:
+        return DecryptRequest(lineage="l", round=1, key=key, size=5, count=count,
+                              devices=[], ciphertexts=[b"x"]).to_payload()
+
+    sender = MqttLink(client_id="khm-aggregator", broker=broker.url)
+    sender.start()
+    stoppers(sender.stop)
+    sender.wait_connected(30)
+    topic = FleetTopics("khm").he_decrypt
+    for payload in (ask("ffffffffffffffff", 3), ask(fingerprint, 2), b"not msgpack"):
+        sender.publish(topic, payload, qos=1)
+    wait_for(lambda: scrape(port)[("fedmq_keyholder_malformed_total", ())] == 1,
+             "the three requests counted")
+    last = scrape(port)
+    assert last[("fedmq_keyholder_refusals_total", (("reason", "wrong_key"),))] == 1
+    assert last[("fedmq_keyholder_refusals_total", (("reason", "too_few"),))] == 1
+    assert last[("fedmq_keyholder_decryptions_total", ())] == 0

@@ -17,7 +17,7 @@ from fedmq.core.protocol import DeviceStatus
 from fedmq.errors import ConfigError, MissingExtraError
 from fedmq.transport.mqtt import MqttLink
 from simulator.broker import free_port
-from tests.helpers import WAIT_S, make_agents, make_aggregator, wait_for
+from tests.helpers import WAIT_S, make_agents, make_aggregator, scrape, wait_for
 
 
 class Tally(AggregatorObserver):
@@ -82,16 +82,6 @@ def test_a_metrics_port_in_use_fails_the_start_in_words(tmp_path, stoppers):
         stoppers(service.stop)
         with pytest.raises(ConfigError, match=f"cannot serve metrics on 127.0.0.1:{port}"):
             service.start()
-
-
-def scrape(port: int) -> dict[tuple[str, tuple], float]:
-    """Every sample of the page, parsed by prometheus_client's own text parser."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=WAIT_S) as page:
-        text = page.read().decode()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
 
 
 @pytest.mark.integration

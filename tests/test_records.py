@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -29,6 +30,14 @@ def test_a_record_round_trips_through_its_json_line(record):
     line = record.to_json()
     assert "\n" not in line
     assert RoundRecord.from_json(line) == record
+
+
+@given(records)
+def test_to_dict_is_the_dataclass_as_a_flat_map(record):
+    """to_dict copies fields one level deep: a field holding a container would need
+    asdict's deep copy (checkpoints keep these dicts)."""
+    assert record.to_dict() == dataclasses.asdict(record)
+    assert all(v is None or isinstance(v, (int, float, str)) for v in record.to_dict().values())
 
 
 def test_a_round_without_samples_keeps_its_nan_train_loss():

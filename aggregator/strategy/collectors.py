@@ -4,7 +4,8 @@ the Byzantine-robust Krum, multi-Krum, Bulyan and centered clipping (robust.py).
 Unlike the streaming sum they need all of a round's updates, so they keep each one as it
 arrived (encoded, so 1-4 bytes a value) and decode them all when the round closes into
 a K x P float32 matrix: memory grows with the round's updates. Both are unweighted (see
-robust.py for why and for the math).
+robust.py for why and for the math). Their state hands the kept updates over as an
+append-only list, so each checkpoint writes only the updates new since the last one.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from aggregator.strategy.rule import AggregationRule
 from fedmq.core import codecs
 from fedmq.core.protocol import EncodedTensor
 from fedmq.errors import CodecError, ConfigError
+from fedmq.storage import AppendOnly
 
 
 class UpdateCollector(AggregationRule):
@@ -65,13 +67,24 @@ class UpdateCollector(AggregationRule):
         return rows
 
     def state_dict(self) -> dict[str, Any]:
+        """The kept updates as the list itself, not a copy: a snapshot per commit costs
+        nothing, and the checkpoint appends only the new ones (they are never changed,
+        and a new round or a load starts a new list)."""
         return {"rule": self.name,
-                "tensors": [[t.codec, t.size, t.data] for t in self.tensors]}
+                "tensors": AppendOnly("updates", self.tensors, len(self.tensors),
+                                      pack=_packed)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._check_saved_rule(state)
+        saved = state["tensors"]
+        if isinstance(saved, AppendOnly):  # a state_dict() not saved in between
+            saved = saved.packed()
         self.tensors = [EncodedTensor(codec=c, size=int(n), data=bytes(d))
-                        for c, n, d in state["tensors"]]
+                        for c, n, d in saved]
+
+
+def _packed(tensor: EncodedTensor) -> list[Any]:
+    return [tensor.codec, tensor.size, tensor.data]
 
 
 class CoordinateMedian(UpdateCollector):

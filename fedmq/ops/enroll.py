@@ -1,5 +1,9 @@
 """`fedmq enroll DEVICE_ID`: create a device's broker account and print its agent config.
 
+`--role aggregator` and `--role keyholder` (the HE key holder, `fedmq keyholder`) enroll
+the server's accounts the same way; broker_config/acl.conf grants their rights to the
+user names `fedmq-aggregator` and `fedmq-keyholder`.
+
 Two kinds of credentials, matching the two listeners of broker_config/production.conf:
 a password (port 8883), added to mosquitto's password file with `mosquitto_passwd`, or a
 client certificate from the fleet CA (port 8884, `--cert`). Either way the account name is
@@ -33,13 +37,21 @@ DEVICE_DIR = "/etc/fedmq"
 PASSWORD_PORT = 8883
 CERT_PORT = 8884
 PASSWORD_BYTES = 24  # 32 URL-safe characters: no quoting trouble in TOML or shells
+ROLES = ("device", "aggregator", "keyholder")
+# The user names broker_config/acl.conf grants the servers' topics to.
+ACL_USERS = {"aggregator": "fedmq-aggregator", "keyholder": "fedmq-keyholder"}
+# Where deploy/install.sh puts each role's config (and, for the key holder, its key files).
+CONFIGS = {"device": "agent.toml", "aggregator": "aggregator.toml",
+           "keyholder": "keyholder.toml"}
+KEYHOLDER_DIR = "/etc/fedmq-keyholder"
 PASSWD_HINT = ("mosquitto_passwd is not installed; on Debian/Ubuntu run: sudo apt-get install "
                "-y mosquitto (or use --cert for a client certificate instead)")
 
 
 @dataclass(frozen=True, slots=True)
 class Enrollment:
-    """What a device (or the aggregator) needs to log in; rendered as agent.toml keys."""
+    """What a device, the aggregator or the key holder needs to log in; rendered as the
+    keys of its config."""
 
     name: str
     broker: str
@@ -53,10 +65,11 @@ class Enrollment:
     signing_key: str = ""  # where the aggregator keeps its private signing key
 
     def keys(self) -> dict[str, object]:
-        """Keys of AgentConfig (role device) or AggregatorConfig (role aggregator). An
-        enrolled fleet's aggregator refuses updates from devices that never announced
-        themselves (require_known_devices; docs/security.md)."""
-        id_key = "client_id" if self.role == "aggregator" else "device_id"
+        """Keys of AgentConfig (role device), AggregatorConfig (role aggregator) or
+        KeyHolderConfig (role keyholder). An enrolled fleet's aggregator refuses updates
+        from devices that never announced themselves (require_known_devices;
+        docs/security.md)."""
+        id_key = "device_id" if self.role == "device" else "client_id"
         values: dict[str, object] = {"broker": self.broker, "fleet": self.fleet,
                                      id_key: self.name}
         if self.password:
@@ -114,7 +127,7 @@ def password_users(path: Path) -> set[str]:
 
 def enroll(name: str, *, fleet: str, broker: str, role: str = "device",
            password_file: str | Path = DEFAULT_PASSWORD_FILE, cert: bool = False,
-           pki_dir: str | Path = DEFAULT_DIR, device_dir: str = DEVICE_DIR,
+           pki_dir: str | Path = DEFAULT_DIR, device_dir: str = "",
            model_public_key: str = "", signing_key: str = "",
            force: bool = False) -> Enrollment:
     """Create the account and return what the device's config must say.
@@ -122,18 +135,21 @@ def enroll(name: str, *, fleet: str, broker: str, role: str = "device",
     model_public_key: the path, on the device, of the aggregator's public signing key
     (`fedmq keys init`); the device then refuses models that key did not sign.
     signing_key: the path of that private key on the aggregator (role aggregator).
+    device_dir: where the machine keeps ca.crt and its key (empty: /etc/fedmq, or
+    /etc/fedmq-keyholder for the key holder, as deploy/install.sh lays them out).
     """
     check_name(name, "device id")
     check_name(fleet, "fleet name")
-    if role not in ("device", "aggregator"):
-        raise ConfigError(f"role must be device or aggregator, not {role!r}")
+    if role not in ROLES:
+        raise ConfigError(f"role must be one of {', '.join(ROLES)}, not {role!r}")
     if model_public_key and role != "device":
         raise ConfigError("--model-public-key belongs in a device's config; the aggregator "
                           "signs with the private half (signing_key; --signing-key with "
-                          "--role aggregator)")
+                          "--role aggregator), the key holder needs neither")
     if signing_key and role != "aggregator":
         raise ConfigError("--signing-key belongs in the aggregator's config (--role "
                           "aggregator); devices get the public half (--model-public-key)")
+    device_dir = device_dir or (KEYHOLDER_DIR if role == "keyholder" else DEVICE_DIR)
     ca_file = f"{device_dir}/ca.crt"
     if cert:
         Pki(pki_dir).issue_client(name, force=force)
@@ -162,17 +178,18 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help=f"mosquitto password file (default: {DEFAULT_PASSWORD_FILE})")
     p.add_argument("--pki", default=DEFAULT_DIR,
                    help=f"CA directory for --cert (default: ./{DEFAULT_DIR})")
-    p.add_argument("--device-dir", default=DEVICE_DIR,
+    p.add_argument("--device-dir", default="",
                    help="where the device (or the aggregator) keeps ca.crt and its key "
-                   f"(default: {DEVICE_DIR})")
+                   f"(default: {DEVICE_DIR}; {KEYHOLDER_DIR} with --role keyholder)")
     p.add_argument("--model-public-key", default="", metavar="PATH",
                    help="the device's copy of the aggregator's public signing key (fedmq "
                    "keys init): adds model_public_key, so it refuses unsigned models")
     p.add_argument("--signing-key", default="", metavar="PATH",
                    help="with --role aggregator: the aggregator's private signing key (fedmq "
                    "keys init): adds signing_key, so it signs every model")
-    p.add_argument("--role", choices=("device", "aggregator"), default="device",
-                   help="aggregator: client_id instead of device_id")
+    p.add_argument("--role", choices=ROLES, default="device",
+                   help="aggregator, keyholder (the HE key holder): client_id instead of "
+                   "device_id; acl.conf knows them as fedmq-aggregator and fedmq-keyholder")
     p.add_argument("--config", default="", metavar="FILE",
                    help="write the keys into this config file (replacing the lines that set "
                    "them, keeping the rest; created 0600 if missing) instead of printing them")
@@ -188,7 +205,13 @@ def _cmd_enroll(args: argparse.Namespace) -> int:
                   password_file=args.password_file, cert=args.cert, pki_dir=args.pki,
                   device_dir=args.device_dir, model_public_key=args.model_public_key,
                   signing_key=args.signing_key, force=args.force)
-    config = "aggregator.toml" if args.role == "aggregator" else "agent.toml"
+    config = CONFIGS[args.role]
+    owner = "fedmq-keyholder" if args.role == "keyholder" else "fedmq"
+    acl_user = ACL_USERS.get(args.role, done.name)
+    if done.name != acl_user:
+        print(f"note: broker_config/acl.conf grants the {args.role}'s topics to user "
+              f"{acl_user}, not {done.name}: enroll that name, or edit the broker's acl.conf",
+              file=sys.stderr)
     if args.config:
         set_keys(args.config, done.keys(), comment=f"credentials of {done.name} (fedmq enroll)")
         print(f"wrote {', '.join(done.keys())} into {args.config}", file=sys.stderr)
@@ -201,7 +224,7 @@ def _cmd_enroll(args: argparse.Namespace) -> int:
     if args.cert:
         issued = pki.client(done.name)
         copies += [f"{issued.cert} -> {done.cert_file}",
-                   f"{issued.key} -> {done.key_file} (mode 0600, owner fedmq)"]
+                   f"{issued.key} -> {done.key_file} (mode 0600, owner {owner})"]
         print(f"enrolled {done.name} with a client certificate", file=sys.stderr)
     else:
         print(f"enrolled {done.name} in {args.password_file}; reload the broker: "
@@ -209,6 +232,6 @@ def _cmd_enroll(args: argparse.Namespace) -> int:
     if done.model_public_key:
         copies.append(f"the aggregator's {PUBLIC_NAME} -> {done.model_public_key}")
     print(f"copy to {done.name}'s machine: " + "; ".join(copies), file=sys.stderr)
-    print(f"keep {args.config or 'the config'} readable by root and fedmq only (or by the "
+    print(f"keep {args.config or 'the config'} readable by root and {owner} only (or by the "
           "user running the service): it holds the credentials", file=sys.stderr)
     return 0

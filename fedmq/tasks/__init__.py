@@ -27,7 +27,7 @@ import numpy as np
 from fedmq.errors import ConfigError, DataError, MissingExtraError
 from fedmq.models.base import LOCAL_OPTIMIZERS
 from fedmq.tasks import keyboard, sensor, synthetic, wearable
-from fedmq.tasks.partition import natural_partition, partition, train_test_split
+from fedmq.tasks.partition import check_partitioner, partition, split_by, train_test_split
 
 
 @dataclass(frozen=True)
@@ -224,11 +224,14 @@ def _digits_split(*, seed: int, test_fraction: float) -> Split:
     return data.subset(train), data.subset(test)
 
 
-def _digits_shards(*, device_count: int, alpha: float, seed: int,
+# Index arrays, one per device, from a pool's labels (and natural groups, if it has them).
+Splitter = Callable[..., list[np.ndarray]]
+
+
+def _digits_shards(*, split: Splitter, device_count: int, seed: int,
                    test_fraction: float) -> list[Dataset]:
     train, _ = _digits_split(seed=seed, test_fraction=test_fraction)
-    return [train.subset(p) for p in partition(train.y, devices=device_count, alpha=alpha,
-                                               seed=seed)]
+    return [train.subset(p) for p in split(train.y)]
 
 
 def _keyboard_split(*, seed: int, test_fraction: float) -> Split:
@@ -236,9 +239,10 @@ def _keyboard_split(*, seed: int, test_fraction: float) -> Split:
     return Dataset(*train), Dataset(*test)
 
 
-def _keyboard_shards(*, device_count: int, alpha: float, seed: int,
+def _keyboard_shards(*, split: Splitter, device_count: int, seed: int,
                      test_fraction: float) -> list[Dataset]:
-    """Device i types the i-th role of a seeded order: non-IID by nature, alpha unused."""
+    """Device i types the i-th role of a seeded order: non-IID by nature (its only
+    partition, so `split` is unused)."""
     texts = keyboard.device_texts(device_count=device_count, seed=seed,
                                   test_fraction=test_fraction)
     return [Dataset(*keyboard.windows(ids)) for ids in texts]
@@ -259,12 +263,11 @@ def _sensor_split(*, as_features: bool) -> Callable[..., Split]:
 
 
 def _sensor_shards(*, as_features: bool) -> Callable[..., list[Dataset]]:
-    def shards(*, device_count: int, alpha: float, seed: int,
+    def shards(*, split: Splitter, device_count: int, seed: int,
                test_fraction: float) -> list[Dataset]:
-        """Whole training recordings per device (Dirichlet over their labels, or IID)."""
+        """Whole training recordings per device, split over their labels."""
         (x, y), _ = sensor.load_recordings()
-        return [_sensor_data(x[p], y[p], as_features=as_features)
-                for p in partition(y, devices=device_count, alpha=alpha, seed=seed)]
+        return [_sensor_data(x[p], y[p], as_features=as_features) for p in split(y)]
     return shards
 
 
@@ -275,13 +278,12 @@ def _wearable_split(*, seed: int, test_fraction: float) -> Split:
     return Dataset(x, y), Dataset(tx, ty)
 
 
-def _wearable_shards(*, device_count: int, alpha: float, seed: int,
+def _wearable_shards(*, split: Splitter, device_count: int, seed: int,
                      test_fraction: float) -> list[Dataset]:
-    """One subject per device (fewer devices: whole subjects dealt round-robin over a
-    seeded order); alpha unused: the subjects are the skew."""
+    """Naturally one subject per device (fewer devices: whole subjects dealt round-robin
+    over a seeded order); the other partitions split the windows by label."""
     x, y, subject = wearable.split(test_fraction=test_fraction)[0]
-    return [Dataset(x[p], y[p])
-            for p in natural_partition(subject, devices=device_count, seed=seed)]
+    return [Dataset(x[p], y[p]) for p in split(y, groups=subject)]
 
 
 _SPLITS: dict[str, Callable[..., Split]] = {
@@ -296,6 +298,38 @@ _SHARDS: dict[str, Callable[..., list[Dataset]]] = {
     "sensor-features": _sensor_shards(as_features=True),
     "wearable": _wearable_shards,
 }
+# The partition of each bundled pool's devices unless one is chosen (dirichlet at alpha 0
+# is IID). Keyboard's devices are its roles, a synthetic device is generated on its own
+# and a user task's load_data splits its own data: their one partition is their own.
+_OWN_PARTITION = {"digits": "dirichlet", "sensor": "dirichlet",
+                  "sensor-features": "dirichlet", "wearable": "natural"}
+
+
+def task_partition(name: str, partition: str = "") -> str:
+    """The partitioner task `name`'s devices are split by: `partition`, or the task's own
+    if empty ("" for a user task, which splits its data itself). A partition the task
+    cannot have fails here, naming the ones it can."""
+    task_spec(name)
+    if partition:
+        check_partitioner(partition)
+    own = _OWN_PARTITION.get(name)
+    if own is not None:
+        if partition == "natural" and own != "natural":
+            raise ConfigError(f"task {name!r} has no natural groups (speakers, subjects) to "
+                              "keep whole: use iid, dirichlet or shards")
+        return partition or own
+    if _user_task(name) is not None:
+        if partition:
+            raise ConfigError(f"task {name!r} is a user task: its load_data splits its own "
+                              f"data (Device.index, .count, .alpha); leave out --partition "
+                              f"{partition}")
+        return ""
+    if partition not in ("", "natural"):
+        raise ConfigError(f"task {name!r} gives each device its own data (a role, a "
+                          f"generated device): its only partition is natural, not "
+                          f"{partition!r}; leave out --partition or split digits, sensor, "
+                          f"sensor-features or wearable")
+    return "natural"
 
 
 def load_task(name: str) -> Dataset:
@@ -342,34 +376,43 @@ def held_out_set(name: str, *, seed: int, test_fraction: float = 0.2) -> Dataset
 
 
 def device_shards(name: str, *, device_count: int, alpha: float, seed: int,
-                  test_fraction: float = 0.2) -> list[Dataset]:
+                  test_fraction: float = 0.2, partition: str = "",
+                  shards_per_device: int = 2) -> list[Dataset]:
     """The training data of devices 0..device_count-1, none of it in the test set.
 
-    digits: Dirichlet(alpha) label skew over the train pool (alpha 0: IID); sensor: the
-    same over whole recordings; keyboard: one role per device (alpha unused); wearable: one
-    subject per device (alpha unused); synthetic:
-    each device's own generated data (alpha unused: the task name sets its skew); a user
+    Split by `partition` (fedmq.tasks.partition's registry; alpha: dirichlet's skew,
+    shards_per_device: shards' labels per device) or, if empty, the task's own: digits,
+    Dirichlet(alpha) label skew over the train pool (alpha 0: IID); sensor: the same over
+    whole recordings; wearable: one subject per device; keyboard: one role per device;
+    synthetic: each device's own generated data (the task name sets its skew); a user
     task: its load_data for each device.
     """
-    task_spec(name)
+    how = task_partition(name, partition)
     if synthetic.parse(name) is not None or _user_task(name) is not None:
         if device_count < 1:
             raise ConfigError(f"need at least one device, got {device_count}")
         return [device_shard(name, device_index=i, device_count=device_count, alpha=alpha,
                              seed=seed, test_fraction=test_fraction)
                 for i in range(device_count)]
-    return _SHARDS[name](device_count=device_count, alpha=alpha, seed=seed,
+    if how == "dirichlet" and alpha == 0 and not partition:
+        how = "iid"  # the tasks' own split, as --alpha 0 has always meant
+
+    def split(labels: np.ndarray, groups: np.ndarray | None = None) -> list[np.ndarray]:
+        return split_by(how, labels, devices=device_count, seed=seed, alpha=alpha,
+                        k=shards_per_device, groups=groups)
+    return _SHARDS[name](split=split, device_count=device_count, seed=seed,
                          test_fraction=test_fraction)
 
 
 
 def device_data(name: str, *, device_count: int, alpha: float, seed: int,
-                test_fraction: float = 0.2) -> Callable[[int], Dataset]:
+                test_fraction: float = 0.2, partition: str = "",
+                shards_per_device: int = 2) -> Callable[[int], Dataset]:
     """Device i's training data, as a function: a synthetic device's is generated when asked
     (a big simulated fleet holds no data for devices that are not training); any other
     task's fleet is partitioned once, here, and indexed (a user task's load_data is called
-    when asked, like a synthetic device's)."""
-    task_spec(name)
+    when asked, like a synthetic device's). partition: as device_shards."""
+    task_partition(name, partition)
     if synthetic.parse(name) is not None or _user_task(name) is not None:
         if device_count < 1:
             raise ConfigError(f"need at least one device, got {device_count}")
@@ -379,8 +422,10 @@ def device_data(name: str, *, device_count: int, alpha: float, seed: int,
                                 alpha=alpha, seed=seed, test_fraction=test_fraction)
         return generated
     shards = device_shards(name, device_count=device_count, alpha=alpha, seed=seed,
-                           test_fraction=test_fraction)
+                           test_fraction=test_fraction, partition=partition,
+                           shards_per_device=shards_per_device)
     return shards.__getitem__
+
 
 def fleet_test_set(name: str, *, device_count: int, seed: int,
                    test_fraction: float = 0.2) -> Dataset:
@@ -404,13 +449,14 @@ def fleet_test_set(name: str, *, device_count: int, seed: int,
 
 def device_shard(
     name: str, *, device_index: int, device_count: int, alpha: float, seed: int,
-    test_fraction: float = 0.2,
+    test_fraction: float = 0.2, partition: str = "", shards_per_device: int = 2,
 ) -> Dataset:
     """Device `device_index`'s share of the task's training data (synthetic: generated on
-    its own, from the seed and the index alone; a user task: its load_data)."""
+    its own, from the seed and the index alone; a user task: its load_data). partition:
+    as device_shards."""
     if not 0 <= device_index < device_count:
         raise ConfigError(f"device index {device_index} must be in [0, {device_count})")
-    task_spec(name)
+    task_partition(name, partition)
     user = _user_task(name)
     if user is not None:
         from fedmq.api import Device
@@ -423,8 +469,10 @@ def device_shard(
                                           test_fraction=test_fraction)
         return Dataset(*train)
     return device_shards(name, device_count=device_count, alpha=alpha, seed=seed,
-                         test_fraction=test_fraction)[device_index]
+                         test_fraction=test_fraction, partition=partition,
+                         shards_per_device=shards_per_device)[device_index]
 
 
 __all__ = ["FEATURE_MODELS", "TASKS", "Dataset", "TaskSpec", "device_shard", "device_shards",
-           "fleet_test_set", "held_out_set", "load_task", "split_task", "task_spec"]
+           "fleet_test_set", "held_out_set", "load_task", "partition", "split_task",
+           "task_partition", "task_spec"]

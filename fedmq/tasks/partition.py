@@ -260,13 +260,18 @@ for _name, _fn in _BUILTIN.items():
     register_partitioner(_name, _fn)
 
 
-def split_by(name: str, labels: np.ndarray, *, devices: int, seed: int, alpha: float = 0.5,
-             k: int = 2, groups: np.ndarray | None = None) -> list[np.ndarray]:
-    """Partition with the registered partitioner `name` (alpha: dirichlet's skew; k:
-    shards' labels per device; groups: natural's group of each example)."""
+def check_partitioner(name: str) -> Partitioner:
+    """The registered partitioner `name`; an unknown name fails listing the known ones."""
     fn = PARTITIONERS.get(name)
     if fn is None:
         raise ConfigError(f"unknown partitioner {name!r}; available: "
                           f"{', '.join(sorted(PARTITIONERS))}")
-    return fn(np.asarray(labels), devices=devices, seed=seed, alpha=alpha, k=k,
-              groups=groups)
+    return fn
+
+
+def split_by(name: str, labels: np.ndarray, *, devices: int, seed: int, alpha: float = 0.5,
+             k: int = 2, groups: np.ndarray | None = None) -> list[np.ndarray]:
+    """Partition with the registered partitioner `name` (alpha: dirichlet's skew; k:
+    shards' labels per device; groups: natural's group of each example)."""
+    return check_partitioner(name)(np.asarray(labels), devices=devices, seed=seed,
+                                   alpha=alpha, k=k, groups=groups)

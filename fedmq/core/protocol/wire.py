@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import MISSING, field
 from typing import Any, ClassVar, TypeVar, Union
 
@@ -86,62 +87,110 @@ def peek_kind(payload: bytes) -> str:
     return kind
 
 
-def _check_type(value: Any, expected: Any, where: str) -> Any:
-    """Check one decoded value against a (simple) type annotation; return it normalised."""
-    origin = typing.get_origin(expected)
-    if origin in (Union, types.UnionType):
-        errors = []
-        for option in typing.get_args(expected):
-            try:
-                return _check_type(value, option, where)
-            except ProtocolError as exc:
-                errors.append(str(exc))
-        raise ProtocolError(f"{where}: {value!r:.40} matches none of {expected}")
-    if expected is type(None):
-        if value is None:
-            return None
-        raise ProtocolError(f"{where}: expected nil")
-    if expected is Any:
-        return value
-    if dataclasses.is_dataclass(expected) and issubclass(expected, WireObject):
-        return expected.from_wire(value, where)
-    if expected is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif expected is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif expected is bytes:
-        if isinstance(value, (bytes, bytearray)):
-            return bytes(value)
-    elif expected in (str, bool):
-        if isinstance(value, expected):
-            return value
-    elif origin in (dict,) or expected is dict:
-        if isinstance(value, dict):
-            return value
-    elif origin in (list, tuple) or expected in (list, tuple):
-        if isinstance(value, (list, tuple)):
-            args = typing.get_args(expected)
-            if args and origin is list:
-                return [_check_type(v, args[0], f"{where}[]") for v in value]
-            return list(value) if origin is list else tuple(value)
-    else:  # pragma: no cover - programming error in a message definition
-        raise TypeError(f"unsupported wire type {expected!r}")
-    name = getattr(expected, "__name__", str(expected))
-    raise ProtocolError(f"{where}: expected {name}, got {type(value).__name__}")
+Checker = Callable[[Any, str], Any]
 
 
 @functools.cache
-def _schema(cls: type) -> tuple[tuple[str, str, Any, bool], ...]:
-    """(field name, wire key, type, required) per field, resolved once per class:
+def _checker(expected: Any) -> Checker:
+    """A function that checks one decoded value against a (simple) type annotation and
+    returns it normalised; built once per annotation, since working the annotation out
+    with typing's introspection on every field of every message cost a device ~1 ms of
+    CPU per round (a yappi profile of digits rounds)."""
+    origin = typing.get_origin(expected)
+    if origin in (Union, types.UnionType):
+        options = tuple(_checker(option) for option in typing.get_args(expected))
+
+        def check_union(value: Any, where: str) -> Any:
+            for option in options:
+                try:
+                    return option(value, where)
+                except ProtocolError:
+                    pass
+            raise ProtocolError(f"{where}: {value!r:.40} matches none of {expected}")
+        return check_union
+    if expected is type(None):
+        def check_nil(value: Any, where: str) -> None:
+            if value is None:
+                return None
+            raise ProtocolError(f"{where}: expected nil")
+        return check_nil
+    if expected is Any:
+        return lambda value, where: value
+    if dataclasses.is_dataclass(expected) and issubclass(expected, WireObject):
+        return expected.from_wire
+    name = getattr(expected, "__name__", str(expected))
+
+    def wrong(value: Any, where: str) -> typing.NoReturn:
+        raise ProtocolError(f"{where}: expected {name}, got {type(value).__name__}")
+
+    if expected is float:
+        def check_float(value: Any, where: str) -> float:
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return float(value)
+            wrong(value, where)
+        return check_float
+    if expected is int:
+        def check_int(value: Any, where: str) -> int:
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+            wrong(value, where)
+        return check_int
+    if expected is bytes:
+        def check_bytes(value: Any, where: str) -> bytes:
+            if isinstance(value, (bytes, bytearray)):
+                return bytes(value)
+            wrong(value, where)
+        return check_bytes
+    if expected in (str, bool):
+        def check_scalar(value: Any, where: str) -> Any:
+            if isinstance(value, expected):
+                return value
+            wrong(value, where)
+        return check_scalar
+    if origin in (dict,) or expected is dict:
+        def check_map(value: Any, where: str) -> dict:
+            if isinstance(value, dict):
+                return value
+            wrong(value, where)
+        return check_map
+    if origin in (list, tuple) or expected in (list, tuple):
+        args = typing.get_args(expected)
+        if args and origin is list:
+            item = _checker(args[0])
+
+            def check_list_of(value: Any, where: str) -> list:
+                if isinstance(value, (list, tuple)):
+                    inner = f"{where}[]"
+                    return [item(v, inner) for v in value]
+                wrong(value, where)
+            return check_list_of
+        as_list = origin is list
+
+        def check_sequence(value: Any, where: str) -> Any:
+            if isinstance(value, (list, tuple)):
+                return list(value) if as_list else tuple(value)
+            wrong(value, where)
+        return check_sequence
+    raise TypeError(f"unsupported wire type {expected!r}")  # a message definition's bug
+
+
+@functools.cache
+def _schema(cls: type) -> tuple[tuple[str, str, Checker, bool], ...]:
+    """(field name, wire key, checker, required) per field, resolved once per class:
     typing.get_type_hints costs more than decoding a whole update."""
     hints = typing.get_type_hints(cls)
     return tuple(
-        (f.name, f.metadata["wire"], hints[f.name],
+        (f.name, f.metadata["wire"], _checker(hints[f.name]),
          f.default is MISSING and f.default_factory is MISSING)
         for f in dataclasses.fields(cls)
     )
+
+
+@functools.cache
+def _wire_fields(cls: type) -> tuple[tuple[str, str, bool, Any], ...]:
+    """(field name, wire key, omit_default, default) per field, once per class."""
+    return tuple((f.name, f.metadata["wire"], bool(f.metadata.get("omit_default")),
+                  f.default) for f in dataclasses.fields(cls))
 
 
 class WireObject:
@@ -149,15 +198,15 @@ class WireObject:
 
     def to_wire(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
-        for f in dataclasses.fields(self):  # type: ignore[arg-type]
-            value = getattr(self, f.name)
-            if f.metadata.get("omit_default") and value == f.default:
+        for name, key, omit_default, default in _wire_fields(type(self)):
+            value = getattr(self, name)
+            if omit_default and value == default:
                 continue
             if isinstance(value, WireObject):
                 value = value.to_wire()
             elif isinstance(value, (list, tuple)):
                 value = [v.to_wire() if isinstance(v, WireObject) else v for v in value]
-            out[f.metadata["wire"]] = value
+            out[key] = value
         return out
 
     @classmethod
@@ -166,12 +215,12 @@ class WireObject:
         if not isinstance(data, dict):
             raise ProtocolError(f"{where}: expected a map, got {type(data).__name__}")
         kwargs = {}
-        for name, key, kind, required in _schema(cls):
+        for name, key, check, required in _schema(cls):
             if key not in data:
                 if required:
                     raise ProtocolError(f"{where}: missing field {key!r} ({name})")
                 continue
-            kwargs[name] = _check_type(data[key], kind, f"{where}.{name}")
+            kwargs[name] = check(data[key], f"{where}.{name}")
         try:
             return cls(**kwargs)
         except ProtocolError:

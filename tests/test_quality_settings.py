@@ -1,0 +1,31 @@
+"""benchmarks/quality.py's per-task settings are valid simulate options, and its central run
+trains with the local epochs, lr and batch the devices are told (not the task's defaults
+when a row changes them)."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks.quality import SETTINGS, TASKS, VARIANTS, local_training
+from fedmq.tasks import task_spec
+from simulator.fleet import SimulationConfig
+
+
+@pytest.mark.parametrize("name", TASKS + VARIANTS)
+def test_every_row_is_a_valid_simulation(name):
+    setting = SETTINGS[name]
+    task = setting.task or name
+    config = SimulationConfig(task=task, devices=setting.devices, rounds=setting.rounds,
+                              dropout=0.3, **dict(setting.overrides))
+    assert config.rounds == setting.rounds and config.quorum == setting.devices - round(
+        0.3 * setting.devices)
+
+
+def test_the_central_run_trains_as_the_devices_are_told():
+    spec = task_spec("synthetic")
+    own = local_training("synthetic", devices=3, rounds=2, seed=0, overrides={})
+    assert (own.epochs, own.lr, own.batch_size, own.max_steps) == (
+        spec.epochs, spec.lr, spec.batch_size, spec.max_steps)
+    changed = local_training("synthetic", devices=3, rounds=2, seed=0,
+                             overrides={"epochs": 1, "lr": 0.02, "optimizer": "fedadam"})
+    assert (changed.epochs, changed.lr, changed.batch_size) == (1, 0.02, spec.batch_size)

@@ -5,13 +5,7 @@ from __future__ import annotations
 import argparse
 
 from aggregator.config import AggregatorConfig
-from fedmq.runtime import (
-    add_config_flags,
-    config_from_args,
-    setup_logging,
-    stop_on_signals,
-    wait_for_signal,
-)
+from fedmq.runtime import add_config_flags, config_from_args, serve, setup_logging
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -30,10 +24,4 @@ def run(args: argparse.Namespace) -> int:
         from aggregator.service import AggregatorService
 
         service = AggregatorService(config)
-    stop = stop_on_signals()
-    service.start()
-    try:
-        wait_for_signal(service.finished, stop=stop)
-    finally:
-        service.stop()
-    return 1 if service.failure is not None else 0
+    return serve(service, done=service.finished)

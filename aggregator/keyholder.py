@@ -33,9 +33,8 @@ from fedmq.keyfiles import warn_if_shared
 from fedmq.runtime import (
     add_config_flags,
     config_from_args,
+    serve,
     setup_logging,
-    stop_on_signals,
-    wait_for_signal,
 )
 from fedmq.transport.mqtt import MqttLink
 
@@ -215,10 +214,4 @@ def run(args: argparse.Namespace) -> int:
     config = config_from_args(KeyHolderConfig, args)
     setup_logging(config.log_level, config.log_format)
     service = KeyHolderService(config)
-    stop = stop_on_signals()
-    service.start()
-    try:
-        wait_for_signal(service.finished, stop=stop)
-    finally:
-        service.stop()
-    return 1 if service.failure is not None else 0
+    return serve(service, done=service.finished)

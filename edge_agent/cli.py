@@ -9,9 +9,8 @@ from edge_agent.config import AgentConfig
 from fedmq.runtime import (
     add_config_flags,
     config_from_args,
+    serve,
     setup_logging,
-    stop_on_signals,
-    wait_for_signal,
 )
 
 
@@ -43,10 +42,4 @@ def run(args: argparse.Namespace) -> int:
         log.warning("state_dir is not set: updates awaiting their receipt and the error-"
                     "feedback residual live in memory and are lost if this agent restarts; "
                     "set state_dir (e.g. /var/lib/fedmq) to keep them")
-    stop = stop_on_signals()
-    agent.start()
-    try:
-        wait_for_signal(stop=stop)
-    finally:
-        agent.stop()
-    return 0
+    return serve(agent)

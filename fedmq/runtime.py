@@ -99,6 +99,18 @@ def wait_for_signal(done: threading.Event | None = None, *,
         stop.wait(0.5)
 
 
+def serve(service: Any, *, done: threading.Event | None = None) -> int:
+    """Start `service`, run it until SIGTERM/SIGINT or `done`, stop it cleanly: the exit
+    status, 1 if it recorded a `failure`. Signals are caught before it starts."""
+    stop = stop_on_signals()
+    service.start()
+    try:
+        wait_for_signal(done, stop=stop)
+    finally:
+        service.stop()
+    return 1 if getattr(service, "failure", None) is not None else 0
+
+
 def add_config_flags(parser: argparse.ArgumentParser, cls: type, *, with_file: bool) -> None:
     """`--config TOML` (services) and one flag per key of `cls`."""
     if with_file:

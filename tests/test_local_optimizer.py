@@ -7,14 +7,7 @@ import pytest
 from fedmq.errors import ConfigError
 from fedmq.models import build_model
 
-SMALL = {"vocab": 96, "seq_len": 12, "embed": 4, "hidden": 16, "layers": 1, "threads": 1}
-
-
-def _data(n=40, seed=0):
-    rng = np.random.default_rng(seed)
-    text = rng.integers(1, 96, n + SMALL["seq_len"])
-    x = np.lib.stride_tricks.sliding_window_view(text, SMALL["seq_len"])[:n]
-    return np.ascontiguousarray(x), text[SMALL["seq_len"]:SMALL["seq_len"] + n]
+from .test_char_loss import SMALL, _data
 
 
 def _one_step(model, x, y, lr, **kwargs):

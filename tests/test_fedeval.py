@@ -350,21 +350,32 @@ def test_personal_layers_refuse_a_bad_state(state):
 
 
 # -- a user's task: its Trainer scores and personalizes like a bundled model ----------------
-def test_a_user_task_scores_personalizes_and_sends_only_its_shared_arrays():
-    from edge_agent.agent import LocalTrainer
-    from fedmq.core.transfer import ReceivedModel
+BLOBS = "tests.user_tasks.numpy_task:BlobsTask"
+
+
+def blobs_round(**announced):
+    """A user task's device shard (loading the task first), its model, the model's
+    parameters, and a round-1 announcement of them with `announced` fields."""
     from fedmq.models import build_model
     from fedmq.tasks import device_shard
 
-    task = "tests.user_tasks.numpy_task:BlobsTask"
-    data = device_shard(task, device_index=0, device_count=2, alpha=0.0, seed=0)
-    model = build_model(task, {})
+    data = device_shard(BLOBS, device_index=0, device_count=2, alpha=0.0, seed=0)
+    model = build_model(BLOBS, {})
     params = model.get_flat()
     info, _ = encode_model(params, codec="float32", version=0)
     a = ModelAnnouncement(fleet="f", version=0, round=1, model=model.name, model_config={},
                           layout=model.layout.to_wire(), layout_hash=model.layout.hash,
                           task=TaskConfig(epochs=1, batch_size=16, lr=0.2), payload=info,
-                          evaluate=1.0, personal=("b",), finetune_steps=5)
+                          **announced)
+    return data, model, params, a
+
+
+def test_a_user_task_scores_personalizes_and_sends_only_its_shared_arrays():
+    from edge_agent.agent import LocalTrainer
+    from fedmq.core.transfer import ReceivedModel
+
+    task = BLOBS
+    data, model, params, a = blobs_round(evaluate=1.0, personal=("b",), finetune_steps=5)
     trainer = LocalTrainer(device_id="d0", data=data, codec="float32", seed=1, task=task,
                            holdout=0.25)
     assert len(trainer.eval_data) == round(len(data) * 0.25)

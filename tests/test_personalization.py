@@ -19,6 +19,8 @@ from fedmq.errors import ConfigError, ProtocolError
 from fedmq.models import build_model
 from fedmq.tasks import partition, split_task
 
+from .test_fedeval import BLOBS, blobs_round
+
 TASK = TaskConfig(epochs=1, batch_size=16, lr=0.2, max_steps=10)
 CONFIG = {"inputs": 64, "classes": 10, "hidden": 16}
 
@@ -170,19 +172,9 @@ def test_fedrep_refits_the_personal_layers_to_the_announced_model_before_scoring
 
 
 def test_fedrep_and_checked_fine_tuning_work_around_a_users_trainer():
-    from fedmq.tasks import device_shard
-
-    task = "tests.user_tasks.numpy_task:BlobsTask"
-    data = device_shard(task, device_index=0, device_count=2, alpha=0.0, seed=0)  # loads it
-    model = build_model(task, {})
-    params = model.get_flat()
-    info, _ = encode_model(params, codec="float32", version=0)
-    a = ModelAnnouncement(fleet="f", version=0, round=1, model=model.name, model_config={},
-                          layout=model.layout.to_wire(), layout_hash=model.layout.hash,
-                          task=TaskConfig(epochs=1, batch_size=16, lr=0.2), payload=info,
-                          personal=("b",), personal_steps=3, finetune_steps=6,
-                          finetune_check=2)
-    device = LocalTrainer(device_id="d0", data=data, codec="float32", seed=1, task=task,
+    data, model, params, a = blobs_round(personal=("b",), personal_steps=3,
+                                         finetune_steps=6, finetune_check=2)
+    device = LocalTrainer(device_id="d0", data=data, codec="float32", seed=1, task=BLOBS,
                           holdout=0.25)
     mask = LayoutMask(model.layout, ("b",))
     report = device.evaluate(ReceivedModel(a, params, 0))

@@ -102,7 +102,9 @@ class ServiceLoop:
         """The next inbox item (waiting up to a tick, or until held replies are due to be
         written), plus whatever else already waits."""
         timeout = TICK_S
-        if self._linger_until is not None:
+        # while a write is in flight the held replies wait for it anyway, and WRITER_IDLE
+        # wakes the loop when it is done: no spinning on an expired linger meanwhile
+        if self._linger_until is not None and self.writer.idle:
             timeout = min(timeout, max(0.0, self._linger_until - time.monotonic()))
         try:
             batch = [self._inbox.get(timeout=timeout)]

@@ -68,8 +68,6 @@ _HEADER = struct.Struct("<4sIQQI")  # magic, format, sequence, body length, CRC3
 _MAGIC = b"FQJ1"
 _FORMAT = 1
 _SLOTS = 2
-# fdatasync skips the metadata a slot rewritten in place does not need; macOS lacks it.
-_datasync = getattr(os, "fdatasync", os.fsync)
 
 
 @dataclass
@@ -147,11 +145,11 @@ class CheckpointStore:
             if fd is None:
                 fd = self._fds[self.history_path] = os.open(self.history_path, os.O_WRONLY)
             frames = b"".join(map(_frame, history[self._history_count:]))
-            _pwrite_all(fd, [frames], os.fstat(fd).st_size)
+            storage.pwrite_all(fd, [frames], os.fstat(fd).st_size)
             self._history_count = len(history)
             if start > self._history_synced or \
                     self._history_count - self._history_synced >= HISTORY_INLINE // 2:
-                _datasync(fd)
+                storage.datasync(fd)
                 self._history_synced = self._history_count
         rest = {k: v for k, v in state.items() if k != "history"}
         return {**rest, "history_tail": history[start:], "history_total": len(history)}
@@ -178,15 +176,15 @@ class CheckpointStore:
             journal, appended=(lambda marker: self._append(marker, unsynced)) if appended
             else None)
         for fd in unsynced:  # the entries are on disk before the slot that counts them
-            _datasync(fd)
+            storage.datasync(fd)
         length, crc = 0, 0
         for part in parts:
             length += len(part)
             crc = zlib.crc32(part, crc)
         fd = self._slot_fd(path)
-        written = _pwrite_all(fd, [_HEADER.pack(_MAGIC, _FORMAT, self._seq, length, crc),
+        written = storage.pwrite_all(fd, [_HEADER.pack(_MAGIC, _FORMAT, self._seq, length, crc),
                                    *parts], 0)
-        _datasync(fd)
+        storage.datasync(fd)
         return written + sum(unsynced.values())
 
     def _append(self, marker: storage.AppendOnly, unsynced: dict[int, int]) -> dict[str, Any]:
@@ -208,7 +206,7 @@ class CheckpointStore:
             fd = self._slot_fd(self._side_path(marker.name, side.index))
             frames = b"".join(_frame([side.tag, entry])
                               for entry in marker.packed(side.count))
-            side.nbytes += _pwrite_all(fd, [frames], side.nbytes)
+            side.nbytes += storage.pwrite_all(fd, [frames], side.nbytes)
             side.count = marker.count
             unsynced[fd] = unsynced.get(fd, 0) + len(frames)
         return {_APPENDED: marker.name, "file": side.index, "tag": side.tag,
@@ -294,19 +292,6 @@ def _frame(record: Any) -> bytes:
     """A record of an append-only file: length, CRC32, msgpack."""
     body = storage.dumps(record)
     return _FRAME.pack(len(body), zlib.crc32(body)) + body
-
-
-def _pwrite_all(fd: int, buffers: Sequence[bytes | memoryview], offset: int) -> int:
-    """Write `buffers` one after another from `offset` (pwrite may stop short: whatever
-    is left goes on); the bytes written."""
-    start = offset
-    for buffer in buffers:
-        view = memoryview(buffer)
-        while view:
-            written = os.pwrite(fd, view, offset)
-            offset += written
-            view = view[written:]
-    return offset - start
 
 
 def _read_frames(path: Path, *, limit: int) -> list[Any]:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from fedmq.core.outbox import MAX_BACKOFF_S, WARN_AFTER_SENDS, Pending
 from fedmq.core.outbox import Outbox as Ledger
-from fedmq.storage import fsync_dir
+from fedmq.storage import datasync, fsync_dir, pwrite_all
 
 __all__ = ["MAX_BACKOFF_S", "WARN_AFTER_SENDS", "Outbox", "Pending"]
 
@@ -40,8 +40,6 @@ _FREE = b"\0\0\0\0"
 # Slots kept on disk once free (a device offline for long may have piled up more):
 # further ones are deleted when their receipt arrives.
 KEEP_SLOTS = 4
-# fdatasync skips the metadata an in-place rewrite does not need; macOS lacks it.
-_datasync = getattr(os, "fdatasync", os.fsync)
 
 
 class Outbox(Ledger):
@@ -106,14 +104,8 @@ class Outbox(Ledger):
         created = not path.exists()
         fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
         try:
-            offset = 0
-            for buffer in (header, key, payload):  # pwrite may stop short; the rest goes on
-                view = memoryview(buffer)
-                while view:
-                    written = os.pwrite(fd, view, offset)
-                    offset += written
-                    view = view[written:]
-            _datasync(fd)
+            pwrite_all(fd, (header, key, payload), 0)
+            datasync(fd)
         finally:
             os.close(fd)
         if created:  # the new name itself must survive a crash

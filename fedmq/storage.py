@@ -205,6 +205,24 @@ def _check_ancestors(folder: Path) -> None:
             return
 
 
+# fdatasync skips the metadata an in-place rewrite does not need; macOS lacks it.
+datasync = getattr(os, "fdatasync", os.fsync)
+
+
+def pwrite_all(fd: int, buffers: Sequence[bytes | memoryview], offset: int) -> int:
+    """Write `buffers` one after another from `offset` (pwrite may stop short: whatever
+    is left goes on); the bytes written. For files rewritten in place (checkpoint slots,
+    the device's outbox slots)."""
+    start = offset
+    for buffer in buffers:
+        view = memoryview(buffer)
+        while view:
+            written = os.pwrite(fd, view, offset)
+            offset += written
+            view = view[written:]
+    return offset - start
+
+
 def fsync_dir(path: str | os.PathLike[str]) -> None:
     """Make the names in a directory (a rename, a new file) survive a crash."""
     dir_fd = os.open(path, os.O_RDONLY)

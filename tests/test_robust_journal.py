@@ -164,7 +164,7 @@ def test_entries_are_synced_before_the_journal_that_counts_them(tmp_path, monkey
         synced.append(Path(os.readlink(f"/proc/self/fd/{fd}")).name)
         os.fsync(fd)
 
-    monkeypatch.setattr(checkpoint, "_datasync", datasync)
+    monkeypatch.setattr(checkpoint.storage, "datasync", datasync)
     store = CheckpointStore(tmp_path / "agg.ckpt")
     items = [entry(1)]
     store.save(state(0, []))

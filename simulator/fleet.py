@@ -179,6 +179,8 @@ class Simulation:
             self.broker.workdir.mkdir(parents=True, exist_ok=True)
             self.broker.start()
             url = self.broker.url
+            if c.mqtt_version == "auto":  # our own mosquitto speaks 5: nothing to find out
+                c = self.config = dataclasses.replace(c, mqtt_version="5")
         else:
             c = self.config = self._settle_mqtt_version(c)
         fleet = c.fleet or f"sim-{os.urandom(3).hex()}"

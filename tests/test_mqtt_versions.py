@@ -36,8 +36,10 @@ class RefusingBroker:
     fixed header) and accepts 3.1.1, acknowledging subscriptions and pings: all a link
     needs to say it is connected."""
 
-    def __init__(self, refusal: bytes, *, refuse_subscriptions: int = 0) -> None:
-        self.refusal = refusal
+    def __init__(self, refusal: bytes | None, *, refuse_subscriptions: int = 0,
+                 answer_311: bool = True) -> None:
+        self.refusal = refusal  # None: hang up on a v5 CONNECT unanswered (RabbitMQ < 3.13)
+        self.answer_311 = answer_311  # False: hang up on 3.1.1 too (nothing behind a proxy)
         self.refuse_subscriptions = refuse_subscriptions  # the first N SUBSCRIBEs get 0x80
         self.subscribes = 0
         self.levels: list[int] = []  # protocol level of every CONNECT seen
@@ -89,6 +91,8 @@ class RefusingBroker:
                     return
                 level = packet[1][6]  # after the protocol name "MQTT" and its length
                 self.levels.append(level)
+                if (level == 5 and self.refusal is None) or not self.answer_311:
+                    return
                 if level == 5:
                     conn.sendall(bytes([0x20, len(self.refusal)]) + self.refusal)
                     return
@@ -153,6 +157,34 @@ def test_auto_falls_back_to_311_once_with_one_warning_naming_the_broker(refusing
     link.start()
     link.wait_connected(30)
     assert refusing.levels == [5, 4, 4] and len(fallback_warnings(caplog)) == 1
+
+
+def test_a_broker_that_hangs_up_on_5_gets_311_and_one_warning_once_it_answers(stoppers,
+                                                                            caplog):
+    """RabbitMQ before 3.13 closes an MQTT 5 connection without a CONNACK."""
+    caplog.set_level(logging.INFO)
+    fake = RefusingBroker(None)
+    stoppers(fake.close)
+    link = started(MqttLink(client_id="dev-a", broker=fake.url), stoppers)
+    link.wait_connected(60)
+    assert link.protocol_version == "3.1.1" and fake.levels == [5, 5, 4]
+    (warning,) = fallback_warnings(caplog)
+    assert fake.url in warning.message and "without answering" in warning.message
+
+
+def test_a_link_nobody_answers_is_not_taken_for_a_311_broker(stoppers, caplog):
+    """A proxy or load balancer with no broker behind it (or a simulated device cut off)
+    closes every connection: that says nothing of the version, so the link goes back to
+    5 after its 3.1.1 trial and says at WARNING, once, that nothing answers."""
+    caplog.set_level(logging.INFO)
+    fake = RefusingBroker(None, answer_311=False)
+    stoppers(fake.close)
+    link = started(MqttLink(client_id="dev-a", broker=fake.url), stoppers)
+    wait_for(lambda: len(fake.levels) >= 4, "four connection attempts", timeout=90)
+    assert fake.levels[:4] == [5, 5, 4, 5] and link.protocol_version == "5"
+    assert not fallback_warnings(caplog)
+    unanswered = [r for r in caplog.records if "without answering: is a broker" in r.message]
+    assert unanswered and unanswered[0].levelno == logging.WARNING
 
 
 def test_a_forced_version_5_fails_with_a_hint_and_3_1_1_goes_straight_in(refusing, stoppers):

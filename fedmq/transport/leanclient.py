@@ -68,6 +68,11 @@ class LeanClient(mqtt.Client):
         self._protocol = mqtt.MQTTv311
         self._clean_session = clean_session
 
+    def use_mqtt5(self) -> None:
+        """Speak MQTT 5 again from the next CONNECT on (a 3.1.1 trial that nobody answered
+        either); the session settings of 5 travel with connect()'s properties, kept."""
+        self._protocol = mqtt.MQTTv5
+
     def aim(self, host: str, port: int) -> None:
         """Make paho's next reconnect go to host:port (failing over to another broker).
         paho's own host/port setters refuse while its state still says connected, which it

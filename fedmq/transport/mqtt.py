@@ -50,7 +50,10 @@ _UNSUPPORTED_PROTOCOL = "Unsupported protocol version"
 _UNSUPPORTED_PROTOCOL_CODE = 0x84
 
 # With "auto": connections closed without a CONNACK, in a row, after which a broker that
-# never answered MQTT 5 is taken for one that cannot parse it (RabbitMQ before 3.13).
+# never answered MQTT 5 is tried with 3.1.1, in case it cannot parse 5 (RabbitMQ before
+# 3.13). Only a 3.1.1 CONNACK settles it: a link whose every connection is closed at once
+# (a TCP proxy or load balancer with no broker behind it, or a simulated device cut off)
+# goes back to 5, since its version was never the trouble.
 UNANSWERED_BEFORE_FALLBACK = 2
 
 # Handlers get fedmq's own Message: paho's MQTTMessage never reaches them.
@@ -241,6 +244,8 @@ class MqttLink:
         self._will_topic = will.topic if will is not None else ""
         self._closed_unanswered = 0  # connections closed before CONNACK, in a row
         self._answered_v5 = False  # a broker answered an MQTT 5 CONNECT of this link
+        self._trying_311 = ""  # why 3.1.1 is on trial (unanswered 5s), until a CONNACK
+        self._said_unanswered = False  # that neither version is answered, until connected
         if will is not None:
             self._client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
         jitter = random.uniform(1.0 - RECONNECT_JITTER, 1.0 + RECONNECT_JITTER)
@@ -384,6 +389,10 @@ class MqttLink:
             return
         self.refusal = None
         self._closed_unanswered = 0
+        self._said_unanswered = False
+        if self._trying_311:
+            self._trying_311, why = "", self._trying_311
+            self._say_fell_back(why)
         self._note_packet_limit(getattr(props, "MaximumPacketSize", None))
         with self._lock:
             active = list(self._subscriptions.items())
@@ -426,8 +435,17 @@ class MqttLink:
         return True
 
     def _fall_back_to_311(self, why: str) -> None:
-        self.protocol_version = "3.1.1"
-        self._client.use_mqtt311(clean_session=self.session_expiry_s <= 0)
+        self._use_version("3.1.1")
+        self._say_fell_back(why)
+
+    def _use_version(self, version: str) -> None:
+        self.protocol_version = version
+        if version == "3.1.1":
+            self._client.use_mqtt311(clean_session=self.session_expiry_s <= 0)
+        else:
+            self._client.use_mqtt5()
+
+    def _say_fell_back(self, why: str) -> None:
         log.warning("%s: broker %s does not speak MQTT 5 (%s); speaking MQTT 3.1.1 to it "
                     "(set mqtt_version = \"3.1.1\" to skip the attempt)", self.client_id,
                     self.address, why)
@@ -569,10 +587,24 @@ class MqttLink:
                     and self.mqtt_version == "auto" and self.protocol_version == "5"
                     and not self._answered_v5):
                 # RabbitMQ's MQTT plugin before 3.13 cannot parse an MQTT 5 CONNECT and
-                # hangs up without a CONNACK
+                # hangs up without a CONNACK: try 3.1.1, said once a CONNACK settles it
                 self._closed_unanswered = 0
-                self._fall_back_to_311(f"closed the connection {UNANSWERED_BEFORE_FALLBACK} "
-                                       "times without answering an MQTT 5 CONNECT")
+                self._trying_311 = (f"closed the connection {UNANSWERED_BEFORE_FALLBACK} "
+                                    "times without answering an MQTT 5 CONNECT")
+                self._use_version("3.1.1")
+                log.info("%s: %s %s; trying MQTT 3.1.1", self.client_id, self.address,
+                         self._trying_311)
+                return
+            if self._trying_311:
+                # 3.1.1 is not answered either: not a version problem, back to 5
+                self._trying_311 = ""
+                self._closed_unanswered = 0
+                self._use_version("5")
+                said, self._said_unanswered = self._said_unanswered, True
+                log.log(logging.INFO if said else logging.WARNING,
+                        "%s: %s closes MQTT 5 and 3.1.1 connections without answering: is "
+                        "a broker running behind that address? Trying MQTT 5 again",
+                        self.client_id, self.address)
                 return
             if (self.mqtt_version == "auto" and self.protocol_version == "5"
                     and not self._answered_v5):

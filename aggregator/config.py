@@ -18,6 +18,7 @@ from aggregator.strategy.accounting import accountant_names
 from aggregator.strategy.optimizers import ServerOptConfig, create_optimizer, optimizer_names
 from aggregator.strategy.privacy import CentralDP
 from aggregator.strategy.rules import rule_names
+from aggregator.strategy.schedule import cosine_lr
 from fedmq.config import BrokerConfig, option
 from fedmq.core import codecs, he
 from fedmq.core.chunking import Reassembler
@@ -180,6 +181,9 @@ class AggregatorConfig(BrokerConfig, RoundOptions):
     epochs: int = option(2, "local epochs per round on each device")
     batch_size: int = option(32, "local mini-batch size")
     lr: float = option(0.1, "local learning rate")
+    lr_decay: float = option(1.0, "the devices' learning rate at the last round, as a share "
+                             "of lr: it falls on a cosine over `rounds` (1: constant; below "
+                             "1 needs rounds)")
     max_steps: int = option(-1, "cap on local optimizer steps per round (-1: the task's "
                             "default, 50 for keyboard; 0: no cap)")
     prox_mu: float = option(0.0, "FedProx proximal term mu on the devices (0: plain FedAvg; "
@@ -335,6 +339,12 @@ class AggregatorConfig(BrokerConfig, RoundOptions):
         self.assignment_policy()
         self.reassembler()
         UpdateLimits.from_config(self)
+        if not (math.isfinite(self.lr_decay) and 0 < self.lr_decay <= 1):
+            raise ConfigError(f"lr_decay {self.lr_decay} must be in (0, 1] (1: a constant "
+                              "learning rate)")
+        if self.lr_decay < 1 and self.rounds < 1:
+            raise ConfigError(f"lr_decay {self.lr_decay} decays the learning rate over "
+                              "`rounds`: set rounds (it is 0, run until stopped)")
         try:
             self.task_config()
         except ProtocolError as exc:
@@ -520,8 +530,14 @@ class AggregatorConfig(BrokerConfig, RoundOptions):
     def reassembler(self) -> Reassembler:
         return Reassembler(timeout_s=self.chunk_timeout_s, max_pending_bytes=self.max_pending_bytes)
 
-    def task_config(self) -> TaskConfig:
-        return TaskConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
+    def round_lr(self, round: int) -> float:
+        """The devices' learning rate in `round` (lr_decay's cosine; lr when constant)."""
+        return cosine_lr(self.lr, floor=self.lr_decay, step=round, steps=self.rounds)
+
+    def task_config(self, round: int = 1) -> TaskConfig:
+        """What devices are asked to do in `round`."""
+        return TaskConfig(epochs=self.epochs, batch_size=self.batch_size,
+                          lr=self.round_lr(round),
                           deadline_s=self.deadline_s, prox_mu=self.prox_mu,
                           time_budget_s=self.time_budget_s,
                           max_steps=task_spec(self.task).max_steps if self.max_steps < 0

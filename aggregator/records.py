@@ -50,6 +50,7 @@ class RoundRecord:
     fleet_devices: int = 0
     personal_accuracy: float | None = None
     personal_loss: float | None = None
+    lr: float | None = None  # the devices' learning rate in the round (lr_decay's cosine)
 
     def to_dict(self) -> dict[str, Any]:
         # Every field is a number, a string or None: a flat copy, not dataclasses.asdict's

@@ -328,7 +328,8 @@ class AggregatorService(SecureAggregationDriver, KeyHolderDriver, ServiceLoop):
         cohort, tiers, assign = self._plan_round()
         return dict(fleet=c.fleet, model=c.model_name, model_config=c.model_config(),
                     layout=self.model.layout.to_wire(), layout_hash=self.model.layout.hash,
-                    task=c.task_config(), cohort=cohort, tiers=tiers, assign=assign,
+                    task=c.task_config(self.machine.round), cohort=cohort, tiers=tiers,
+                    assign=assign,
                     lineage=self.lineage, evaluate=c.evaluate_fraction,
                     personal=self.mask.patterns, finetune_steps=c.finetune_steps,
                     finetune_lr=c.finetune_lr, finetune_check=c.finetune_check,
@@ -352,7 +353,7 @@ class AggregatorService(SecureAggregationDriver, KeyHolderDriver, ServiceLoop):
             log.info("round %d: selected %d of %d online devices%s", m.round, len(cohort),
                      len(online), f" ({asked_before} asked before)" if asked_before else "")
         devices = {d: self.registry.devices[d].capabilities for d in (cohort or online)}
-        tiers, assign = assign_tasks(c.task_config(), devices, c.assignment_policy())
+        tiers, assign = assign_tasks(c.task_config(m.round), devices, c.assignment_policy())
         return cohort, tiers, assign
 
     # -- the loop ------------------------------------------------------------------------
@@ -529,7 +530,7 @@ class AggregatorService(SecureAggregationDriver, KeyHolderDriver, ServiceLoop):
             partial=result.partial,
             cohort=result.cohort,
             top3=top3, epsilon=self.machine.epsilon() if dp else None,
-            stopped=result.stopped,
+            stopped=result.stopped, lr=self.config.round_lr(result.round),
             **fleet_fields(fleet),
         )
         self.history.append(record)

@@ -8,7 +8,8 @@ protocol; wearable's the later part of every subject's recordings):
 - central: the task's model, built from the same seed, trained by the same local
   optimizer (SGD, the learning rate and batch size the devices are told) on the union of
   the devices' shards, for the compute the whole fleet spends: rounds x local epochs
-  passes over the data, capped at rounds x devices x the task's step cap where it has one
+  passes over the data, capped at rounds x devices (or clients per round) x the task's
+  step cap where it has one, each round's share at that round's learning rate
   (keyboard, synthetic). It is sequential SGD: the same number of gradients buys it far
   more progress than a round's average of device models buys the fleet, which is why the
   federated rows need their server optimizers and, for wearable and synthetic, more
@@ -42,6 +43,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from aggregator.strategy.schedule import cosine_lr
 from fedmq.core.protocol import TaskConfig
 from fedmq.models import build_model
 from fedmq.tasks import device_shards, fleet_test_set, task_spec
@@ -85,8 +87,8 @@ SETTINGS = {
     "digits": Setting(devices=10, rounds=40, quick_rounds=5, overrides=FEDAVGM),
     "sensor": Setting(devices=4, rounds=20, quick_rounds=5),
     "wearable": Setting(devices=10, rounds=50, quick_rounds=5, overrides=fedadam(0.05)),
-    "synthetic": Setting(devices=30, rounds=40, quick_rounds=5,
-                         overrides=(*fedadam(0.03), ("epochs", 1))),
+    "synthetic": Setting(devices=30, rounds=60, quick_rounds=5,
+                         overrides=(*fedadam(0.1), ("epochs", 1), ("lr_decay", 0.1))),
     "keyboard": Setting(devices=10, rounds=20, quick_rounds=3),
     "digits+fedavg": Setting(devices=10, rounds=20, quick_rounds=5, task="digits"),
     "wearable+fedavg": Setting(devices=10, rounds=20, quick_rounds=5, task="wearable"),
@@ -132,10 +134,14 @@ def central_run(task: str, *, devices: int, rounds: int, seed: int, model_config
     test = fleet_test_set(task, device_count=devices, seed=seed)
     model = build_model(spec.model, model_config, seed=seed)
     rng = np.random.default_rng(seed)
-    epochs = rounds * local.epochs
-    max_steps = rounds * devices * local.max_steps if local.max_steps else 0
-    model.train(x, y, epochs=epochs, batch_size=local.batch_size, lr=local.lr, rng=rng,
-                max_steps=max_steps)
+    # One round's compute at a time, at the learning rate the devices are told that round
+    # (lr_decay's cosine; constant by default)
+    decay = float((overrides or {}).get("lr_decay", 1.0))
+    trainers = int((overrides or {}).get("clients_per_round", 0)) or devices
+    for round_ in range(1, rounds + 1):
+        model.train(x, y, epochs=local.epochs, batch_size=local.batch_size,
+                    lr=cosine_lr(local.lr, floor=decay, step=round_, steps=rounds), rng=rng,
+                    max_steps=trainers * local.max_steps if local.max_steps else 0)
     accuracy = model.evaluate(test.x, test.y).accuracy
     return float(accuracy), time.perf_counter() - started
 

@@ -198,6 +198,24 @@ def test_cut_drops_both_sides_until_restore_then_the_client_reconnects(broker, p
     assert proxy.stats().accepted == 2
 
 
+def test_retry_now_reconnects_a_restored_link_without_sleeping_out_the_backoff(
+        broker, proxy, monkeypatch):
+    """The simulator restores a device cut off for a round; with retry_now the device is
+    back at once instead of after a backoff that grew while it was cut (here >= 30 s)."""
+    monkeypatch.setattr(edge_mqtt, "RECONNECT_MIN_S", 60.0)
+    monkeypatch.setattr(edge_mqtt, "RECONNECT_MAX_S", 120.0)
+    with contextlib.ExitStack() as stack:
+        device = start_link(stack, "device", proxy.url)
+        proxy.cut()
+        wait_for(lambda: not device.connected.is_set(), "the device to lose its link")
+        proxy.restore()
+        started = time.monotonic()
+        device.retry_now()
+        wait_for(device.connected.is_set, "the device to reconnect", timeout=HANG_S)
+        assert time.monotonic() - started < min(device.reconnect_delays)
+        assert proxy.stats().accepted == 2
+
+
 @integration
 def test_delay_adds_latency_each_way_and_keeps_order(proxy, connect):
     echo = Inbox()

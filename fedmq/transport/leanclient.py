@@ -16,6 +16,8 @@ line for a received PUBLISH shows 0 bytes for split messages (it runs before the
 from __future__ import annotations
 
 import logging
+import threading
+import time
 
 import paho.mqtt.client as mqtt
 
@@ -57,6 +59,7 @@ class LeanClient(mqtt.Client):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._split_payload: bytes | None = None
+        self._retry = threading.Event()  # retry_now(): end the backoff wait at once
         self._lean = self.supported
         self.split_publishes = 0  # messages delivered through the one-copy path
 
@@ -67,6 +70,33 @@ class LeanClient(mqtt.Client):
         one-copy receive path follows: publish_header_length is told the version."""
         self._protocol = mqtt.MQTTv311
         self._clean_session = clean_session
+
+    def retry_now(self) -> None:
+        """The way to the broker is back (a simulated link restored): end the reconnect
+        backoff now and start it afresh, instead of sleeping out up to 30 s of it."""
+        self._retry.set()
+
+    def _reconnect_wait(self) -> None:
+        """paho's backoff wait (the same doubling delay, the same exits), made to end early
+        on retry_now(); paho's own sleeps in 1 s slices that nothing can cut short."""
+        with self._reconnect_delay_mutex:
+            if self._retry.is_set():
+                self._reconnect_delay = None
+            if self._reconnect_delay is None:
+                self._reconnect_delay = self._reconnect_min_delay
+            else:
+                self._reconnect_delay = min(self._reconnect_delay * 2, self._reconnect_max_delay)
+            target = time.monotonic() + self._reconnect_delay
+        waiting = (mqtt._ConnectionState.MQTT_CS_DISCONNECTING,
+                   mqtt._ConnectionState.MQTT_CS_DISCONNECTED)
+        while self._state not in waiting and not self._thread_terminate:
+            remaining = target - time.monotonic()
+            if remaining <= 0 or self._retry.wait(min(remaining, 1.0)):
+                break
+        if self._retry.is_set():
+            self._retry.clear()
+            with self._reconnect_delay_mutex:
+                self._reconnect_delay = None
 
     def use_mqtt5(self) -> None:
         """Speak MQTT 5 again from the next CONNECT on (a 3.1.1 trial that nobody answered

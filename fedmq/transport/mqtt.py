@@ -376,6 +376,10 @@ class MqttLink:
         self._client._reset_sockets(sockpair_only=True)
         self.connected.clear()
 
+    def retry_now(self) -> None:
+        """Reconnect now rather than after the backoff (the link is known to be back)."""
+        self._client.retry_now()
+
     def _handle_connect(self, client, _userdata, flags, reason_code, props) -> None:
         self._connack = not reason_code.is_failure
         if self.protocol_version == "5" and not self._fall_back_pending(reason_code):

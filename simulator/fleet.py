@@ -314,9 +314,8 @@ class Simulation:
         self._dropout_round = self.rounds_done()
         ids = [a.config.device_id for a in self.agents]
         dropped = set(self._dropout_rng.sample(ids, self.config.dropped_per_round))
-        back = [a for a in self.agents if self.proxies.proxy(a.config.device_id).is_cut
-                and a.config.device_id not in dropped and a.config.device_id not in self._flaky]
-        for device_id in ids:
+        back = []  # devices whose link comes back now
+        for agent, device_id in zip(self.agents, ids, strict=True):
             proxy = self.proxies.proxy(device_id)
             if device_id in dropped:
                 proxy.cut()
@@ -326,6 +325,8 @@ class Simulation:
                     proxy.flap(up_s=p.up_s * jitter(0.6, 1.4),
                                down_s=p.down_s * jitter(0.6, 1.4))
             else:
+                if proxy.is_cut:
+                    back.append(agent)
                 proxy.restore()
         # A device whose link came back reconnects now, as one told of its network coming
         # up would, not after the rest of a backoff that grew while it was cut off (up to

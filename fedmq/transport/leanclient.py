@@ -80,8 +80,6 @@ class LeanClient(mqtt.Client):
         """paho's backoff wait (the same doubling delay, the same exits), made to end early
         on retry_now(); paho's own sleeps in 1 s slices that nothing can cut short."""
         with self._reconnect_delay_mutex:
-            if self._retry.is_set():
-                self._reconnect_delay = None
             if self._reconnect_delay is None:
                 self._reconnect_delay = self._reconnect_min_delay
             else:

@@ -17,7 +17,8 @@ import threading
 import time
 import zlib
 from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -82,6 +83,11 @@ RESEND_CHECK_S = 1.0
 # How long a round waits for a fresh read of a live data source before it trains on the
 # last good data (the read goes on and serves a later round).
 RELOAD_WAIT_S = 10.0
+GATE_POLL_S = 0.1  # how soon a device waiting for its turn to train notices a stop
+
+
+class TrainingHalted(FedmqError):
+    """The device was stopped before it trained: not a failure."""
 # A device scores a model on at most this many of its held-out examples (evenly spaced),
 # so federated evaluation costs a bounded time whatever the device holds: about a second
 # of one core for the keyboard's GRU.
@@ -143,9 +149,15 @@ class LocalTrainer:
                  threads: int = 1, reload: Callable[[], Dataset] | None = None,
                  update_transform: Callable[[np.ndarray], np.ndarray] | None = None,
                  task: str = "", encryptor: PublicKey | None = None,
-                 ldp: LocalDP | None = None, holdout: float = 0.0) -> None:
+                 ldp: LocalDP | None = None, holdout: float = 0.0,
+                 compute_gate: threading.Semaphore | None = None) -> None:
         """holdout: the share of the device's data kept aside to score models on (for
-        federated evaluation; fedmq/tasks/holdout.py), never trained on; 0: none."""
+        federated evaluation; fedmq/tasks/holdout.py), never trained on; 0: none.
+
+        compute_gate: held while the model trains. A simulator running many devices in
+        one process passes a semaphore sized to its cores: twenty torch trainers at once
+        on two cores fight over the GIL and the cores and all finish late, where two at a
+        time finish the same work sooner."""
         if len(data) == 0:
             raise FedmqError(f"device {device_id} has no training data")
         self.holdout = holdout
@@ -187,6 +199,7 @@ class LocalTrainer:
             raise FedmqError(f"slowdown {slowdown} must be >= 1 (1: the host's own speed)")
         self.slowdown = slowdown
         self.threads = max(1, threads)  # the device's budget, whatever the model config says
+        self.compute_gate = compute_gate
         self.halt = threading.Event()  # cuts a simulated slow device's wait short on stop
         self.update_transform = update_transform
         # he = "ckks": every update is clipped, weighted and encrypted under the fleet's
@@ -335,12 +348,13 @@ class LocalTrainer:
         settings = dict(epochs=task.epochs, batch_size=task.batch_size, lr=task.lr, rng=rng,
                         prox_mu=task.prox_mu, time_budget_s=task.time_budget_s / self.slowdown,
                         max_steps=task.max_steps)
-        if a.personal_steps:  # FedRep: the head alone, then the body
-            self._fit_personal(model, mask, a, task, rng)
-            result = train_part(model, self.data.x, self.data.y, frozen=~mask.index,
-                                **settings)
-        else:
-            result = model.train(self.data.x, self.data.y, **settings)
+        with self._computing():
+            if a.personal_steps:  # FedRep: the head alone, then the body
+                self._fit_personal(model, mask, a, task, rng)
+                result = train_part(model, self.data.x, self.data.y, frozen=~mask.index,
+                                    **settings)
+            else:
+                result = model.train(self.data.x, self.data.y, **settings)
         if self.slowdown > 1.0:
             self.halt.wait(result.seconds * (self.slowdown - 1.0))
         trained = model.get_flat()
@@ -357,6 +371,21 @@ class LocalTrainer:
         if self.update_transform is not None:
             delta = self.update_transform(delta)
         return delta, result, rng
+
+    @contextmanager
+    def _computing(self) -> Iterator[None]:
+        """Holds compute_gate (if any) while the model trains. A device stopped while it
+        waits for its turn gives up (TrainingHalted) instead of training first."""
+        if self.compute_gate is None:
+            yield
+            return
+        while not self.compute_gate.acquire(timeout=GATE_POLL_S):
+            if self.halt.is_set():
+                raise TrainingHalted(f"{self.device_id} stopped while waiting to train")
+        try:
+            yield
+        finally:
+            self.compute_gate.release()
 
     @staticmethod
     def _mask(model: Model, a: ModelAnnouncement) -> LayoutMask:
@@ -512,7 +541,8 @@ class EdgeAgent:
 
     def __init__(self, config: AgentConfig, data: Dataset, *,
                  update_transform: Callable[[np.ndarray], np.ndarray] | None = None,
-                 secagg_drop_after_input: Callable[[int], bool] | None = None) -> None:
+                 secagg_drop_after_input: Callable[[int], bool] | None = None,
+                 compute_gate: threading.Semaphore | None = None) -> None:
         self.config = config
         self.topics = FleetTopics(config.fleet)
         if config.state_dir:  # said now, not as a traceback at the first save
@@ -538,7 +568,8 @@ class EdgeAgent:
                                     task=config.task if task_spec(config.task).custom else "",
                                     encryptor=load_he_public(config.he_context)
                                     if config.he_context else None,
-                                    ldp=config.local_dp(), holdout=config.eval_holdout)
+                                    ldp=config.local_dp(), holdout=config.eval_holdout,
+                                    compute_gate=compute_gate)
         self.stats = AgentStats()
         self.last_eval: EvalReport | None = None  # the newest report sent
         # The retained status: birth, then fresh activity at most every status_interval_s
@@ -800,8 +831,7 @@ class EdgeAgent:
         try:
             update = self.trainer.train(train.model, train.task)
         except FedmqError as exc:
-            self.stats.rejected[getattr(exc, "reason", "train_failed")] += 1
-            log.error("%s: cannot train on model v%d: %s", self.config.device_id, a.version, exc)
+            self._train_failed(exc, a)
             return
         # What is due goes out before the new update (a stored one from before a restart
         # whose receipt the link could not hear when training began): same order as made.
@@ -816,6 +846,14 @@ class EdgeAgent:
         log.info("%s: round %d: trained on %d samples (loss %.4f), sent %d bytes",
                  self.config.device_id, a.round, update.num_samples, update.loss, sent)
 
+    def _train_failed(self, exc: FedmqError, a: ModelAnnouncement) -> None:
+        if isinstance(exc, TrainingHalted):  # stopping: not a failure
+            log.info("%s: stopped before training on model v%d", self.config.device_id,
+                     a.version)
+            return
+        self.stats.rejected[getattr(exc, "reason", "train_failed")] += 1
+        log.error("%s: cannot train on model v%d: %s", self.config.device_id, a.version, exc)
+
     def _train_secure(self, train: Train) -> None:
         """Train, then hand the raw delta to the secure round (never sent in the clear)."""
         assert self.secure is not None
@@ -823,8 +861,7 @@ class EdgeAgent:
         try:
             delta, samples = self.trainer.train_delta(train.model, train.task)
         except FedmqError as exc:
-            self.stats.rejected[getattr(exc, "reason", "train_failed")] += 1
-            log.error("%s: cannot train on model v%d: %s", self.config.device_id, a.version, exc)
+            self._train_failed(exc, a)
             return
         self._handle(Tick(time.monotonic(), online=self.link.subscribed.is_set()))
         sent = self.secure.submit(a.round, delta, samples)
@@ -843,11 +880,16 @@ class EdgeAgent:
         self._worker.start()
         self.link.start()
 
-    def stop(self) -> None:
+    def request_stop(self) -> None:
+        """Tell the agent to stop without waiting: a simulator tells every device first,
+        so none waits for its turn to train behind devices not yet told."""
         self.trainer.halt.set()
         with self._wake:
             self._stopping = True
             self._wake.notify()
+
+    def stop(self) -> None:
+        self.request_stop()
         if self._worker is not None:
             self._worker.join(timeout=30)
         with self._report_lock:  # the last word: offline, with what it did

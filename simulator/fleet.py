@@ -156,6 +156,9 @@ class Simulation:
         # --he: the key holder, the only holder of the secret key (the aggregator has the
         # public key only), on its own MQTT connection
         self.keyholder: KeyHolderService | None = None
+        # The agents engine's devices are threads of this process: one trainer a core at a
+        # time (LocalTrainer's compute_gate says why)
+        self._compute_gate = threading.BoundedSemaphore(os.cpu_count() or 1)
 
     def start(self) -> None:
         self.began = time.monotonic()
@@ -225,7 +228,8 @@ class Simulation:
             if c.secagg_drop_after_input:
                 drop = functools.partial(_vanishes, c, fleet, device_id)
             self.agents.append(EdgeAgent(agent_config, shard, update_transform=transform,
-                                         secagg_drop_after_input=drop))
+                                         secagg_drop_after_input=drop,
+                                         compute_gate=self._compute_gate))
         self._apply_dropout()
         if self.aggregator is not None:
             self.aggregator.start()
@@ -451,6 +455,8 @@ class Simulation:
         if self.proxies is not None:  # let every device say goodbye through a working link
             for proxy in self.proxies.proxies.values():
                 proxy.restore()
+        for agent in self.agents:  # all told first: none waits behind one not yet told
+            agent.request_stop()
         for agent in self.agents:
             with contextlib.suppress(Exception):
                 agent.stop()

@@ -62,9 +62,9 @@ def make_agents(broker_url: str, stoppers, count: int, *, total: int | None = No
     return agents
 
 
-def trained_digits_delta(task, *, with_trainer=False, **trainer_options):
+def trained_digits_delta(task, *, with_trainer=False, before_train=None, **trainer_options):
     """Device 0 of 4 trains a digits MLP (v0, as `task` says) once; its decoded delta
-    (and the trainer, `with_trainer`)."""
+    (and the trainer, `with_trainer`). before_train(trainer) runs just before it trains."""
     from edge_agent.agent import LocalTrainer
     from fedmq.core import codecs
     from fedmq.core.protocol import ModelAnnouncement
@@ -82,6 +82,8 @@ def trained_digits_delta(task, *, with_trainer=False, **trainer_options):
     data = device_shard("digits", device_index=0, device_count=4, alpha=0.5, seed=0)
     trainer = LocalTrainer(device_id="d0", data=data, codec="float32", seed=1,
                            **trainer_options)
+    if before_train is not None:
+        before_train(trainer)
     delta = codecs.decode(trainer.train(ReceivedModel(announcement, params, 0)).delta)
     return (delta, trainer) if with_trainer else delta
 

@@ -1,0 +1,59 @@
+"""LocalTrainer's compute_gate: a simulator's devices take turns on the cores, and a device
+stopped while it waits for its turn gives up instead of training first."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from edge_agent.agent import TrainingHalted
+from fedmq.core.protocol import TaskConfig
+from tests.helpers import trained_digits_delta
+
+TASK = TaskConfig(epochs=1, batch_size=16, lr=0.1)
+
+
+def test_the_gate_is_held_while_training_and_released_after():
+    gate = threading.BoundedSemaphore(1)
+    held = []
+
+    def probe(trainer):  # the model's train runs inside the gate: peek from a hook
+        model_train = trainer._model_for
+
+        def model_for(a):
+            model = model_train(a)
+            inner = model.train
+
+            def train(*args, **kwargs):
+                held.append(not gate.acquire(blocking=False))
+                return inner(*args, **kwargs)
+
+            model.train = train
+            return model
+
+        trainer._model_for = model_for
+
+    delta = trained_digits_delta(TASK, compute_gate=gate, before_train=probe)
+    assert held == [True]  # nobody else could take the gate while the model trained
+    assert gate.acquire(blocking=False)  # and it was given back
+    assert delta.any()
+
+
+def test_a_device_stopped_while_waiting_for_its_turn_gives_up():
+    gate = threading.BoundedSemaphore(1)
+    gate.acquire()  # another device is training
+
+    def stop_soon(trainer):
+        threading.Timer(0.3, trainer.halt.set).start()
+
+    started = time.monotonic()
+    with pytest.raises(TrainingHalted, match="stopped while waiting to train"):
+        trained_digits_delta(TASK, compute_gate=gate, before_train=stop_soon)
+    assert time.monotonic() - started < 10  # gave up at the stop, not after the other
+
+
+def test_without_a_gate_a_stopped_flag_does_not_stop_training():
+    delta = trained_digits_delta(TASK, before_train=lambda t: t.halt.set())
+    assert delta.any()

@@ -61,7 +61,7 @@ def test_decompression_is_bounded(stage):
 def test_stochastic_quantization_is_unbiased(x, quant):
     spec = CodecSpec(quant=quant, block=16)
     rng = np.random.default_rng(0)
-    n = 3000
+    n = 600  # 5 sd is 0.1 of a step: deterministic rounding (bias up to half a step) fails
     mean = np.mean([codecs.decode(codecs.encode(x, spec, rng=rng)) for _ in range(n)], axis=0)
     scale = np.abs(x).max() / _levels(spec.bits)  # the largest any block's scale can be
     # each decode is within one scale step of x, so its sd is <= scale / 2

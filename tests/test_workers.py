@@ -133,6 +133,13 @@ def test_a_worker_sigkilled_mid_round_loses_nothing_it_acked(
                "--checkpoint", str(state_file), "--flush-after-s", "1",
                "--log-level", "WARNING"]
     processes.append(subprocess.Popen(command))
+
+    def w0_connected(times: int) -> bool:
+        """The broker has logged w0's connection `times` times (it subscribes in the same
+        breath; devices' updates sent before it listens would wait out a resend)."""
+        return broker.log_path.read_text().count(" as test-w0 ") >= times
+
+    wait_for(lambda: w0_connected(1), "the worker process w0 to connect")
     make_worker(broker.url, tmp_path, stoppers, "w1", shard="1/2", flush_after_s=1.0)
     release = threading.Event()
     stoppers(release.set)  # never leave the reducer's loop stuck, even on failure

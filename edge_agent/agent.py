@@ -86,8 +86,9 @@ RELOAD_WAIT_S = 10.0
 GATE_POLL_S = 0.1  # how soon a device waiting for its turn to train notices a stop
 
 
-class TrainingHalted(FedmqError):
-    """The device was stopped before it trained: not a failure."""
+class TrainingSkipped(FedmqError):
+    """The device gave up a round before it trained (it was stopped, or a newer model came
+    while it waited for its turn): not a failure."""
 # A device scores a model on at most this many of its held-out examples (evenly spaced),
 # so federated evaluation costs a bounded time whatever the device holds: about a second
 # of one core for the keyboard's GRU.
@@ -201,6 +202,9 @@ class LocalTrainer:
         self.threads = max(1, threads)  # the device's budget, whatever the model config says
         self.compute_gate = compute_gate
         self.halt = threading.Event()  # cuts a simulated slow device's wait short on stop
+        # set by the agent: whether a newer model waits to be trained (the one this
+        # trainer waits to train is superseded)
+        self.superseded: Callable[[], bool] = lambda: False
         self.update_transform = update_transform
         # he = "ckks": every update is clipped, weighted and encrypted under the fleet's
         # public key instead of going through a codec (fedmq/core/he.py)
@@ -375,13 +379,16 @@ class LocalTrainer:
     @contextmanager
     def _computing(self) -> Iterator[None]:
         """Holds compute_gate (if any) while the model trains. A device stopped while it
-        waits for its turn gives up (TrainingHalted) instead of training first."""
+        waits for its turn, or sent a newer model meanwhile, gives up (TrainingSkipped)
+        instead of training a round it will not send or that has moved on."""
         if self.compute_gate is None:
             yield
             return
         while not self.compute_gate.acquire(timeout=GATE_POLL_S):
             if self.halt.is_set():
-                raise TrainingHalted(f"{self.device_id} stopped while waiting to train")
+                raise TrainingSkipped("stopped while waiting to train")
+            if self.superseded():
+                raise TrainingSkipped("a newer model came while waiting to train")
         try:
             yield
         finally:
@@ -595,6 +602,7 @@ class EdgeAgent:
         self._machine_lock = threading.Lock()
         self._pending: Train | None = None
         self._pending_eval: Evaluate | None = None
+        self.trainer.superseded = lambda: self._pending is not None
         self._wake = threading.Condition()
         self._stopping = False
         self._worker: threading.Thread | None = None
@@ -847,9 +855,8 @@ class EdgeAgent:
                  self.config.device_id, a.round, update.num_samples, update.loss, sent)
 
     def _train_failed(self, exc: FedmqError, a: ModelAnnouncement) -> None:
-        if isinstance(exc, TrainingHalted):  # stopping: not a failure
-            log.info("%s: stopped before training on model v%d", self.config.device_id,
-                     a.version)
+        if isinstance(exc, TrainingSkipped):  # not a failure
+            log.info("%s: model v%d not trained: %s", self.config.device_id, a.version, exc)
             return
         self.stats.rejected[getattr(exc, "reason", "train_failed")] += 1
         log.error("%s: cannot train on model v%d: %s", self.config.device_id, a.version, exc)

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from edge_agent.agent import TrainingHalted
+from edge_agent.agent import TrainingSkipped
 from fedmq.core.protocol import TaskConfig
 from tests.helpers import trained_digits_delta
 
@@ -49,7 +49,7 @@ def test_a_device_stopped_while_waiting_for_its_turn_gives_up():
         threading.Timer(0.3, trainer.halt.set).start()
 
     started = time.monotonic()
-    with pytest.raises(TrainingHalted, match="stopped while waiting to train"):
+    with pytest.raises(TrainingSkipped, match="stopped while waiting to train"):
         trained_digits_delta(TASK, compute_gate=gate, before_train=stop_soon)
     assert time.monotonic() - started < 10  # gave up at the stop, not after the other
 
@@ -57,3 +57,26 @@ def test_a_device_stopped_while_waiting_for_its_turn_gives_up():
 def test_without_a_gate_a_stopped_flag_does_not_stop_training():
     delta = trained_digits_delta(TASK, before_train=lambda t: t.halt.set())
     assert delta.any()
+
+
+def test_a_device_sent_a_newer_model_while_waiting_gives_the_old_one_up():
+    gate = threading.BoundedSemaphore(1)
+    gate.acquire()
+    newer = threading.Event()
+
+    def newer_model_soon(trainer):
+        trainer.superseded = newer.is_set
+        threading.Timer(0.3, newer.set).start()
+
+    with pytest.raises(TrainingSkipped, match="a newer model came while waiting"):
+        trained_digits_delta(TASK, compute_gate=gate, before_train=newer_model_soon)
+
+
+def test_an_agent_tells_its_trainer_when_a_newer_model_waits_to_be_trained(stoppers):
+    from fedmq.core.device import Train
+    from tests.helpers import make_agents
+
+    agent = make_agents("mqtt://127.0.0.1:1", stoppers, 1, start=False)[0]
+    assert not agent.trainer.superseded()
+    agent._wake_worker(Train(model=object(), task=TASK))  # what a newer announcement does
+    assert agent.trainer.superseded()

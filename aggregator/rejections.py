@@ -7,16 +7,14 @@ import logging
 from collections import Counter
 from collections.abc import Callable
 
+from fedmq.core.protocol import ROUTINE_REFUSALS
+
 # The first rejection of each (reason, source) is logged, then every LOG_EVERY-th.
 LOG_EVERY = 1000
 # (reason, source) pairs remembered for that; beyond it, new sources share one entry, so
 # a flood from ever-new device ids cannot grow memory.
 MAX_LOG_KEYS = 4096
 OTHER_SOURCES = "*"
-# Refusals that are the protocol working as designed, logged at INFO: an over-selected
-# device's update arriving after its round closed, a re-send already counted. In a fleet of
-# thousands they happen every round, and a WARNING should mean something is wrong.
-ROUTINE = frozenset({"stale_round", "duplicate", "not_selected"})
 
 
 class RejectionLog:
@@ -45,7 +43,8 @@ class RejectionLog:
         if key not in self._seen and len(self._seen) >= self.max_keys:
             key = (reason, OTHER_SOURCES)
         seen = self._seen[key] = self._seen.get(key, 0) + 1
-        level = logging.INFO if reason in ROUTINE else logging.WARNING
+        # the protocol working as designed: INFO (fedmq.core.protocol says why)
+        level = logging.INFO if reason in ROUTINE_REFUSALS else logging.WARNING
         if seen == 1:
             self.logger.log(level, "%s", message)
         elif seen % self.every == 0:

@@ -722,10 +722,10 @@ class EdgeAgent:
                 if receipt.status == "accepted":
                     log.debug("%s: update %s counted in round %d", device, receipt.update_id,
                               receipt.round)
-                else:
-                    log.warning("%s: update %s for round %d dropped: %s %s", device,
-                                receipt.update_id, receipt.round, receipt.status,
-                                receipt.reason)
+                else:  # a routine refusal (the round closed first) is no news
+                    log.log(logging.INFO if receipt.routine else logging.WARNING,
+                            "%s: update %s for round %d dropped: %s %s", device,
+                            receipt.update_id, receipt.round, receipt.status, receipt.reason)
             case Ignored(what=what, why=why):
                 log.debug("%s: ignoring %s (%s)", device, what, why)
             case Rejected(what=what, reason=reason, detail=detail):

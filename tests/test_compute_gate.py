@@ -80,3 +80,4 @@ def test_an_agent_tells_its_trainer_when_a_newer_model_waits_to_be_trained(stopp
     assert not agent.trainer.superseded()
     agent._wake_worker(Train(model=object(), task=TASK))  # what a newer announcement does
     assert agent.trainer.superseded()
+

@@ -1,6 +1,7 @@
 """The fedmq wire protocol: topics and versioned msgpack messages (docs/protocol.md)."""
 
 from fedmq.core.protocol.messages import (
+    ROUTINE_REFUSALS,
     AggregatorStatus,
     CohortDigest,
     DecryptReply,
@@ -26,6 +27,7 @@ from fedmq.core.protocol.wire import PROTOCOL_VERSION, Message
 
 __all__ = [
     "PROTOCOL_VERSION",
+    "ROUTINE_REFUSALS",
     "UPDATE_BUCKETS",
     "AggregatorStatus",
     "CohortDigest",

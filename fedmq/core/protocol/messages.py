@@ -403,6 +403,11 @@ class AggregatorStatus(Message):
 
 
 RECEIPT_STATUSES = ("accepted", "duplicate", "rejected")
+# Refusals that are the protocol working as designed: an over-selected device's update
+# arriving after its round closed, a re-send already counted, a device outside the cohort.
+# In a fleet of thousands they happen every round; both sides log them at INFO, so that a
+# WARNING means something is wrong.
+ROUTINE_REFUSALS = frozenset({"stale_round", "duplicate", "not_selected"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -423,6 +428,12 @@ class Receipt(Message):
 
     def __post_init__(self) -> None:
         _require(self.status in RECEIPT_STATUSES, f"unknown receipt status {self.status!r}")
+
+    @property
+    def routine(self) -> bool:
+        """A refusal by design (ROUTINE_REFUSALS), nothing for the device to worry about."""
+        return self.status == "duplicate" or (self.status == "rejected"
+                                              and self.reason in ROUTINE_REFUSALS)
 
 
 DECRYPT_STATUSES = ("ok", "refused")

@@ -33,6 +33,7 @@ import numpy as np
 from fedmq.errors import ConfigError, FedmqError, MissingExtraError, require
 from fedmq.models import Model, build_model
 from fedmq.storage import atomic_write
+from fedmq.tasks import task_spec
 from fedmq.tasks.datasource import task_class_names
 
 log = logging.getLogger(__name__)
@@ -89,8 +90,23 @@ def _onnx():
     return require("onnx", "onnx")
 
 
-def _is_torch_model(model: Model) -> bool:
-    return hasattr(model, "module") and hasattr(model, "example_input")
+def _torch_parts(model: Model, task: str) -> tuple[Any, np.ndarray] | None:
+    """(module, example batch) of a torch model: a bundled one, or the nn.Module of a user
+    task's TorchTrainer, traced with an example of the task's declared `input_shape` and
+    the trainer's input dtype. None: not a torch model."""
+    if hasattr(model, "module") and hasattr(model, "example_input"):
+        return model.module, np.asarray(model.example_input(batch=TORCH_EXAMPLE_BATCH))
+    trainer = getattr(model, "trainer", None)
+    module = getattr(trainer, "module", None)
+    if module is None or not isinstance(module, require("torch", "torch").nn.Module):
+        return None
+    spec = task_spec(task) if task else None
+    if spec is None or not spec.example_shape:
+        raise ExportError(f"task {task or '?'}: its torch model is exported to ONNX with an "
+                          "example input: declare the shape of one example as the task "
+                          "class's input_shape (e.g. input_shape = (28, 28))")
+    dtype = getattr(trainer, "x_dtype", None) or spec.x_dtype
+    return module, np.zeros((TORCH_EXAMPLE_BATCH, *spec.example_shape), dtype=dtype)
 
 
 def _dense_graph(model: Model):
@@ -128,14 +144,11 @@ def _dense_graph(model: Model):
     return proto, ("float32", (inputs,))
 
 
-def _torch_graph(model: Model):
+def _torch_graph(model: Model, module: Any, example: np.ndarray):
     """The ModelProto of a torch model's `module`, traced in eval mode with a dynamic batch."""
     onnx = _onnx()
     torch = require("torch", "torch")
-    check_exportable(model)  # the dynamo exporter needs onnxscript
-
-    module = model.module  # type: ignore[attr-defined]
-    example = np.asarray(model.example_input(batch=TORCH_EXAMPLE_BATCH))  # type: ignore[attr-defined]
+    _check_onnxscript()  # the dynamo exporter needs it
     was_training = module.training
     module.eval()
     noisy = logging.getLogger("torch.onnx")
@@ -164,19 +177,25 @@ def _torch_graph(model: Model):
     return proto, (example.dtype.name, tuple(int(d) for d in example.shape[1:]))
 
 
-def check_exportable(model: Model) -> None:
-    """Raise now (at start-up) what exporting `model` would raise later: a missing extra,
-    or a numpy model with no ONNX graph."""
+def _check_onnxscript() -> None:
+    try:
+        import onnxscript  # noqa: F401
+    except ImportError as exc:
+        raise MissingExtraError("onnxscript", "onnx") from exc
+
+
+def check_exportable(model: Model, task: str = "") -> None:
+    """Raise now (at start-up) what exporting `model` (of `task`) would raise later: a
+    missing extra, a user's torch task without an input_shape, or a model with no ONNX
+    graph."""
     _onnx()
-    if _is_torch_model(model):
-        try:
-            import onnxscript  # noqa: F401
-        except ImportError as exc:
-            raise MissingExtraError("onnxscript", "onnx") from exc
+    if _torch_parts(model, task) is not None:
+        _check_onnxscript()
     elif model.name not in _DENSE_LAYERS:
         raise ExportError(f"no ONNX graph for {model.backend} model {model.name!r}; "
-                          f"exportable: {', '.join(sorted(_DENSE_LAYERS))} or a bundled torch "
-                          "model (a user task's model is not exported: leave onnx_dir empty)")
+                          f"exportable: {', '.join(sorted(_DENSE_LAYERS))}, a bundled torch "
+                          "model, or a user task's TorchTrainer module (leave onnx_dir empty "
+                          "for this one)")
 
 
 def export_onnx(model: Model, path: str | os.PathLike, *, version: int = -1, round: int = -1,
@@ -184,8 +203,9 @@ def export_onnx(model: Model, path: str | os.PathLike, *, version: int = -1, rou
                 model_config: Mapping[str, Any] | None = None) -> Path:
     """Write `model` (its current parameters) as an ONNX file at `path`, atomically."""
     path = Path(path)
-    build = _torch_graph if _is_torch_model(model) else _dense_graph
-    proto, (dtype, shape) = build(model)
+    torch_parts = _torch_parts(model, task)
+    proto, (dtype, shape) = (_dense_graph(model) if torch_parts is None
+                             else _torch_graph(model, *torch_parts))
     info = ExportInfo(model=model.name, input_dtype=dtype, input_shape=shape, version=version,
                       round=round, layout_hash=model.layout.hash, task=task,
                       class_names=tuple(str(c) for c in class_names), model_config=model_config)
@@ -280,7 +300,7 @@ class BackgroundExporter:
         self.task = task
         self.model_config = dict(model_config)
         self._model = build_model(model, self.model_config)  # fails now, not in the thread
-        check_exportable(self._model)
+        check_exportable(self._model, task)
         self._pending: tuple[np.ndarray, int, int] | None = None
         self._busy = False
         self._closed = False

@@ -428,3 +428,37 @@ print("no torch")
                           timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines()[-1] == "no torch"
+
+
+@pytest.mark.integration
+def test_a_user_torch_task_is_exported_each_round_and_predicts_like_the_server(
+        broker, tmp_path, stoppers):
+    """A user's TorchTrainer module (BatchNorm, its own loss) declared with input_shape:
+    the service exports every round's model, and onnxruntime scores it as torch did."""
+    pytest.importorskip("onnxscript")
+    from fedmq.tasks import held_out_set
+
+    task = "tests.user_tasks.torch_task:ExportableDigitsTorchTask"
+    onnx_dir = tmp_path / "onnx"
+    service = make_aggregator(broker.url, tmp_path, stoppers, task=task, model="",
+                              min_updates=2, rounds=2, onnx_dir=str(onnx_dir))
+    make_agents(broker.url, stoppers, 2, task=task)
+    wait_for(service.finished.is_set, "two rounds")
+    assert service.exporter.flush(120) and service.exporter.failures == 0
+    predictor = OnnxPredictor(onnx_dir / LATEST)
+    assert predictor.info.version == 2 and predictor.info.task == task
+    assert (predictor.info.input_dtype, predictor.info.input_shape) == ("float32", (64,))
+    test = held_out_set(task, seed=0)
+    accuracy = float((predictor.predict(test.x) == test.y).mean())
+    assert accuracy == pytest.approx(service.history[-1].accuracy)
+
+
+def test_a_user_torch_task_without_input_shape_says_how_to_export_it(tmp_path):
+    pytest.importorskip("torch")
+    from aggregator.onnx_export import BackgroundExporter
+
+    task = "tests.user_tasks.torch_task:DigitsTorchTask"
+    with pytest.raises(ExportError, match=r"declare the shape of one example as the task "
+                                          r"class's input_shape"):
+        BackgroundExporter(ModelExporter(tmp_path), model=task_spec(task).model,
+                           model_config={}, task=task)

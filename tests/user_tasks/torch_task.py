@@ -36,3 +36,9 @@ class DigitsTorchTask(fedmq.Task):
     def test_data(self, *, seed: int):
         x, y = digits()
         return x[1400:], y[1400:]
+
+
+class ExportableDigitsTorchTask(DigitsTorchTask):
+    """The same, with one example's shape declared: its model can be exported to ONNX."""
+
+    input_shape = (64,)

@@ -25,7 +25,7 @@ import numpy as np
 
 from fedmq.errors import DataError
 from fedmq.models.base import batches, budget_spent
-from fedmq.tasks.partition import partition
+from fedmq.tasks.partition import partition, split_by
 
 # What `Task.load_data` and `Task.test_data` return: examples and their labels (or
 # targets), one per row, as numpy arrays (or anything np.asarray takes).
@@ -39,20 +39,34 @@ Metrics = Mapping[str, float]
 class Device:
     """Which device `Task.load_data` loads for: share `index` of `count` in a simulated
     fleet (or a real one split by hand: agent.toml's device_index, device_count), with the
-    run's `seed` and Dirichlet label skew `alpha` (0: IID). A real device with its own data
-    may ignore all of it."""
+    run's `seed`, its `partition` (`--partition`: iid, dirichlet, shards or natural; empty:
+    Dirichlet label skew `alpha`, IID at alpha 0) and the shards partition's labels per
+    device. A real device with its own data may ignore all of it."""
 
     index: int = 0
     count: int = 1
     seed: int = 0
     alpha: float = 0.5
+    partition: str = ""
+    shards_per_device: int = 2
 
-    def shard(self, x: Any, y: Any) -> Data:
+    def shard(self, x: Any, y: Any, groups: Any = None) -> Data:
         """This device's rows of a pooled data set, split like the bundled tasks: the same
-        split on every machine for a seed (labels decide the Dirichlet skew; alpha 0 is an
-        IID split, for tasks without classes)."""
+        split on every machine for a seed (labels decide the label skew; IID needs none).
+        `groups`: each example's group (speaker, subject, site), which the natural
+        partition keeps whole on one device."""
         y = np.asarray(y)
-        rows = partition(y, devices=self.count, alpha=self.alpha, seed=self.seed)[self.index]
+        if not self.partition:
+            parts = partition(y, devices=self.count, alpha=self.alpha, seed=self.seed)
+        elif self.partition == "natural" and groups is None:
+            raise DataError("the natural partition keeps each group of examples on one "
+                            "device: call device.shard(x, y, groups=...) with each "
+                            "example's group (speaker, subject, site)")
+        else:
+            parts = split_by(self.partition, y, devices=self.count, seed=self.seed,
+                             alpha=self.alpha, k=self.shards_per_device,
+                             groups=None if groups is None else np.asarray(groups))
+        rows = parts[self.index]
         return np.asarray(x)[rows], y[rows]
 
 

@@ -103,3 +103,38 @@ def test_a_shards_fleet_trains_over_a_real_broker(tmp_path):
     assert [r.round for r in result.rounds] == [1, 2, 3]
     assert all(r.participants == 5 for r in result.rounds)
     assert result.final_accuracy is not None and result.final_accuracy > 0.3
+
+
+SKLEARN_TASK = "tests.user_tasks.sklearn_task:DigitsSgdTask"  # its load_data: device.shard
+
+
+def test_a_user_tasks_device_shard_splits_by_the_partition_chosen():
+    pytest.importorskip("sklearn")
+    import fedmq
+    from fedmq.errors import DataError
+
+    assert task_partition(SKLEARN_TASK) == "" and task_partition(SKLEARN_TASK, "iid") == "iid"
+    shards = device_shards(SKLEARN_TASK, device_count=5, alpha=0.5, seed=1,
+                           partition="shards", shards_per_device=2)
+    assert [len(np.unique(s.y)) for s in shards] == [2] * 5
+    iid = device_shards(SKLEARN_TASK, device_count=5, alpha=0.5, seed=1, partition="iid")
+    assert [len(s) for s in iid] == [280] * 5
+    x, y = np.arange(12).reshape(6, 2), np.array([0, 1, 0, 1, 0, 1])
+    groups = np.array(["ann", "ann", "bob", "bob", "cy", "cy"])
+    held = [fedmq.Device(index=i, count=3, partition="natural").shard(x, y, groups=groups)[0]
+            for i in range(3)]
+    assert sorted(tuple(sorted(set(groups[h[:, 0] // 2]))) for h in held) == [
+        ("ann",), ("bob",), ("cy",)]  # each device one whole group
+    with pytest.raises(DataError, match=r"device.shard\(x, y, groups=...\)"):
+        fedmq.Device(index=0, count=3, partition="natural").shard(x, y)
+
+
+def test_a_user_task_fleet_split_into_shards_trains_over_a_real_broker(tmp_path):
+    pytest.importorskip("sklearn")
+    config = SimulationConfig(task=SKLEARN_TASK, devices=5, rounds=2, partition="shards",
+                              shards_per_device=2, timeout_s=120)
+    with Simulation(config, workdir=tmp_path / "sim") as sim:
+        result = sim.wait()
+        labels = [np.unique(a.trainer.data.y) for a in sim.agents]
+    assert [len(ls) for ls in labels] == [2] * 5
+    assert all(r.participants == 5 for r in result.rounds)

@@ -299,16 +299,17 @@ _SHARDS: dict[str, Callable[..., list[Dataset]]] = {
     "wearable": _wearable_shards,
 }
 # The partition of each bundled pool's devices unless one is chosen (dirichlet at alpha 0
-# is IID). Keyboard's devices are its roles, a synthetic device is generated on its own
-# and a user task's load_data splits its own data: their one partition is their own.
+# is IID). Keyboard's devices are its roles and a synthetic device is generated on its own:
+# their one partition is their own. A user task's load_data splits its own data
+# (Device.shard, by the partition chosen).
 _OWN_PARTITION = {"digits": "dirichlet", "sensor": "dirichlet",
                   "sensor-features": "dirichlet", "wearable": "natural"}
 
 
 def task_partition(name: str, partition: str = "") -> str:
     """The partitioner task `name`'s devices are split by: `partition`, or the task's own
-    if empty ("" for a user task, which splits its data itself). A partition the task
-    cannot have fails here, naming the ones it can."""
+    if empty (a user task's: "", its Device.shard's default). A partition the task cannot
+    have fails here, naming the ones it can."""
     task_spec(name)
     if partition:
         check_partitioner(partition)
@@ -318,12 +319,8 @@ def task_partition(name: str, partition: str = "") -> str:
             raise ConfigError(f"task {name!r} has no natural groups (speakers, subjects) to "
                               "keep whole: use iid, dirichlet or shards")
         return partition or own
-    if _user_task(name) is not None:
-        if partition:
-            raise ConfigError(f"task {name!r} is a user task: its load_data splits its own "
-                              f"data (Device.index, .count, .alpha); leave out --partition "
-                              f"{partition}")
-        return ""
+    if _user_task(name) is not None:  # its load_data splits (Device.shard, by partition)
+        return partition
     if partition not in ("", "natural"):
         raise ConfigError(f"task {name!r} gives each device its own data (a role, a "
                           f"generated device): its only partition is natural, not "
@@ -389,11 +386,10 @@ def device_shards(name: str, *, device_count: int, alpha: float, seed: int,
     """
     how = task_partition(name, partition)
     if synthetic.parse(name) is not None or _user_task(name) is not None:
-        if device_count < 1:
-            raise ConfigError(f"need at least one device, got {device_count}")
-        return [device_shard(name, device_index=i, device_count=device_count, alpha=alpha,
-                             seed=seed, test_fraction=test_fraction)
-                for i in range(device_count)]
+        data_for = device_data(name, device_count=device_count, alpha=alpha, seed=seed,
+                               test_fraction=test_fraction, partition=partition,
+                               shards_per_device=shards_per_device)
+        return [data_for(i) for i in range(device_count)]
     if how == "dirichlet" and alpha == 0 and not partition:
         how = "iid"  # the tasks' own split, as --alpha 0 has always meant
 
@@ -419,7 +415,8 @@ def device_data(name: str, *, device_count: int, alpha: float, seed: int,
 
         def generated(index: int) -> Dataset:
             return device_shard(name, device_index=index, device_count=device_count,
-                                alpha=alpha, seed=seed, test_fraction=test_fraction)
+                                alpha=alpha, seed=seed, test_fraction=test_fraction,
+                                partition=partition, shards_per_device=shards_per_device)
         return generated
     shards = device_shards(name, device_count=device_count, alpha=alpha, seed=seed,
                            test_fraction=test_fraction, partition=partition,
@@ -462,7 +459,8 @@ def device_shard(
         from fedmq.api import Device
 
         return user.device_data(Device(index=device_index, count=device_count, seed=seed,
-                                       alpha=alpha))
+                                       alpha=alpha, partition=partition,
+                                       shards_per_device=shards_per_device))
     setting = synthetic.parse(name)
     if setting is not None:
         train, _ = synthetic.device_split(setting, seed=seed, device=device_index,

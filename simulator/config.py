@@ -272,6 +272,25 @@ class SimulationConfig(BorrowedOptions):
         ids = [device_id(fleet, i) for i in range(self.devices)]
         return frozenset(random.Random(f"{self.seed}/secagg/{round}").sample(ids, count))
 
+    def cohort_shortfall(self) -> str:
+        """Why most rounds will wait out their deadline ('' if they will not): with
+        selection and dropout, the devices a round asks (K x over_select) less the share
+        cut off are expected to fall short of the K updates it closes on."""
+        k = self.clients_per_round
+        if self.mode != "sync" or not k or not self.dropout:
+            return ""
+        asked = min(self.devices, math.ceil(k * self.over_select))
+        answering = asked * (1.0 - self.dropout)
+        if answering >= k:
+            return ""
+        enough = math.ceil(11.0 / (1.0 - self.dropout)) / 10  # 10% to spare, up to a tenth
+        fix = (f"--over-select {enough:g} asks enough" if math.ceil(k * enough) <= self.devices
+               else f"fewer --clients-per-round (at most {int(self.devices * (1 - self.dropout))})")
+        return (f"with --dropout {self.dropout:g}, about {answering:.1f} of the {asked} devices "
+                f"a round asks (clients_per_round {k} x over_select {self.over_select:g}) "
+                f"can answer: most rounds will close at their {self.deadline_s:g} s deadline "
+                f"short of {k} updates; {fix}")
+
     @property
     def dropped_per_round(self) -> int:
         return round(self.dropout * self.devices)

@@ -196,6 +196,9 @@ class Simulation:
                 self.workdir / "he", CkksParams(clip_norm=c.he_clip_norm), force=True)
             self.he_keys = (str(public), str(secret))
         if not c.agents_only:
+            shortfall = c.cohort_shortfall()
+            if shortfall:
+                log.warning("%s", shortfall)
             self._start_aggregator(url, fleet, test)
             if c.workers or c.sites:  # listening before the first round is announced
                 assert self.aggregator is not None

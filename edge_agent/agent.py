@@ -83,18 +83,19 @@ RESEND_CHECK_S = 1.0
 # How long a round waits for a fresh read of a live data source before it trains on the
 # last good data (the read goes on and serves a later round).
 RELOAD_WAIT_S = 10.0
-GATE_POLL_S = 0.1  # how soon a device waiting for its turn to train notices a stop
-
-
-class TrainingSkipped(FedmqError):
-    """The device gave up a round before it trained (it was stopped, or a newer model came
-    while it waited for its turn): not a failure."""
+# How soon a device waiting for its turn to train notices a stop or a newer model.
+GATE_POLL_S = 0.1
 # A device scores a model on at most this many of its held-out examples (evenly spaced),
 # so federated evaluation costs a bounded time whatever the device holds: about a second
 # of one core for the keyboard's GRU.
 EVAL_MAX_EXAMPLES = 500
 # finetune_check: the share of a device's training data it validates fine-tuning on
 FINETUNE_VALIDATION = 0.2
+
+
+class TrainingSkipped(FedmqError):
+    """The device gave up a round before it trained (it was stopped, or a newer model came
+    while it waited for its turn): not a failure."""
 
 
 def device_capabilities(config: AgentConfig | None = None) -> dict[str, object]:
@@ -156,9 +157,8 @@ class LocalTrainer:
         federated evaluation; fedmq/tasks/holdout.py), never trained on; 0: none.
 
         compute_gate: held while the model trains. A simulator running many devices in
-        one process passes a semaphore sized to its cores: twenty torch trainers at once
-        on two cores fight over the GIL and the cores and all finish late, where two at a
-        time finish the same work sooner."""
+        one process passes a semaphore sized to its cores, so that they take turns rather
+        than all fight over the GIL and the cores at once (docs/scale.md)."""
         if len(data) == 0:
             raise FedmqError(f"device {device_id} has no training data")
         self.holdout = holdout

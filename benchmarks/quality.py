@@ -30,6 +30,9 @@ seeds), the gap (central minus federated, in points) and the wall time of each.
     python benchmarks/quality.py --tasks keyboard --runs 1
     python benchmarks/quality.py --tasks wearable --runs 2 --first-seed 1
     python benchmarks/quality.py --tasks digits,digits+fedavg   # plain FedAvg beside it
+    # keyboard's long runs, one side per process (the second core is the fleet's):
+    python benchmarks/quality.py --tasks keyboard+decay --runs 1 --rounds 80 --only central
+    python benchmarks/quality.py --tasks keyboard+momentum --runs 1 --rounds 80 --only federated
 """
 
 from __future__ import annotations

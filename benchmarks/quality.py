@@ -171,8 +171,12 @@ def central_run(task: str, *, devices: int, rounds: int, seed: int, model_config
 def federated_run(task: str, *, devices: int, rounds: int, seed: int,
                   overrides: dict) -> tuple[float, float]:
     """(final held-out accuracy, wall seconds) of a simulated fleet over a private broker."""
+    # Every round may take up to its deadline (plus its model's broadcast and scoring): a
+    # fixed hour cut keyboard's 80 rounds off at round 56.
+    deadline = float(overrides.get("deadline_s", SimulationConfig().deadline_s))
     config = SimulationConfig(task=task, devices=devices, rounds=rounds, seed=seed,
-                              alpha=0.5, dropout=DROPOUT, timeout_s=3600.0, **overrides)
+                              alpha=0.5, dropout=DROPOUT,
+                              timeout_s=max(3600.0, rounds * (deadline + 60.0)), **overrides)
     started = time.perf_counter()
     with Simulation(config) as sim:
         result = sim.wait()

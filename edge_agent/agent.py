@@ -202,9 +202,9 @@ class LocalTrainer:
         self.threads = max(1, threads)  # the device's budget, whatever the model config says
         self.compute_gate = compute_gate
         self.halt = threading.Event()  # cuts a simulated slow device's wait short on stop
-        # set by the agent: whether a newer model waits to be trained (the one this
-        # trainer waits to train is superseded)
-        self.superseded: Callable[[], bool] = lambda: False
+        # set by the agent: whether a decision about a later round (a newer model to
+        # train, or a round this device sits out) supersedes training `round`
+        self.superseded: Callable[[int], bool] = lambda round: False
         self.update_transform = update_transform
         # he = "ckks": every update is clipped, weighted and encrypted under the fleet's
         # public key instead of going through a codec (fedmq/core/he.py)
@@ -352,7 +352,7 @@ class LocalTrainer:
         settings = dict(epochs=task.epochs, batch_size=task.batch_size, lr=task.lr, rng=rng,
                         prox_mu=task.prox_mu, time_budget_s=task.time_budget_s / self.slowdown,
                         max_steps=task.max_steps)
-        with self._computing():
+        with self._computing(a.round):
             if a.personal_steps:  # FedRep: the head alone, then the body
                 self._fit_personal(model, mask, a, task, rng)
                 result = train_part(model, self.data.x, self.data.y, frozen=~mask.index,
@@ -377,18 +377,19 @@ class LocalTrainer:
         return delta, result, rng
 
     @contextmanager
-    def _computing(self) -> Iterator[None]:
-        """Holds compute_gate (if any) while the model trains. A device stopped while it
-        waits for its turn, or sent a newer model meanwhile, gives up (TrainingSkipped)
-        instead of training a round it will not send or that has moved on."""
+    def _computing(self, round: int) -> Iterator[None]:
+        """Holds compute_gate (if any) while the model of `round` trains. A device stopped
+        while it waits for its turn, or told of a later round meanwhile (a newer model, or
+        a round it sits out: the one it waits for has closed), gives up (TrainingSkipped)
+        instead of training a round it will not send or whose update would be stale."""
         if self.compute_gate is None:
             yield
             return
         while not self.compute_gate.acquire(timeout=GATE_POLL_S):
             if self.halt.is_set():
                 raise TrainingSkipped("stopped while waiting to train")
-            if self.superseded():
-                raise TrainingSkipped("a newer model came while waiting to train")
+            if self.superseded(round):
+                raise TrainingSkipped("a later round began while waiting to train")
         try:
             yield
         finally:
@@ -602,7 +603,10 @@ class EdgeAgent:
         self._machine_lock = threading.Lock()
         self._pending: Train | None = None
         self._pending_eval: Evaluate | None = None
-        self.trainer.superseded = lambda: self._pending is not None
+        # the newest round a Train or SitOut was decided for: a Train of an earlier round
+        # still waiting for its turn is superseded (DeviceMachine's Train and SitOut say so)
+        self._decided_round = 0
+        self.trainer.superseded = lambda round: self._decided_round > round
         self._wake = threading.Condition()
         self._stopping = False
         self._worker: threading.Thread | None = None
@@ -691,6 +695,7 @@ class EdgeAgent:
                 self.stats.traffic[model.announcement.round][1] += model.wire_bytes
                 # newest wins: never train on a superseded model; and the worker re-sends
                 # what a new model makes due
+                self._decided_round = max(self._decided_round, model.announcement.round)
                 self._wake_worker(decision)
             case Evaluate(model=model):
                 if self.trainer.eval_data is None:
@@ -711,6 +716,7 @@ class EdgeAgent:
                 self.stats.sat_out += 1
                 log.debug("%s: not in round %d's cohort (model v%d): not downloading it",
                           device, a.round, a.version)
+                self._decided_round = max(self._decided_round, a.round)
                 self._wake_worker(None)
             case Send():
                 sent = self._send(decision)

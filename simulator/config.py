@@ -283,7 +283,9 @@ class SimulationConfig(BorrowedOptions):
         answering = asked * (1.0 - self.dropout)
         if answering >= k:
             return ""
-        enough = math.ceil(11.0 / (1.0 - self.dropout)) / 10  # 10% to spare, up to a tenth
+        # a quarter to spare for the draw's spread (at 30% dropout, 1.6 still leaves one
+        # round in seven short of K; 1.8 about one in a hundred), up to a tenth
+        enough = math.ceil(12.5 / (1.0 - self.dropout)) / 10
         fix = (f"--over-select {enough:g} asks enough" if math.ceil(k * enough) <= self.devices
                else f"fewer --clients-per-round (at most {int(self.devices * (1 - self.dropout))})")
         return (f"with --dropout {self.dropout:g}, about {answering:.1f} of the {asked} devices "

@@ -65,19 +65,28 @@ def test_a_device_sent_a_newer_model_while_waiting_gives_the_old_one_up():
     newer = threading.Event()
 
     def newer_model_soon(trainer):
-        trainer.superseded = newer.is_set
+        trainer.superseded = lambda round: round == 1 and newer.is_set()
         threading.Timer(0.3, newer.set).start()
 
-    with pytest.raises(TrainingSkipped, match="a newer model came while waiting"):
+    with pytest.raises(TrainingSkipped, match="a later round began while waiting"):
         trained_digits_delta(TASK, compute_gate=gate, before_train=newer_model_soon)
 
 
-def test_an_agent_tells_its_trainer_when_a_newer_model_waits_to_be_trained(stoppers):
-    from fedmq.core.device import Train
+def test_an_agent_tells_its_trainer_when_a_later_round_began(stoppers):
+    """A Train of a later round, or a SitOut of one (the device is not in its cohort: the
+    round it waits to train has closed), supersedes the waiting one; an earlier one not."""
+    from fedmq.core.device import SitOut, Train
     from tests.helpers import make_agents
 
-    agent = make_agents("mqtt://127.0.0.1:1", stoppers, 1, start=False)[0]
-    assert not agent.trainer.superseded()
-    agent._wake_worker(Train(model=object(), task=TASK))  # what a newer announcement does
-    assert agent.trainer.superseded()
+    class Later:  # what the agent reads of a ReceivedModel / an announcement here
+        def __init__(self, round):
+            self.round, self.version, self.announcement, self.wire_bytes = round, 0, self, 0
 
+    agent = make_agents("mqtt://127.0.0.1:1", stoppers, 1, start=False)[0]
+    assert not agent.trainer.superseded(1)
+    agent._carry_out(SitOut(Later(2)))
+    assert agent.trainer.superseded(1) and not agent.trainer.superseded(2)
+    agent._carry_out(Train(model=Later(3), task=TASK))
+    assert agent.trainer.superseded(2) and not agent.trainer.superseded(3)
+    agent._carry_out(SitOut(Later(1)))  # an old decision heard late changes nothing
+    assert not agent.trainer.superseded(3)

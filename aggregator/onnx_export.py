@@ -158,7 +158,9 @@ def _torch_graph(model: Model, module: Any, example: np.ndarray):
         # call; none of it concerns our graph, and the aggregator's log is not the place.
         # (Both switches are process-wide: other threads' warnings are muted meanwhile.)
         noisy.setLevel(logging.ERROR)
-        with warnings.catch_warnings(), torch.no_grad():
+        from fedmq.models.torch_backend import TORCH_TRACING
+
+        with TORCH_TRACING.exclusive(), warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
                 module, (torch.from_numpy(example),), dynamo=True,

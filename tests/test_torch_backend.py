@@ -124,7 +124,7 @@ def test_layout_hash_is_stable_across_builds_and_tracks_the_architecture():
     assert build_model("char_gru", config | {"cell": "lstm"}).layout.hash != a.layout.hash
 
 
-def test_thread_budget_is_used_for_the_work_and_then_restored():
+def test_the_thread_count_is_used_for_the_work_and_then_restored():
     before = torch.get_num_threads()
     model = _recorder_model(threads=2 if before != 2 else 3)
     x = np.ones((8, 4), dtype=np.float32)
@@ -210,3 +210,32 @@ def test_building_without_torch_names_the_extra():
                    "except MissingExtraError as exc:\n    print(exc)\n")
     assert done.returncode == 0, done.stderr
     assert "pip install 'fedmq[torch]'" in done.stdout
+
+
+def test_an_export_waits_for_torch_compute_and_compute_waits_for_an_export():
+    """torch.export's tracing state is global to the process: an ONNX export and a
+    training step on another thread must never overlap (TORCH_TRACING)."""
+    import threading
+
+    from fedmq.models.torch_backend import SharedExclusive
+
+    lock, events = SharedExclusive(), []
+    with lock.shared(), lock.shared():  # trainers share it
+        exporter = threading.Thread(target=lambda: _hold(lock.exclusive(), events, "export"))
+        exporter.start()
+        exporter.join(0.3)
+        assert exporter.is_alive() and events == []  # the export waits for both
+    exporter.join(10)
+    assert events == ["export"]
+    with lock.exclusive():
+        trainer = threading.Thread(target=lambda: _hold(lock.shared(), events, "train"))
+        trainer.start()
+        trainer.join(0.3)
+        assert trainer.is_alive() and events == ["export"]  # a trainer waits for it
+    trainer.join(10)
+    assert events == ["export", "train"]
+
+
+def _hold(context, events, name):
+    with context:
+        events.append(name)

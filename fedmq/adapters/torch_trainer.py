@@ -83,14 +83,14 @@ class TorchTrainer:
         return _torch().from_numpy(np.array(y, dtype=np.int64 if whole else np.float32))
 
     def fit(self, x: Any, y: Any, budget: Budget) -> FitResult:
-        from fedmq.models.torch_backend import thread_budget
+        from fedmq.models.torch_backend import torch_compute
 
         trainable = [p for p in self.module.parameters() if p.requires_grad]
         anchor = [p.detach().clone() for p in trainable] if budget.prox_mu > 0 else None
         optimizer = self.optimizer(trainable, budget.lr)
         plan = budget.batches(len(x))
         total = 0.0
-        with thread_budget(budget.threads):
+        with torch_compute(budget.threads):
             self.module.train()
             for idx in plan:
                 optimizer.zero_grad(set_to_none=True)
@@ -105,9 +105,11 @@ class TorchTrainer:
 
     def predict(self, x: Any) -> np.ndarray:
         """The module's outputs in eval mode, without autograd, EVAL_BATCH at a time."""
+        from fedmq.models.torch_backend import torch_compute
+
         torch = _torch()
         out = []
-        with torch.no_grad():
+        with torch_compute(0), torch.no_grad():
             self.module.eval()
             for lo in range(0, len(x), EVAL_BATCH):
                 out.append(self.module(self._x(x[lo : lo + EVAL_BATCH])))

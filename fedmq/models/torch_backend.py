@@ -17,6 +17,7 @@ only count steps. Importing this module imports torch (pip install 'fedmq[torch]
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -47,19 +48,62 @@ def federated_state(module) -> list[tuple[str, object]]:
     return [*module.named_parameters(), *buffers]
 
 
+class SharedExclusive:
+    """Many holders of `shared()` at once, or one of `exclusive()` (which new shared
+    holders wait behind). The standard library has no such lock."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._shared = 0
+        self._exclusive = False
+
+    @contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._exclusive)
+            self._shared += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._shared -= 1
+                self._cond.notify_all()
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._exclusive)
+            self._exclusive = True
+            self._cond.wait_for(lambda: self._shared == 0)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._exclusive = False
+                self._cond.notify_all()
+
+
+# torch.export (the ONNX exporter) keeps its tracing state in torch.fx's module globals,
+# which a training step on another thread of the process reads and writes too (torch
+# 2.13: KeyError 'custom' in torch/fx/traceback.py mid-fit, when a simulator's aggregator
+# exported while its devices trained). Exports hold it exclusively, torch compute shared.
+TORCH_TRACING = SharedExclusive()
+
+
 @contextmanager
-def thread_budget(threads: int) -> Iterator[None]:
-    """torch's thread count is per process: set ours for the work, then restore it
-    (0: leave it alone)."""
-    if threads < 1:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+def torch_compute(threads: int) -> Iterator[None]:
+    """Training or inference: never beside an export (TORCH_TRACING), and at `threads`
+    (torch's thread count is per process: set for the work, then restored; 0: as is)."""
+    with TORCH_TRACING.shared():
+        if threads < 1:
+            yield
+            return
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
 
 
 class TorchModel(Model):
@@ -125,8 +169,8 @@ class TorchModel(Model):
                 offset += n
 
     # -- training --------------------------------------------------------------------------
-    def _thread_budget(self):
-        return thread_budget(self.threads)
+    def _torch_compute(self):
+        return torch_compute(self.threads)
 
     def _input(self, x: np.ndarray):
         # Copy: a read-only strided view (keyboard windows) cannot back a tensor.
@@ -139,7 +183,7 @@ class TorchModel(Model):
         start = time.perf_counter()
         anchor = [p.detach().clone() for p in self._trainable] if prox_mu > 0 else None
         total_loss, seen, steps, complete = 0.0, 0, 0, True
-        with self._thread_budget():
+        with self._torch_compute():
             self.module.train()
             adam = torch.optim.Adam(self._trainable, lr=lr) if self.optimizer == "adam" else None
             for idx in batches(len(x), epochs=epochs, batch_size=batch_size, rng=rng):
@@ -187,7 +231,7 @@ class TorchModel(Model):
         if len(x) == 0:
             raise DataError("no examples to predict")
         out = []
-        with self._thread_budget(), torch.no_grad():
+        with self._torch_compute(), torch.no_grad():
             self.module.eval()
             for lo in range(0, len(x), EVAL_BATCH):
                 out.append(self.module(self._input(x[lo : lo + EVAL_BATCH])).float().numpy())

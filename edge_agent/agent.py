@@ -72,6 +72,7 @@ from fedmq.core.transfer import DELTA, FULL, ReceivedModel
 from fedmq.errors import ConfigError, DataError, FedmqError, ProtocolError
 from fedmq.keyfiles import load_he_public, opener_for_config
 from fedmq.models import Model, build_model, model_names
+from fedmq.models.base import stoppable
 from fedmq.tasks import Dataset, task_spec
 from fedmq.tasks.holdout import local_holdout
 from fedmq.transport.message import Message
@@ -381,7 +382,10 @@ class LocalTrainer:
         """Holds compute_gate (if any) while the model of `round` trains. A device stopped
         while it waits for its turn, or told of a later round meanwhile (a newer model, or
         a round it sits out: the one it waits for has closed), gives up (TrainingSkipped)
-        instead of training a round it will not send or whose update would be stale."""
+        instead of training a round it will not send or whose update would be stale.
+        Stopped while it trains, it ends after the current step and gives the round up
+        too, so a simulation stops promptly. (Without a gate, a real device finishes:
+        its outbox keeps the update for after a restart.)"""
         if self.compute_gate is None:
             yield
             return
@@ -391,9 +395,12 @@ class LocalTrainer:
             if self.superseded(round):
                 raise TrainingSkipped("a later round began while waiting to train")
         try:
-            yield
+            with stoppable(self.halt.is_set):
+                yield
         finally:
             self.compute_gate.release()
+        if self.halt.is_set():
+            raise TrainingSkipped("stopped while training")
 
     @staticmethod
     def _mask(model: Model, a: ModelAnnouncement) -> LayoutMask:

@@ -54,6 +54,35 @@ def test_a_device_stopped_while_waiting_for_its_turn_gives_up():
     assert time.monotonic() - started < 10  # gave up at the stop, not after the other
 
 
+def test_a_device_stopped_while_training_ends_after_the_step_and_gives_up():
+    """Stopping a simulation does not wait for a long local budget to run out."""
+    gate = threading.BoundedSemaphore(1)
+    results = []
+
+    def stop_as_it_starts(trainer):
+        model_for = trainer._model_for
+
+        def stopped_model_for(a):
+            model = model_for(a)
+            inner = model.train
+
+            def train(*args, **kwargs):
+                trainer.halt.set()  # the stop arrives as the model starts its steps
+                results.append(inner(*args, **kwargs))
+                return results[-1]
+
+            model.train = train
+            return model
+
+        trainer._model_for = stopped_model_for
+
+    long_task = TaskConfig(epochs=500, batch_size=16, lr=0.1)  # thousands of steps
+    with pytest.raises(TrainingSkipped, match="stopped while training"):
+        trained_digits_delta(long_task, compute_gate=gate, before_train=stop_as_it_starts)
+    assert [r.steps for r in results] == [1] and not results[0].complete
+    assert gate.acquire(blocking=False)  # the turn was given back
+
+
 def test_without_a_gate_a_stopped_flag_does_not_stop_training():
     delta = trained_digits_delta(TASK, before_train=lambda t: t.halt.set())
     assert delta.any()
@@ -90,3 +119,18 @@ def test_an_agent_tells_its_trainer_when_a_later_round_began(stoppers):
     assert agent.trainer.superseded(2) and not agent.trainer.superseded(3)
     agent._carry_out(SitOut(Later(1)))  # an old decision heard late changes nothing
     assert not agent.trainer.superseded(3)
+
+
+def test_a_stop_reaches_a_users_trainer_through_its_batches():
+    from fedmq import Budget
+    from fedmq.models.base import stoppable
+
+    budget = Budget(epochs=3, batch_size=10)
+    stop = threading.Event()
+    plan = budget.batches(100)
+    with stoppable(stop.is_set):
+        for _ in plan:
+            stop.set()
+    assert plan.steps == 1 and not plan.complete
+    unstopped = budget.batches(100)
+    assert sum(1 for _ in unstopped) == 30  # outside the block nothing stops it

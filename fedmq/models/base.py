@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,9 +46,31 @@ def batches(n: int, *, epochs: int, batch_size: int,
             yield order[lo : lo + batch_size]
 
 
+# Why a context variable: a stop must reach every training loop (the built-in backends,
+# users' trainers through Budget.batches, FedRep's partial fits) without widening
+# Model.train's signature, which users' models implement too. Each thread has its own.
+_STOP_REQUESTED: ContextVar[Callable[[], bool] | None] = ContextVar("fedmq_stop_requested",
+                                                                    default=None)
+
+
+@contextmanager
+def stoppable(stop_requested: Callable[[], bool]) -> Iterator[None]:
+    """Training on this thread inside the block ends after its current step once
+    `stop_requested()` is true (the result then says complete=False)."""
+    token = _STOP_REQUESTED.set(stop_requested)
+    try:
+        yield
+    finally:
+        _STOP_REQUESTED.reset(token)
+
+
 def budget_spent(start: float, steps: int, time_budget_s: float, max_steps: int) -> bool:
-    """True once a device has used its time budget or step cap (0 means no limit)."""
+    """True once a device has used its time budget or step cap (0 means no limit), or was
+    asked to stop (see `stoppable`)."""
     if max_steps and steps >= max_steps:
+        return True
+    stop_requested = _STOP_REQUESTED.get()
+    if stop_requested is not None and stop_requested():
         return True
     return bool(time_budget_s) and time.perf_counter() - start >= time_budget_s
 

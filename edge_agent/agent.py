@@ -680,7 +680,8 @@ class EdgeAgent:
         self._handle(ReceiptIn(message.payload, time.monotonic()))
 
     def _on_announcement(self, message: Message) -> None:
-        self._handle(AnnouncementIn(message.payload, time.monotonic()))
+        self._handle(AnnouncementIn(message.payload, time.monotonic(),
+                                    retained=message.retain))
 
     def _chunk_handler(self, stream: str) -> Callable[[Message], None]:
         def on_chunk(message: Message) -> None:

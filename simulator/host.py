@@ -193,7 +193,7 @@ class DeviceHost:
         device: HostedDevice = session.userdata
         topic, now = message.topic, time.monotonic()
         if topic == device.machine.topics.model_current:
-            event = AnnouncementIn(message.payload, now)
+            event = AnnouncementIn(message.payload, now, retained=message.retain)
         elif topic == device.machine.topics.receipt(device.machine.device_id):
             event = ReceiptIn(message.payload, now)
         else:

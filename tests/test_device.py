@@ -222,6 +222,24 @@ def test_a_reconnect_resends_everything_and_a_new_model_only_old_first_sends():
     assert sends(m.handle(Tick(201.0, online=True))) == ["fresh", "often", "old"]
 
 
+def test_the_model_we_hold_announced_again_live_resends_everything_a_retained_copy_not():
+    """An aggregator that moved to our broker announces its model again once subscribed:
+    what we re-sent on our own reconnect (perhaps before it was there) goes out again now,
+    not after its backoff. The broker's stored copy, sent as we subscribe, is no sign."""
+    m = machine()
+    announcement, _, _ = model_messages(0)
+    download(m, 0, now=90.0)
+    train_and_send(m, "u1", 100.0)
+    m.handle(Connected(110.0))  # our broker died: we moved and re-sent at once
+    assert sends(m.handle(Tick(110.0, online=True))) == ["u1"]
+    m.handle(Sent("u1", True, 110.0))
+    m.handle(AnnouncementIn(announcement, 111.0, retained=True))
+    assert sends(m.handle(Tick(111.0, online=True))) == []  # backoff: 60 s after 2 sends
+    again = m.handle(AnnouncementIn(announcement, 112.0))  # the aggregator arrived
+    assert again == [Ignored("announcement", "repeat")]
+    assert sends(m.handle(Tick(112.0, online=True))) == ["u1"]
+
+
 def test_a_send_into_a_dead_link_goes_out_on_the_next_tick():
     m = machine()
     train_and_send(m, "u1", 100.0, connected=False)

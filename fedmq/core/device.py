@@ -50,10 +50,12 @@ class Connected:
 
 @dataclass(frozen=True, slots=True)
 class AnnouncementIn:
-    """A payload on `model/current`."""
+    """A payload on `model/current`; `retained`: the broker's stored copy, sent because we
+    subscribed, not a publish the aggregator made just now."""
 
     payload: bytes
     now: float
+    retained: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,9 +262,11 @@ class DeviceMachine:
     # -- the model coming down --------------------------------------------------------------
     def _announcement(self, event: AnnouncementIn) -> list[Decision]:
         decisions: list[Decision] = []
+        held, opened = self.receiver.announcement, []
 
         def offer() -> ReceivedModel | None:
             announcement = self.opener.open(event.payload)
+            opened.append(announcement)
             changes = self.receiver.lineage_changes
             try:
                 return take(announcement)
@@ -287,7 +291,12 @@ class DeviceMachine:
                 decisions.append(Ignored("announcement", why))
             return received
 
-        return self._receive(offer, event, decisions)
+        decisions = self._receive(offer, event, decisions)
+        if (held is not None and opened and not event.retained
+                and (opened[0].lineage, opened[0].version) == (held.lineage, held.version)):
+            self._aggregator_reannounced(event.now)
+        return decisions
+
 
     def _chunk(self, event: ChunkIn) -> list[Decision]:
         if event.stream not in self._stream_filters:
@@ -328,6 +337,16 @@ class DeviceMachine:
         re-sent already waits for its backoff."""
         self.outbox.mark_unsent(now=now, older_than_s=RESEND_ON_MODEL_AFTER_S,
                                 first_send_only=True)
+
+    def _aggregator_reannounced(self, now: float) -> None:
+        """The model version we hold, announced again while we listen (the same bytes, or
+        afresh to be trained again): the aggregator does so when it (re)connects, as after
+        moving to another broker of the list, or at a deadline short of updates. What
+        lacks a receipt goes out again at the next Tick, re-sent before or not: a re-send
+        on our own reconnect may have reached this broker before the aggregator subscribed
+        there, and would otherwise wait out its backoff (30 s, then 60 s). It is counted
+        or refused (a duplicate of the round trained again), receipted either way."""
+        self.outbox.mark_unsent(now=now)
 
     def _follow(self, wanted: str | None) -> list[Decision]:
         """Subscribe to the one chunk stream the pending model needs, and only while needed:

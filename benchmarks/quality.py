@@ -43,6 +43,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -50,7 +51,7 @@ from aggregator.strategy.schedule import cosine_lr
 from fedmq.core.protocol import TaskConfig
 from fedmq.models import build_model
 from fedmq.tasks import device_shards, fleet_test_set, task_spec
-from simulator.fleet import Simulation, SimulationConfig
+from simulator.fleet import Simulation, SimulationConfig, write_metrics
 
 TASKS = ("digits", "sensor", "wearable", "synthetic", "keyboard")
 # Rows beside the tasks' settings: plain FedAvg at the task's own defaults, as the
@@ -176,12 +177,19 @@ def federated_run(task: str, *, devices: int, rounds: int, seed: int,
     # Every round may take up to its deadline (plus its model's broadcast and scoring): a
     # fixed hour cut keyboard's 80 rounds off at round 56.
     deadline = float(overrides.get("deadline_s", SimulationConfig().deadline_s))
+    # `fedmq simulate` writes --metrics, not Simulation: this run writes its own, one file
+    # per task and seed
+    overrides = dict(overrides)
+    metrics = overrides.pop("metrics", "")
     config = SimulationConfig(task=task, devices=devices, rounds=rounds, seed=seed,
                               alpha=0.5, dropout=DROPOUT,
                               timeout_s=max(3600.0, rounds * (deadline + 60.0)), **overrides)
     started = time.perf_counter()
     with Simulation(config) as sim:
         result = sim.wait()
+    if metrics:
+        path = Path(metrics)
+        write_metrics(result, path.with_name(f"{path.stem}-{task}-seed{seed}{path.suffix}"))
     if result.final_accuracy is None:
         raise RuntimeError(f"{task}: the federated run produced no evaluated round")
     return float(result.final_accuracy), time.perf_counter() - started
@@ -243,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="extra simulate option of every federated run (e.g. "
                              "optimizer=fedadam); rnn_hidden, rnn_layers and "
-                             "local_optimizer set both runs' model")
+                             "local_optimizer set both runs' model; metrics=PATH writes "
+                             "each run's rounds to PATH's name + -TASK-seedN")
     args = parser.parse_args(argv)
     # The cut-off devices' reconnect warnings are the dropout working, not news.
     logging.basicConfig(level=logging.ERROR)

@@ -31,3 +31,18 @@ def test_the_central_run_trains_as_the_devices_are_told():
     changed = local_training("synthetic", devices=3, rounds=2, seed=0,
                              overrides={"epochs": 1, "lr": 0.02, "optimizer": "fedadam"})
     assert (changed.epochs, changed.lr, changed.batch_size) == (1, 0.02, spec.batch_size)
+
+
+@pytest.mark.integration
+def test_a_federated_run_writes_the_metrics_it_is_asked_for(tmp_path):
+    """`--set metrics=PATH` reaches the run: Simulation itself writes no metrics file."""
+    import json
+
+    from benchmarks.quality import federated_run
+
+    accuracy, _ = federated_run("digits", devices=4, rounds=2, seed=0,
+                                overrides={"metrics": str(tmp_path / "m.jsonl")})
+    lines = (tmp_path / "m-digits-seed0.jsonl").read_text().splitlines()
+    rounds = [json.loads(line) for line in lines]
+    assert [r["round"] for r in rounds if "round" in r][-1] == 2
+    assert (tmp_path / "m-digits-seed0.png").exists() and 0 < accuracy <= 1

@@ -297,7 +297,6 @@ class DeviceMachine:
             self._aggregator_reannounced(event.now)
         return decisions
 
-
     def _chunk(self, event: ChunkIn) -> list[Decision]:
         if event.stream not in self._stream_filters:
             raise ConfigError(f"unknown model stream {event.stream!r}")

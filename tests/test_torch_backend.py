@@ -239,3 +239,24 @@ def test_an_export_waits_for_torch_compute_and_compute_waits_for_an_export():
 def _hold(context, events, name):
     with context:
         events.append(name)
+
+
+def test_a_trainer_that_ends_first_leaves_the_others_at_their_thread_count():
+    """torch's thread count is one per process: when two of a simulator's trainers
+    overlap (one thread each), the first to end must not put the other back on every
+    core, and the last to end restores the process's own count."""
+    from fedmq.models.torch_backend import torch_compute
+
+    own = torch.get_num_threads()
+    torch.set_num_threads(3)  # a count neither trainer asks for
+    try:
+        first, second = torch_compute(1), torch_compute(1)
+        first.__enter__()
+        second.__enter__()
+        assert torch.get_num_threads() == 1
+        first.__exit__(None, None, None)  # ends while the second still trains
+        assert torch.get_num_threads() == 1
+        second.__exit__(None, None, None)
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(own)

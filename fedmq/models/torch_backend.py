@@ -90,20 +90,49 @@ class SharedExclusive:
 TORCH_TRACING = SharedExclusive()
 
 
+class _ThreadCount:
+    """torch's intra-op thread count is one per process, and a simulator trains several
+    models at once on threads of one process. The first computation to start sets the
+    count and the last to end restores the process's own (one that asks for another
+    count while others run sets it: the newest asked wins). Each used to restore what it
+    saw on entry, so the first trainer to finish put the one still training back on
+    every core, beside the other trainers."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._active = 0
+        self._own = 0  # the process's count while none runs
+
+    @contextmanager
+    def at(self, threads: int) -> Iterator[None]:
+        with self._lock:
+            if self._active == 0:
+                self._own = torch.get_num_threads()
+            self._active += 1
+            if torch.get_num_threads() != threads:
+                torch.set_num_threads(threads)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._active -= 1
+                if self._active == 0 and torch.get_num_threads() != self._own:
+                    torch.set_num_threads(self._own)
+
+
+_THREAD_COUNT = _ThreadCount()
+
+
 @contextmanager
 def torch_compute(threads: int) -> Iterator[None]:
     """Training or inference: never beside an export (TORCH_TRACING), and at `threads`
-    (torch's thread count is per process: set for the work, then restored; 0: as is)."""
+    (0: as is; _ThreadCount says how concurrent computations share the setting)."""
     with TORCH_TRACING.shared():
         if threads < 1:
             yield
             return
-        before = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
+        with _THREAD_COUNT.at(threads):
             yield
-        finally:
-            torch.set_num_threads(before)
 
 
 class TorchModel(Model):

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import signal
-import sys
 
 from fedmq.errors import require
 from fedmq.runtime import add_config_flags, config_from_args, setup_logging
@@ -26,10 +24,9 @@ def run(args: argparse.Namespace) -> int:
     setup_logging("INFO" if args.verbose else "WARNING", config.log_format)
     if config.metrics:  # said now, not after the whole run
         check_writable(config.metrics, what="metrics")
-    # A closed terminal (SIGHUP) or a kill (SIGTERM) unwinds like Ctrl-C, so the private
-    # broker, the device processes and the temporary directory go with the run.
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _exit_on)
+    # A closed terminal (SIGHUP) or a kill (SIGTERM) unwinds like Ctrl-C (Simulation sees
+    # to it), so the private broker, the device processes and the temporary directory go
+    # with the run.
     with Simulation(config) as sim:
         if sim.aggregator is not None and sim.aggregator.dashboard is not None:
             print(f"dashboard: {sim.aggregator.dashboard.url}", flush=True)
@@ -43,10 +40,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"rejected updates: {result.rejected}")
     print(result.summary())
     return 0
-
-
-def _exit_on(signum: int, _frame) -> None:
-    sys.exit(128 + signum)
 
 
 def _wait_with_progress(sim: Simulation, config: SimulationConfig) -> SimulationResult:

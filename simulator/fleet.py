@@ -15,6 +15,8 @@ import functools
 import logging
 import os
 import random
+import signal
+import sys
 import tempfile
 import threading
 import time
@@ -488,15 +490,46 @@ class Simulation:
             self._tmp.cleanup()
 
     def __enter__(self) -> Simulation:
+        self._signals = contextlib.ExitStack()
+        self._signals.enter_context(unwinding_on_kill())
         try:
             self.start()
         except BaseException:
-            self.close()
+            self.__exit__()
             raise
         return self
 
     def __exit__(self, *exc) -> None:
-        self.close()
+        try:
+            self.close()
+        finally:
+            self._signals.close()
+
+
+@contextlib.contextmanager
+def unwinding_on_kill():
+    """SIGTERM and SIGHUP unwind like Ctrl-C while a simulation runs in this process.
+
+    Python's default for both ends the process at once: a benchmark or script that is
+    killed would leave the private mosquitto, the device processes and the temporary
+    directory behind. Only signals still at that default are taken (a program's own
+    handlers stay), only in the main thread (the only one Python lets set them), and the
+    default comes back afterwards.
+    """
+    taken = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            if signal.getsignal(sig) is signal.SIG_DFL:
+                taken[sig] = signal.signal(sig, _exit_on_signal)
+    try:
+        yield
+    finally:
+        for sig, previous in taken.items():
+            signal.signal(sig, previous)
+
+
+def _exit_on_signal(signum: int, _frame) -> None:
+    sys.exit(128 + signum)
 
 
 def write_metrics(result: SimulationResult, path: str | Path) -> Path:

@@ -169,14 +169,27 @@ def _processes_mentioning(text: str) -> list[int]:
     return found
 
 
+# A script (a benchmark, a user's notebook turned script) that runs a Simulation itself:
+# killing it must clean up as killing `fedmq simulate` does
+SIMULATION_SCRIPT = """
+from simulator.fleet import Simulation, SimulationConfig
+with Simulation(SimulationConfig(devices=3, rounds=100000, timeout_s=600)) as sim:
+    sim.wait()
+"""
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
-def test_simulate_stopped_by_a_signal_leaves_no_broker_and_no_files(tmp_path, sig, processes):
+@pytest.mark.parametrize("entry", ["cli", "library"])
+def test_simulate_stopped_by_a_signal_leaves_no_broker_and_no_files(tmp_path, sig, entry,
+                                                                     processes):
     import os
 
     env = {**os.environ, "TMPDIR": str(tmp_path)}
-    proc = subprocess.Popen([*FEDMQ, "simulate", "--devices", "3", "--rounds", "100000",
-                             "--quiet", "--timeout-s", "600"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    argv = ([*FEDMQ, "simulate", "--devices", "3", "--rounds", "100000", "--quiet",
+             "--timeout-s", "600"] if entry == "cli" else [sys.executable, "-c",
+                                                           SIMULATION_SCRIPT])
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
     processes.append(proc)
     try:
         wait_for(lambda: _processes_mentioning(str(tmp_path / "fedmq-sim-")),
@@ -242,3 +255,23 @@ def test_simulate_shows_warnings_by_default():
         proc.stderr
     assert re.search(r"ERROR .*did not finish 1 rounds within 2 s", proc.stderr), proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_simulation_takes_only_the_default_kill_signals_and_gives_them_back():
+    from simulator.fleet import unwinding_on_kill
+
+    def own(*_):
+        """A program's own SIGHUP handler."""
+
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGHUP, own)
+        with unwinding_on_kill():
+            assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, own)
+            assert signal.getsignal(signal.SIGHUP) is own
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+        assert signal.getsignal(signal.SIGHUP) is own
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)

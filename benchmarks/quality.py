@@ -136,6 +136,29 @@ class Row:
     detail: str = ""
 
 
+class RoundProgress:
+    """About twenty lines on stderr per run: keyboard's runs take an hour or more, and a
+    silent hour cannot be told from a stuck one. Also Simulation.wait's progress hook."""
+
+    def __init__(self, label: str, rounds: int, *, lines: int = 20) -> None:
+        self.label = label
+        self.rounds = rounds
+        self.every = max(1, rounds // lines)
+        self.started = time.perf_counter()
+
+    def say(self, round_: int, accuracy: float | None = None) -> None:
+        if round_ % self.every and round_ != self.rounds:
+            return
+        scored = f", held-out top-1 {accuracy:.1%}" if accuracy is not None else ""
+        print(f"{self.label}: round {round_}/{self.rounds}{scored}, "
+              f"{time.perf_counter() - self.started:.0f} s", file=sys.stderr, flush=True)
+
+    def __call__(self, sim: Simulation, shown: int) -> int:
+        for record in sim.records[shown:]:
+            self.say(record.round, record.accuracy)
+        return len(sim.records)
+
+
 def local_training(task: str, *, devices: int, rounds: int, seed: int,
                    overrides: dict) -> TaskConfig:
     """The local training every device of the federated run is told to do (the task's
@@ -164,10 +187,12 @@ def central_run(task: str, *, devices: int, rounds: int, seed: int, model_config
     # (lr_decay's cosine; constant by default)
     decay = float((overrides or {}).get("lr_decay", 1.0))
     trainers = int((overrides or {}).get("clients_per_round", 0)) or devices
+    progress = RoundProgress(f"{task} seed {seed} central", rounds)
     for round_ in range(1, rounds + 1):
         model.train(x, y, epochs=local.epochs, batch_size=local.batch_size,
                     lr=cosine_lr(local.lr, floor=decay, step=round_, steps=rounds), rng=rng,
                     max_steps=trainers * local.max_steps if local.max_steps else 0)
+        progress.say(round_)
     accuracy = model.evaluate(test.x, test.y).accuracy
     return float(accuracy), time.perf_counter() - started
 
@@ -187,7 +212,7 @@ def federated_run(task: str, *, devices: int, rounds: int, seed: int,
                               timeout_s=max(3600.0, rounds * (deadline + 60.0)), **overrides)
     started = time.perf_counter()
     with Simulation(config) as sim:
-        result = sim.wait()
+        result = sim.wait(progress=RoundProgress(f"{task} seed {seed} federated", rounds))
     if metrics:
         path = Path(metrics)
         write_metrics(result, path.with_name(f"{path.stem}-{task}-seed{seed}{path.suffix}"))

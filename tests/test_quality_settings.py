@@ -34,8 +34,9 @@ def test_the_central_run_trains_as_the_devices_are_told():
 
 
 @pytest.mark.integration
-def test_a_federated_run_writes_the_metrics_it_is_asked_for(tmp_path):
-    """`--set metrics=PATH` reaches the run: Simulation itself writes no metrics file."""
+def test_a_federated_run_writes_the_metrics_it_is_asked_for(tmp_path, capsys):
+    """`--set metrics=PATH` reaches the run: Simulation itself writes no metrics file. The
+    run says its rounds on stderr as they close."""
     import json
 
     from benchmarks.quality import federated_run
@@ -46,3 +47,19 @@ def test_a_federated_run_writes_the_metrics_it_is_asked_for(tmp_path):
     rounds = [json.loads(line) for line in lines]
     assert [r["round"] for r in rounds if "round" in r][-1] == 2
     assert (tmp_path / "m-digits-seed0.png").exists() and 0 < accuracy <= 1
+    said = capsys.readouterr().err
+    assert "digits seed 0 federated: round 1/2, held-out top-1" in said
+    assert "digits seed 0 federated: round 2/2, held-out top-1" in said
+
+
+def test_a_long_run_says_about_twenty_rounds_and_always_its_last(capsys):
+    from benchmarks.quality import RoundProgress
+
+    progress = RoundProgress("keyboard seed 0 central", 161)
+    for round_ in range(1, 162):
+        progress.say(round_, 0.5 if round_ % 2 else None)
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split("round ")[1].split("/")[0] for line in lines] == [
+        str(r) for r in (*range(8, 161, 8), 161)]
+    assert lines[0].startswith("keyboard seed 0 central: round 8/161, ")
+    assert "held-out top-1 50.0%" in lines[-1] and "held-out" not in lines[0]

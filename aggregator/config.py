@@ -23,7 +23,7 @@ from fedmq.config import BrokerConfig, option
 from fedmq.core import codecs, he
 from fedmq.core.chunking import Reassembler
 from fedmq.core.layout import LayoutMask
-from fedmq.core.protocol import TaskConfig, check_name
+from fedmq.core.protocol import UPDATE_WEIGHTS, TaskConfig, check_name
 from fedmq.errors import ConfigError, ProtocolError
 from fedmq.models import build_model, model_names
 from fedmq.tasks import TASKS, task_spec
@@ -186,6 +186,11 @@ class AggregatorConfig(BrokerConfig, RoundOptions):
                              "1 needs rounds)")
     max_steps: int = option(-1, "cap on local optimizer steps per round (-1: the task's "
                             "default, 50 for keyboard; 0: no cap)")
+    update_weight: str = option("trained", "what an update weighs in the average: the samples "
+                                "its device trained on this round (trained), or its device's "
+                                "whole training set (examples: FedAvg's n_k, as LEAF; under a "
+                                "step cap the fleet then weighs every example alike, as a "
+                                "central run does)", choices=UPDATE_WEIGHTS)
     prox_mu: float = option(0.0, "FedProx proximal term mu on the devices (0: plain FedAvg; "
                             "0.001-1 as in Li et al. 2020)")
     optimizer: str = option("fedavg", "server optimizer (Reddi et al. 2021; server_lr, momentum, "
@@ -541,7 +546,7 @@ class AggregatorConfig(BrokerConfig, RoundOptions):
                           deadline_s=self.deadline_s, prox_mu=self.prox_mu,
                           time_budget_s=self.time_budget_s,
                           max_steps=task_spec(self.task).max_steps if self.max_steps < 0
-                          else self.max_steps)
+                          else self.max_steps, update_weight=self.update_weight)
 
     def optimizer_config(self) -> ServerOptConfig:
         return ServerOptConfig(name=self.optimizer, lr=self.server_lr or None,

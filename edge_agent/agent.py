@@ -8,6 +8,7 @@ answering pings while a device trains.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.util
 import logging
@@ -362,6 +363,8 @@ class LocalTrainer:
                 result = model.train(self.data.x, self.data.y, **settings)
         if self.slowdown > 1.0:
             self.halt.wait(result.seconds * (self.slowdown - 1.0))
+        if task.update_weight == "examples":  # see UPDATE_WEIGHTS
+            result = dataclasses.replace(result, num_samples=len(self.data))
         trained = model.get_flat()
         # only the shared tensors go up; the personal ones stay here (and on disk)
         delta = mask.take_shared(trained - start)

@@ -62,9 +62,11 @@ def make_agents(broker_url: str, stoppers, count: int, *, total: int | None = No
     return agents
 
 
-def trained_digits_delta(task, *, with_trainer=False, before_train=None, **trainer_options):
+def trained_digits_delta(task, *, with_trainer=False, with_update=False, before_train=None,
+                         **trainer_options):
     """Device 0 of 4 trains a digits MLP (v0, as `task` says) once; its decoded delta
-    (and the trainer, `with_trainer`). before_train(trainer) runs just before it trains."""
+    (and the trainer, `with_trainer`, or the Update, `with_update`). before_train(trainer)
+    runs just before it trains."""
     from edge_agent.agent import LocalTrainer
     from fedmq.core import codecs
     from fedmq.core.protocol import ModelAnnouncement
@@ -84,7 +86,10 @@ def trained_digits_delta(task, *, with_trainer=False, before_train=None, **train
                            **trainer_options)
     if before_train is not None:
         before_train(trainer)
-    delta = codecs.decode(trainer.train(ReceivedModel(announcement, params, 0)).delta)
+    update = trainer.train(ReceivedModel(announcement, params, 0))
+    delta = codecs.decode(update.delta)
+    if with_update:
+        return delta, update
     return (delta, trainer) if with_trainer else delta
 
 

@@ -2,6 +2,7 @@
 
 from fedmq.core.protocol.messages import (
     ROUTINE_REFUSALS,
+    UPDATE_WEIGHTS,
     AggregatorStatus,
     CohortDigest,
     DecryptReply,
@@ -29,6 +30,7 @@ __all__ = [
     "PROTOCOL_VERSION",
     "ROUTINE_REFUSALS",
     "UPDATE_BUCKETS",
+    "UPDATE_WEIGHTS",
     "AggregatorStatus",
     "CohortDigest",
     "DecryptReply",

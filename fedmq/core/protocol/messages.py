@@ -20,6 +20,13 @@ from fedmq.errors import ProtocolError
 # probability (cohort size) / 2^32, and then only trains an update refused as not_selected.
 COHORT_KEY_BYTES = DEVICE_KEY_BYTES  # a device's key in a cohort digest: device_key(id)
 
+# What a device's update weighs in FedAvg (TaskConfig.update_weight). "trained": the
+# samples it trained on this round, so work cut short by a time budget or step cap
+# counts for what was done. "examples": its whole training set (McMahan et al. 2017's
+# n_k, and LEAF's), so under a step cap a large device still weighs its size and the
+# fleet optimises the loss over every example, as a central run on the union does.
+UPDATE_WEIGHTS = ("trained", "examples")
+
 
 def cohort_digest(device_ids: Iterable[str]) -> bytes:
     """The sorted, distinct keys of `device_ids`, concatenated (ModelAnnouncement.coh)."""
@@ -78,6 +85,7 @@ class TaskConfig(WireObject):
     time_budget_s: float = wire("tb", 0.0)
     max_steps: int = wire("ms", 0)
     codec: str = wire("cd", "")  # the codec assigned to this device ("": its own)
+    update_weight: str = wire("uw", "trained", omit_default=True)  # see UPDATE_WEIGHTS
 
     def __post_init__(self) -> None:
         _require(1 <= self.epochs <= 1000, f"epochs {self.epochs} out of range")
@@ -89,6 +97,8 @@ class TaskConfig(WireObject):
                  "time budget must be >= 0 seconds")
         _require(self.max_steps >= 0, "max_steps must be >= 0")
         _require(len(self.codec) <= 64, "codec name too long")
+        _require(self.update_weight in UPDATE_WEIGHTS,
+                 f"update_weight {self.update_weight!r} is not one of {UPDATE_WEIGHTS}")
 
 
 @dataclass(frozen=True, slots=True)

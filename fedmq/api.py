@@ -72,7 +72,8 @@ class Device:
 
 @dataclass(frozen=True, slots=True)
 class FitResult:
-    """What `Trainer.fit` reports; `num_samples` weighs the update in FedAvg."""
+    """What `Trainer.fit` reports; `num_samples` weighs the update in FedAvg (a fleet with
+    `update_weight = "examples"` weighs it by the device's training set instead)."""
 
     num_samples: int  # examples processed (an example seen in two epochs counts twice)
     loss: float  # mean training loss over them
